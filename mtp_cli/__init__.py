@@ -1,0 +1,21 @@
+"""mtp-cli: train language models with DeepSeek-V3-style Multi-Token Prediction.
+
+    from mtp_cli import load_spec, build_model
+    spec = load_spec("specs/tiny.yaml", ["mtp.num_layers=2"])
+    model = build_model(spec)
+"""
+
+from mtp_cli.errors import SpecError, UserError
+from mtp_cli.spec.loader import load_spec
+from mtp_cli.spec.schema import RunSpec
+
+
+def build_model(spec, device="cpu", **kwargs):
+    """The whole model for one process (every stage); see `mtp_cli.builders.build_model`."""
+    from mtp_cli.builders.model_builder import build_model as _build_model
+
+    return _build_model(spec, device, **kwargs)
+
+
+__version__ = "0.1.0"
+__all__ = ["RunSpec", "SpecError", "UserError", "__version__", "build_model", "load_spec"]

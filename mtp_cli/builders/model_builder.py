@@ -1,0 +1,30 @@
+"""`build_model`: a validated spec -> the `nn.Module` of one process."""
+
+from __future__ import annotations
+
+import torch
+
+from mtp_cli.builders.init import initialize_parameters
+from mtp_cli.builders.specs import build_specs
+from mtp_cli.models.gpt import GPTModel, StageContents
+from mtp_cli.mtp.layer import get_mtp_block_spec
+from mtp_cli.spec.schema import RunSpec
+
+
+def build_model(spec: RunSpec, device: str | torch.device = "cpu", *,
+                stage: StageContents | None = None, allow_imports: bool = False,
+                initialize: bool = True) -> GPTModel:
+    """Build the whole model (every stage) or one pipeline stage, on `device`.
+
+    On the meta device nothing is allocated (a 600B-parameter spec builds in seconds) and no
+    initialisation runs; elsewhere parameters are initialised from `train.seed` and their global
+    names, identically whatever the parallel layout.
+    """
+    stage = stage or StageContents.whole_model(spec)
+    layer_spec, mtp_layer_spec, final_norm_spec = build_specs(spec, allow_imports=allow_imports)
+    mtp_block_spec = get_mtp_block_spec(mtp_layer_spec, stage.mtp_num_layers)
+    with torch.device(device):
+        model = GPTModel(spec, layer_spec, final_norm_spec, mtp_block_spec, stage=stage)
+    if initialize and torch.device(device).type != "meta":
+        initialize_parameters(model, spec)
+    return model

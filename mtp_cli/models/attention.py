@@ -1,0 +1,123 @@
+"""Causal self-attention with grouped queries, fused QKV laid out per query group.
+
+`linear_qkv`'s output rows are, for each query group in turn, that group's query heads, then its
+key head, then its value head: the layout of Megatron-Core, which keeps whole groups together
+when the rows are split over tensor-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtp_cli.builders.module_spec import ModuleSpec, build_module, register_module
+from mtp_cli.models.embedding import apply_rotary_pos_emb
+from mtp_cli.mtp.packed import PackedSeqParams
+from mtp_cli.spec.schema import ModelConfig
+
+
+def packed_document_mask(seq_len: int, packed_seq_params: PackedSeqParams,
+                         device: torch.device) -> torch.Tensor:
+    """`[s, s]` boolean mask, True = masked: causal and never across a document boundary.
+
+    Positions past the last boundary form one more segment of their own, so no row is empty.
+    """
+    boundaries = packed_seq_params.attention_boundaries().to(device)
+    positions = torch.arange(seq_len, device=device)
+    document = torch.bucketize(positions, boundaries[1:], right=True)
+    same_document = document[:, None] == document[None, :]
+    causal = positions[None, :] <= positions[:, None]
+    return ~(same_document & causal)
+
+
+@register_module()
+class DotProductAttention(nn.Module):
+    """softmax(QK^T / sqrt(d)) V through `scaled_dot_product_attention`. No parameters."""
+
+    def __init__(self, config: ModelConfig, layer_number: int = 1,
+                 attn_mask_type: str = "causal") -> None:
+        super().__init__()
+        self.dropout = config.attention_dropout
+        self.attn_mask_type = attn_mask_type
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None = None,
+                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+        """`[s, b, heads, d]` query, `[s, b, groups, d]` key/value -> `[s, b, heads * d]`."""
+        seq_len, batch, heads, head_dim = query.shape
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, n, s, d]
+        if k.shape[1] != heads:  # grouped-query attention: head i reads group i // (np/ng)
+            repeats = heads // k.shape[1]
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        mask = None
+        if packed_seq_params is not None:
+            mask = packed_document_mask(seq_len, packed_seq_params, query.device)
+        if attention_mask is not None:
+            mask = attention_mask if mask is None else (mask | attention_mask)
+        dropout = self.dropout if self.training else 0.0
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:  # Megatron's polarity: True = masked; SDPA wants True = attend
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask, dropout_p=dropout)
+        return out.permute(2, 0, 1, 3).reshape(seq_len, batch, heads * head_dim)
+
+
+@dataclass
+class SelfAttentionSubmodules:
+    linear_qkv: Any = None
+    core_attention: Any = None
+    linear_proj: Any = None
+
+
+@register_module(submodules=SelfAttentionSubmodules)
+class SelfAttention(nn.Module):
+    """Fused QKV projection, RoPE, core attention, output projection."""
+
+    def __init__(self, config: ModelConfig, submodules: SelfAttentionSubmodules,
+                 layer_number: int = 1, attn_mask_type: str = "causal") -> None:
+        super().__init__()
+        self.head_dim = config.kv_channels
+        self.heads_per_group = config.num_attention_heads // config.num_query_groups
+        qkv_rows = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
+        self.linear_qkv = build_module(
+            submodules.linear_qkv, config.hidden_size, qkv_rows, config=config,
+            bias=config.add_bias_linear or config.add_qkv_bias,
+        )
+        self.core_attention = build_module(
+            submodules.core_attention, config=config, layer_number=layer_number,
+            attn_mask_type=attn_mask_type,
+        )
+        self.linear_proj = build_module(
+            submodules.linear_proj, config.num_attention_heads * self.head_dim,
+            config.hidden_size, config=config, bias=config.add_bias_linear,
+        )
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary_pos_emb: torch.Tensor | None = None,
+                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+        seq_len, batch, _ = hidden_states.shape
+        d, per_group = self.head_dim, self.heads_per_group
+        qkv = self.linear_qkv(hidden_states).view(seq_len, batch, -1, (per_group + 2) * d)
+        query, key, value = qkv.split([per_group * d, d, d], dim=-1)  # per query group
+        query = query.reshape(seq_len, batch, -1, d)
+        if rotary_pos_emb is not None:
+            query = apply_rotary_pos_emb(query, rotary_pos_emb)
+            key = apply_rotary_pos_emb(key, rotary_pos_emb)
+        context = self.core_attention(query, key, value, attention_mask, packed_seq_params)
+        return self.linear_proj(context)
+
+
+def self_attention_spec() -> ModuleSpec:
+    return ModuleSpec(
+        module="SelfAttention",
+        params={"attn_mask_type": "causal"},
+        submodules={
+            "linear_qkv": ModuleSpec("backend.column_parallel_linear"),
+            "core_attention": ModuleSpec("backend.core_attention"),
+            "linear_proj": ModuleSpec("backend.row_parallel_linear"),
+        },
+    )

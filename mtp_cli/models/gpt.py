@@ -1,0 +1,178 @@
+"""The GPT model with its MTP block, as one stage (or the whole) of the network.
+
+Parameter names follow Megatron-Core's GPT model with its local spec, so state dicts are
+interchangeable: `embedding.*`, `decoder.layers.{i}.*`, `decoder.final_layernorm.*`,
+`mtp.layers.{k}.*`, `output_layer.weight` (absent when tied to the word embedding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtp_cli.builders.module_spec import ModuleSpec
+from mtp_cli.models.embedding import LanguageModelEmbedding, RotaryEmbedding
+from mtp_cli.models.linear import ColumnParallelLinear
+from mtp_cli.models.output import cross_entropy_per_token, logits_from_hidden, token_loss_and_hits
+from mtp_cli.models.transformer_layer import TransformerBlock
+from mtp_cli.mtp.layer import MultiTokenPredictionBlock, MultiTokenPredictionBlockSubmodules
+from mtp_cli.mtp.loss import MTPLossSettings, labels_from_input_ids, process_mtp_loss
+from mtp_cli.mtp.packed import PackedSeqParams
+from mtp_cli.spec.schema import RunSpec
+
+
+@dataclass
+class StageContents:
+    """What one pipeline stage builds; the whole model is the stage that holds everything."""
+
+    decoder_layer_numbers: list[int]  # global, 1-based
+    embedding: bool = True
+    final_layernorm: bool = True
+    mtp_num_layers: int = 0
+    mtp_layer_offset: int = 0
+    loss: bool = True  # output layer, main loss, MTP loss step
+    mtp_depths_in_loss: int = 0  # D on the loss stage (it splits the MTP hidden states)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def whole_model(cls, spec: RunSpec) -> StageContents:
+        depths = spec.mtp.num_layers
+        return cls(
+            decoder_layer_numbers=list(range(1, spec.model.num_layers + 1)),
+            mtp_num_layers=depths, mtp_depths_in_loss=depths,
+        )
+
+
+@dataclass
+class ParallelGroups:
+    """Process groups the model's forward needs (None = not parallel along that axis)."""
+
+    cp_group: dist.ProcessGroup | None = None
+    pp_group: dist.ProcessGroup | None = None
+    dp_cp_group: dist.ProcessGroup | None = None
+
+
+class GPTModel(nn.Module):
+    """Embedding -> decoder layers -> final norm -> [MTP block] -> output head and losses.
+
+    Forward contract: `model(input_ids, position_ids, attention_mask=None, *, labels=None,
+    loss_mask=None, packed_seq_params=None)`. `attention_mask=None` means causal; a boolean mask
+    is True where attention is masked (Megatron's polarity). With labels it returns the
+    per-token main loss `[b, s]` (unmasked); without, the logits `[b, s, V]`. The MTP losses go
+    into the backward pass through `MTPLossAutoScaler` and into `MTPLossLoggingHelper.tracker`.
+    """
+
+    def __init__(self, spec: RunSpec, layer_spec: ModuleSpec, final_norm_spec: ModuleSpec,
+                 mtp_block_spec: MultiTokenPredictionBlockSubmodules | None,
+                 stage: StageContents | None = None) -> None:
+        super().__init__()
+        config = spec.model
+        stage = stage or StageContents.whole_model(spec)
+        self.config, self.stage = config, stage
+        self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
+        self.calculate_per_token_loss = spec.train.calculate_per_token_loss
+        self.mtp_loss_scaling_factor = spec.mtp.loss_scale_at(0)
+        self.detach_heads = spec.mtp.detach_heads
+        self.groups = ParallelGroups()
+
+        needs_embedding = stage.embedding or stage.mtp_num_layers > 0
+        self.embedding = LanguageModelEmbedding(config) if needs_embedding else None
+        self.rotary_pos_emb = (
+            RotaryEmbedding(config.kv_channels, config.rotary_base)
+            if config.position_embedding == "rope" else None
+        )
+        self.decoder = TransformerBlock(config, layer_spec, stage.decoder_layer_numbers,
+                                        stage.final_layernorm, final_norm_spec)
+        self.mtp = (
+            MultiTokenPredictionBlock(
+                config, mtp_block_spec, num_depths=stage.mtp_num_layers,
+                layer_offset=stage.mtp_layer_offset,
+                use_repeated_layer=spec.mtp.use_repeated_layer, detach_heads=self.detach_heads,
+            )
+            if mtp_block_spec is not None and stage.mtp_num_layers > 0 else None
+        )
+        owns_output_weight = stage.loss and not (
+            self.share_embeddings_and_output_weights and self.embedding is not None
+        )
+        self.output_layer = (
+            ColumnParallelLinear(config.hidden_size, config.vocab_size, config=config, bias=False)
+            if owns_output_weight else None
+        )
+
+    # --- weights shared between heads -------------------------------------------------------
+    def output_weight(self) -> torch.Tensor:
+        """The output projection `[V, h]`: the word embedding when tied."""
+        if self.output_layer is not None:
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
+
+    def set_mtp_loss_scaling_factor(self, value: float) -> None:
+        """λ for the coming steps (the trainer follows `mtp.loss_scaling_factor`'s schedule)."""
+        self.mtp_loss_scaling_factor = float(value)
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids.expand_as(input_ids)
+        rotary = self.rotary_pos_emb(position_ids) if self.rotary_pos_emb is not None else None
+        hidden = self.decoder(self.embedding(input_ids, position_ids), attention_mask, rotary,
+                              packed_seq_params)
+        run_mtp = self.stage.mtp_depths_in_loss > 0 and (labels is not None or self.training)
+        if self.mtp is not None and run_mtp:
+            hidden = self.mtp(
+                input_ids, position_ids, hidden, attention_mask, embedding=self.embedding,
+                rotary_pos_emb=rotary, packed_seq_params=packed_seq_params,
+                cp_group=self.groups.cp_group,
+            )
+        return self.postprocess(hidden, input_ids, labels, loss_mask, packed_seq_params,
+                                run_mtp=run_mtp)
+
+    def postprocess(self, hidden: torch.Tensor, input_ids: torch.Tensor,
+                    labels: torch.Tensor | None, loss_mask: torch.Tensor | None,
+                    packed_seq_params: PackedSeqParams | None, *, run_mtp: bool) -> torch.Tensor:
+        """MTP loss step, then the main head: per-token loss `[b, s]` or logits `[b, s, V]`."""
+        weight = self.output_weight()
+        if run_mtp:
+            if labels is None:
+                mtp_labels, mtp_mask = labels_from_input_ids(
+                    input_ids, loss_mask, self.groups.cp_group, packed_seq_params)
+            else:
+                mtp_labels = labels
+                mtp_mask = torch.ones_like(labels, dtype=torch.float32) \
+                    if loss_mask is None else loss_mask
+            head_weight = weight.detach() if self.detach_heads else weight
+            hidden = process_mtp_loss(
+                hidden, mtp_labels, mtp_mask, partial(token_loss_and_hits, weight=head_weight),
+                self._mtp_settings(), training=self.training,
+                packed_seq_params=packed_seq_params,
+            )
+        elif self.stage.mtp_depths_in_loss > 0 and hidden.shape[0] != input_ids.shape[1]:
+            hidden = hidden.chunk(1 + self.stage.mtp_depths_in_loss, dim=0)[0]
+        logits = logits_from_hidden(hidden, weight)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return cross_entropy_per_token(logits, labels)
+
+    def _mtp_settings(self) -> MTPLossSettings:
+        return MTPLossSettings(
+            num_depths=self.stage.mtp_depths_in_loss,
+            loss_scaling_factor=self.mtp_loss_scaling_factor,
+            calculate_per_token_loss=self.calculate_per_token_loss,
+            cp_group=self.groups.cp_group,
+            reduce_group=self.groups.pp_group,
+            avg_group=self.groups.dp_cp_group,
+        )

@@ -1,0 +1,38 @@
+"""The output head: logits, per-token cross-entropy and argmax hits.
+
+Logits are computed in the activations' dtype and the cross-entropy in fp32, as Megatron-Core
+does. The MTP depths reuse the main model's output weight (or the word embedding when tied).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def logits_from_hidden(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`[s, b, h]` x `[V, h]` -> `[s, b, V]`."""
+    return F.linear(hidden_states, weight)
+
+
+def cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`[s, b, V]` logits, `[b, s]` labels -> unmasked per-token loss `[b, s]` (fp32)."""
+    seq_len, batch, vocab = logits.shape
+    loss = F.cross_entropy(logits.float().reshape(-1, vocab), labels.transpose(0, 1).reshape(-1),
+                           reduction="none")
+    return loss.view(seq_len, batch).transpose(0, 1)
+
+
+def argmax_hits(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How many unmasked positions the head's top-1 guess gets right (MTP acceptance)."""
+    predicted = logits.argmax(dim=-1).transpose(0, 1)  # [b, s]
+    return ((predicted == labels) & (mask > 0)).sum()
+
+
+def token_loss_and_hits(hidden_states: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                        *, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss `[b, s]` and argmax hits for one head, computing full logits."""
+    logits = logits_from_hidden(hidden_states, weight)
+    with torch.no_grad():
+        hits = argmax_hits(logits, labels, mask)
+    return cross_entropy_per_token(logits, labels), hits

@@ -1,0 +1,32 @@
+"""Multi-token prediction, with the public names of Megatron-Core's module."""
+
+from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
+from mtp_cli.mtp.layer import (
+    MultiTokenPredictionBlock,
+    MultiTokenPredictionBlockSubmodules,
+    MultiTokenPredictionLayer,
+    MultiTokenPredictionLayerSubmodules,
+    get_mtp_block_spec,
+    get_mtp_layer_spec,
+    get_mtp_layer_spec_for_backend,
+)
+from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
+from mtp_cli.mtp.loss import MTPLossSettings, process_mtp_loss
+from mtp_cli.mtp.packed import PackedSeqParams
+from mtp_cli.mtp.roll import roll_tensor
+
+__all__ = [
+    "MTPLossAutoScaler",
+    "MTPLossLoggingHelper",
+    "MTPLossSettings",
+    "MultiTokenPredictionBlock",
+    "MultiTokenPredictionBlockSubmodules",
+    "MultiTokenPredictionLayer",
+    "MultiTokenPredictionLayerSubmodules",
+    "PackedSeqParams",
+    "get_mtp_block_spec",
+    "get_mtp_layer_spec",
+    "get_mtp_layer_spec_for_backend",
+    "process_mtp_loss",
+    "roll_tensor",
+]

@@ -1,0 +1,138 @@
+"""`MTPLossLoggingHelper`: per-depth MTP losses and acceptance counts for the logs.
+
+The model saves each micro-batch's normalised depth loss into a class-level tracker; once per
+iteration the trainer reduces it (sum over the pipeline so every stage sees the MTP stage's
+values, average over data x context parallel), writes `mtp_{i} loss` and acceptance rates, adds
+the losses into the console's log-interval totals (accumulating, never overwriting) and cleans
+the tracker. The logged loss is the mean over micro-batches of each micro-batch's normalised
+loss, averaged over data x context parallel ranks: it is not token-weighted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class MTPLossLoggingHelper:
+    """Class-level tracker: `values`, `count`, `correct`, `total` (tensors of length D)."""
+
+    tracker: dict[str, Any] = {}
+    cumulative: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _slot(name: str, num_layers: int, device: torch.device) -> torch.Tensor:
+        tracker = MTPLossLoggingHelper.tracker
+        if name not in tracker or tracker[name].numel() != num_layers:
+            tracker[name] = torch.zeros(num_layers, device=device)
+        return tracker[name]
+
+    @staticmethod
+    def save_loss_to_tracker(loss: torch.Tensor, layer_number: int | None, num_layers: int,
+                             reduce_group: dist.ProcessGroup | None = None,
+                             avg_group: dist.ProcessGroup | None = None) -> None:
+        """Add one micro-batch's normalised loss of depth `layer_number` (0-based)."""
+        if layer_number is None:
+            return
+        tracker = MTPLossLoggingHelper.tracker
+        MTPLossLoggingHelper._slot("values", num_layers, loss.device)[layer_number] += (
+            loss.detach().float()
+        )
+        MTPLossLoggingHelper._slot("count", num_layers, loss.device)[layer_number] += 1
+        tracker["reduce_group"] = reduce_group
+        tracker["avg_group"] = avg_group
+
+    @staticmethod
+    def save_acceptance_to_tracker(correct: torch.Tensor, total: torch.Tensor,
+                                   layer_number: int, num_layers: int) -> None:
+        """Add one micro-batch's acceptance counts (argmax hits and valid targets) of a depth."""
+        MTPLossLoggingHelper._slot("correct", num_layers, correct.device)[layer_number] += (
+            correct.detach().float()
+        )
+        MTPLossLoggingHelper._slot("total", num_layers, total.device)[layer_number] += (
+            total.detach().float()
+        )
+
+    @staticmethod
+    def clean_loss_in_tracker() -> None:
+        """Zero the tracker for the next iteration."""
+        tracker = MTPLossLoggingHelper.tracker
+        for name in ("values", "count", "correct", "total"):
+            if name in tracker:
+                tracker[name].zero_()
+        tracker["reduce_group"] = None
+        tracker["avg_group"] = None
+
+    @staticmethod
+    def reduce_loss_in_tracker() -> None:
+        """Sum over `reduce_group` (pipeline), then average losses / sum counts over `avg_group`.
+
+        After this, `values` holds each depth's mean over micro-batches (averaged over the
+        data x context parallel group), and `correct` / `total` the summed counts.
+        """
+        tracker = MTPLossLoggingHelper.tracker
+        if "values" not in tracker:
+            return
+        reduce_group, avg_group = tracker.get("reduce_group"), tracker.get("avg_group")
+        stats = torch.stack([tracker[n] if n in tracker else torch.zeros_like(tracker["values"])
+                             for n in ("values", "count", "correct", "total")])
+        if dist.is_available() and dist.is_initialized() and reduce_group is not None:
+            dist.all_reduce(stats, group=reduce_group)
+        values = stats[0] / stats[1].clamp(min=1)
+        if dist.is_available() and dist.is_initialized() and avg_group is not None:
+            dist.all_reduce(values, op=dist.ReduceOp.AVG, group=avg_group)
+            dist.all_reduce(stats[2:], group=avg_group)
+        tracker["values"], tracker["count"] = values, torch.ones_like(values)
+        tracker["correct"], tracker["total"] = stats[2].clone(), stats[3].clone()
+
+    @staticmethod
+    def track_mtp_metrics(iteration: int, writer: Any = None, wandb_writer: Any = None,
+                          total_loss_dict: dict[str, Any] | None = None) -> dict[str, float]:
+        """Reduce, write `mtp_{i} loss` and acceptance rates, accumulate, clean. Returns them."""
+        MTPLossLoggingHelper.reduce_loss_in_tracker()
+        tracker = MTPLossLoggingHelper.tracker
+        if "values" not in tracker:
+            return {}
+        values = tracker["values"].double().cpu()
+        correct, total = tracker["correct"].double().cpu(), tracker["total"].double().cpu()
+        cumulative = MTPLossLoggingHelper.cumulative
+        if cumulative.get("correct") is None or cumulative["correct"].numel() != values.numel():
+            cumulative["correct"] = torch.zeros_like(values)
+            cumulative["total"] = torch.zeros_like(values)
+        cumulative["correct"] += correct
+        cumulative["total"] += total
+        metrics: dict[str, float] = {}
+        for i in range(values.numel()):
+            metrics[f"mtp_{i + 1} loss"] = float(values[i])
+            metrics[f"mtp_{i + 1}_acceptance_rate"] = float(
+                100.0 * correct[i] / total[i].clamp(min=1)
+            )
+            metrics[f"mtp_{i + 1}_cumulative_acceptance_rate"] = float(
+                100.0 * cumulative["correct"][i] / cumulative["total"][i].clamp(min=1)
+            )
+        for name, value in metrics.items():
+            if writer is not None:
+                writer.add_scalar(name, value, iteration)
+            if total_loss_dict is not None and name.endswith(" loss"):
+                total_loss_dict[name] = total_loss_dict.get(name, 0.0) + value
+        if wandb_writer is not None:
+            wandb_writer.log(metrics, step=iteration)
+        MTPLossLoggingHelper.clean_loss_in_tracker()
+        return metrics
+
+    @staticmethod
+    def state_dict() -> dict[str, torch.Tensor]:
+        """The cumulative acceptance counts, kept in checkpoints so a resume continues them."""
+        return {k: v.clone() for k, v in MTPLossLoggingHelper.cumulative.items() if v is not None}
+
+    @staticmethod
+    def load_state_dict(state: dict[str, torch.Tensor]) -> None:
+        MTPLossLoggingHelper.cumulative = {k: v.clone().double() for k, v in state.items()}
+
+    @staticmethod
+    def reset() -> None:
+        """Forget everything (a new training run in the same process)."""
+        MTPLossLoggingHelper.tracker = {}
+        MTPLossLoggingHelper.cumulative = {}

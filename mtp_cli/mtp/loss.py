@@ -1,0 +1,106 @@
+"""The MTP loss step (Megatron-Core's `process_mtp_loss` semantics).
+
+For depth k the labels and the loss mask are rolled once more (cumulatively), the depth's
+per-token loss `L_k = mask_k * CE(logits_k, labels_k)` is logged as `sum(L_k) / max(N_k, 1)` and
+injected into the backward pass of the main loss through `MTPLossAutoScaler`, weighted so that
+the objective of a micro-batch is
+
+    L_main + (λ/D) Σ_k sum(L_k) / max(N_k, 1)              (per-micro-batch mode)
+    L_main + (λ/D) Σ_k sum(L_k) * N0 / max(N_k, 1)         (per-token mode; L_main a sum)
+
+Under context parallel the sums and counts are all-reduced over the CP group before dividing,
+so the losses do not depend on how a sequence is sharded (a deliberate departure from the
+reference, which divides by rank-local counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
+from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
+from mtp_cli.mtp.packed import PackedSeqParams
+from mtp_cli.mtp.roll import roll_tensor
+
+# (hidden [s, b, h], labels [b, s], mask [b, s]) -> (per-token loss [b, s], argmax hits)
+TokenLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class MTPLossSettings:
+    """What the loss step needs to know besides the tensors."""
+
+    num_depths: int
+    loss_scaling_factor: float
+    calculate_per_token_loss: bool = False
+    cp_group: dist.ProcessGroup | None = None
+    reduce_group: dist.ProcessGroup | None = None  # pipeline group, for the tracker
+    avg_group: dist.ProcessGroup | None = None  # data x context parallel group
+
+
+def _cp_sum(value: torch.Tensor, cp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum a (detached) statistic over the context-parallel group."""
+    if cp_group is None or dist.get_world_size(cp_group) == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, group=cp_group)
+    return value
+
+
+def labels_from_input_ids(input_ids: torch.Tensor, loss_mask: torch.Tensor | None,
+                          cp_group: dist.ProcessGroup | None = None,
+                          packed_seq_params: PackedSeqParams | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token labels and their loss mask when the caller gave none (both rolled once)."""
+    labels, _ = roll_tensor(input_ids, -1, -1, cp_group, packed_seq_params)
+    if loss_mask is None:
+        loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
+    loss_mask, _ = roll_tensor(loss_mask, -1, -1, cp_group, packed_seq_params)
+    return labels, loss_mask
+
+
+def process_mtp_loss(
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    token_loss_fn: TokenLossFn,
+    settings: MTPLossSettings,
+    *,
+    training: bool = True,
+    packed_seq_params: PackedSeqParams | None = None,
+) -> torch.Tensor:
+    """Split `[(1+D)*s, b, h]`, compute and inject every depth's loss; return `h0`.
+
+    `token_loss_fn` computes the head's per-token cross-entropy and argmax hits for one depth.
+    Returns the main hidden states `h0` carrying the MTP terms for the backward pass.
+    """
+    depths = settings.num_depths
+    chunks = hidden_states.chunk(1 + depths, dim=0)
+    main_hidden = chunks[0]
+    cp_group = settings.cp_group
+    num_tokens_main = _cp_sum(loss_mask.sum().float(), cp_group)
+    mtp_labels, mtp_mask = labels, loss_mask.float()
+    scale = settings.loss_scaling_factor / depths
+    for depth in range(depths):
+        mtp_labels, _ = roll_tensor(mtp_labels, -1, -1, cp_group, packed_seq_params)
+        mtp_mask, num_tokens = roll_tensor(mtp_mask, -1, -1, cp_group, packed_seq_params)
+        per_token, correct = token_loss_fn(chunks[depth + 1], mtp_labels, mtp_mask)
+        per_token = mtp_mask * per_token
+        num_tokens = _cp_sum(num_tokens.float(), cp_group).clamp(min=1)
+        if training:
+            loss_sum = _cp_sum(per_token.detach().sum(), cp_group)
+            MTPLossLoggingHelper.save_loss_to_tracker(
+                loss_sum / num_tokens, depth, depths,
+                reduce_group=settings.reduce_group, avg_group=settings.avg_group,
+            )
+            MTPLossLoggingHelper.save_acceptance_to_tracker(correct, mtp_mask.sum(), depth, depths)
+        if settings.calculate_per_token_loss:
+            normalized = scale * per_token * (num_tokens_main / num_tokens)
+        else:
+            normalized = scale * per_token / num_tokens
+        main_hidden = MTPLossAutoScaler.apply(main_hidden, normalized)
+    return main_hidden

@@ -1,0 +1,323 @@
+"""The run spec: one YAML file, validated by these Pydantic models.
+
+The schema is the documentation: every field carries a description and its bounds, `extra="forbid"`
+turns typos into errors, and `mtp schema` exports the JSON Schema for editors. Defaults follow
+Megatron-Core's `TransformerConfig` so that a spec reads like the Megatron arguments users know.
+
+Cross-field rules raise `rule_error(field, message)`, which carries the offending key so that the
+loader can point at its line in the YAML file.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
+
+
+def rule_error(field: str, message: str) -> PydanticCustomError:
+    """A cross-field rule violation attributed to `field` (a key of the model raising it)."""
+    return PydanticCustomError("spec_rule", "{message}", {"field": field, "message": message})
+
+
+class StrictModel(BaseModel):
+    """Base for every spec section: unknown keys are errors, numbers must be finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+
+
+class ModelConfig(StrictModel):
+    """The GPT decoder. Defaults are Megatron-Core's."""
+
+    vocab_size: PositiveInt = Field(description="Vocabulary size (rows of the embedding).")
+    hidden_size: PositiveInt = Field(description="Model width h.")
+    num_layers: PositiveInt = Field(description="Decoder layers N (MTP layers not included).")
+    num_attention_heads: PositiveInt = Field(description="Query heads.")
+    seq_length: PositiveInt = Field(description="Tokens per training sample.")
+    num_query_groups: PositiveInt | None = Field(
+        default=None, description="Key/value heads (grouped-query attention); default: heads."
+    )
+    ffn_hidden_size: PositiveInt | None = Field(
+        default=None, description="MLP inner width; default 4 x hidden_size."
+    )
+    kv_channels: PositiveInt | None = Field(
+        default=None, description="Per-head width; default hidden_size / num_attention_heads."
+    )
+    max_position_embeddings: PositiveInt | None = Field(
+        default=None, description="Rows of the learned position table; default seq_length."
+    )
+    normalization: Literal["LayerNorm", "RMSNorm"] = Field(default="LayerNorm")
+    activation: Literal["gelu", "swiglu"] = Field(
+        default="gelu", description="MLP activation; swiglu doubles linear_fc1 (gate, then up)."
+    )
+    position_embedding: Literal["rope", "learned_absolute", "none"] = Field(
+        default="learned_absolute"
+    )
+    rotary_base: Annotated[float, Field(gt=0)] = Field(default=10000.0, description="RoPE base.")
+    add_bias_linear: bool = Field(default=True, description="Biases on every linear layer.")
+    add_qkv_bias: bool = Field(
+        default=False, description="Bias on linear_qkv even when add_bias_linear is false."
+    )
+    share_embeddings_and_output_weights: bool = Field(
+        default=False, description="Tie the output layer to the word embedding."
+    )
+    init_method_std: Annotated[float, Field(gt=0)] = Field(default=0.02)
+    layernorm_epsilon: Annotated[float, Field(gt=0)] = Field(default=1e-5)
+    hidden_dropout: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.0)
+    attention_dropout: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.0)
+    backend: Literal["local", "te"] = Field(
+        default="local", description="local = plain PyTorch; te = Transformer Engine (CUDA)."
+    )
+
+    @model_validator(mode="after")
+    def _fill_defaults_and_check(self) -> ModelConfig:
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise rule_error(
+                    "num_attention_heads",
+                    f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
+                    f"({self.hidden_size}) (or set kv_channels)",
+                )
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_query_groups:
+            raise rule_error(
+                "num_query_groups",
+                f"num_query_groups ({self.num_query_groups}) must divide num_attention_heads "
+                f"({self.num_attention_heads})",
+            )
+        if self.position_embedding == "rope" and self.kv_channels % 2:
+            raise rule_error("kv_channels", f"RoPE needs an even head width, got {self.kv_channels}")
+        if (
+            self.position_embedding == "learned_absolute"
+            and self.max_position_embeddings < self.seq_length
+        ):
+            raise rule_error(
+                "max_position_embeddings",
+                f"max_position_embeddings ({self.max_position_embeddings}) is shorter than "
+                f"seq_length ({self.seq_length})",
+            )
+        return self
+
+
+class LossWeightStep(StrictModel):
+    """One piece of a piecewise-constant MTP loss weight (DeepSeek-V3: 0.3, then 0.1)."""
+
+    until_tokens: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="Applies while tokens seen < until_tokens; omit on the last."
+    )
+    value: Annotated[float, Field(ge=0)] = Field(description="λ while this piece applies.")
+
+
+class MTPConfig(StrictModel):
+    """Multi-token prediction: D sequential depths after the main decoder."""
+
+    num_layers: NonNegativeInt = Field(default=1, description="MTP depths D (0 = no MTP).")
+    loss_scaling_factor: Annotated[float, Field(ge=0)] | list[LossWeightStep] = Field(
+        default=0.1,
+        description="λ: a number, or steps [{until_tokens: 10e12, value: 0.3}, {value: 0.1}].",
+    )
+    use_repeated_layer: bool = Field(
+        default=False, description="Build one MTP layer and apply it at every depth."
+    )
+    detach_heads: bool = Field(
+        default=False,
+        description="Train the MTP heads without gradients into the main model.",
+    )
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> MTPConfig:
+        if isinstance(self.loss_scaling_factor, list):
+            steps = self.loss_scaling_factor
+            if not steps:
+                raise rule_error("loss_scaling_factor", "the schedule needs at least one step")
+            if steps[-1].until_tokens is not None:
+                raise rule_error(
+                    "loss_scaling_factor", "the last step must have no until_tokens bound"
+                )
+            bounds = [s.until_tokens for s in steps[:-1]]
+            if any(b is None for b in bounds):
+                raise rule_error(
+                    "loss_scaling_factor", "every step but the last needs until_tokens"
+                )
+            if any(a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
+                raise rule_error("loss_scaling_factor", "until_tokens must increase")
+        return self
+
+    def loss_scale_at(self, tokens_seen: float) -> float:
+        """λ in force after `tokens_seen` training tokens."""
+        if not isinstance(self.loss_scaling_factor, list):
+            return float(self.loss_scaling_factor)
+        for step in self.loss_scaling_factor:
+            if step.until_tokens is None or tokens_seen < step.until_tokens:
+                return float(step.value)
+        return float(self.loss_scaling_factor[-1].value)
+
+
+class ParallelConfig(StrictModel):
+    """The parallel layout. Data-parallel size = world size / (tensor x pipeline x context)."""
+
+    tensor: PositiveInt = Field(default=1, description="Tensor-parallel size.")
+    pipeline: PositiveInt = Field(default=1, description="Pipeline-parallel size.")
+    virtual_pipeline: PositiveInt | None = Field(
+        default=None, description="Virtual stages per pipeline rank (interleaved schedule)."
+    )
+    context: PositiveInt = Field(default=1, description="Context-parallel size.")
+    layout: str | None = Field(
+        default=None,
+        description="pipeline_model_parallel_layout, e.g. 'Etttt|tttt|m|L' (E, t, m, L, |, x*n).",
+    )
+    num_layers_in_first_pipeline_stage: PositiveInt | None = Field(default=None)
+    num_layers_in_last_pipeline_stage: PositiveInt | None = Field(default=None)
+    sequence_parallel: bool = Field(default=False, description="Megatron sequence parallel (TP).")
+    fsdp: bool = Field(default=False, description="FSDP2 (fully_shard) instead of DDP.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelConfig:
+        if self.sequence_parallel and self.tensor == 1:
+            raise rule_error("sequence_parallel", "sequence_parallel needs tensor > 1")
+        return self
+
+
+class LossConfig(StrictModel):
+    """How the cross-entropy of the main head and every MTP depth is computed."""
+
+    chunked: Literal["auto", True, False] = Field(
+        default="auto",
+        description="Chunked linear cross-entropy (never holds full logits); auto = by size.",
+    )
+
+
+class TrainConfig(StrictModel):
+    """Optimisation. Batch sizes are in samples of seq_length tokens."""
+
+    steps: PositiveInt = Field(default=200, description="Optimizer steps.")
+    micro_batch_size: PositiveInt = Field(default=4)
+    global_batch_size: PositiveInt = Field(default=8)
+    lr: Annotated[float, Field(gt=0)] = Field(default=3e-3, description="Peak learning rate.")
+    min_lr: Annotated[float, Field(ge=0)] = Field(default=3e-4)
+    warmup_steps: NonNegativeInt = Field(default=10)
+    weight_decay: Annotated[float, Field(ge=0)] = Field(default=0.1)
+    adam_beta1: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.9)
+    adam_beta2: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.95)
+    adam_eps: Annotated[float, Field(gt=0)] = Field(default=1e-8)
+    grad_clip: Annotated[float, Field(ge=0)] = Field(default=1.0, description="0 = off.")
+    seed: NonNegativeInt = Field(default=1234)
+    eval_interval: NonNegativeInt = Field(default=50, description="0 = no validation.")
+    eval_steps: PositiveInt = Field(default=4, description="Global batches per validation.")
+    log_interval: PositiveInt = Field(default=1)
+    bf16: bool = Field(default=False, description="bf16 autocast (weights stay fp32).")
+    calculate_per_token_loss: bool = Field(
+        default=False, description="Normalise by the step's total loss tokens (Megatron)."
+    )
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.global_batch_size % self.micro_batch_size:
+            raise rule_error(
+                "global_batch_size",
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})",
+            )
+        if self.min_lr > self.lr:
+            raise rule_error("min_lr", f"min_lr ({self.min_lr}) exceeds lr ({self.lr})")
+        return self
+
+
+class DataConfig(StrictModel):
+    """Training data. No path: the Python standard library's sources, byte-tokenized."""
+
+    path: str | None = Field(
+        default=None,
+        description="Text file, directory, JSONL ('text' field) or Megatron .bin/.idx prefix.",
+    )
+    packed: bool = Field(
+        default=False, description="Document boundaries reach attention and the MTP rolls."
+    )
+    tokenizer: str | None = Field(
+        default=None, description="A tokenizer.json (needs `tokenizers`); default: bytes."
+    )
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.05, description="Share of documents held out for validation."
+    )
+
+
+class CheckpointConfig(StrictModel):
+    """DCP checkpoints under run_dir/checkpoints/step_NNNNNNN/."""
+
+    interval: NonNegativeInt = Field(default=100, description="Steps between saves; 0 = end only.")
+    keep_last: PositiveInt | None = Field(default=None, description="Prune all but the newest k.")
+
+
+class LoggingConfig(StrictModel):
+    """Where metrics go besides metrics.jsonl."""
+
+    tensorboard: bool = Field(default=True, description="Event files under run_dir/tb/.")
+    wandb_project: str | None = Field(default=None, description="W&B project, when installed.")
+
+
+class ModuleSpecConfig(StrictModel):
+    """ModuleSpec overrides: `{module: NAME, params: {...}, submodules: {...}}` trees."""
+
+    decoder_layer: dict[str, Any] | None = Field(
+        default=None, description="Spec of every decoder layer (default: TransformerLayer)."
+    )
+    mtp_layer: dict[str, Any] | None = Field(
+        default=None, description="Spec of every MTP layer (default: MultiTokenPredictionLayer)."
+    )
+
+
+class RunSpec(StrictModel):
+    """A whole run: the model, its MTP depths, the parallel layout and the training set-up."""
+
+    model: ModelConfig
+    mtp: MTPConfig = Field(default_factory=MTPConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    modules: ModuleSpecConfig = Field(default_factory=ModuleSpecConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_sections(self) -> RunSpec:
+        model, par = self.model, self.parallel
+        tp = par.tensor
+        for name, value in (
+            ("num_attention_heads", model.num_attention_heads),
+            ("num_query_groups", model.num_query_groups),
+            ("ffn_hidden_size", model.ffn_hidden_size),
+            ("vocab_size", model.vocab_size),
+        ):
+            if value % tp:
+                raise rule_error(
+                    "parallel.tensor", f"tensor parallel size {tp} must divide model.{name} ({value})"
+                )
+        if par.context > 1 and model.seq_length % (2 * par.context):
+            raise rule_error(
+                "parallel.context",
+                f"model.seq_length ({model.seq_length}) must divide by 2 x context "
+                f"({2 * par.context}) for load-balanced context parallel",
+            )
+        if par.sequence_parallel and model.seq_length % tp:
+            raise rule_error(
+                "parallel.sequence_parallel",
+                f"sequence parallel needs seq_length ({model.seq_length}) divisible by tensor ({tp})",
+            )
+        if self.mtp.use_repeated_layer and self.mtp.num_layers == 0:
+            raise rule_error("mtp.use_repeated_layer", "use_repeated_layer needs mtp.num_layers >= 1")
+        return self
+
+    @property
+    def mtp_enabled(self) -> bool:
+        return self.mtp.num_layers > 0
