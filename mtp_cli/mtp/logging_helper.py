@@ -10,7 +10,7 @@ loss, averaged over data x context parallel ranks: it is not token-weighted.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -19,8 +19,8 @@ import torch.distributed as dist
 class MTPLossLoggingHelper:
     """Class-level tracker: `values`, `count`, `correct`, `total` (tensors of length D)."""
 
-    tracker: dict[str, Any] = {}
-    cumulative: dict[str, torch.Tensor] = {}
+    tracker: ClassVar[dict[str, Any]] = {}
+    cumulative: ClassVar[dict[str, torch.Tensor]] = {}
 
     @staticmethod
     def _slot(name: str, num_layers: int, device: torch.device) -> torch.Tensor:

@@ -13,6 +13,8 @@ the first of chunk 2cp-r (rank r-1's B), or the end of the sequence on rank 0.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -32,11 +34,11 @@ def _segment_starts(length: int, cp_size: int, cp_rank: int,
     else:
         boundaries = [int(b) for b in packed_seq_params.attention_boundaries().tolist()]
     if cp_size == 1:
-        starts = [a for a, b in zip(boundaries, boundaries[1:], strict=False) if b > a]
-        lengths = [b - a for a, b in zip(boundaries, boundaries[1:], strict=False) if b > a]
+        starts = [a for a, b in itertools.pairwise(boundaries) if b > a]
+        lengths = [b - a for a, b in itertools.pairwise(boundaries) if b > a]
         return starts, lengths, boundaries[-1]
     starts, lengths = [], []
-    for index, (a, b) in enumerate(zip(boundaries, boundaries[1:], strict=False)):
+    for index, (a, b) in enumerate(itertools.pairwise(boundaries)):
         if (b - a) % (2 * cp_size):
             raise ValueError(
                 f"document {index} has length {b - a}, which context parallel size {cp_size} "

@@ -10,6 +10,7 @@ loader can point at its line in the YAML file.
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -149,7 +150,7 @@ class MTPConfig(StrictModel):
                 raise rule_error(
                     "loss_scaling_factor", "every step but the last needs until_tokens"
                 )
-            if any(a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
+            if any(a >= b for a, b in itertools.pairwise(bounds)):
                 raise rule_error("loss_scaling_factor", "until_tokens must increase")
         return self
 

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -32,7 +32,7 @@ _NULL = re.compile(r"^(~|null|Null|NULL|)$")
 class StrictSafeLoader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 core scalars (no YAML 1.1 `yes`/octal surprises)."""
 
-    yaml_implicit_resolvers: dict[str, list[tuple[str, re.Pattern[str]]]] = {}
+    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, re.Pattern[str]]]]] = {}
 
 
 for _tag, _regex, _first in (
