@@ -161,10 +161,41 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[KeyP
     return applied
 
 
+def _locate(problems: list[Problem], document: YamlDocument | None,
+            overrides: Mapping[KeyPath, str]) -> list[Problem]:
+    """Attach file:line (or the override) to problems that carry only a key path."""
+    located = []
+    for problem in problems:
+        path: KeyPath = tuple(problem.key.split(".")) if problem.key else ()
+        override = next(
+            (text for opath, text in overrides.items() if path[: len(opath)] == opath), None
+        )
+        if override is not None:
+            located.append(Problem(problem.message, f"override '{override}'", None, None,
+                                   problem.key, problem.hint))
+            continue
+        mark = document.mark_for(path) if document else None
+        located.append(Problem(
+            problem.message, document.source if document else problem.file,
+            mark.line if mark else None, mark.column if mark else None, problem.key,
+            problem.hint,
+        ))
+    return located
+
+
 def load_spec(
-    path_or_mapping: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()
+    path_or_mapping: str | Path | Mapping[str, Any],
+    overrides: Iterable[str] = (),
+    *,
+    allow_imports: bool = False,
 ) -> RunSpec:
-    """Load, override and validate a run spec. Raises `SpecError` with located problems."""
+    """Load, override and validate a run spec. Raises `SpecError` with located problems.
+
+    `allow_imports` permits `import:package.module:Class` modules in the `modules` section;
+    without it such a spec is rejected (nothing is imported while loading either way).
+    """
+    from mtp_cli.builders.specs import parse_module_trees
+
     document: YamlDocument | None = None
     if isinstance(path_or_mapping, Mapping):
         data = copy.deepcopy(dict(path_or_mapping))
@@ -173,6 +204,11 @@ def load_spec(
         data = copy.deepcopy(document.data)
     applied = apply_overrides(data, overrides)
     try:
-        return RunSpec.model_validate(data)
+        spec = RunSpec.model_validate(data)
     except ValidationError as error:
         raise SpecError(problems=_problems_from_validation(error, document, applied)) from None
+    try:
+        parse_module_trees(spec, allow_imports=allow_imports)
+    except SpecError as error:
+        raise SpecError(problems=_locate(error.problems, document, applied)) from None
+    return spec

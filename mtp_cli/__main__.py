@@ -1,0 +1,5 @@
+"""`python -m mtp_cli` = the `mtp` command."""
+
+from mtp_cli.cli import main
+
+main()

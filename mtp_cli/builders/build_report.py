@@ -1,0 +1,76 @@
+"""The facts `mtp build` shows: the model compiled on the meta device and its counts.
+
+Also `materialize_check`: real weights on the CPU and one forward/backward on random tokens, to
+prove a spec trains before a job is launched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mtp_cli.builders.model_builder import build_model
+from mtp_cli.builders.summary import ParameterCounts, count_parameters
+from mtp_cli.models.gpt import GPTModel
+from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
+from mtp_cli.spec.schema import RunSpec
+
+
+@dataclass
+class BuildReport:
+    spec: RunSpec
+    model: GPTModel  # on the meta device
+    counts: ParameterCounts
+    build_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.spec.model.backend,
+            "mtp_depths": self.spec.mtp.num_layers,
+            "parameters": self.counts.as_dict(),
+            "build_seconds": round(self.build_seconds, 4),
+            **self.extra,
+        }
+
+
+def describe_build(spec: RunSpec, *, allow_imports: bool = False) -> BuildReport:
+    """Compile the whole model on the meta device (no weight memory) and count it."""
+    start = time.perf_counter()
+    model = build_model(spec, "meta", allow_imports=allow_imports)
+    seconds = time.perf_counter() - start
+    return BuildReport(spec=spec, model=model, counts=count_parameters(model),
+                       build_seconds=seconds)
+
+
+def materialize_check(spec: RunSpec, *, allow_imports: bool = False, batch_size: int = 2,
+                      seed: int = 0) -> dict[str, Any]:
+    """Build real weights on the CPU and run one forward and backward on random tokens."""
+    start = time.perf_counter()
+    model = build_model(spec, "cpu", allow_imports=allow_imports)
+    built = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    seq = spec.model.seq_length
+    tokens = torch.randint(0, spec.model.vocab_size, (batch_size, seq + 1), generator=generator)
+    input_ids, labels = tokens[:, :-1], tokens[:, 1:]
+    loss_mask = torch.ones_like(labels, dtype=torch.float32)
+    MTPLossLoggingHelper.clean_loss_in_tracker()
+    per_token = model(input_ids, None, labels=labels, loss_mask=loss_mask)
+    lm_loss = (per_token * loss_mask).sum() / loss_mask.sum()
+    lm_loss.backward()
+    finished = time.perf_counter()
+    grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters()
+                       if p.grad is not None)
+    mtp_values = MTPLossLoggingHelper.tracker.get("values")
+    mtp_losses = [float(v) for v in mtp_values] if mtp_values is not None else []
+    MTPLossLoggingHelper.clean_loss_in_tracker()
+    return {
+        "lm_loss": float(lm_loss.detach()),
+        "mtp_losses": mtp_losses,
+        "gradients_finite": bool(grads_finite),
+        "build_seconds": round(built - start, 3),
+        "forward_backward_seconds": round(finished - built, 3),
+    }

@@ -1,0 +1,114 @@
+"""The `mtp` command line: parse, call one library function, render.
+
+Every command turns a `UserError` into a message on stderr and exit code 2, without a traceback;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+
+from mtp_cli.errors import UserError
+
+app = typer.Typer(
+    name="mtp",
+    help="Train language models with DeepSeek-V3-style Multi-Token Prediction (MTP).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+error_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SpecArg = Annotated[Path, typer.Argument(help="Run spec (YAML).", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="KEY=VALUE overrides, e.g. mtp.num_layers=2 parallel.pipeline=4.",
+                   show_default=False),
+]
+AllowImportsOpt = Annotated[
+    bool, typer.Option("--allow-imports", help="Let the spec name modules as import:pkg.mod:Class.")
+]
+
+
+def user_errors_exit_2(command: F) -> F:
+    """Print `UserError`s for people and exit 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            for line in error.render().splitlines():
+                error_console.print(f"[bold red]error:[/] {line}", highlight=False, markup=True,
+                                    soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+
+
+@app.command()
+@user_errors_exit_2
+def build(
+    spec: SpecArg,
+    overrides: OverridesArg = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the facts as JSON.")] = False,
+    show_spec: Annotated[
+        bool, typer.Option("--show-spec", help="Print the resolved ModuleSpec trees as YAML.")
+    ] = False,
+    materialize: Annotated[
+        bool, typer.Option("--materialize",
+                           help="Build real weights on the CPU and run one forward/backward.")
+    ] = False,
+    allow_imports: AllowImportsOpt = False,
+) -> None:
+    """Validate SPEC, compile it on the meta device and show the model."""
+    from mtp_cli.builders.build_report import describe_build, materialize_check
+    from mtp_cli.builders.specs import resolved_module_trees
+    from mtp_cli.spec.loader import load_spec
+    from mtp_cli.views.build_view import render_build
+
+    run_spec = load_spec(spec, overrides or (), allow_imports=allow_imports)
+    if show_spec:
+        text = yaml.safe_dump({"modules": resolved_module_trees(run_spec)}, sort_keys=False)
+        sys.stdout.write(text)
+        return
+    report = describe_build(run_spec, allow_imports=allow_imports)
+    if materialize:
+        report.extra["materialize"] = materialize_check(run_spec, allow_imports=allow_imports)
+    if as_json:
+        print_json({"spec": str(spec), **report.as_dict()})
+        return
+    render_build(console, report, title=str(spec))
+
+
+@app.command()
+@user_errors_exit_2
+def schema() -> None:
+    """Print the JSON Schema of spec files (for editors: yaml-language-server)."""
+    from mtp_cli.spec.schema import RunSpec
+
+    print_json(RunSpec.model_json_schema())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Rich renderings for the CLI (the CLI parses, calls the library, renders)."""

@@ -1,0 +1,44 @@
+"""How `mtp build` looks on a terminal."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from mtp_cli.builders.build_report import BuildReport
+from mtp_cli.views.model_tree import module_tree
+
+
+def parameter_table(report: BuildReport) -> Table:
+    counts = report.counts
+    table = Table(title="Parameters", show_header=True, header_style="bold")
+    table.add_column("part")
+    table.add_column("parameters", justify="right")
+    table.add_row("embedding", f"{counts.embedding:,}")
+    table.add_row("decoder", f"{counts.decoder:,}")
+    for depth, count in enumerate(counts.mtp, start=1):
+        table.add_row(f"mtp depth {depth}", f"{count:,}")
+    tied = " (tied: word embedding)" if report.spec.model.share_embeddings_and_output_weights else ""
+    table.add_row(f"output layer{tied}", f"{counts.output_layer:,}")
+    table.add_section()
+    table.add_row("[bold]total[/] (each part counted)", f"[bold]{counts.total:,}[/]")
+    table.add_row("unique tensors", f"{counts.unique:,}")
+    table.add_row("shared (tied or repeated)", f"{counts.total - counts.unique:,}")
+    return table
+
+
+def render_build(console: Console, report: BuildReport, title: str) -> None:
+    spec = report.spec
+    console.print(module_tree(report.model, f"{title} [dim]({spec.model.backend} backend, "
+                                            f"D={spec.mtp.num_layers})[/]"))
+    console.print(parameter_table(report))
+    materialized = report.extra.get("materialize")
+    if materialized:
+        mtp = ", ".join(f"mtp_{i} {v:.4f}" for i, v in enumerate(materialized["mtp_losses"], 1))
+        console.print(
+            f"materialized: lm loss {materialized['lm_loss']:.4f}"
+            + (f", {mtp}" if mtp else "")
+            + f"; gradients finite: {materialized['gradients_finite']}; forward+backward "
+            f"{materialized['forward_backward_seconds']:.2f} s"
+        )
+    console.print(f"[dim]compiled on the meta device in {report.build_seconds:.2f} s[/]")
