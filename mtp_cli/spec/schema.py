@@ -28,7 +28,9 @@ def rule_error(field: str, message: str) -> PydanticCustomError:
 class StrictModel(BaseModel):
     """Base for every spec section: unknown keys are errors, numbers must be finite."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, validate_default=True, strict=True
+    )
 
 
 class ModelConfig(StrictModel):

@@ -28,7 +28,7 @@ def _add_children(tree: Tree, module: nn.Module, depth: int, max_depth: int) -> 
     children = list(module.named_children())
     index = 0
     while index < len(children):
-        name, child = children[index]
+        _name, child = children[index]
         run = [children[index]]
         signature = _signature(child)
         while (index + len(run) < len(children)
