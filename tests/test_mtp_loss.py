@@ -114,7 +114,7 @@ def test_loss_scale_multiplies_the_mtp_term_only():
     _, half = model_path_gradients(model, ids, positions, labels, mask, per_token_mode=False)
     MTPLossAutoScaler.set_loss_scale(1.0)
     _, full = model_path_gradients(model, ids, positions, labels, mask, per_token_mode=False)
-    eh_proj = [i for i, (n, _) in enumerate(model.named_parameters()) if "eh_proj" in n][0]
+    eh_proj = next(i for i, (n, _) in enumerate(model.named_parameters()) if "eh_proj" in n)
     torch.testing.assert_close(half[eh_proj] * 2, full[eh_proj], atol=1e-7, rtol=1e-5)
 
 

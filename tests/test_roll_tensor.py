@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -70,7 +72,7 @@ def zigzag_shard(sequence: torch.Tensor, boundaries: list[int], rank: int, cp: i
                  ) -> torch.Tensor:
     """Rank `rank`'s load-balanced shard: per document, chunk r then chunk 2cp-1-r."""
     pieces = []
-    for start, end in zip(boundaries, boundaries[1:], strict=False):
+    for start, end in itertools.pairwise(boundaries):
         chunk = (end - start) // (2 * cp)
         doc = sequence[..., start:end]
         pieces += [doc[..., rank * chunk:(rank + 1) * chunk],
