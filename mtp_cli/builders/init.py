@@ -18,6 +18,8 @@ from torch import nn
 
 from mtp_cli.spec.schema import RunSpec
 
+TIED_OUTPUT_SOURCE = "embedding.word_embeddings.weight"
+
 # (global name, full tensor) -> the part this rank holds; identity without tensor parallel.
 ShardFn = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -47,14 +49,17 @@ def initialize_parameters(model: nn.Module, spec: RunSpec, *, seed: int | None =
                           full_shapes: dict[str, torch.Size] | None = None) -> None:
     """Initialise every parameter of `model` in place (skipped on the meta device)."""
     seed = spec.train.seed if seed is None else seed
+    tied = spec.model.share_embeddings_and_output_weights
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if param.device.type == "meta":
                 continue
             name = f"{module_name}.{param_name}" if module_name else param_name
             shape = full_shapes.get(name, param.shape) if full_shapes else param.shape
+            # a pipeline loss stage's copy of a tied word embedding starts equal to it
+            seed_name = TIED_OUTPUT_SOURCE if tied and name == "output_layer.weight" else name
             value = full_initial_value(
-                name, shape, std=spec.model.init_method_std,
+                seed_name, shape, std=spec.model.init_method_std,
                 scaled=bool(getattr(module, "scaled_init", False)),
                 num_layers=spec.model.num_layers, seed=seed,
             )

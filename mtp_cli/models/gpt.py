@@ -78,6 +78,8 @@ class GPTModel(nn.Module):
         self.mtp_loss_scaling_factor = spec.mtp.loss_scale_at(0)
         self.detach_heads = spec.mtp.detach_heads
         self.groups = ParallelGroups()
+        # Validation sets this to log per-depth MTP losses outside training mode.
+        self.track_mtp_in_eval = False
 
         needs_embedding = stage.embedding or stage.mtp_num_layers > 0
         self.embedding = LanguageModelEmbedding(config) if needs_embedding else None
@@ -124,22 +126,28 @@ class GPTModel(nn.Module):
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
+        hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`hidden_states` is the previous pipeline stage's output on stages after the first;
+        a stage without the loss returns its output hidden states for the next stage."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
             position_ids = position_ids.expand_as(input_ids)
         rotary = self.rotary_pos_emb(position_ids) if self.rotary_pos_emb is not None else None
-        hidden = self.decoder(self.embedding(input_ids, position_ids), attention_mask, rotary,
-                              packed_seq_params)
-        run_mtp = self.stage.mtp_depths_in_loss > 0 and (labels is not None or self.training)
-        if self.mtp is not None and run_mtp:
-            hidden = self.mtp(
-                input_ids, position_ids, hidden, attention_mask, embedding=self.embedding,
+        if hidden_states is None:
+            hidden_states = self.embedding(input_ids, position_ids)
+        hidden_states = self.decoder(hidden_states, attention_mask, rotary, packed_seq_params)
+        with_mtp = labels is not None or self.training
+        if self.mtp is not None and with_mtp:
+            hidden_states = self.mtp(
+                input_ids, position_ids, hidden_states, attention_mask, embedding=self.embedding,
                 rotary_pos_emb=rotary, packed_seq_params=packed_seq_params,
                 cp_group=self.groups.cp_group,
             )
-        return self.postprocess(hidden, input_ids, labels, loss_mask, packed_seq_params,
-                                run_mtp=run_mtp)
+        if not self.stage.loss:
+            return hidden_states
+        return self.postprocess(hidden_states, input_ids, labels, loss_mask, packed_seq_params,
+                                run_mtp=with_mtp and self.stage.mtp_depths_in_loss > 0)
 
     def postprocess(self, hidden: torch.Tensor, input_ids: torch.Tensor,
                     labels: torch.Tensor | None, loss_mask: torch.Tensor | None,
@@ -157,7 +165,7 @@ class GPTModel(nn.Module):
             head_weight = weight.detach() if self.detach_heads else weight
             hidden = process_mtp_loss(
                 hidden, mtp_labels, mtp_mask, partial(token_loss_and_hits, weight=head_weight),
-                self._mtp_settings(), training=self.training,
+                self._mtp_settings(), training=self.training or self.track_mtp_in_eval,
                 packed_seq_params=packed_seq_params,
             )
         elif self.stage.mtp_depths_in_loss > 0 and hidden.shape[0] != input_ids.shape[1]:
