@@ -317,6 +317,12 @@ class RunSpec(StrictModel):
                 "parallel.sequence_parallel",
                 f"sequence parallel needs seq_length ({model.seq_length}) divisible by tensor ({tp})",
             )
+        if self.data.packed and self.train.micro_batch_size != 1:
+            raise rule_error(
+                "data.packed",
+                f"data.packed needs train.micro_batch_size 1 (THD packing puts the documents of "
+                f"a micro-batch in one sequence), got {self.train.micro_batch_size}",
+            )
         if self.mtp.use_repeated_layer and self.mtp.num_layers == 0:
             raise rule_error("mtp.use_repeated_layer", "use_repeated_layer needs mtp.num_layers >= 1")
         return self

@@ -1,0 +1,1 @@
+"""Training: data, launcher, trainer loop, optimizer, checkpoints, metrics."""

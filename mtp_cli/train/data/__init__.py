@@ -1,0 +1,41 @@
+"""Training data: corpora, tokenizers, windows, micro-batches and their context-parallel shards.
+
+Data flows: documents (`corpus`, `indexed`) -> token stream with EOD separators (`windows`) ->
+train/validation windows (`datasets.build_datasets`) -> micro-batches for one data-parallel rank
+(`loader.MicroBatchLoader`: plain or packed, `batch`) -> this rank's context-parallel shard
+(`context_parallel`).
+"""
+
+from mtp_cli.train.data.batch import Batch, document_lengths, packed_batch, plain_batch
+from mtp_cli.train.data.context_parallel import (
+    pad_packed_documents,
+    shard_for_context_parallel,
+    zigzag_index,
+)
+from mtp_cli.train.data.datasets import build_datasets, load_token_stream, split_stream
+from mtp_cli.train.data.indexed import read_indexed_dataset, write_indexed_dataset
+from mtp_cli.train.data.loader import MicroBatchLoader
+from mtp_cli.train.data.tokenizer import BYTE_EOD, ByteTokenizer, HFTokenizer, load_tokenizer
+from mtp_cli.train.data.windows import TokenStream, TokenWindows
+
+__all__ = [
+    "BYTE_EOD",
+    "Batch",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "MicroBatchLoader",
+    "TokenStream",
+    "TokenWindows",
+    "build_datasets",
+    "document_lengths",
+    "load_token_stream",
+    "load_tokenizer",
+    "packed_batch",
+    "pad_packed_documents",
+    "plain_batch",
+    "read_indexed_dataset",
+    "shard_for_context_parallel",
+    "split_stream",
+    "write_indexed_dataset",
+    "zigzag_index",
+]

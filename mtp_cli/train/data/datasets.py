@@ -1,0 +1,115 @@
+"""`build_datasets(spec)`: the training and validation windows of a run.
+
+The corpus is read and tokenized once per call; the default corpus's split is cached in memory
+per process, so training and validation, or a second call, never read it twice. It is split by
+document: document i goes to validation when `floor((i+1) f) > floor(i f)` for
+`f = data.val_fraction`, which spreads validation documents evenly over the corpus (every 20th
+for f = 0.05). When that leaves either side shorter than one window (a single large text file,
+say), the split falls back to tokens: validation is the last `max(ceil(f n), seq_length + 1)`
+tokens of the stream. `val_fraction: 0` gives an empty validation set (length 0).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from mtp_cli.errors import Problem, UserError
+from mtp_cli.spec.schema import RunSpec
+from mtp_cli.train.data.corpus import path_documents, stdlib_documents
+from mtp_cli.train.data.indexed import indexed_prefix, read_indexed_dataset
+from mtp_cli.train.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from mtp_cli.train.data.windows import TokenStream, TokenWindows
+
+_DEFAULT_SPLIT_CACHE: dict[tuple[str, float, int], tuple[TokenStream, TokenStream]] = {}
+
+
+def _data_error(message: str) -> UserError:
+    return UserError(problems=[Problem(message, key="data.path")])
+
+
+def _tokenize(documents: list, tokenizer: ByteTokenizer | HFTokenizer) -> TokenStream:
+    if isinstance(tokenizer, ByteTokenizer):  # fast path: one buffer, no per-document tensors
+        contents = [doc.as_bytes() for doc in documents]
+        lengths = torch.tensor([len(c) for c in contents], dtype=torch.int64)
+        joined = bytearray(b"".join(contents))
+        flat = torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.zeros(
+            0, dtype=torch.uint8)
+        return TokenStream.from_documents(flat, lengths, tokenizer.eod)
+    encoded = tokenizer.encode_documents(documents)
+    lengths = torch.tensor([len(e) for e in encoded], dtype=torch.int64)
+    flat = torch.cat(encoded) if encoded else torch.zeros(0, dtype=torch.int64)
+    return TokenStream.from_documents(flat, lengths, tokenizer.eod)
+
+
+def load_token_stream(path: str | None, tokenizer: ByteTokenizer | HFTokenizer) -> TokenStream:
+    """Every document of `data.path` (None: the standard library), tokenized, EOD-separated."""
+    if path is None:
+        return _tokenize(stdlib_documents(), tokenizer)
+    prefix = indexed_prefix(path)
+    if prefix is not None:
+        tokens, lengths = read_indexed_dataset(prefix)
+        return TokenStream.from_documents(tokens, lengths, tokenizer.eod)
+    if not Path(path).exists():
+        raise _data_error(f"{path} does not exist")
+    return _tokenize(path_documents(Path(path)), tokenizer)
+
+
+def _check_ids(stream: TokenStream, vocab_size: int, where: str) -> None:
+    if not len(stream):
+        return
+    low, high = int(stream.tokens.min()), int(stream.tokens.max())
+    if low < 0 or high >= vocab_size:
+        raise UserError(problems=[Problem(
+            f"{where}: token ids range over [{low}, {high}], outside model.vocab_size "
+            f"({vocab_size})", key="data.path")])
+
+
+def validation_documents(num_documents: int, fraction: float) -> torch.Tensor:
+    """Boolean mask of the documents held out: evenly spread, `fraction` of them."""
+    index = torch.arange(num_documents, dtype=torch.float64)
+    return torch.floor((index + 1) * fraction) > torch.floor(index * fraction)
+
+
+def split_stream(stream: TokenStream, fraction: float, seq_length: int, where: str
+                 ) -> tuple[TokenStream, TokenStream]:
+    """(train, validation) streams; see the module docstring for the rule."""
+    window, total = seq_length + 1, len(stream)
+    if total < window:
+        raise _data_error(f"{where}: the corpus ({total} tokens) is shorter than one window "
+                          f"(model.seq_length + 1 = {window} tokens)")
+    empty = TokenStream(stream.tokens[:0], torch.zeros(1, dtype=torch.int64), stream.eod)
+    if fraction == 0:
+        return stream, empty
+    held_out = validation_documents(stream.num_documents, fraction)
+    documents = torch.arange(stream.num_documents)
+    train, val = stream.subset(documents[~held_out]), stream.subset(documents[held_out])
+    if len(train) >= window and len(val) >= window:
+        return train, val
+    val_tokens = max(math.ceil(fraction * total), window)
+    if total - val_tokens >= window:
+        return stream.slice(0, total - val_tokens), stream.slice(total - val_tokens, total)
+    raise _data_error(
+        f"{where}: the corpus ({total} tokens) cannot give a training and a validation window "
+        f"of {window} tokens each; set data.val_fraction: 0 to train without validation")
+
+
+def build_datasets(spec: RunSpec) -> tuple[TokenWindows, TokenWindows]:
+    """(train, validation) windows of `spec.data`; UserError for any unusable corpus."""
+    data, model = spec.data, spec.model
+    tokenizer = load_tokenizer(data.tokenizer, model.vocab_size)
+    where = data.path if data.path is not None else "the default corpus (standard library)"
+    key = (tokenizer.name, data.val_fraction, model.seq_length)
+    if data.path is None and key in _DEFAULT_SPLIT_CACHE:
+        train, val = _DEFAULT_SPLIT_CACHE[key]
+        return TokenWindows(train, model.seq_length), TokenWindows(val, model.seq_length)
+    stream = load_token_stream(data.path, tokenizer)
+    if not len(stream):
+        raise _data_error(f"{where}: empty corpus (no document has any text)")
+    _check_ids(stream, model.vocab_size, where)
+    train, val = split_stream(stream, data.val_fraction, model.seq_length, where)
+    if data.path is None:
+        _DEFAULT_SPLIT_CACHE[key] = (train, val)
+    return TokenWindows(train, model.seq_length), TokenWindows(val, model.seq_length)
