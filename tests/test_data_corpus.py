@@ -60,7 +60,6 @@ def test_default_corpus_tokens_are_file_bytes_then_eod_and_load_fast():
     train, val = build_datasets(spec)
     elapsed = time.perf_counter() - start
     assert elapsed < 20, f"default corpus took {elapsed:.1f}s"  # ~1 s on 2 busy cores
-    root = Path(sysconfig.get_paths()["stdlib"])
     files = stdlib_files()
     held_out = validation_documents(len(files), 0.05)
     first_val = int(torch.nonzero(held_out)[0])
@@ -184,7 +183,7 @@ def _word_level_tokenizer(path: Path, special: str | None) -> None:
 def test_hf_tokenizer_uses_its_end_of_text_token_as_eod(tmp_path):
     pytest.importorskip("tokenizers")
     _word_level_tokenizer(tmp_path / "tok.json", "<|endoftext|>")
-    write_text_files(tmp_path / "c", {"a.txt": b"hello world", "b.txt": "again hello".encode()})
+    write_text_files(tmp_path / "c", {"a.txt": b"hello world", "b.txt": b"again hello"})
     spec = make_spec(path=str(tmp_path / "c"), tokenizer=str(tmp_path / "tok.json"),
                      seq_length=4)
     assert stream_of(spec) == [1, 2, 4, 3, 1, 4]

@@ -23,12 +23,13 @@ or `MicroBatchLoader(pad_to_multiple=...)`), which is a valid layout for every s
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from mtp_cli.errors import UserError
 from mtp_cli.mtp.packed import PackedSeqParams
-from mtp_cli.train.data.batch import Batch
-from mtp_cli.train.data.windows import ranges_index
+from mtp_cli.train.data.batch import Batch, ranges
 
 
 def _lengths(boundaries: torch.Tensor) -> list[int]:
@@ -60,10 +61,9 @@ def pad_packed_documents(batch: Batch, multiple: int) -> Batch:
         new_real.append(min(size, slot))
         new_slots.append(slot)
         offset += slot
-    source = ranges_index(boundaries[:len(new_real)], torch.tensor(new_real))
-    target = ranges_index(torch.tensor([0, *new_slots[:-1]]).cumsum(0), torch.tensor(new_real))
-    slot_start = torch.repeat_interleave(torch.tensor([0, *new_slots[:-1]]).cumsum(0),
-                                         torch.tensor(new_slots))
+    slot_starts = [sum(new_slots[:k]) for k in range(len(new_slots))]
+    source = ranges(boundaries[:len(new_real)].tolist(), new_real)
+    target = ranges(slot_starts, new_real)
 
     def scatter(values: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
         out = fill.to(values.dtype).unsqueeze(0).clone()
@@ -75,7 +75,7 @@ def pad_packed_documents(batch: Batch, multiple: int) -> Batch:
         input_ids=scatter(batch.input_ids, zeros),
         labels=scatter(batch.labels, zeros),
         loss_mask=scatter(batch.loss_mask, zeros),
-        position_ids=scatter(batch.position_ids, torch.arange(length) - slot_start),
+        position_ids=scatter(batch.position_ids, ranges([0] * len(new_slots), new_slots)),
         packed_seq_params=PackedSeqParams.from_lengths(new_real, new_slots),
     )
 
@@ -87,15 +87,15 @@ def zigzag_index(boundaries: list[int] | torch.Tensor, cp_rank: int, cp_size: in
     `boundaries` are segment boundaries (`[0, s]` for a plain sequence); each segment must
     divide by 2 x cp_size.
     """
-    bounds = torch.as_tensor(boundaries, dtype=torch.int64).cpu()
-    sizes = bounds[1:] - bounds[:-1]
-    if bool((sizes % (2 * cp_size) != 0).any()):
-        raise ValueError(f"segments {sizes.tolist()} do not all divide by 2 x cp = {2 * cp_size}")
-    half = sizes // (2 * cp_size)
-    first = bounds[:-1] + cp_rank * half
-    second = bounds[:-1] + (2 * cp_size - 1 - cp_rank) * half
-    starts = torch.stack([first, second], dim=1).flatten()
-    return ranges_index(starts, half.repeat_interleave(2))
+    bounds = torch.as_tensor(boundaries).tolist()
+    starts, lengths = [], []
+    for start, end in itertools.pairwise(bounds):
+        if (end - start) % (2 * cp_size):
+            raise ValueError(f"segment [{start}, {end}) does not divide by 2 x cp = {2 * cp_size}")
+        half = (end - start) // (2 * cp_size)
+        starts += [start + cp_rank * half, start + (2 * cp_size - 1 - cp_rank) * half]
+        lengths += [half, half]
+    return ranges(starts, lengths)
 
 
 def shard_for_context_parallel(batch: Batch, cp_rank: int, cp_size: int,

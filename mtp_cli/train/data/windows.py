@@ -20,8 +20,7 @@ def storage_dtype(max_id: int) -> torch.dtype:
 def ranges_index(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """`cat([arange(a, a + n) for a, n in zip(starts, lengths)])`, vectorised.
 
-    Copying many slices one by one costs a thread hand-off per slice (seconds for a corpus of a
-    few hundred files on a busy 2-core machine); this is four ops.
+    For index tensors over short ranges (shards of a sequence); four ops, whatever the count.
     """
     lengths = lengths.to(torch.int64)
     total = int(lengths.sum())
@@ -48,21 +47,20 @@ class TokenStream:
         lengths = lengths.to(torch.int64)
         lengths = lengths[lengths > 0]
         ends = lengths.cumsum(0)
-        has_eod = tokens[ends - 1] == eod if len(ends) else torch.zeros(0, dtype=torch.bool)
-        added = (~has_eod).to(torch.int64)
-        new_ends = ends + added.cumsum(0)  # each document's end, its EOD included
+        has_eod = (tokens[ends - 1] == eod).tolist() if len(ends) else []
         max_id = max(int(tokens.max()) if len(tokens) else 0, eod)
         dtype = storage_dtype(max_id)
-        # One gather, never a loop over documents: stream position p reads token
-        # p - (EODs added before its document), or the EOD slot appended after the tokens.
-        total = int(new_ends[-1]) if len(new_ends) else 0
-        added_before = added.cumsum(0) - added
-        source = torch.arange(total) - torch.repeat_interleave(
-            added_before, lengths + added, output_size=total)
-        source[(new_ends - 1)[~has_eod]] = len(tokens)
-        padded = torch.cat([tokens.to(dtype), torch.tensor([eod], dtype=dtype)])
-        stream = padded.index_select(0, source)
-        return cls(stream, torch.cat([torch.zeros(1, dtype=torch.int64), new_ends]), eod)
+        separator = torch.tensor([eod], dtype=dtype)
+        pieces: list[torch.Tensor] = []
+        # One cat of views: cheap whatever the machine's load (a gather over every position,
+        # or copying document by document, costs seconds on a busy 2-core machine).
+        for document, ends_with_eod in zip(tokens.to(dtype).split(lengths.tolist()), has_eod,
+                                           strict=True):
+            pieces += [document] if ends_with_eod else [document, separator]
+        stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype)
+        new_lengths = lengths + 1 - torch.tensor(has_eod, dtype=torch.int64)
+        return cls(stream, torch.cat([torch.zeros(1, dtype=torch.int64),
+                                      new_lengths.cumsum(0)]), eod)
 
     @property
     def num_documents(self) -> int:
@@ -73,11 +71,12 @@ class TokenStream:
 
     def subset(self, documents: torch.Tensor) -> TokenStream:
         """The stream of the given documents (ascending indices), in their order."""
-        starts = self.offsets[documents]
-        lengths = self.offsets[documents + 1] - starts
-        tokens = self.tokens.index_select(0, ranges_index(starts, lengths))
+        lengths = self.offsets[1:] - self.offsets[:-1]
+        pieces = self.tokens.split(lengths.tolist())
+        chosen = [pieces[d] for d in documents.tolist()]
+        tokens = torch.cat(chosen) if chosen else self.tokens[:0]
         return TokenStream(tokens, torch.cat([torch.zeros(1, dtype=torch.int64),
-                                              lengths.cumsum(0)]), self.eod)
+                                              lengths[documents].cumsum(0)]), self.eod)
 
     def slice(self, start: int, stop: int) -> TokenStream:
         """Tokens `[start, stop)` as a stream (documents cut at the edges stay cut)."""
