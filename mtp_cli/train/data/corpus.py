@@ -9,8 +9,8 @@ same files builds the same corpus.
   party code) we leave out what Linux distributions ship in separate packages or generate per
   machine, so that the corpus is the same on every installation of one Python version: test
   suites (`test`, `tests`, `idle_test`), `idlelib`, `tkinter`, `turtledemo`, `lib2to3`,
-  `distutils`, `ensurepip`, `config-*` and `_sysconfigdata*`. On CPython 3.11 that is about
-  900 files and 11 MB.
+  `distutils`, `ensurepip`, `config-*` and `_sysconfigdata*`. On CPython 3.11.7 that is 512
+  files and 10.0 MB (about 0.3 s to read and tokenize).
 - A text file: one document. A directory: every file below it in sorted relative-path order
   (hidden entries and binary files, those with a NUL byte in their first 8 KiB, are skipped;
   `.jsonl` files are read as JSONL), one document per file.
