@@ -96,3 +96,12 @@ def test_indexed_ids_beyond_the_vocabulary_are_rejected(tmp_path):
     write_indexed_dataset(tmp_path / "ds", [[1, 2, 3, 400]])
     with pytest.raises(UserError, match=r"\[1, 400\].*vocab_size \(320\)"):
         build_datasets(make_spec(path=str(tmp_path / "ds"), seq_length=2))
+
+
+def test_huge_and_negative_ids_are_reported_not_wrapped(tmp_path):
+    write_indexed_dataset(tmp_path / "big", [[1, 2**40, 3]], dtype=torch.int64)
+    with pytest.raises(UserError, match=str(2**40)):
+        build_datasets(make_spec(path=str(tmp_path / "big"), seq_length=2))
+    write_indexed_dataset(tmp_path / "neg", [[1, -70000, 3]], dtype=torch.int32)
+    with pytest.raises(UserError, match="-70000"):
+        build_datasets(make_spec(path=str(tmp_path / "neg"), seq_length=2))

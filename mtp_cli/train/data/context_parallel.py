@@ -61,12 +61,13 @@ def pad_packed_documents(batch: Batch, multiple: int) -> Batch:
         new_real.append(min(size, slot))
         new_slots.append(slot)
         offset += slot
-    slot_starts = [sum(new_slots[:k]) for k in range(len(new_slots))]
-    source = ranges(boundaries[:len(new_real)].tolist(), new_real)
-    target = ranges(slot_starts, new_real)
+    slot_starts = [0, *itertools.accumulate(new_slots)][:-1]
+    device = batch.input_ids.device
+    source = ranges(boundaries[:len(new_real)].tolist(), new_real).to(device)
+    target = ranges(slot_starts, new_real).to(device)
 
     def scatter(values: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-        out = fill.to(values.dtype).unsqueeze(0).clone()
+        out = fill.to(device=device, dtype=values.dtype).unsqueeze(0).clone()
         out[0, target] = values[0, source]
         return out
 

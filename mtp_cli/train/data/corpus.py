@@ -25,7 +25,7 @@ import sysconfig
 from pathlib import Path
 
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.train.data.documents import Document
+from mtp_cli.train.data.documents import Document, read_file_bytes
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 STDLIB_EXCLUDED_DIRS = frozenset({
@@ -33,15 +33,6 @@ STDLIB_EXCLUDED_DIRS = frozenset({
     "tkinter", "turtledemo", "lib2to3", "distutils", "ensurepip",
 })
 _BINARY_SNIFF_BYTES = 8192
-
-
-def read_file_bytes(path: Path) -> bytes:
-    """The bytes of `path`; any OS error (missing, permission, a dangling link) is a UserError."""
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UserError(problems=[Problem(f"cannot read: {exc.strerror or exc}",
-                                          file=str(path))]) from exc
 
 
 def stdlib_root() -> Path:

@@ -21,6 +21,7 @@ import torch
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.spec.schema import RunSpec
 from mtp_cli.train.data.corpus import path_documents, stdlib_documents
+from mtp_cli.train.data.documents import Document
 from mtp_cli.train.data.indexed import indexed_prefix, read_indexed_dataset
 from mtp_cli.train.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from mtp_cli.train.data.windows import TokenStream, TokenWindows
@@ -32,7 +33,7 @@ def _data_error(message: str) -> UserError:
     return UserError(problems=[Problem(message, key="data.path")])
 
 
-def _tokenize(documents: list, tokenizer: ByteTokenizer | HFTokenizer) -> TokenStream:
+def _tokenize(documents: list[Document], tokenizer: ByteTokenizer | HFTokenizer) -> TokenStream:
     if isinstance(tokenizer, ByteTokenizer):  # fast path: one buffer, no per-document tensors
         contents = [doc.as_bytes() for doc in documents]
         lengths = torch.tensor([len(c) for c in contents], dtype=torch.int64)

@@ -1,8 +1,9 @@
-"""A document as read from a corpus, before tokenization."""
+"""A document as read from a corpus, before tokenization, and the file read behind it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from mtp_cli.errors import Problem, UserError
 
@@ -31,3 +32,12 @@ class Document:
                 f"not UTF-8 text (byte {exc.start}): a tokenizers tokenizer needs text",
                 file=self.source,
             )]) from exc
+
+
+def read_file_bytes(path: Path) -> bytes:
+    """The bytes of `path`; any OS error (missing, permission, a dangling link) is a UserError."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(problems=[Problem(f"cannot read: {exc.strerror or exc}",
+                                          file=str(path))]) from exc

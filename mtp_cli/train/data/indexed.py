@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mtp_cli.errors import Problem, UserError
+from mtp_cli.train.data.documents import read_file_bytes
 from mtp_cli.train.data.windows import ranges_index
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
@@ -56,17 +57,9 @@ def _bad_index(idx_path: Path, message: str) -> UserError:
                                        file=str(idx_path))])
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UserError(problems=[Problem(f"cannot read: {exc.strerror or exc}",
-                                          file=str(path))]) from exc
-
-
 def _read_index(idx_path: Path) -> tuple[torch.dtype, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token dtype, sequence lengths, sequence pointers, document index) of an .idx file."""
-    raw = _read_bytes(idx_path)
+    raw = read_file_bytes(idx_path)
     if len(raw) < _HEADER.size:
         raise _bad_index(idx_path, f"{len(raw)} bytes is shorter than the header")
     magic, version, code, num_sequences, num_doc_entries = _HEADER.unpack_from(raw)
@@ -104,7 +97,7 @@ def read_indexed_dataset(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
                                               file=str(needed))])
     dtype, lengths, pointers, documents = _read_index(idx_path)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    data = bytearray(_read_bytes(bin_path))
+    data = bytearray(read_file_bytes(bin_path))
     ends = pointers + lengths * itemsize
     if len(lengths) and int(ends.max()) > len(data):
         raise UserError(problems=[Problem(

@@ -12,15 +12,20 @@ from dataclasses import dataclass
 import torch
 
 
-def storage_dtype(max_id: int) -> torch.dtype:
-    """The smallest signed integer type that holds every id (halves memory for byte corpora)."""
-    return torch.int16 if max_id < 2**15 else torch.int32
+def storage_dtype(largest: int) -> torch.dtype:
+    """The smallest signed integer type holding ids up to `largest` in magnitude (int16 halves
+    the memory of byte corpora; out-of-range ids must survive to be reported, not wrap)."""
+    for dtype in (torch.int16, torch.int32):
+        if largest < torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
 
 
 def ranges_index(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """`cat([arange(a, a + n) for a, n in zip(starts, lengths)])`, vectorised.
 
-    For index tensors over short ranges (shards of a sequence); four ops, whatever the count.
+    Four ops whatever the number of ranges (the sequences of an indexed dataset can number
+    millions).
     """
     lengths = lengths.to(torch.int64)
     total = int(lengths.sum())
@@ -48,8 +53,8 @@ class TokenStream:
         lengths = lengths[lengths > 0]
         ends = lengths.cumsum(0)
         has_eod = (tokens[ends - 1] == eod).tolist() if len(ends) else []
-        max_id = max(int(tokens.max()) if len(tokens) else 0, eod)
-        dtype = storage_dtype(max_id)
+        largest = max(int(tokens.abs().max()) if len(tokens) else 0, eod)
+        dtype = storage_dtype(largest)
         separator = torch.tensor([eod], dtype=dtype)
         pieces: list[torch.Tensor] = []
         # One cat of views: cheap whatever the machine's load (a gather over every position,
