@@ -21,6 +21,7 @@ from mtp_cli.train.data import (
     pad_packed_documents,
     plain_batch,
     shard_for_context_parallel,
+    zigzag_index,
 )
 from tests.data_helpers import EOD
 
@@ -193,3 +194,19 @@ def _roll_worker(rank: int, world_size: int, store_path: str) -> None:
 
 def test_cp_roll_of_a_shard_equals_the_shard_of_the_full_roll(tmp_path):
     mp.spawn(_roll_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("cp_size", [2, 4])
+def test_shard_layout_is_the_one_context_parallel_attention_assumes(cp_size):
+    from mtp_cli.parallel.context_parallel import zigzag_positions
+
+    for seed in range(4):
+        padded = pad_packed_documents(packed_batch(random_packed_window(seed, 32), EOD),
+                                      2 * cp_size)
+        params = padded.packed_seq_params
+        for rank in range(cp_size):
+            local = 32 // cp_size
+            assert torch.equal(zigzag_index(params.cu_seqlens_q_padded, rank, cp_size),
+                               zigzag_positions(local, rank, cp_size, params))
+            assert torch.equal(zigzag_index([0, 32], rank, cp_size),
+                               zigzag_positions(local, rank, cp_size))
