@@ -177,7 +177,8 @@ class ParallelConfig(StrictModel):
     context: PositiveInt = Field(default=1, description="Context-parallel size.")
     layout: str | None = Field(
         default=None,
-        description="pipeline_model_parallel_layout, e.g. 'Etttt|tttt|m|L' (E, t, m, L, |, x*n).",
+        description="pipeline_model_parallel_layout: E, t, m, L, '|' between stages, x*n, "
+        "(...)*n; stages virtual-stage-major, e.g. 'Etttt|tttt|m|L' or 'Et|(tt|)*30mL'.",
     )
     num_layers_in_first_pipeline_stage: PositiveInt | None = Field(
         default=None, description="Decoder layers on the first pipeline rank (uneven split)."
