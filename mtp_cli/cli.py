@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from mtp_cli.errors import UserError
 
@@ -51,7 +52,7 @@ def user_errors_exit_2(command: F) -> F:
             return command(*args, **kwargs)
         except UserError as error:
             for line in error.render().splitlines():
-                error_console.print(f"[bold red]error:[/] {line}", highlight=False, markup=True,
+                error_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, markup=True,
                                     soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
 

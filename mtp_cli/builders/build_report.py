@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mtp_cli.builders.model_builder import build_model
+from mtp_cli.builders.stage_plan import StagePlan, build_stage_plan
 from mtp_cli.builders.summary import ParameterCounts, count_parameters
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
@@ -38,12 +39,30 @@ class BuildReport:
 
 
 def describe_build(spec: RunSpec, *, allow_imports: bool = False) -> BuildReport:
-    """Compile the whole model on the meta device (no weight memory) and count it."""
+    """Compile the whole model on the meta device (no weight memory) and count it, then every
+    pipeline stage of the plan (`stages`: the plan's fields and the parameters each holds)."""
     start = time.perf_counter()
     model = build_model(spec, "meta", allow_imports=allow_imports)
+    plan = build_stage_plan(spec)
+    held = stage_parameters(spec, plan, model, allow_imports=allow_imports)
     seconds = time.perf_counter() - start
+    stages = [{**entry.as_dict(), "parameters": n} for entry, n in zip(plan.stages, held, strict=True)]
     return BuildReport(spec=spec, model=model, counts=count_parameters(model),
-                       build_seconds=seconds)
+                       build_seconds=seconds, extra={"stages": stages})
+
+
+def stage_parameters(spec: RunSpec, plan: StagePlan, whole: GPTModel, *,
+                     allow_imports: bool = False) -> list[int]:
+    """Parameters each stage holds, tied copies included (each tensor once per stage): what a
+    user checks against a device's memory. Stages are built on the meta device."""
+    if len(plan.stages) == 1:
+        return [sum(p.numel() for p in whole.parameters())]
+    counts = []
+    for entry in plan.stages:
+        stage = build_model(spec, "meta", stage=entry.stage_contents(plan.mtp_depths),
+                            allow_imports=allow_imports)
+        counts.append(sum(p.numel() for p in stage.parameters()))
+    return counts
 
 
 def materialize_check(spec: RunSpec, *, allow_imports: bool = False, batch_size: int = 2,

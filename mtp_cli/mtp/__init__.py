@@ -13,6 +13,7 @@ from mtp_cli.mtp.layer import (
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.mtp.loss import MTPLossSettings, process_mtp_loss
 from mtp_cli.mtp.packed import PackedSeqParams
+from mtp_cli.mtp.placement import get_mtp_layer_offset, get_mtp_num_layers_to_build
 from mtp_cli.mtp.roll import roll_tensor
 
 __all__ = [
@@ -25,8 +26,10 @@ __all__ = [
     "MultiTokenPredictionLayerSubmodules",
     "PackedSeqParams",
     "get_mtp_block_spec",
+    "get_mtp_layer_offset",
     "get_mtp_layer_spec",
     "get_mtp_layer_spec_for_backend",
+    "get_mtp_num_layers_to_build",
     "process_mtp_loss",
     "roll_tensor",
 ]

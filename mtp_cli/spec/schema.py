@@ -177,10 +177,21 @@ class ParallelConfig(StrictModel):
     context: PositiveInt = Field(default=1, description="Context-parallel size.")
     layout: str | None = Field(
         default=None,
-        description="pipeline_model_parallel_layout, e.g. 'Etttt|tttt|m|L' (E, t, m, L, |, x*n).",
+        description="pipeline_model_parallel_layout: E, t, m, L, '|' between stages, x*n, "
+        "(...)*n; stages virtual-stage-major, e.g. 'Etttt|tttt|m|L' or 'Et|(tt|)*30mL'.",
     )
-    num_layers_in_first_pipeline_stage: PositiveInt | None = Field(default=None)
-    num_layers_in_last_pipeline_stage: PositiveInt | None = Field(default=None)
+    num_layers_in_first_pipeline_stage: PositiveInt | None = Field(
+        default=None, description="Decoder layers on the first pipeline rank (uneven split)."
+    )
+    num_layers_in_last_pipeline_stage: PositiveInt | None = Field(
+        default=None, description="Decoder layers on the last pipeline rank (uneven split)."
+    )
+    account_for_embedding_in_pipeline_split: bool = Field(
+        default=False, description="Count the embedding as one layer when splitting evenly."
+    )
+    account_for_loss_in_pipeline_split: bool = Field(
+        default=False, description="Count the loss as one layer when splitting evenly."
+    )
     sequence_parallel: bool = Field(default=False, description="Megatron sequence parallel (TP).")
     fsdp: bool = Field(default=False, description="FSDP2 (fully_shard) instead of DDP.")
 
@@ -325,7 +336,19 @@ class RunSpec(StrictModel):
             )
         if self.mtp.use_repeated_layer and self.mtp.num_layers == 0:
             raise rule_error("mtp.use_repeated_layer", "use_repeated_layer needs mtp.num_layers >= 1")
+        self._check_placement()
         return self
+
+    def _check_placement(self) -> None:
+        """Layout / layer-split rules (`mtp_cli.mtp.placement`); a layout sets virtual_pipeline."""
+        from mtp_cli.mtp.placement import PlacementError, validate_placement
+
+        try:
+            derived = validate_placement(self)
+        except PlacementError as error:
+            raise rule_error(error.field, error.detail) from None
+        if derived is not None and self.parallel.virtual_pipeline is None:
+            self.parallel.virtual_pipeline = derived
 
     @property
     def mtp_enabled(self) -> bool:

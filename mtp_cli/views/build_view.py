@@ -27,11 +27,53 @@ def parameter_table(report: BuildReport) -> Table:
     return table
 
 
+def _layer_ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7' (decoder layers are contiguous per stage; stay general)."""
+    if not numbers:
+        return "-"
+    runs: list[list[int]] = [[numbers[0], numbers[0]]]
+    for n in numbers[1:]:
+        if n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def stage_table(report: BuildReport) -> Table:
+    """The pipeline stage plan, one row per (pp_rank, vp_stage) in layer order."""
+    spec = report.spec
+    virtual = spec.parallel.virtual_pipeline or 1
+    title = f"Pipeline stages (pipeline {spec.parallel.pipeline}"
+    title += f" x {virtual} virtual)" if virtual > 1 else ")"
+    table = Table(title=title, show_header=True, header_style="bold")
+    for name, justify in (("pp", "right"), ("vp", "right"), ("decoder layers", "left"),
+                          ("mtp", "right"), ("mtp offset", "right"), ("holds", "left")):
+        table.add_column(name, justify=justify)
+    table.add_column("parameters", justify="right", no_wrap=True)
+    for stage in report.extra["stages"]:
+        holds = [name for name in ("embedding", "loss") if stage[name]]
+        if stage["standalone_mtp"]:
+            holds.append("standalone mtp")
+        table.add_row(
+            str(stage["pp_rank"]),
+            "-" if stage["vp_stage"] is None else str(stage["vp_stage"]),
+            _layer_ranges(stage["decoder_layers"]),
+            str(stage["mtp_layers"]),
+            str(stage["mtp_layer_offset"]),
+            ", ".join(holds) or "-",
+            f"{stage['parameters']:,}",
+        )
+    return table
+
+
 def render_build(console: Console, report: BuildReport, title: str) -> None:
     spec = report.spec
     console.print(module_tree(report.model, f"{title} [dim]({spec.model.backend} backend, "
                                             f"D={spec.mtp.num_layers})[/]"))
     console.print(parameter_table(report))
+    if spec.parallel.pipeline > 1 and report.extra.get("stages"):
+        console.print(stage_table(report))
     materialized = report.extra.get("materialize")
     if materialized:
         mtp = ", ".join(f"mtp_{i} {v:.4f}" for i, v in enumerate(materialized["mtp_losses"], 1))
