@@ -1,0 +1,149 @@
+"""PNG plots for `mtp report`: losses per depth against steps and tokens, runs overlaid.
+
+Matplotlib's object API with the Agg canvas: no pyplot, no global backend switch, no display.
+Each run keeps one colour in every panel. Long, noisy series are drawn faint with a moving
+average on top. With several runs, an extra panel shows each run's lm loss minus the first
+run's at the same steps: the direct answer to "does MTP (D=1) lower the main loss of D=0?".
+Files are written atomically (temp file, then `os.replace`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mtp_cli.report.metrics import RunMetrics
+
+PLOT_NAMES = {
+    "step": "report_loss_vs_steps.png",
+    "tokens": "report_loss_vs_tokens.png",
+    "acceptance": "report_acceptance_vs_steps.png",
+}
+SMOOTH_ABOVE = 40  # points; longer series get a moving average
+
+
+def _moving_average(values: list[float]) -> list[float]:
+    window = max(2, len(values) // 25)
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _draw(axes, xs: list, ys: list, color: str, label: str, *, style: str = "-") -> None:
+    if not xs:
+        return
+    if len(xs) > SMOOTH_ABOVE:
+        axes.plot(xs, ys, style, color=color, alpha=0.25, linewidth=0.8)
+        axes.plot(xs, _moving_average(ys), style, color=color, linewidth=1.6, label=label)
+    else:
+        axes.plot(xs, ys, style, color=color, linewidth=1.4, marker=".", markersize=4,
+                  label=label)
+
+
+def _grid(panels: int) -> tuple[Figure, list]:
+    cols = min(3, panels)
+    rows = math.ceil(panels / cols)
+    figure = Figure(figsize=(5.2 * cols, 3.8 * rows), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = [figure.add_subplot(rows, cols, i + 1) for i in range(panels)]
+    return figure, axes
+
+
+def _colors(count: int) -> list[str]:
+    return [f"C{i % 10}" for i in range(count)]
+
+
+def _difference(base: RunMetrics, run: RunMetrics) -> tuple[list, list]:
+    """run's lm loss minus base's at the steps both logged."""
+    base_xs, base_ys = base.series("lm_loss")
+    at = dict(zip(base_xs, base_ys, strict=True))
+    xs, ys = run.series("lm_loss")
+    pairs = [(x, y - at[x]) for x, y in zip(xs, ys, strict=True) if x in at]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def loss_figure(runs: list[RunMetrics], labels: list[str], x: str) -> Figure:
+    depths = max(run.mtp_depths for run in runs)
+    keys = ["lm_loss", *[f"mtp_{k}_loss" for k in range(1, depths + 1)]]
+    compare = len(runs) > 1 and x == "step"
+    figure, axes = _grid(len(keys) + (1 if compare else 0))
+    x_label = "step" if x == "step" else "tokens"
+    for ax, key in zip(axes, keys, strict=False):
+        for run, label, color in zip(runs, labels, _colors(len(runs)), strict=True):
+            _draw(ax, *run.series(key, x), color, label)
+            vx, vy = run.series(f"val_{key}", x, split="val")
+            if vx:
+                ax.plot(vx, vy, "o--", color=color, markersize=5, linewidth=1,
+                        label=f"{label} val")
+        title = "lm loss" if key == "lm_loss" else key.replace("_loss", " loss")
+        ax.set_title(title)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("loss")
+    if compare:
+        ax = axes[len(keys)]
+        ax.axhline(0.0, color="0.5", linewidth=0.8)
+        for run, label, color in zip(runs[1:], labels[1:], _colors(len(runs))[1:], strict=True):
+            _draw(ax, *_difference(runs[0], run), color, f"{label} − {labels[0]}")
+        ax.set_title(f"lm loss minus {labels[0]} (below 0 = lower)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("Δ lm loss")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    figure.suptitle(f"losses vs {x_label}: " + ", ".join(labels), fontsize=10)
+    return figure
+
+
+def acceptance_figure(runs: list[RunMetrics], labels: list[str]) -> Figure | None:
+    depths = max(run.mtp_depths for run in runs)
+    if depths == 0:
+        return None
+    figure, axes = _grid(depths)
+    for k, ax in enumerate(axes, start=1):
+        for run, label, color in zip(runs, labels, _colors(len(runs)), strict=True):
+            _draw(ax, *run.series(f"mtp_{k}_acceptance_rate"), color, label)
+            _draw(ax, *run.series(f"mtp_{k}_cumulative_acceptance_rate"), color,
+                  f"{label} cumulative", style="--")
+        ax.set_title(f"mtp_{k} acceptance rate")
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    return figure
+
+
+def _save(figure: Figure, path: Path) -> None:
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        figure.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_plots(runs: list[RunMetrics], labels: list[str], out_dir: Path) -> list[Path]:
+    """The report's PNGs in `out_dir`; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = {"step": loss_figure(runs, labels, "step"),
+               "tokens": loss_figure(runs, labels, "tokens"),
+               "acceptance": acceptance_figure(runs, labels)}
+    written = []
+    for key, figure in figures.items():
+        if figure is not None:
+            path = out_dir / PLOT_NAMES[key]
+            _save(figure, path)
+            written.append(path)
+    return written

@@ -1,0 +1,143 @@
+"""How `mtp inspect-ckpt` looks on a terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mtp_cli.inspect.report import InspectReport
+from mtp_cli.spec.schema import RunSpec
+
+
+def _fmt_count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _header_lines(report: InspectReport) -> list[str]:
+    ckpt, meta = report.checkpoint, report.checkpoint.meta or {}
+    kind = "DCP checkpoint" if ckpt.kind == "dcp" else "torch.save state dict"
+    lines = [f"[bold]{escape(str(ckpt.path))}[/] [dim]({kind})[/]"]
+    facts = []
+    if ckpt.step is not None:
+        facts.append(f"step {ckpt.step:,}")
+    if isinstance(meta.get("tokens"), int):
+        facts.append(f"tokens {meta['tokens']:,}")
+    losses = meta.get("losses")
+    if isinstance(losses, dict) and losses:
+        facts.append("last losses " + ", ".join(f"{k} {_num(v)}" for k, v in losses.items()))
+    parallel = meta.get("parallel")
+    if isinstance(parallel, dict):
+        facts.append(f"world size {meta.get('world_size', '?')} ("
+                     + ", ".join(f"{k} {v}" for k, v in parallel.items()) + ")")
+    if facts:
+        lines.append(" · ".join(facts))
+    lines += [f"[dim]note: {escape(n)}[/]" for n in ckpt.notes]
+    return lines
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _spec_line(spec: RunSpec, source: str) -> str:
+    m, mtp, par = spec.model, spec.mtp, spec.parallel
+    lam = mtp.loss_scaling_factor if not isinstance(mtp.loss_scaling_factor, list) else \
+        "schedule"
+    return (f"spec ({source}): vocab {m.vocab_size}, hidden {m.hidden_size}, layers "
+            f"{m.num_layers}, heads {m.num_attention_heads}/{m.num_query_groups}, ffn "
+            f"{m.ffn_hidden_size}, seq {m.seq_length}, {m.normalization}, {m.activation}, "
+            f"{m.position_embedding}, tied output {m.share_embeddings_and_output_weights}; "
+            f"mtp D={mtp.num_layers}, λ={lam}, repeated layer {mtp.use_repeated_layer}, "
+            f"detach heads {mtp.detach_heads}; parallel tp {par.tensor}, pp {par.pipeline}, "
+            f"cp {par.context}")
+
+
+def _layout_line(report: InspectReport) -> str:
+    layout = report.layout
+    source = "spec" if layout.depth_source == "spec" else "keys"
+    bits = [f"{layout.naming.style} names", f"D={layout.depths} (from the {source})"]
+    for label, value in (("N", layout.main_layers), ("hidden", layout.hidden_size),
+                         ("vocab", layout.vocab_size), ("output tied", layout.tied_output),
+                         ("MTP layer", layout.transformer_layer_name)):
+        if value is not None:
+            bits.append(f"{label} {value}")
+    return "layout: " + ", ".join(bits)
+
+
+def parts_table(report: InspectReport) -> Table:
+    with_spec = report.expected_parameters is not None
+    table = Table(title="Tensors by part", header_style="bold")
+    for column, justify in (("part", "left"), ("tensors", "right"), ("parameters", "right")):
+        table.add_column(column, justify=justify)
+    if with_spec:
+        table.add_column("spec predicts", justify="right")
+    table.add_column("dtypes")
+    for row in report.parts:
+        cells = [row.label, f"{row.tensors:,}", f"{row.parameters:,}"]
+        if with_spec:
+            expected = row.expected_parameters
+            mark = "" if expected == row.parameters else " [red]≠[/]"
+            cells.append(_fmt_count(expected) + mark)
+        table.add_row(*cells, ", ".join(sorted(row.dtypes)))
+    table.add_section()
+    total = ["[bold]total[/]", f"{len(report.checkpoint.tensors):,}",
+             f"[bold]{report.stored_parameters:,}[/]"]
+    if with_spec:
+        total.append(f"[bold]{report.expected_parameters:,}[/]")
+    table.add_row(*total, "")
+    return table
+
+
+def print_checks(console: Console, report: InspectReport) -> None:
+    """One line per check (never truncated, so tensor names stay greppable)."""
+    console.print("[bold]Checks[/]")
+    width = max(len(check.name) for check in report.checks)
+    for check in report.checks:
+        result = "[green]pass[/]" if check.passed else "[bold red]FAIL[/]"
+        console.print(f"  {result}  {check.name:<{width}}  {escape(check.reason)}",
+                      soft_wrap=True, highlight=False)
+        if check.note:
+            console.print(f"        {'':<{width}}  [yellow]note:[/] {escape(check.note)}",
+                          soft_wrap=True, highlight=False)
+
+
+def print_tensors(console: Console, report: InspectReport) -> None:
+    """The `--tensors` matches, one aligned line each."""
+    matched = report.matched or []
+    console.print(f"[bold]Tensors matching[/] ({len(matched)})")
+    if not matched:
+        return
+    name_w = max(len(info.name) for info in matched)
+    shape_w = max(len(str(tuple(info.shape))) for info in matched)
+    for info in matched:
+        console.print(f"  {escape(info.name):<{name_w}}  {tuple(info.shape)!s:<{shape_w}}  "
+                      f"{info.dtype:<8}  {info.numel:>12,}", soft_wrap=True, highlight=False)
+
+
+def render_inspect(console: Console, report: InspectReport) -> None:
+    for line in _header_lines(report):
+        console.print(line, highlight=False)
+    if report.spec is not None:
+        console.print(escape(_spec_line(report.spec, report.spec_source or "")), highlight=False)
+    console.print(escape(_layout_line(report)), highlight=False)
+    console.print(parts_table(report))
+    for section in report.sections():
+        console.print(f"[dim]also stored: {section['section']}: {section['tensors']} tensors "
+                      f"({section['elements']:,} elements), {section['values']} other values[/]")
+    skipped = report.checkpoint.skipped
+    if skipped:
+        shown = ", ".join(skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4
+                                          else "")
+        console.print(f"[yellow]skipped {len(skipped)} entries that are not plain tensors "
+                      f"(never unpickled):[/] {escape(shown)}", highlight=False)
+    if report.matched is not None:
+        print_tensors(console, report)
+    print_checks(console, report)
+    failed = [c.name for c in report.checks if not c.passed]
+    if failed:
+        console.print(f"[bold red]{len(failed)} check(s) failed:[/] {', '.join(failed)}")
+    else:
+        console.print("[bold green]all checks passed[/]")
