@@ -119,20 +119,22 @@ def print_tensors(console: Console, report: InspectReport) -> None:
 
 def render_inspect(console: Console, report: InspectReport) -> None:
     for line in _header_lines(report):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
     if report.spec is not None:
-        console.print(escape(_spec_line(report.spec, report.spec_source or "")), highlight=False)
-    console.print(escape(_layout_line(report)), highlight=False)
+        console.print(escape(_spec_line(report.spec, report.spec_source or "")), highlight=False,
+                      soft_wrap=True)
+    console.print(escape(_layout_line(report)), highlight=False, soft_wrap=True)
     console.print(parts_table(report))
     for section in report.sections():
         console.print(f"[dim]also stored: {section['section']}: {section['tensors']} tensors "
-                      f"({section['elements']:,} elements), {section['values']} other values[/]")
+                      f"({section['elements']:,} elements), {section['values']} other values[/]",
+                      soft_wrap=True)
     skipped = report.checkpoint.skipped
     if skipped:
         shown = ", ".join(skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4
                                           else "")
         console.print(f"[yellow]skipped {len(skipped)} entries that are not plain tensors "
-                      f"(never unpickled):[/] {escape(shown)}", highlight=False)
+                      f"(never unpickled):[/] {escape(shown)}", highlight=False, soft_wrap=True)
     if report.matched is not None:
         print_tensors(console, report)
     print_checks(console, report)

@@ -22,7 +22,7 @@ def _num(value: Any, digits: int = 4) -> str:
 
 
 def _series_label(key: str) -> str:
-    return key.replace("_cumulative_acceptance_rate", " cumulative acceptance") \
+    return key.replace("val_", "val ").replace("_cumulative_acceptance_rate", " cumulative acceptance") \
         .replace("_acceptance_rate", " acceptance rate").replace("_loss", " loss")
 
 
@@ -40,11 +40,6 @@ def run_table(run: dict[str, Any]) -> Table:
         for key, stats in run["validation"].items():
             table.add_row(_series_label(key), _num(stats["first"]), _num(stats["last"]),
                           _num(stats["min"]), "")
-    speed = run["throughput"]
-    table.add_section()
-    table.add_row("tokens/s", "", "", "", _num(speed["tokens_per_s_mean_last_10pct"], 1))
-    if speed["peak_memory_mb"] is not None:
-        table.add_row("peak memory (MB)", "", _num(speed["peak_memory_mb"], 1), "", "")
     return table
 
 
@@ -68,7 +63,12 @@ def render_report(console: Console, report: Report) -> None:
     payload = report.as_dict()
     for run in payload["runs"]:
         console.print(run_table(run))
+        speed = run["throughput"]
+        facts = [f"tokens/s (mean last 10%) {_num(speed['tokens_per_s_mean_last_10pct'], 1)}"]
+        if speed["peak_memory_mb"] is not None:
+            facts.append(f"peak memory {_num(speed['peak_memory_mb'], 1)} MB")
+        console.print("  " + " · ".join(facts), highlight=False)
     if payload["comparison"]:
         console.print(comparison_table(payload["comparison"]))
     for path in payload["plots"]:
-        console.print(f"wrote {escape(path)}", highlight=False)
+        console.print(f"wrote {escape(path)}", highlight=False, soft_wrap=True)
