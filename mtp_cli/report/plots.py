@@ -116,7 +116,6 @@ def acceptance_figure(runs: list[RunMetrics], labels: list[str]) -> Figure | Non
                   f"{label} cumulative", style="--")
         ax.set_title(f"mtp_{k} acceptance rate")
         ax.set_xlabel("step")
-        ax.set_ylim(0, 1)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)

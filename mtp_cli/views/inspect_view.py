@@ -32,10 +32,23 @@ def _header_lines(report: InspectReport) -> list[str]:
     if isinstance(parallel, dict):
         facts.append(f"world size {meta.get('world_size', '?')} ("
                      + ", ".join(f"{k} {v}" for k, v in parallel.items()) + ")")
+    acceptance = _cumulative_acceptance(meta.get("mtp_cumulative"))
+    if acceptance:
+        facts.append(f"cumulative acceptance {acceptance}")
     if facts:
         lines.append(" · ".join(facts))
     lines += [f"[dim]note: {escape(n)}[/]" for n in ckpt.notes]
     return lines
+
+
+def _cumulative_acceptance(cumulative: Any) -> str:
+    """`mtp_1 41.2% (103/250), ...` from meta.json's correct/total counts."""
+    if not isinstance(cumulative, dict):
+        return ""
+    correct, total = cumulative.get("correct") or [], cumulative.get("total") or []
+    return ", ".join(f"mtp_{k} {100 * c / t:.1f}% ({c}/{t})"
+                     for k, (c, t) in enumerate(zip(correct, total, strict=False), start=1)
+                     if isinstance(c, int | float) and isinstance(t, int | float) and t)
 
 
 def _num(value: Any) -> str:
@@ -125,10 +138,11 @@ def render_inspect(console: Console, report: InspectReport) -> None:
                       soft_wrap=True)
     console.print(escape(_layout_line(report)), highlight=False, soft_wrap=True)
     console.print(parts_table(report))
-    for section in report.sections():
-        console.print(f"[dim]also stored: {section['section']}: {section['tensors']} tensors "
-                      f"({section['elements']:,} elements), {section['values']} other values[/]",
-                      soft_wrap=True)
+    sections = report.sections()
+    if sections:
+        listed = "; ".join(f"{s['section']} ({s['tensors']} tensors, {s['elements']:,} elements, "
+                           f"{s['values']} values)" for s in sections)
+        console.print(f"[dim]also stored: {escape(listed)}[/]", soft_wrap=True)
     skipped = report.checkpoint.skipped
     if skipped:
         shown = ", ".join(skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4
