@@ -6,6 +6,10 @@ process group), laid out as `mtp train` writes them; see `tests/ckpt_helpers.py`
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -206,3 +210,30 @@ def test_run_dir_without_latest_uses_newest_complete(tmp_path):
     assert report.checkpoint.path.name == "step_0000020"
     assert "no 'latest' file" in report.checkpoint.notes[0]
     assert inspect_checkpoint(tmp_path / "run" / "checkpoints").checkpoint.step == 20
+
+
+def test_spec_that_cannot_be_built_here_falls_back_to_the_keys(runs, tmp_path):
+    """A te-backend spec on a machine without Transformer Engine: checks still run."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(_ckpt(runs["d1_untied"][0]), ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["spec"]["model"]["backend"] = "te"
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here")
+    report = inspect_checkpoint(ckpt)
+    assert report.passed and report.expected_parameters is None
+    assert any("cannot be built here" in note for note in report.checkpoint.notes)
+    assert report.layout.depths == 1 and report.layout.depth_source == "spec"
+
+
+def test_spec_option_overrides_the_stored_spec(runs, tmp_path):
+    spec_file = tmp_path / "d3.yaml"
+    spec_file.write_text(
+        "model: {vocab_size: 64, hidden_size: 32, num_layers: 2, num_attention_heads: 4, "
+        "ffn_hidden_size: 64, seq_length: 16}\nmtp: {num_layers: 3}\n")
+    code, out = invoke_json("inspect-ckpt", runs["d2_tied"][0], "--spec", spec_file)
+    assert out["spec_source"] == "--spec"
+    depths = check(out, "mtp_depths")
+    assert not depths["passed"] and depths["tensors"] == ["mtp.layers.2"]
+    assert code == 0  # not --strict

@@ -7,10 +7,12 @@ structure and tie checks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtp_cli.errors import UserError
 from mtp_cli.inspect.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from mtp_cli.inspect.checks import Check, check_depths
 from mtp_cli.inspect.dcp_reader import META_JSON
@@ -130,17 +132,10 @@ def group_parts(tensors: dict[str, TensorInfo], naming: Naming,
         megatron = Naming("megatron")
         for name, shape in expected.items():
             row = row_for(megatron.part_of(name))
-            row.expected_parameters = (row.expected_parameters or 0) + _numel(shape)
+            row.expected_parameters = (row.expected_parameters or 0) + math.prod(shape)
     for key, row in rows.items():
         row.label = _part_label(naming, key, order[key][1], len(layers))
     return [rows[k] for k in sorted(rows, key=lambda k: order[k])]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _spec_for(checkpoint: Checkpoint, spec: RunSpec | None) -> tuple[RunSpec | None, str | None]:
@@ -153,15 +148,30 @@ def _spec_for(checkpoint: Checkpoint, spec: RunSpec | None) -> tuple[RunSpec | N
     return None, None
 
 
+def _expected(checkpoint: Checkpoint, spec: RunSpec | None, layout: Layout
+              ) -> dict[str, tuple[int, ...]] | None:
+    """The spec's model names and shapes, when the spec can be built here for these names."""
+    if spec is None:
+        return None
+    if layout.naming.style != "megatron":
+        checkpoint.notes.append("Hugging Face names: shapes checked against the keys, not the "
+                                "spec's model")
+        return None
+    try:
+        return expected_shapes(spec)
+    except UserError as error:  # e.g. a te-backend spec on a machine without Transformer Engine
+        checkpoint.notes.append(f"the spec's model cannot be built here ({error}); shapes "
+                                "checked against the keys")
+        return None
+
+
 def inspect_checkpoint(path: str | Path, *, spec: RunSpec | None = None,
                        tensors: str | None = None) -> InspectReport:
     """Open PATH, run every check. `spec` overrides the stored one; `tensors` is a pattern."""
     checkpoint = open_checkpoint(Path(path))
     run_spec, source = _spec_for(checkpoint, spec)
     layout = infer_layout(checkpoint.tensors, run_spec)
-    expected = None
-    if run_spec is not None and layout.naming.style == "megatron":
-        expected = expected_shapes(run_spec)
+    expected = _expected(checkpoint, run_spec, layout)
     checks = [check_depths(layout, checkpoint.tensors)]
     if expected is not None:
         handled = {n for n in checkpoint.tensors if layout.tied_output
@@ -175,7 +185,7 @@ def inspect_checkpoint(path: str | Path, *, spec: RunSpec | None = None,
     if output_tie is not None:
         checks.append(output_tie)
     parts = group_parts(checkpoint.tensors, layout.naming, expected)
-    expected_total = sum(_numel(s) for s in expected.values()) if expected is not None else None
+    expected_total = sum(math.prod(s) for s in expected.values()) if expected is not None else None
     matched = None
     if tensors is not None:
         every = {**checkpoint.tensors, **checkpoint.others}

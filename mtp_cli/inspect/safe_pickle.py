@@ -59,12 +59,8 @@ def _placeholder_class(module: str, name: str) -> type[Unreadable]:
     return type("Unreadable", (Unreadable,), {"global_name": f"{module}.{name}"})
 
 
-_DTYPE_NAMES = (
-    "float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64",
-    "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2",
-)
 DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name) for name in _DTYPE_NAMES if hasattr(torch, name)
+    name: value for name in dir(torch) if isinstance(value := getattr(torch, name), torch.dtype)
 }
 # Legacy typed-storage class names that `torch.save` writes, and the dtype each one holds.
 STORAGE_DTYPES: dict[str, torch.dtype] = {

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 
 from mtp_cli.report.metrics import RunMetrics
 
@@ -88,6 +89,8 @@ def loss_figure(runs: list[RunMetrics], labels: list[str], x: str) -> Figure:
         ax.set_title(title)
         ax.set_xlabel(x_label)
         ax.set_ylabel("loss")
+        if x == "tokens":
+            ax.xaxis.set_major_formatter(EngFormatter())
     if compare:
         ax = axes[len(keys)]
         ax.axhline(0.0, color="0.5", linewidth=0.8)
@@ -116,6 +119,7 @@ def acceptance_figure(runs: list[RunMetrics], labels: list[str]) -> Figure | Non
                   f"{label} cumulative", style="--")
         ax.set_title(f"mtp_{k} acceptance rate")
         ax.set_xlabel("step")
+        ax.set_ylabel("acceptance rate (as logged)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
