@@ -1,6 +1,6 @@
 """Shared bits of the inspect tests: the Megatron-Core reference state dict and an in-process CLI.
 
-The reference weights (`tests/data/megatron_core_tiny_mtp2.pt`) are Megatron-Core 0.19.2's own
+The reference weights (`tests/data/megatron_core_tiny_mtp2.pt`, see README_reference_case.md) are Megatron-Core 0.19.2's own
 tiny GPT with two MTP depths; its JSON gives the configuration and the parameter count, so the
 tests check our reading against numbers Megatron produced, not against our own code.
 """
