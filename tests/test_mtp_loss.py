@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.models import gpt as gpt_module
+from mtp_cli.models import output as output_module
 from mtp_cli.mtp import MTPLossAutoScaler, MTPLossLoggingHelper
 
 LAMBDA = 0.3
@@ -234,14 +234,14 @@ def test_detach_heads_leaves_main_gradients_equal_to_a_run_without_mtp():
 def test_packed_batch_equals_documents_run_separately(monkeypatch, position_embedding):
     """Three packed documents give the per-token losses of the three run alone (every depth)."""
     recorded: list[torch.Tensor] = []
-    original = gpt_module.token_loss_and_hits
+    original = output_module.token_loss_and_hits
 
     def recording(hidden, labels, mask, *, weight):
         loss, hits = original(hidden, labels, mask, weight=weight)
         recorded.append((loss * mask).detach())
         return loss, hits
 
-    monkeypatch.setattr(gpt_module, "token_loss_and_hits", recording)
+    monkeypatch.setattr(output_module, "token_loss_and_hits", recording)
     model = build_model(make_spec(2, position_embedding=position_embedding))
     generator = torch.Generator().manual_seed(7)
     documents = [torch.randint(1, 50, (n,), generator=generator) for n in (5, 4, 3)]

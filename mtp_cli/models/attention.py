@@ -99,9 +99,10 @@ class SelfAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None,
                 packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
-        seq_len, batch, _ = hidden_states.shape
         d, per_group = self.head_dim, self.heads_per_group
-        qkv = self.linear_qkv(hidden_states).view(seq_len, batch, -1, (per_group + 2) * d)
+        qkv = self.linear_qkv(hidden_states)
+        seq_len, batch = qkv.shape[:2]  # the whole sequence (sequence parallel gathers it)
+        qkv = qkv.view(seq_len, batch, -1, (per_group + 2) * d)  # [s, b, local groups, ...]
         query, key, value = qkv.split([per_group * d, d, d], dim=-1)  # per query group
         query = query.reshape(seq_len, batch, -1, d)
         if rotary_pos_emb is not None:

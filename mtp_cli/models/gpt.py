@@ -17,7 +17,7 @@ from torch import nn
 from mtp_cli.builders.module_spec import ModuleSpec
 from mtp_cli.models.embedding import LanguageModelEmbedding, RotaryEmbedding
 from mtp_cli.models.linear import ColumnParallelLinear
-from mtp_cli.models.output import cross_entropy_per_token, logits_from_hidden, token_loss_and_hits
+from mtp_cli.models.output import OutputHead
 from mtp_cli.models.transformer_layer import TransformerBlock
 from mtp_cli.mtp.layer import MultiTokenPredictionBlock, MultiTokenPredictionBlockSubmodules
 from mtp_cli.mtp.loss import MTPLossSettings, labels_from_input_ids, process_mtp_loss
@@ -80,6 +80,7 @@ class GPTModel(nn.Module):
         self.groups = ParallelGroups()
         # Validation sets this to log per-depth MTP losses outside training mode.
         self.track_mtp_in_eval = False
+        self.output_head = OutputHead()  # tensor parallel swaps in a vocab-parallel head
 
         needs_embedding = stage.embedding or stage.mtp_num_layers > 0
         self.embedding = LanguageModelEmbedding(config) if needs_embedding else None
@@ -153,7 +154,7 @@ class GPTModel(nn.Module):
                     labels: torch.Tensor | None, loss_mask: torch.Tensor | None,
                     packed_seq_params: PackedSeqParams | None, *, run_mtp: bool) -> torch.Tensor:
         """MTP loss step, then the main head: per-token loss `[b, s]` or logits `[b, s, V]`."""
-        weight = self.output_weight()
+        weight, head = self.output_weight(), self.output_head
         if run_mtp:
             if labels is None:
                 mtp_labels, mtp_mask = labels_from_input_ids(
@@ -164,16 +165,17 @@ class GPTModel(nn.Module):
                     if loss_mask is None else loss_mask
             head_weight = weight.detach() if self.detach_heads else weight
             hidden = process_mtp_loss(
-                hidden, mtp_labels, mtp_mask, partial(token_loss_and_hits, weight=head_weight),
+                hidden, mtp_labels, mtp_mask, partial(head.token_loss_and_hits, weight=head_weight),
                 self._mtp_settings(), training=self.training or self.track_mtp_in_eval,
                 packed_seq_params=packed_seq_params,
             )
-        elif self.stage.mtp_depths_in_loss > 0 and hidden.shape[0] != input_ids.shape[1]:
+        elif self.stage.mtp_depths_in_loss > 0 and (
+            hidden.shape[0] != head.local_sequence_length(input_ids.shape[1])
+        ):
             hidden = hidden.chunk(1 + self.stage.mtp_depths_in_loss, dim=0)[0]
-        logits = logits_from_hidden(hidden, weight)
         if labels is None:
-            return logits.transpose(0, 1).contiguous()
-        return cross_entropy_per_token(logits, labels)
+            return head.logits(hidden, weight).transpose(0, 1).contiguous()
+        return head.per_token_loss(hidden, labels, weight)
 
     def _mtp_settings(self) -> MTPLossSettings:
         return MTPLossSettings(

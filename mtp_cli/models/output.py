@@ -36,3 +36,31 @@ def token_loss_and_hits(hidden_states: torch.Tensor, labels: torch.Tensor, mask:
     with torch.no_grad():
         hits = argmax_hits(logits, labels, mask)
     return cross_entropy_per_token(logits, labels), hits
+
+
+class OutputHead:
+    """How the model turns hidden states into logits and losses: one device, full logits.
+
+    `GPTModel.output_head` holds one; tensor parallel swaps in a vocab-parallel head with the
+    same four methods (`mtp_cli.parallel.vocab_parallel.VocabParallelOutputHead`), so the model
+    code stays single-device.
+    """
+
+    def local_sequence_length(self, seq_len: int) -> int:
+        """Rows of `[s, b, h]` this process holds per head (sequence parallel splits them)."""
+        return seq_len
+
+    def logits(self, hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Full `[s, b, V]` logits."""
+        return logits_from_hidden(hidden_states, weight)
+
+    def per_token_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor,
+                       weight: torch.Tensor) -> torch.Tensor:
+        """Unmasked per-token cross-entropy `[b, s]` (fp32)."""
+        return cross_entropy_per_token(logits_from_hidden(hidden_states, weight), labels)
+
+    def token_loss_and_hits(self, hidden_states: torch.Tensor, labels: torch.Tensor,
+                            mask: torch.Tensor, *, weight: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token loss and argmax hits of one MTP depth (see `token_loss_and_hits`)."""
+        return token_loss_and_hits(hidden_states, labels, mask, weight=weight)

@@ -1,0 +1,245 @@
+"""Megatron-style tensor parallelism applied from outside to a single-device `GPTModel`.
+
+`parallelize_tensor(model, tp_group)` converts a model built by `build_model` (the whole model
+or one pipeline stage) in place:
+
+    linear_qkv, linear_fc1, eh_proj   column-parallel (rows; SwiGLU's [gate; up] halves apart)
+    linear_proj, linear_fc2           row-parallel (input columns; bias replicated)
+    embedding.word_embeddings         vocab-parallel rows
+    output_layer / tied embedding     vocab-parallel rows, vocab-parallel cross-entropy
+    norms, position table, row biases replicated (whole)
+
+Parameters become plain `nn.Parameter`s holding this rank's slice of the full tensor, under the
+same names, so `named_parameters()` / `state_dict()` keys are the single-process ones. The
+returned `TensorParallelPlan` maps names to shard rules: it slices full tensors (initialisation,
+loading a checkpoint) and gathers local ones (saving, comparing), for parameters and for anything
+shaped like them (Adam's moments).
+
+Sequence parallel (`sequence_parallel=True`) keeps the activations between the TP regions split
+along the sequence; replicated parameters then see only this rank's tokens, so their gradients
+must be summed over the TP ranks after backward: `sync_sequence_parallel_grads`
+(`mtp_cli.parallel.tp_grads`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtp_cli.errors import UserError
+from mtp_cli.models.attention import SelfAttention
+from mtp_cli.models.embedding import LanguageModelEmbedding
+from mtp_cli.models.gpt import GPTModel
+from mtp_cli.models.linear import ColumnParallelLinear, RowParallelLinear
+from mtp_cli.models.mlp import MLP
+from mtp_cli.mtp.layer import MultiTokenPredictionLayer
+from mtp_cli.parallel.tp_layers import ColumnShardedLinear, RowShardedLinear
+from mtp_cli.parallel.tp_mappings import group_rank, group_size
+from mtp_cli.parallel.tp_sharding import COLUMN, GATED_COLUMN, ROW, VOCAB, ShardRule
+from mtp_cli.parallel.vocab_parallel import TensorParallelEmbedding, VocabParallelOutputHead
+
+# Name segments that wrappers insert (DDP, torch.compile, activation checkpointing).
+_WRAPPER_SEGMENTS = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """`name` without the segments wrappers add, e.g. `module.decoder...` -> `decoder...`."""
+    for segment in _WRAPPER_SEGMENTS:
+        if name.startswith(segment):
+            name = name[len(segment):]
+        name = name.replace("." + segment, ".")
+    return name
+
+
+@dataclass
+class TensorParallelPlan:
+    """Which parameters are sharded over `group`, and how (`rules`: global name -> rule).
+
+    Names not in `rules` are replicated: every rank holds the whole tensor.
+    """
+
+    group: dist.ProcessGroup | None
+    sequence_parallel: bool = False
+    rules: dict[str, ShardRule] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return group_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return group_rank(self.group)
+
+    def rule(self, name: str) -> ShardRule | None:
+        return self.rules.get(canonical_name(name))
+
+    def is_sharded(self, name: str) -> bool:
+        return self.rule(name) is not None
+
+    def shard_like_parameter(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a full tensor shaped like parameter `name` (as is if replicated).
+
+        Doubles as `initialize_parameters`' `shard_fn`. Scalars (an optimizer's step) pass as is.
+        """
+        rule = self.rule(name)
+        if rule is None or full.dim() == 0 or self.size == 1:
+            return full
+        return rule.shard(full, self.rank, self.size)
+
+    def gather_like_parameter(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The full tensor from every rank's local one (a collective over the TP group for
+        sharded names: every rank must call it, in the same order)."""
+        rule = self.rule(name)
+        if rule is None or local.dim() == 0 or self.size == 1:
+            return local
+        return rule.gather(local, self.group)
+
+    def full_shapes(self, model: nn.Module) -> dict[str, torch.Size]:
+        """Global name -> full shape: `initialize_parameters(..., full_shapes=...)`."""
+        shapes = {}
+        for name, param in model.named_parameters():
+            rule = self.rule(name)
+            shapes[name] = param.shape if rule is None else rule.full_shape(param.shape, self.size)
+        return shapes
+
+    def shard_state_dict(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A full (canonical) state dict -> this rank's, for `model.load_state_dict`."""
+        return {k: self.shard_like_parameter(k, v) if isinstance(v, torch.Tensor) else v
+                for k, v in full.items()}
+
+    def gather_state_dict(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's state dict -> the full canonical one (collective; same keys on all ranks)."""
+        return {k: self.gather_like_parameter(k, v) if isinstance(v, torch.Tensor) else v
+                for k, v in local.items()}
+
+
+def tensor_parallel_plan(model: nn.Module) -> TensorParallelPlan | None:
+    """The plan `parallelize_tensor` attached to `model` (through a DDP wrapper too), if any."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "tensor_parallel_plan", getattr(model, "tensor_parallel_plan", None))
+
+
+def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict in the canonical layout, equal to the single-process model's
+    (collective over the TP group)."""
+    state = model.state_dict()
+    plan = tensor_parallel_plan(model)
+    return state if plan is None else plan.gather_state_dict(state)
+
+
+def shard_state_dict(model: nn.Module, full: dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+    """`full` (canonical layout, any TP size it came from) sliced for this rank of `model`."""
+    plan = tensor_parallel_plan(model)
+    return dict(full) if plan is None else plan.shard_state_dict(full)
+
+
+def _check_sizes(model: GPTModel, size: int, sequence_parallel: bool) -> None:
+    config = model.config
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"):
+        value = getattr(config, name)
+        if value % size:
+            raise UserError(f"parallel.tensor: tensor parallel size {size} must divide "
+                            f"model.{name} ({value})")
+    if sequence_parallel and config.seq_length % size:
+        raise UserError(f"parallel.sequence_parallel: seq_length ({config.seq_length}) must "
+                        f"divide by the tensor parallel size ({size})")
+
+
+def _expect(module: nn.Module, expected: type, path: str) -> None:
+    if type(module) is not expected:
+        raise UserError(
+            f"tensor parallel splits the local backend's {expected.__name__} only; "
+            f"'{path}' is {type(module).__module__}.{type(module).__name__} "
+            "(use model.backend=local and the default linear modules, or parallel.tensor=1)"
+        )
+
+
+class _Converter:
+    """Replaces submodules by their sharded versions and records the rules by global name."""
+
+    def __init__(self, model: GPTModel, plan: TensorParallelPlan) -> None:
+        self.model, self.plan = model, plan
+        self.group, self.sp = plan.group, plan.sequence_parallel
+
+    def _record(self, path: str, module: nn.Module, weight_rule: ShardRule,
+                bias_rule: ShardRule | None) -> None:
+        self.plan.rules[f"{path}.weight"] = weight_rule
+        if bias_rule is not None and getattr(module, "bias", None) is not None:
+            self.plan.rules[f"{path}.bias"] = bias_rule
+
+    def column(self, parent: nn.Module, path: str, attr: str, rule: ShardRule,
+               gather_output: bool = False) -> None:
+        source, full_path = getattr(parent, attr), f"{path}.{attr}"
+        _expect(source, ColumnParallelLinear, full_path)
+        setattr(parent, attr, ColumnShardedLinear(source, rule, group=self.group,
+                                                  sequence_parallel=self.sp,
+                                                  gather_output=gather_output))
+        self._record(full_path, source, rule, rule)
+
+    def row(self, parent: nn.Module, path: str, attr: str) -> None:
+        source, full_path = getattr(parent, attr), f"{path}.{attr}"
+        _expect(source, RowParallelLinear, full_path)
+        setattr(parent, attr, RowShardedLinear(source, ROW, group=self.group,
+                                               sequence_parallel=self.sp))
+        self._record(full_path, source, ROW, None)
+
+    def convert(self) -> None:
+        for path, module in list(self.model.named_modules()):
+            if isinstance(module, SelfAttention):
+                self.column(module, path, "linear_qkv", COLUMN)
+                self.row(module, path, "linear_proj")
+            elif isinstance(module, MLP):
+                self.column(module, path, "linear_fc1", GATED_COLUMN if module.gated else COLUMN)
+                self.row(module, path, "linear_fc2")
+            elif isinstance(module, MultiTokenPredictionLayer):
+                self.column(module, path, "eh_proj", COLUMN, gather_output=True)
+        model = self.model
+        if model.embedding is not None:
+            _expect(model.embedding, LanguageModelEmbedding, "embedding")
+            model.embedding = TensorParallelEmbedding(model.embedding, self.group, self.sp)
+            self.plan.rules["embedding.word_embeddings.weight"] = VOCAB
+        if model.output_layer is not None:
+            weight = model.output_layer.weight
+            model.output_layer.weight = nn.Parameter(VOCAB.shard_for(weight.detach(), self.group),
+                                                     requires_grad=weight.requires_grad)
+            self.plan.rules["output_layer.weight"] = VOCAB
+        model.output_head = VocabParallelOutputHead(self.group, self.sp)
+
+    def reject_leftovers(self) -> None:
+        """Fail loudly on linears this converter does not know how to split."""
+        for path, module in self.model.named_modules():
+            if path == "output_layer":
+                continue
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or \
+                    type(module).__module__.startswith("transformer_engine"):
+                raise UserError(f"tensor parallel does not know how to split '{path}' "
+                                f"({type(module).__name__}); use the default module tree")
+
+
+def parallelize_tensor(model: GPTModel, tp_group: dist.ProcessGroup | None, *,
+                       sequence_parallel: bool = False) -> TensorParallelPlan:
+    """Shard `model` (whole model or a pipeline stage) over `tp_group`, in place.
+
+    Works on real or meta parameters: on the meta device it only reshapes, and
+    `initialize_parameters(model, spec, shard_fn=plan.shard_like_parameter,
+    full_shapes=plan.full_shapes(model))` then gives every rank its slice of the
+    single-process initial weights. A group of size 1 (or None) leaves the model unchanged.
+    The plan is also stored as `model.tensor_parallel_plan`.
+    """
+    if getattr(model, "tensor_parallel_plan", None) is not None:
+        raise ValueError("parallelize_tensor: the model is already tensor-parallel")
+    size = group_size(tp_group)
+    if sequence_parallel and size == 1:
+        raise UserError("parallel.sequence_parallel: sequence parallel needs tensor > 1")
+    plan = TensorParallelPlan(tp_group, sequence_parallel)
+    if size > 1:
+        _check_sizes(model, size, sequence_parallel)
+        converter = _Converter(model, plan)
+        converter.convert()
+        converter.reject_leftovers()
+    model.tensor_parallel_plan = plan
+    return plan

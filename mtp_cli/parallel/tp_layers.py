@@ -1,0 +1,100 @@
+"""Tensor-parallel linear layers that hold this rank's shard of a single-device linear.
+
+They keep the parameter names (`weight`, `bias`) and `scaled_init` of the layer they replace, so
+state-dict keys, initialisation and optimizers see the same names as on one device, only with
+local shapes. Parameters are plain `nn.Parameter`s (no DTensor), so data parallel (DDP or FSDP2
+over the data-parallel mesh) wraps the converted model unchanged.
+
+Activations between layers are replicated over the TP ranks (`[s, b, h]`), or, with sequence
+parallel, split along the sequence (`[s/tp, b, h]`); these layers convert at their edges.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mtp_cli.parallel.tp_mappings import (
+    copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_last_dim,
+    reduce_from_tensor_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from mtp_cli.parallel.tp_sharding import ShardRule
+
+
+def _local_parameter(param: torch.Tensor | None, rule: ShardRule | None,
+                     group: dist.ProcessGroup) -> nn.Parameter | None:
+    """This rank's slice of `param` (or `param` itself when replicated), as a new Parameter."""
+    if param is None:
+        return None
+    value = param.detach() if rule is None else rule.shard_for(param.detach(), group)
+    return nn.Parameter(value, requires_grad=param.requires_grad)
+
+
+class _ShardedLinear(nn.Module):
+    def __init__(self, source: nn.Module, weight_rule: ShardRule, bias_rule: ShardRule | None,
+                 *, group: dist.ProcessGroup, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.scaled_init = bool(getattr(source, "scaled_init", False))
+        self.full_shape = tuple(source.weight.shape)  # [out, in] of the whole layer
+        self.weight = _local_parameter(source.weight, weight_rule, group)
+        self.bias = _local_parameter(getattr(source, "bias", None), bias_rule, group)
+
+    def extra_repr(self) -> str:
+        out, inp = self.full_shape
+        return (f"in={inp}, out={out}, local={tuple(self.weight.shape)}, "
+                f"bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}")
+
+
+class ColumnShardedLinear(_ShardedLinear):
+    """`Y_r = X A_r^T + b_r`: this rank's output rows.
+
+    Input: the replicated activation (or, with sequence parallel, this rank's sequence slice,
+    all-gathered here). Output: `[..., out/tp]`, or with `gather_output` the full `[..., out]`
+    back in the activation layout (replicated, or sequence-split under sequence parallel):
+    what `eh_proj` needs, as in Megatron's MTP layer.
+    """
+
+    def __init__(self, source: nn.Module, rule: ShardRule, *, group: dist.ProcessGroup,
+                 sequence_parallel: bool, gather_output: bool = False) -> None:
+        super().__init__(source, rule, rule, group=group, sequence_parallel=sequence_parallel)
+        self.gather_output = gather_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, self.group)
+        else:
+            x = copy_to_tensor_parallel_region(x, self.group)
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output:
+            y = gather_last_dim(y, self.group)
+            if self.sequence_parallel:
+                y = scatter_to_sequence_parallel_region(y, self.group)
+        return y
+
+
+class RowShardedLinear(_ShardedLinear):
+    """`Y = Σ_r X_r A_r^T + b`: this rank's input columns; the bias is replicated.
+
+    Input: `[..., in/tp]` from a column-parallel computation. Output: the partial products
+    summed over the TP ranks (all-reduce), or under sequence parallel summed and split along the
+    sequence (reduce-scatter); the bias is added after the sum.
+    """
+
+    def __init__(self, source: nn.Module, rule: ShardRule, *, group: dist.ProcessGroup,
+                 sequence_parallel: bool) -> None:
+        super().__init__(source, rule, None, group=group, sequence_parallel=sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(y, self.group)
+        else:
+            y = reduce_from_tensor_parallel_region(y, self.group)
+        return y if self.bias is None else y + self.bias
