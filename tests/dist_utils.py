@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -21,6 +22,9 @@ def _free_port() -> int:
 def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any],
             args: tuple[Any, ...]) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # torch has already sized its intra-op pool (one thread per core) before the variable above
+    # is read: several spinning pools on a small shared machine make tiny ops 20-50x slower.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size)
     try:

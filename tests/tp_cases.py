@@ -1,0 +1,79 @@
+"""Tiny specs, batches and single-step runners shared by the tensor-parallel tests.
+
+The reference is always the single-process model built from the same spec and seed, run in the
+same worker process; the tensor-parallel model is a deep copy of it, converted in place.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mtp_cli import build_model, load_spec
+from mtp_cli.mtp import MTPLossLoggingHelper
+from mtp_cli.parallel.tensor_parallel import TensorParallelPlan, parallelize_tensor
+
+VOCAB = 16  # small, so that random heads get some argmax hits to compare
+SEQ = 8
+ARCHS: dict[str, dict[str, Any]] = {
+    # LayerNorm, gelu, learned absolute positions, biases everywhere
+    "gpt": {"normalization": "LayerNorm", "activation": "gelu",
+            "position_embedding": "learned_absolute", "add_bias_linear": True},
+    # RMSNorm, SwiGLU, RoPE, grouped-query attention, a QKV bias only
+    "llama": {"normalization": "RMSNorm", "activation": "swiglu", "position_embedding": "rope",
+              "add_bias_linear": False, "add_qkv_bias": True, "num_query_groups": 2},
+}
+TRACKED = ("values", "correct", "total")
+
+
+def make_spec(arch: str, depths: int, tied: bool, **overrides: Any):
+    model = {"vocab_size": VOCAB, "hidden_size": 32, "num_layers": 2, "num_attention_heads": 4,
+             "ffn_hidden_size": 48, "seq_length": SEQ, "init_method_std": 0.2,
+             "share_embeddings_and_output_weights": tied, **ARCHS[arch], **overrides}
+    return load_spec({"model": model, "mtp": {"num_layers": depths, "loss_scaling_factor": 0.3}})
+
+
+def make_batch(seed: int, batch_size: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (batch_size, SEQ + 1), generator=generator)
+    mask = (torch.rand(batch_size, SEQ, generator=generator) > 0.25).float()
+    positions = torch.arange(SEQ).expand(batch_size, SEQ)
+    return tokens[:, :-1], positions, tokens[:, 1:], mask
+
+
+def reference_and_parallel(spec, group: dist.ProcessGroup, sequence_parallel: bool):
+    reference = build_model(spec)
+    parallel = copy.deepcopy(reference)
+    plan = parallelize_tensor(parallel, group, sequence_parallel=sequence_parallel)
+    return reference, parallel, plan
+
+
+def forward_backward(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token main loss and the MTP tracker after one masked-mean backward."""
+    ids, positions, labels, mask = batch
+    MTPLossLoggingHelper.reset()
+    per_token = model(ids, positions, labels=labels, loss_mask=mask)
+    ((per_token * mask).sum() / mask.sum()).backward()
+    tracker = {name: MTPLossLoggingHelper.tracker[name].clone()
+               for name in TRACKED if name in MTPLossLoggingHelper.tracker}
+    MTPLossLoggingHelper.reset()
+    return per_token.detach(), tracker
+
+
+def full_grads(model, plan: TensorParallelPlan) -> dict[str, torch.Tensor]:
+    return {name: plan.gather_like_parameter(name, p.grad) for name, p in model.named_parameters()}
+
+
+def assert_trackers_equal(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                          label: str) -> None:
+    assert got.keys() == expected.keys(), label
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=0,
+                                   msg=f"{label}: tracker {name}")
+
+
+def reference_grad_norm(model) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
