@@ -17,6 +17,7 @@ from mtp_cli.parallel.tensor_parallel import gather_state_dict
 from mtp_cli.parallel.tp_grads import sync_sequence_parallel_grads, tensor_parallel_grad_norm
 from tests.dist_utils import run_distributed
 from tests.tp_cases import (
+    assert_close,
     assert_trackers_equal,
     forward_backward,
     full_grads,
@@ -42,16 +43,14 @@ def _check_case(arch: str, depths: int, tied: bool, sp: bool, overrides: dict) -
         assert not torch.allclose(norm_grad, reference.decoder.final_layernorm.weight.grad), label
     sync_sequence_parallel_grads(parallel)
 
-    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=0, msg=label)
+    assert_close(loss, expected_loss, label)
     assert_trackers_equal(tracker, expected_tracker, label)
     expected_grads = {n: p.grad for n, p in reference.named_parameters()}
     grads = full_grads(parallel, plan)
     assert grads.keys() == expected_grads.keys(), label
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=0,
-                                   msg=f"{label}: grad {name}")
-    torch.testing.assert_close(tensor_parallel_grad_norm(parallel), reference_grad_norm(reference),
-                               atol=1e-5, rtol=0, msg=label)
+        assert_close(grad, expected_grads[name], f"{label}: grad {name}")
+    assert_close(tensor_parallel_grad_norm(parallel), reference_grad_norm(reference), label)
 
     full_state, expected_state = gather_state_dict(parallel), reference.state_dict()
     assert full_state.keys() == expected_state.keys(), label
@@ -61,8 +60,7 @@ def _check_case(arch: str, depths: int, tied: bool, sp: bool, overrides: dict) -
     parallel.eval()
     with torch.no_grad():
         ids, positions, _, _ = batch
-        torch.testing.assert_close(parallel(ids, positions), reference(ids, positions),
-                                   atol=1e-5, rtol=0, msg=f"{label}: logits")
+        assert_close(parallel(ids, positions), reference(ids, positions), f"{label}: logits")
     return int(expected_tracker.get("correct", torch.zeros(1)).sum())
 
 
