@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from mtp_cli import UserError, build_model
 from mtp_cli.builders.init import initialize_parameters
+from mtp_cli.models.gpt import StageContents
 from mtp_cli.parallel.tensor_parallel import (
     gather_state_dict,
     parallelize_tensor,
@@ -129,10 +130,45 @@ def _init_and_checkpoint_worker(rank: int, world_size: int) -> None:
         assert plan.gather_like_parameter("decoder.layers.0.mlp.linear_fc1.weight", step) is step
 
 
+def _stage_worker(rank: int, world_size: int) -> None:
+    for tied in (False, True):
+        spec = make_spec("llama", 2, tied)
+        expected = build_model(spec).state_dict()
+        stages = [  # the last decoder layer, the MTP depths and the loss; the loss stage alone
+            StageContents(decoder_layer_numbers=[2], embedding=False, mtp_num_layers=2,
+                          mtp_depths_in_loss=2),
+            StageContents(decoder_layer_numbers=[], embedding=False, final_layernorm=False,
+                          mtp_depths_in_loss=2),
+        ]
+        for stage in stages:
+            model = build_model(spec, "meta", stage=stage)
+            plan = parallelize_tensor(model, dist.group.WORLD)
+            full_shapes = plan.full_shapes(model)
+            model.to_empty(device="cpu")
+            initialize_parameters(model, spec, shard_fn=plan.shard_like_parameter,
+                                  full_shapes=full_shapes)
+            started = gather_state_dict(model)
+            label = f"tied={tied} {stage}"
+            assert "decoder.layers.0.mlp.linear_fc1.weight" not in started, label
+            for name, value in started.items():
+                if tied and name == "output_layer.weight":
+                    # the loss stage's copy of the tied embedding: pipeline set-up broadcasts it
+                    assert value.shape == expected["embedding.word_embeddings.weight"].shape
+                    assert plan.is_sharded(name)
+                    continue
+                assert torch.equal(value, expected[name]), f"{label}: {name}"
+
+
+def _init_worker(rank: int, world_size: int) -> None:
+    _init_and_checkpoint_worker(rank, world_size)
+    _stage_worker(rank, world_size)
+
+
 def test_init_by_global_name_and_state_dict_resharding():
-    """A meta-built TP2 model initialised through `shard_fn` starts from the single-process
-    weights; full state dicts shard and gather back unchanged."""
-    run_distributed(_init_and_checkpoint_worker, 2)
+    """A meta-built TP2 model, or pipeline stage (global layer numbers, MTP block), initialised
+    through `shard_fn` starts from its slice of the single-process weights; full state dicts
+    shard and gather back unchanged."""
+    run_distributed(_init_worker, 2)
 
 
 def _size_check_worker(rank: int, world_size: int) -> None:
