@@ -12,7 +12,7 @@ gradients are summed over the TP ranks, replicated ones are counted on TP rank 0
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -52,12 +52,14 @@ def sync_sequence_parallel_grads(model: nn.Module) -> None:
 
 
 def grad_square_sum(model: nn.Module, tp_group: dist.ProcessGroup | None = None, *,
-                    skip: Callable[[str], bool] | None = None) -> torch.Tensor:
+                    skip: Callable[[str], bool] | None = None,
+                    sum_groups: Sequence[dist.ProcessGroup] = ()) -> torch.Tensor:
     """Σ over the logical parameters of `model` of ||grad||², equal on every TP rank.
 
     `tp_group` defaults to the plan's group. `skip(name)` leaves parameters out (pipeline
-    parallel: tied copies counted on another stage). Sum over the pipeline group and take the
-    square root for the global norm.
+    parallel: tied copies counted on another stage). The TP sum is then summed over each of
+    `sum_groups`: the pipeline group (each stage holds other parameters) and, under FSDP2, the
+    data-parallel group (each rank holds a slice of every gradient; DDP needs none).
     """
     plan = _plan(model)
     group = tp_group if tp_group is not None else plan.group
@@ -72,22 +74,26 @@ def grad_square_sum(model: nn.Module, tp_group: dist.ProcessGroup | None = None,
         total = square if total is None else total + square
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     total = torch.zeros((), device=device) if total is None else total
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(total, group=group)
+    for reduce_group in (group, *sum_groups):
+        if reduce_group is not None and dist.get_world_size(reduce_group) > 1:
+            dist.all_reduce(total, group=reduce_group)
     return total
 
 
-def tensor_parallel_grad_norm(model: nn.Module, tp_group: dist.ProcessGroup | None = None
-                              ) -> torch.Tensor:
+def tensor_parallel_grad_norm(model: nn.Module, tp_group: dist.ProcessGroup | None = None, *,
+                              skip: Callable[[str], bool] | None = None,
+                              sum_groups: Sequence[dist.ProcessGroup] = ()) -> torch.Tensor:
     """The L2 norm of the full model's gradient, each logical parameter counted once."""
-    return grad_square_sum(model, tp_group).sqrt()
+    return grad_square_sum(model, tp_group, skip=skip, sum_groups=sum_groups).sqrt()
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float,
-                    tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Scale the gradients so their TP-wide norm is at most `max_norm`; returns the norm
-    before clipping (as `torch.nn.utils.clip_grad_norm_` does on one device)."""
-    norm = tensor_parallel_grad_norm(model, tp_group)
+                    tp_group: dist.ProcessGroup | None = None, *,
+                    skip: Callable[[str], bool] | None = None,
+                    sum_groups: Sequence[dist.ProcessGroup] = ()) -> torch.Tensor:
+    """Scale the gradients so their norm (as `tensor_parallel_grad_norm`) is at most `max_norm`;
+    returns the norm before clipping, as `torch.nn.utils.clip_grad_norm_` does."""
+    norm = tensor_parallel_grad_norm(model, tp_group, skip=skip, sum_groups=sum_groups)
     coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
     if grads:
