@@ -154,6 +154,60 @@ def report(
 
 @app.command()
 @user_errors_exit_2
+def train(
+    spec: SpecArg,
+    overrides: OverridesArg = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1,
+                                       help="Worker processes on this node (one device each).")] = 1,
+    nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="Nodes in the job.")] = 1,
+    node_rank: Annotated[int, typer.Option(
+        "--node-rank", min=0,
+        help="This node's rank. Used only by --rdzv-backend static; c10d assigns ranks itself.",
+    )] = 0,
+    rdzv_endpoint: Annotated[str | None, typer.Option(
+        "--rdzv-endpoint", help="HOST:PORT of the rendezvous, the same on every node "
+                                "(needed with --nnodes > 1; one node: a local standalone one).",
+    )] = None,
+    rdzv_backend: Annotated[str, typer.Option(
+        "--rdzv-backend", help="Rendezvous backend with --rdzv-endpoint: c10d or static.",
+    )] = "c10d",
+    rdzv_id: Annotated[str | None, typer.Option(
+        "--rdzv-id", help="Job id shared by the nodes' launchers (default: from the run dir).",
+    )] = None,
+    max_restarts: Annotated[int, typer.Option(
+        "--max-restarts", min=0,
+        help="Restart the workers this often after a failure (they resume from the latest "
+             "checkpoint).",
+    )] = 0,
+    run_dir: Annotated[Path | None, typer.Option(
+        "--run-dir", help="Run directory (metrics.jsonl, tb/, checkpoints/); default "
+                          "runs/<spec file stem>. A run directory with a checkpoint resumes.",
+        show_default=False,
+    )] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Discard the run directory's checkpoints and metrics; start afresh.",
+    )] = False,
+    allow_imports: AllowImportsOpt = False,
+) -> None:
+    """Train SPEC with data parallel over --nproc processes per node (torch.distributed.run)."""
+    from mtp_cli.spec.loader import load_spec
+    from mtp_cli.train.launcher import LaunchOptions, default_run_dir, launch
+
+    run_spec = load_spec(spec, overrides or (), allow_imports=allow_imports)
+    options = LaunchOptions(
+        run_dir=run_dir or default_run_dir(spec), nproc=nproc, nnodes=nnodes,
+        node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend,
+        rdzv_id=rdzv_id, max_restarts=max_restarts, overwrite=overwrite,
+        allow_imports=allow_imports,
+    )
+    code = launch(run_spec, options, echo=lambda text: console.print(text, highlight=False,
+                                                                     markup=False))
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+@user_errors_exit_2
 def schema() -> None:
     """Print the JSON Schema of spec files (for editors: yaml-language-server)."""
     from mtp_cli.spec.schema import RunSpec

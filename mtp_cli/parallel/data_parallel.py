@@ -1,0 +1,62 @@
+"""Data parallel: DDP, or FSDP2 (`fully_shard`) with `parallel.fsdp: true`.
+
+Both run over the 1-D data x context mesh and average gradients over it. FSDP2 is the path that
+composes with tensor parallel later (DDP cannot wrap DTensor modules; FSDP2 over the dp mesh of
+a 2-D (dp, tp) mesh can), so nothing here assumes plain tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from mtp_cli.parallel.mesh import ParallelMesh
+
+
+def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, *, fsdp: bool,
+                        device: torch.device) -> nn.Module:
+    """Wrap (DDP) or shard in place (FSDP2) `model` for data parallel; returns the module to
+    call for training. FSDP2 shards every decoder and MTP layer, then the rest (embedding,
+    final norm, output layer) at the root, so a layer's weights are gathered only while it runs.
+    """
+    if fsdp:
+        for layer in _shardable_layers(model):
+            fully_shard(layer, mesh=mesh.dp_cp_mesh)
+        fully_shard(model, mesh=mesh.dp_cp_mesh)
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    # broadcast_buffers=False: the only buffers (rotary frequencies) are constants.
+    return DistributedDataParallel(model, device_ids=device_ids, process_group=mesh.dp_cp_group,
+                                   broadcast_buffers=False)
+
+
+def _shardable_layers(model: nn.Module) -> list[nn.Module]:
+    """Decoder layers and MTP layers, each its own FSDP2 unit. A repeated MTP layer (applied
+    at every depth in one forward) stays with the root instead of being gathered D times."""
+    layers = list(model.decoder.layers.values())
+    mtp = getattr(model, "mtp", None)
+    if mtp is not None and not getattr(mtp, "use_repeated_layer", False):
+        layers.extend(mtp.layers.values())
+    return layers
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP wrapper (FSDP2 shards in place: the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Synchronise gradients in this backward only when `enabled` (the last micro-batch)."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    yield

@@ -1,0 +1,197 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP), written so that a crash never leaves a
+half-written checkpoint where a resume would take it.
+
+Every rank writes its shards into `checkpoints/step_NNNNNNN.tmp-<random>/`; rank 0 then writes
+`meta.json` (last), renames the directory into place and replaces the `latest` marker
+atomically. A checkpoint is complete exactly when its final name exists with a meta.json, and
+`latest` only ever names such a one.
+
+The DCP state dict (keys fixed by CONTRACTS.md): `model` and `optimizer` through
+`get_state_dict`/`set_state_dict` (plain, DDP and FSDP2 models alike), `scheduler`, `trainer`
+(step, tokens, cumulative MTP acceptance counts) and the per-rank `rng.rank{r}` and
+`data.rank{r}` (DCP keeps one value per key, so anything that differs by rank is keyed by rank).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import secrets
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from mtp_cli import __version__
+from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
+from mtp_cli.parallel.dims import ParallelDims
+from mtp_cli.spec.schema import RunSpec
+from mtp_cli.train import faults
+from mtp_cli.train.optim import load_scheduler_state, scheduler_state
+from mtp_cli.train.run_dir import TEMP_MARKER, RunDir, atomic_write_text, checkpoint_name
+
+META_FORMAT = "mtp-cli-checkpoint/1"
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor entries are unpickled with `weights_only=True`
+    (DCP itself loads them with `weights_only=False`)."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        safe = torch.load(value, weights_only=True)
+        buffer = io.BytesIO()
+        torch.save(safe, buffer)
+        buffer.seek(0)
+        super().load_bytes(read_item, buffer)
+
+
+@dataclass
+class TrainState:
+    """Where training stands: optimizer steps done and training tokens seen."""
+
+    step: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Stateful:
+    """What a checkpoint saves and restores besides the step counter."""
+
+    model: nn.Module  # as trained: DDP-wrapped, FSDP2-sharded or plain
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: Any  # MicroBatchLoader: state_dict() / load_state_dict()
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random states: torch (CPU), the current CUDA device, Python's."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Checkpointer:
+    """Saves and loads checkpoints of one run directory (every rank calls every method)."""
+
+    def __init__(self, run_dir: RunDir, spec: RunSpec, dims: ParallelDims, *, rank: int,
+                 device: torch.device) -> None:
+        self.run_dir, self.spec, self.dims = run_dir, spec, dims
+        self.rank, self.device = rank, device
+
+    # --- the state dict ------------------------------------------------------------------------
+    def _state_dict(self, parts: Stateful, train_state: TrainState) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(parts.model, parts.optimizer)
+        depths = self.spec.mtp.num_layers
+        cumulative = MTPLossLoggingHelper.state_dict()
+        trainer: dict[str, Any] = {"step": train_state.step, "tokens": train_state.tokens}
+        if depths:
+            zeros = torch.zeros(depths, dtype=torch.float64)
+            trainer["mtp_correct"] = cumulative.get("correct", zeros).double().clone()
+            trainer["mtp_total"] = cumulative.get("total", zeros).double().clone()
+        return {
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "scheduler": scheduler_state(parts.scheduler),
+            "trainer": trainer,
+            f"rng.rank{self.rank}": rng_state(self.device),
+            f"data.rank{self.rank}": dict(parts.loader.state_dict()),
+        }
+
+    # --- save ----------------------------------------------------------------------------------
+    def save(self, parts: Stateful, train_state: TrainState, losses: dict[str, float]) -> Path:
+        """Write checkpoint `step_NNNNNNN` of `train_state.step`; returns its final path."""
+        name = checkpoint_name(train_state.step)
+        temp = self.run_dir.checkpoints / self._temp_name(name)
+        state = self._state_dict(parts, train_state)
+        dcp.save(state, checkpoint_id=temp)
+        faults.maybe_fail_during_checkpoint(train_state.step, self.rank)
+        final = self.run_dir.checkpoints / name
+        if self.rank == 0:
+            self._write_meta(temp, train_state, losses)
+            self._publish(temp, final)
+            self.run_dir.prune(self.spec.checkpoint.keep_last)
+        dist.barrier()
+        return final
+
+    def _temp_name(self, name: str) -> str:
+        """A fresh temporary directory name, chosen by rank 0 for everyone."""
+        box = [f"{name}{TEMP_MARKER}{secrets.token_hex(4)}" if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return str(box[0])
+
+    def _write_meta(self, directory: Path, train_state: TrainState,
+                    losses: dict[str, float]) -> None:
+        cumulative = MTPLossLoggingHelper.state_dict()
+        meta = {
+            "format": META_FORMAT,
+            "step": train_state.step,
+            "tokens": train_state.tokens,
+            "spec": self.spec.model_dump(mode="json"),
+            "losses": losses,
+            "world_size": self.dims.world_size,
+            "parallel": self.dims.as_dict(),
+            "mtp_cumulative": {
+                "correct": [int(v) for v in cumulative.get("correct", torch.zeros(0)).tolist()],
+                "total": [int(v) for v in cumulative.get("total", torch.zeros(0)).tolist()],
+            },
+            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "mtp_cli_version": __version__,
+        }
+        atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2) + "\n")
+
+    def _publish(self, temp: Path, final: Path) -> None:
+        """Rename the finished directory into place, then point `latest` at it."""
+        _fsync_directory(temp)
+        if final.exists():  # the same step written again (a run extended past its end)
+            old = final.with_name(f"{final.name}{TEMP_MARKER}old")
+            os.replace(final, old)
+            os.replace(temp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temp, final)
+        _fsync_directory(final.parent)
+        atomic_write_text(self.run_dir.latest_marker, final.name + "\n")
+
+    # --- load ----------------------------------------------------------------------------------
+    def load(self, path: Path, parts: Stateful) -> TrainState:
+        """Restore everything from checkpoint directory `path`; returns the step and tokens."""
+        state = self._state_dict(parts, TrainState())
+        dcp.load(state, checkpoint_id=path, planner=SafeLoadPlanner())
+        set_state_dict(parts.model, parts.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        load_scheduler_state(parts.scheduler, state["scheduler"])
+        set_rng_state(state[f"rng.rank{self.rank}"], self.device)
+        parts.loader.load_state_dict({k: int(v) for k, v in state[f"data.rank{self.rank}"].items()})
+        trainer = state["trainer"]
+        if "mtp_correct" in trainer:
+            MTPLossLoggingHelper.load_state_dict(
+                {"correct": trainer["mtp_correct"], "total": trainer["mtp_total"]})
+        return TrainState(step=int(trainer["step"]), tokens=int(trainer["tokens"]))
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,46 @@
+"""Test-only fault points, switched on by environment variables (all unset in real runs).
+
+The tests of crash safety need a crash at a known place; these put it there:
+
+- `MTP_TEST_FAIL_DURING_CHECKPOINT=STEP`: rank 0 is SIGKILLed after the DCP shards of step
+  STEP's checkpoint are written and before it is complete (no meta.json, not renamed).
+- `MTP_TEST_HANG_AT_STEP=STEP`: every rank stops after step STEP (and its checkpoint) and waits
+  forever, so a test can kill the job at a known step.
+- `MTP_TEST_KILL_RANK_AT_STEP=RANK:STEP`: that rank SIGKILLs itself after step STEP, on the
+  first attempt only (`TORCHELASTIC_RESTART_COUNT` 0), so the launcher's restart can resume.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def _step_from_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_fail_during_checkpoint(step: int, rank: int) -> None:
+    if rank == 0 and _step_from_env("MTP_TEST_FAIL_DURING_CHECKPOINT") == step:
+        _kill_self()
+
+
+def maybe_hang(step: int) -> None:
+    if _step_from_env("MTP_TEST_HANG_AT_STEP") == step:
+        while True:  # killed from outside
+            time.sleep(0.1)
+
+
+def maybe_kill_rank(step: int, rank: int) -> None:
+    value = os.environ.get("MTP_TEST_KILL_RANK_AT_STEP")
+    if not value or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    kill_rank, kill_step = (int(v) for v in value.split(":"))
+    if (rank, step) == (kill_rank, kill_step):
+        _kill_self()

@@ -1,0 +1,105 @@
+"""Where training metrics go: metrics.jsonl, TensorBoard (Megatron's tags) and W&B.
+
+Only global rank 0 writes. `metrics.jsonl` is appended one JSON object per line and flushed per
+line, so a run killed at any moment leaves every earlier line whole; on resume the lines after
+the checkpoint are dropped first (`run_dir.truncate_metrics`) and TensorBoard purges the same
+steps (`purge_step`), so a resumed run's history reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtp_cli.spec.schema import RunSpec
+
+# metrics.jsonl key -> TensorBoard tag (Megatron's names). The MTP training tags are written
+# by MTPLossLoggingHelper.track_mtp_metrics itself.
+TB_TAGS = {
+    "lm_loss": "lm loss",
+    "lr": "learning-rate",
+    "grad_norm": "grad-norm",
+    "tokens_per_s": "tokens-per-second",
+    "val_lm_loss": "val lm loss",
+}
+
+
+def tb_tag(key: str) -> str:
+    """TensorBoard tag of a metrics.jsonl key: `val_mtp_2_loss` -> `val mtp_2 loss`."""
+    if key in TB_TAGS:
+        return TB_TAGS[key]
+    if key.startswith("val_mtp_") and key.endswith("_loss"):
+        return f"val {key[len('val_'):-len('_loss')]} loss"
+    return key
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage / 2**20 if sys.platform == "darwin" else usage / 2**10  # bytes vs KiB
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null rather than produce an unparseable line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard + W&B for global rank 0."""
+
+    def __init__(self, spec: RunSpec, metrics_path: Path, tb_dir: Path, *, resume_step: int,
+                 run_name: str, warn=print) -> None:
+        self.file = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+        self.tb = None
+        if spec.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(tb_dir), purge_step=resume_step + 1)
+        self.wandb = _init_wandb(spec, run_name, metrics_path.parent, warn)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one line to metrics.jsonl and flush it."""
+        line = json.dumps({k: _clean(v) for k, v in record.items()})
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """TensorBoard and W&B scalars (metrics.jsonl keys, translated to Megatron's tags)."""
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(tb_tag(key), value, step)
+        if self.wandb is not None:
+            self.wandb.log({tb_tag(k): v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _init_wandb(spec: RunSpec, run_name: str, run_dir: Path, warn) -> Any:
+    """The `wandb` module after `wandb.init`, when installed and a project is set; else None."""
+    project = spec.logging.wandb_project
+    if not project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        warn(f"logging.wandb_project is {project!r} but wandb is not installed: "
+             "logging to metrics.jsonl and TensorBoard only")
+        return None
+    wandb.init(project=project, name=run_name, dir=str(run_dir), resume="allow",
+               config=spec.model_dump(mode="json"))
+    return wandb

@@ -1,0 +1,217 @@
+"""The training loop of one worker process: build, resume, step, log, validate, checkpoint.
+
+Every rank runs the same loop (collectives inside); global rank 0 alone writes metrics, shows
+progress and publishes checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.distributed as dist
+
+from mtp_cli.builders.model_builder import build_model
+from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
+from mtp_cli.parallel import ParallelDims, apply_data_parallel, build_mesh, unwrap_model
+from mtp_cli.spec.schema import RunSpec
+from mtp_cli.train import faults
+from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
+from mtp_cli.train.data import MicroBatchLoader, build_datasets
+from mtp_cli.train.distributed import DistEnv
+from mtp_cli.train.metrics import MetricsWriter, peak_memory_mb
+from mtp_cli.train.optim import build_optimizer, build_scheduler
+from mtp_cli.train.progress import ProgressReporter
+from mtp_cli.train.run_dir import RunDir, truncate_metrics
+from mtp_cli.train.step import StepOutput, StepSettings, evaluate, train_step
+
+
+@dataclass
+class IntervalTotals:
+    """Sums over the steps since the last metrics line (averaged when it is written)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    lm_loss: float = 0.0
+    mtp_losses: dict[str, float] = field(default_factory=dict)  # track_mtp_metrics fills it
+    acceptance: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains `spec` in `run_dir` on this process's share of the job."""
+
+    def __init__(self, spec: RunSpec, run_dir: RunDir, env: DistEnv, *,
+                 allow_imports: bool = False) -> None:
+        self.spec, self.run_dir, self.env = spec, run_dir, env
+        self.dims = ParallelDims.from_spec(spec, env.world_size)
+        self.mesh = build_mesh(self.dims, env.device.type)
+        self.train_set, self.val_set = build_datasets(spec)
+        self.loader = self._loader(self.train_set)
+        self.gpt = build_model(spec, env.device, allow_imports=allow_imports)
+        self.gpt.groups = self.mesh.model_groups()
+        self.model = apply_data_parallel(self.gpt, self.mesh, fsdp=spec.parallel.fsdp,
+                                         device=env.device)
+        self.optimizer = build_optimizer(self.model, spec.train)
+        self.scheduler = build_scheduler(self.optimizer, spec.train)
+        self.parts = Stateful(self.model, self.optimizer, self.scheduler, self.loader)
+        self.checkpointer = Checkpointer(run_dir, spec, self.dims, rank=env.rank,
+                                         device=env.device)
+        self.num_microbatches = self.dims.num_microbatches(spec)
+        self.settings = StepSettings(
+            num_microbatches=self.num_microbatches,
+            per_token_loss=spec.train.calculate_per_token_loss, grad_clip=spec.train.grad_clip,
+            bf16=spec.train.bf16, device=env.device, dp_cp_size=self.dims.dp_cp,
+            dp_cp_group=self.mesh.dp_cp_group if self.dims.dp_cp > 1 else None,
+        )
+        self.tokens_per_step = spec.train.global_batch_size * spec.model.seq_length
+        self.depths = spec.mtp.num_layers
+        self.state = TrainState()
+        self.is_main = env.rank == 0
+        self.writer: MetricsWriter | None = None
+        self.progress: ProgressReporter | None = None
+
+    def _loader(self, dataset: Any) -> MicroBatchLoader:
+        return MicroBatchLoader(
+            dataset, micro_batch_size=self.spec.train.micro_batch_size,
+            dp_rank=self.mesh.dp_rank, dp_size=self.dims.dp, seed=self.spec.train.seed,
+            packed=self.spec.data.packed, cp_rank=self.mesh.cp_rank, cp_size=self.dims.cp,
+        )
+
+    # --- the whole run -------------------------------------------------------------------------
+    def run(self) -> None:
+        self._resume()
+        train = self.spec.train
+        if self.is_main:
+            self.writer = MetricsWriter(self.spec, self.run_dir.metrics, self.run_dir.tb,
+                                        resume_step=self.state.step,
+                                        run_name=self.run_dir.root.name, warn=print)
+            self.progress = ProgressReporter(train.steps, self.state.step, self.depths)
+        try:
+            self._loop()
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+            if self.writer is not None:
+                self.writer.close()
+
+    def _resume(self) -> None:
+        box = [None]
+        if self.is_main:
+            self.run_dir.remove_stale_temporaries()
+            latest = self.run_dir.latest_checkpoint()
+            box = [str(latest) if latest is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            self.state = self.checkpointer.load(self.run_dir.root / box[0], self.parts)
+            if self.is_main:
+                print(f"resumed from {box[0]} (step {self.state.step})", flush=True)
+        if self.is_main:
+            truncate_metrics(self.run_dir.metrics, self.state.step)
+        dist.barrier()
+
+    def _loop(self) -> None:
+        train, checkpoint = self.spec.train, self.spec.checkpoint
+        totals = IntervalTotals()
+        last_eval = last_save = self.state.step
+        output = None
+        while self.state.step < train.steps:
+            output = self._step(totals)
+            step = self.state.step
+            if step % train.log_interval == 0 or step == train.steps:
+                self._log(totals, output)
+                totals = IntervalTotals()
+            faults.maybe_kill_rank(step, self.env.rank)
+            if train.eval_interval and step % train.eval_interval == 0:
+                self._validate()
+                last_eval = step
+            if checkpoint.interval and step % checkpoint.interval == 0:
+                self._save(output)
+                last_save = step
+            faults.maybe_hang(step)
+        if train.eval_interval and last_eval != self.state.step:
+            self._validate()
+        if output is not None and last_save != self.state.step:
+            self._save(output)
+        if self.progress is not None:
+            self.progress.note(f"finished: step {self.state.step}, {self.state.tokens} tokens; "
+                               f"run directory {self.run_dir.root}")
+
+    # --- one step ------------------------------------------------------------------------------
+    def _step(self, totals: IntervalTotals) -> StepOutput:
+        started = time.perf_counter()
+        self.mtp_loss_scale = self.spec.mtp.loss_scale_at(self.state.tokens)
+        self.gpt.set_mtp_loss_scaling_factor(self.mtp_loss_scale)
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        batches = [self.loader.next_batch() for _ in range(self.num_microbatches)]
+        output = train_step(self.model, self.optimizer, batches, self.settings)
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.tokens += self.tokens_per_step
+        step = self.state.step
+        tb = self.writer.tb if self.writer is not None else None
+        wandb = self.writer.wandb if self.writer is not None else None
+        self.mtp_metrics = MTPLossLoggingHelper.track_mtp_metrics(step, tb, wandb,
+                                                                  totals.mtp_losses)
+        seconds = time.perf_counter() - started
+        totals.steps += 1
+        totals.seconds += seconds
+        totals.lm_loss += output.lm_loss
+        for name, value in self.mtp_metrics.items():
+            if name.endswith("_acceptance_rate") and "cumulative" not in name:
+                totals.acceptance[name] = totals.acceptance.get(name, 0.0) + value
+        if self.writer is not None:
+            self.writer.scalars(step, {"lm_loss": output.lm_loss, "lr": self.lr,
+                                       "grad_norm": output.grad_norm,
+                                       "tokens_per_s": self.tokens_per_step / seconds})
+        return output
+
+    def _log(self, totals: IntervalTotals, output: StepOutput) -> None:
+        """One metrics.jsonl line: losses and rates averaged over the interval's steps."""
+        if self.writer is None:
+            return
+        n = totals.steps
+        record: dict[str, Any] = {"step": self.state.step, "tokens": self.state.tokens,
+                                  "lm_loss": totals.lm_loss / n}
+        for k in range(1, self.depths + 1):
+            record[f"mtp_{k}_loss"] = totals.mtp_losses.get(f"mtp_{k} loss", 0.0) / n
+            record[f"mtp_{k}_acceptance_rate"] = totals.acceptance.get(
+                f"mtp_{k}_acceptance_rate", 0.0) / n
+            record[f"mtp_{k}_cumulative_acceptance_rate"] = self.mtp_metrics.get(
+                f"mtp_{k}_cumulative_acceptance_rate", 0.0)
+        record.update({
+            "lr": self.lr, "grad_norm": output.grad_norm,
+            "tokens_per_s": self.tokens_per_step * n / totals.seconds,
+            "peak_memory_mb": peak_memory_mb(self.env.device),
+            "mtp_loss_scale": self.mtp_loss_scale, "time": round(time.time(), 3),
+        })
+        self.writer.write(record)
+        self.last_record = record
+        self.progress.update(self.state.step, record)
+
+    # --- validation and checkpoints ------------------------------------------------------------
+    def _validate(self) -> None:
+        eval_model = unwrap_model(self.model)
+        self.gpt.track_mtp_in_eval = True
+        eval_model.eval()
+        try:
+            result = evaluate(eval_model, self._loader(self.val_set),
+                              self.spec.train.eval_steps * self.num_microbatches, self.settings,
+                              self.depths)
+        finally:
+            eval_model.train()
+            self.gpt.track_mtp_in_eval = False
+        if self.writer is not None:
+            self.writer.write({"step": self.state.step, "tokens": self.state.tokens,
+                               "split": "val", **result})
+            self.writer.scalars(self.state.step, result)
+            text = " | ".join(f"{k[4:]} {v:.4f}" for k, v in result.items())
+            self.progress.note(f"validation at step {self.state.step}: {text}")
+
+    def _save(self, output: StepOutput) -> None:
+        losses = {"lm_loss": output.lm_loss}
+        losses.update({f"mtp_{k}_loss": self.mtp_metrics.get(f"mtp_{k} loss", 0.0)
+                       for k in range(1, self.depths + 1)})
+        path = self.checkpointer.save(self.parts, self.state, losses)
+        if self.progress is not None:
+            self.progress.note(f"saved checkpoint {path.name}")

@@ -1,0 +1,52 @@
+"""The worker entry point: `python -m mtp_cli.train.worker --run-dir DIR --spec JSON`.
+
+The launcher (`mtp train`) starts one of these per device through torch.distributed's elastic
+agent, with the resolved spec as JSON (so a restart never rereads an edited spec file).
+A `UserError` exits 2 with its message; anything else is recorded by torchelastic's `record`
+so the launcher can show the failing rank's traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from mtp_cli.errors import UserError
+from mtp_cli.train.distributed import distributed, exit_with_launcher
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mtp_cli.train.worker")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--spec", required=True, help="the resolved RunSpec as JSON")
+    parser.add_argument("--allow-imports", action="store_true")
+    return parser.parse_args(argv)
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    exit_with_launcher()
+    args = parse_args(argv)
+    from pathlib import Path
+
+    from mtp_cli.spec.loader import load_spec
+    from mtp_cli.train.run_dir import RunDir
+    from mtp_cli.train.trainer import Trainer
+
+    try:
+        spec = load_spec(json.loads(args.spec), allow_imports=args.allow_imports)
+        with distributed() as env:
+            Trainer(spec, RunDir(Path(args.run_dir)), env,
+                    allow_imports=args.allow_imports).run()
+    except UserError as error:
+        for line in error.render().splitlines():
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
