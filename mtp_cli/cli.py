@@ -200,8 +200,8 @@ def train(
         rdzv_id=rdzv_id, max_restarts=max_restarts, overwrite=overwrite,
         allow_imports=allow_imports,
     )
-    code = launch(run_spec, options, echo=lambda text: console.print(text, highlight=False,
-                                                                     markup=False))
+    code = launch(run_spec, options, echo=lambda text: console.print(
+        text, highlight=False, markup=False, soft_wrap=True))
     if code:
         raise typer.Exit(code)
 

@@ -40,3 +40,14 @@ def test_model_parallel_is_refused_until_it_lands():
     assert "parallel.pipeline = 2 is not supported yet" in text
     assert "model-parallel" in text and "context-parallel" in text
     ParallelDims.from_spec(spec(), 4).check_supported()  # data parallel alone is fine
+
+
+def test_launcher_checks_flags_before_anything_else(tmp_path):
+    from mtp_cli.train.launcher import LaunchOptions, plan_launch
+
+    with pytest.raises(UserError, match="--nnodes > 1 needs --rdzv-endpoint"):
+        plan_launch(spec(), LaunchOptions(run_dir=tmp_path / "run", nnodes=2))
+    with pytest.raises(UserError, match=r"--node-rank 2 is not in \[0, --nnodes\)"):
+        plan_launch(spec(), LaunchOptions(run_dir=tmp_path / "run", nnodes=2, node_rank=2,
+                                          rdzv_endpoint="localhost:1"))
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -29,7 +30,7 @@ def test_lr_warms_up_linearly_then_follows_the_cosine_to_min_lr():
     assert lr_at(11, TRAIN) == pytest.approx(0.1)  # the last step uses min_lr
     assert lr_at(50, TRAIN) == pytest.approx(0.1)  # past the schedule: stays at min_lr
     rates = [lr_at(i, TRAIN) for i in range(1, 12)]
-    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(rates))
 
 
 def test_no_warmup_starts_at_the_peak():

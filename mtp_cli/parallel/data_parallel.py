@@ -8,6 +8,7 @@ a 2-D (dp, tp) mesh can), so nothing here assumes plain tensors.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -30,9 +31,14 @@ def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, *, fsdp: bool,
         fully_shard(model, mesh=mesh.dp_cp_mesh)
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    # broadcast_buffers=False: the only buffers (rotary frequencies) are constants.
+    # The only buffers (rotary frequencies) are constants: no broadcast before every forward.
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}  # torch < 2.13
+    )
     return DistributedDataParallel(model, device_ids=device_ids, process_group=mesh.dp_cp_group,
-                                   broadcast_buffers=False)
+                                   **no_buffer_sync)
 
 
 def _shardable_layers(model: nn.Module) -> list[nn.Module]:

@@ -193,6 +193,10 @@ def launch(spec: RunSpec, options: LaunchOptions, *, echo: Callable[[str], None]
         if plan.resume_step is not None:
             echo(f"{run_dir.root}: resuming from step {plan.resume_step}")
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+        # The c10d rendezvous shares its TCPStore with the workers' process group by default,
+        # and a restarted group then reads the dead group's gloo/nccl addresses from it
+        # (pytorch/pytorch#135712): give every attempt its own store instead.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
         if "OMP_NUM_THREADS" not in os.environ and options.nproc > 1:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
                 os.cpu_count() or 1)

@@ -47,7 +47,7 @@ class Trainer:
         self.dims = ParallelDims.from_spec(spec, env.world_size)
         self.mesh = build_mesh(self.dims, env.device.type)
         self.train_set, self.val_set = build_datasets(spec)
-        self.loader = self._loader(self.train_set)
+        self.loader = self._loader(self.train_set, shuffle=True)
         self.gpt = build_model(spec, env.device, allow_imports=allow_imports)
         self.gpt.groups = self.mesh.model_groups()
         self.model = apply_data_parallel(self.gpt, self.mesh, fsdp=spec.parallel.fsdp,
@@ -71,11 +71,14 @@ class Trainer:
         self.writer: MetricsWriter | None = None
         self.progress: ProgressReporter | None = None
 
-    def _loader(self, dataset: Any) -> MicroBatchLoader:
+    def _loader(self, dataset: Any, *, shuffle: bool) -> MicroBatchLoader:
+        """This rank's stream; validation reads its windows in order, from the start each time."""
+        train = self.spec.train
         return MicroBatchLoader(
-            dataset, micro_batch_size=self.spec.train.micro_batch_size,
-            dp_rank=self.mesh.dp_rank, dp_size=self.dims.dp, seed=self.spec.train.seed,
-            packed=self.spec.data.packed, cp_rank=self.mesh.cp_rank, cp_size=self.dims.cp,
+            dataset, micro_batch_size=train.micro_batch_size, dp_rank=self.mesh.dp_rank,
+            dp_size=self.dims.dp, seed=train.seed, packed=self.spec.data.packed,
+            cp_rank=self.mesh.cp_rank, cp_size=self.dims.cp,
+            global_batch_size=train.global_batch_size, shuffle=shuffle,
         )
 
     # --- the whole run -------------------------------------------------------------------------
@@ -100,10 +103,10 @@ class Trainer:
         if self.is_main:
             self.run_dir.remove_stale_temporaries()
             latest = self.run_dir.latest_checkpoint()
-            box = [str(latest) if latest is not None else None]
+            box = [latest.name if latest is not None else None]
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
-            self.state = self.checkpointer.load(self.run_dir.root / box[0], self.parts)
+            self.state = self.checkpointer.load(self.run_dir.checkpoints / box[0], self.parts)
             if self.is_main:
                 print(f"resumed from {box[0]} (step {self.state.step})", flush=True)
         if self.is_main:
@@ -195,7 +198,7 @@ class Trainer:
         self.gpt.track_mtp_in_eval = True
         eval_model.eval()
         try:
-            result = evaluate(eval_model, self._loader(self.val_set),
+            result = evaluate(eval_model, self._loader(self.val_set, shuffle=False),
                               self.spec.train.eval_steps * self.num_microbatches, self.settings,
                               self.depths)
         finally:

@@ -1,0 +1,124 @@
+"""Crash safety of `mtp train`, with real processes: a job SIGKILLed as a whole resumes from its
+last complete checkpoint with the losses of an uninterrupted run, leaving no orphan worker; a
+checkpoint interrupted while being written is never taken as latest; `--max-restarts` restarts
+a group that lost a worker; a finished run says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.cli_helpers import REPO_ROOT
+from tests.train_helpers import (
+    assert_same_losses,
+    make_corpus,
+    metrics,
+    run_train,
+    train_args,
+    worker_pids,
+)
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus):
+    """The reference: the same two-process run, never interrupted."""
+    run_dir = tmp_path_factory.mktemp("runs") / "whole"
+    result = run_train(run_dir, corpus, nproc=2)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def wait_for_step(run_dir, step, process, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        try:
+            if any(x["step"] == step for x in metrics(run_dir)[0]):
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached")
+
+
+def test_sigkill_of_the_whole_job_resumes_with_the_same_losses(tmp_path, corpus, uninterrupted):
+    run_dir = tmp_path / "killed"
+    job = subprocess.Popen(train_args(run_dir, corpus, nproc=2), cwd=REPO_ROOT,
+                           env={**os.environ, "MTP_TEST_HANG_AT_STEP": "6"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    wait_for_step(run_dir, 6, job)
+    assert len(worker_pids(run_dir)) == 2
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher's process group: workers have their own
+    job.wait()
+    deadline = time.monotonic() + 10
+    while worker_pids(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker_pids(run_dir) == []  # no orphan outlives its launcher
+    assert (run_dir / "checkpoints/latest").read_text() == "step_0000004\n"
+
+    result = run_train(run_dir, corpus, nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from step 4" in result.stdout
+    assert_same_losses(uninterrupted, run_dir, 1e-6)  # also: steps 5, 6 appear once
+
+
+def test_interrupted_checkpoint_is_never_latest(tmp_path, corpus, uninterrupted):
+    run_dir = tmp_path / "torn"
+    result = run_train(run_dir, corpus, nproc=2,
+                       env={"MTP_TEST_FAIL_DURING_CHECKPOINT": "8"})
+    assert result.returncode != 0
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_0000004\n"
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert "step_0000008" not in names
+    torn = [n for n in names if n.startswith("step_0000008.tmp-")]
+    assert len(torn) == 1 and (checkpoints / torn[0] / ".metadata").exists()  # shards written
+    assert not (checkpoints / torn[0] / "meta.json").exists()
+
+    result = run_train(run_dir, corpus, nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from step 4" in result.stdout
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "latest", "step_0000008", "step_0000010"]  # the torn one is gone
+    assert_same_losses(uninterrupted, run_dir, 1e-6)
+
+
+def test_max_restarts_restarts_the_group_after_a_worker_dies(tmp_path, corpus, uninterrupted):
+    run_dir = tmp_path / "restarted"
+    result = run_train(run_dir, corpus, nproc=2, flags=("--max-restarts", "1"),
+                       env={"MTP_TEST_KILL_RANK_AT_STEP": "1:6"})
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout and "step 4" in result.stdout
+    assert (run_dir / "checkpoints/latest").read_text() == "step_0000010\n"
+    assert_same_losses(uninterrupted, run_dir, 1e-6)
+
+
+def test_without_restarts_a_dead_worker_fails_the_job(tmp_path, corpus):
+    result = run_train(tmp_path / "dead", corpus, "train.steps=3", "checkpoint.interval=0",
+                       "train.eval_interval=0", nproc=2,
+                       env={"MTP_TEST_KILL_RANK_AT_STEP": "1:2"})
+    assert result.returncode == 1
+    assert "SIGKILL" in result.stderr
+
+
+def test_finished_run_says_so_and_overwrite_starts_afresh(uninterrupted, corpus):
+    result = run_train(uninterrupted, corpus, nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert "already finished" in result.stdout and "step 10" in result.stdout
+    changed = run_train(uninterrupted, corpus, "model.hidden_size=64", nproc=2)
+    assert changed.returncode == 2
+    assert "model differs from the checkpoint" in changed.stderr
+    assert "Traceback" not in changed.stderr

@@ -1,0 +1,91 @@
+"""Helpers for the `mtp train` tests: a small corpus, tiny overrides, real launches, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from tests.cli_helpers import REPO_ROOT
+
+# Tiny enough for a few seconds per run on 2 shared cores; 4 micro-batches per step at DP1.
+TINY = [
+    "model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
+    "model.num_query_groups=2", "model.ffn_hidden_size=64", "model.seq_length=32",
+    "train.steps=10", "train.micro_batch_size=2", "train.global_batch_size=8",
+    "train.warmup_steps=2", "train.eval_interval=5", "train.eval_steps=1",
+    "checkpoint.interval=4", "checkpoint.keep_last=2",
+]
+LOSS_KEYS = ("lm_loss", "mtp_1_loss", "mtp_2_loss")
+TIMEOUT = 600
+
+
+def make_corpus(directory: Path) -> Path:
+    """A few standard-library sources copied into `directory` (~100 KB of text)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("json/encoder.py", "json/decoder.py", "textwrap.py", "string.py", "bisect.py",
+                 "heapq.py", "fnmatch.py", "shlex.py"):
+        shutil.copy(stdlib / name, directory / name.replace("/", "_"))
+    return directory
+
+
+def train_args(run_dir: Path, corpus: Path, *extra: str, nproc: int = 1) -> list[str]:
+    return [sys.executable, "-m", "mtp_cli", "train", "specs/tiny.yaml", *TINY,
+            f"data.path={corpus}", *extra, "--run-dir", str(run_dir), "--nproc", str(nproc)]
+
+
+def run_train(run_dir: Path, corpus: Path, *extra: str, nproc: int = 1,
+              env: dict[str, str] | None = None, flags: tuple[str, ...] = ()
+              ) -> subprocess.CompletedProcess[str]:
+    """One `mtp train` launch, to completion."""
+    args = train_args(run_dir, corpus, *extra, nproc=nproc) + list(flags)
+    return subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+                          env={**os.environ, **(env or {})})
+
+
+def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training lines, validation lines) of a run's metrics.jsonl."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "split" not in x], [x for x in lines if x.get("split") == "val"]
+
+
+def assert_same_losses(run_a: Path, run_b: Path, tolerance: float) -> None:
+    """Per-step lm and MTP losses (and validation losses) agree to `tolerance`."""
+    (train_a, val_a), (train_b, val_b) = metrics(run_a), metrics(run_b)
+    assert [x["step"] for x in train_a] == [x["step"] for x in train_b] == list(range(1, 11))
+    for a, b in zip(train_a, train_b, strict=True):
+        for key in LOSS_KEYS:
+            assert abs(a[key] - b[key]) <= tolerance, (a["step"], key, a[key], b[key])
+    assert [x["step"] for x in val_a] == [x["step"] for x in val_b]
+    for a, b in zip(val_a, val_b, strict=True):
+        for key in ("val_lm_loss", "val_mtp_1_loss", "val_mtp_2_loss"):
+            assert abs(a[key] - b[key]) <= tolerance, (a["step"], key, a[key], b[key])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def worker_pids(run_dir: Path) -> list[int]:
+    """Live worker processes of the job writing `run_dir` (from /proc)."""
+    found = []
+    marker = str(run_dir.resolve()).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if b"mtp_cli.train.worker" in cmdline and marker in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
