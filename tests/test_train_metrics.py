@@ -1,0 +1,46 @@
+"""metrics.jsonl lines, TensorBoard tag names and the plain progress lines."""
+
+from __future__ import annotations
+
+import json
+
+from mtp_cli import load_spec
+from mtp_cli.train.metrics import MetricsWriter, tb_tag
+from mtp_cli.train.progress import ProgressReporter, format_duration, summary_text
+
+RECORD = {"step": 3, "tokens": 96, "lm_loss": 2.5, "mtp_1_loss": 2.75, "mtp_2_loss": 3.0,
+          "tokens_per_s": 12345.0}
+
+
+def test_tensorboard_tags_are_megatrons():
+    assert [tb_tag(k) for k in ("lm_loss", "lr", "grad_norm", "tokens_per_s", "val_lm_loss",
+                                "val_mtp_2_loss")] == [
+        "lm loss", "learning-rate", "grad-norm", "tokens-per-second", "val lm loss",
+        "val mtp_2 loss"]
+
+
+def test_metrics_lines_are_flushed_and_stay_json(tmp_path):
+    spec = load_spec("specs/tiny.yaml", ["logging.tensorboard=false"])
+    writer = MetricsWriter(spec, tmp_path / "metrics.jsonl", tmp_path / "tb", resume_step=0,
+                           run_name="t")
+    writer.write({"step": 1, "lm_loss": 2.0})
+    # flushed per line: readable before close, as by a process watching a live run
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "lm_loss": 2.0}
+    writer.write({"step": 2, "lm_loss": float("nan")})
+    writer.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[1]) == {"step": 2, "lm_loss": None}
+    assert not (tmp_path / "tb").exists()
+
+
+def test_plain_progress_lines(capsys):
+    assert summary_text(RECORD, 2) == "lm 2.5000 | mtp_1 2.7500 | mtp_2 3.0000 | 12.3k tok/s"
+    assert format_duration(3725) == "1h02m05s" and format_duration(65) == "1m05s"
+    progress = ProgressReporter(total_steps=10, start_step=2, depths=2, live=False)
+    progress.update(3, RECORD)
+    progress.note("saved checkpoint step_0000004")
+    progress.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("step 3/10 | lm 2.5000 | mtp_1 2.7500 | mtp_2 3.0000 | 12.3k tok/s")
+    assert out[0].split(" | ")[-1].startswith("eta ")
+    assert out[1] == "saved checkpoint step_0000004"
