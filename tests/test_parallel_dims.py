@@ -6,7 +6,7 @@ import pytest
 
 from mtp_cli import load_spec
 from mtp_cli.errors import UserError
-from mtp_cli.parallel import ParallelDims
+from mtp_cli.parallel.dims import ParallelDims
 
 
 def spec(*overrides: str):

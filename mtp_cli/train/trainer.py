@@ -14,7 +14,9 @@ import torch.distributed as dist
 
 from mtp_cli.builders.model_builder import build_model
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
-from mtp_cli.parallel import ParallelDims, apply_data_parallel, build_mesh, unwrap_model
+from mtp_cli.parallel.data_parallel import apply_data_parallel, unwrap_model
+from mtp_cli.parallel.dims import ParallelDims
+from mtp_cli.parallel.mesh import build_mesh
 from mtp_cli.spec.schema import RunSpec
 from mtp_cli.train import faults
 from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
