@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -96,6 +97,19 @@ def test_interrupted_checkpoint_is_never_latest(tmp_path, corpus, uninterrupted)
     assert_same_losses(uninterrupted, run_dir, 1e-6)
 
 
+def test_resume_with_another_number_of_processes(tmp_path, corpus, uninterrupted):
+    """A two-process checkpoint resumes in one process: DCP reshards, the data stream moves."""
+    run_dir = tmp_path / "resharded"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "checkpoints/latest").write_text("step_0000008\n")
+    result = run_train(run_dir, corpus, nproc=1)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from step 8" in result.stdout
+    meta = json.loads((run_dir / "checkpoints/step_0000010/meta.json").read_text())
+    assert meta["world_size"] == 1
+    assert_same_losses(uninterrupted, run_dir, 1e-5)
+
+
 def test_max_restarts_restarts_the_group_after_a_worker_dies(tmp_path, corpus, uninterrupted):
     run_dir = tmp_path / "restarted"
     result = run_train(run_dir, corpus, nproc=2, flags=("--max-restarts", "1"),
@@ -118,7 +132,9 @@ def test_finished_run_says_so_and_overwrite_starts_afresh(uninterrupted, corpus)
     result = run_train(uninterrupted, corpus, nproc=2)
     assert result.returncode == 0, result.stderr
     assert "already finished" in result.stdout and "step 10" in result.stdout
-    changed = run_train(uninterrupted, corpus, "model.hidden_size=64", nproc=2)
-    assert changed.returncode == 2
-    assert "model differs from the checkpoint" in changed.stderr
-    assert "Traceback" not in changed.stderr
+    for override, message in (("model.hidden_size=64", "model differs from the checkpoint"),
+                              ("train.global_batch_size=16", "global batches of 8")):
+        changed = run_train(uninterrupted, corpus, override, nproc=2)
+        assert changed.returncode == 2
+        assert message in changed.stderr.replace("\n", " ")
+        assert "Traceback" not in changed.stderr

@@ -67,6 +67,6 @@ def test_the_mtp_term_reaches_the_gradient():
         model = build_model(spec)
         before = model.mtp.layers["0"].eh_proj.weight.detach().clone()
         step_once(model, [batch(tokens)], 1, False)
-        moved[weight] = float((model.mtp.layers["0"].eh_proj.weight - before).abs().max())
+        moved[weight] = float((model.mtp.layers["0"].eh_proj.weight.detach() - before).abs().max())
     assert moved[0.0] == 0.0 and moved[1.0] > 1e-4
     MTPLossAutoScaler.set_loss_scale(1.0)

@@ -173,19 +173,38 @@ class Checkpointer:
 
     # --- load ----------------------------------------------------------------------------------
     def load(self, path: Path, parts: Stateful) -> TrainState:
-        """Restore everything from checkpoint directory `path`; returns the step and tokens."""
+        """Restore everything from checkpoint directory `path`; returns the step and tokens.
+
+        The checkpoint may come from another number of processes: DCP reshards the model and
+        optimizer, the data position is converted by the loader (every rank drew as many
+        micro-batches, so rank 0's position serves a rank the checkpoint did not have), and a
+        rank without a saved RNG state keeps its freshly seeded one.
+        """
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         state = self._state_dict(parts, TrainState())
+        rng_key, data_key = f"rng.rank{self.rank}", f"data.rank{self.rank}"
+        if not _has(stored, rng_key):
+            del state[rng_key]
+        if not _has(stored, data_key):
+            state["data.rank0"] = state.pop(data_key)
+            data_key = "data.rank0"
         dcp.load(state, checkpoint_id=path, planner=SafeLoadPlanner())
         set_state_dict(parts.model, parts.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         load_scheduler_state(parts.scheduler, state["scheduler"])
-        set_rng_state(state[f"rng.rank{self.rank}"], self.device)
-        parts.loader.load_state_dict({k: int(v) for k, v in state[f"data.rank{self.rank}"].items()})
+        if rng_key in state:
+            set_rng_state(state[rng_key], self.device)
+        parts.loader.load_state_dict({k: int(v) for k, v in state[data_key].items()})
         trainer = state["trainer"]
         if "mtp_correct" in trainer:
             MTPLossLoggingHelper.load_state_dict(
                 {"correct": trainer["mtp_correct"], "total": trainer["mtp_total"]})
         return TrainState(step=int(trainer["step"]), tokens=int(trainer["tokens"]))
+
+
+def _has(stored: dict[str, Any], prefix: str) -> bool:
+    """Whether the checkpoint holds an entry under `prefix` (DCP flattens nested dicts)."""
+    return any(key == prefix or key.startswith(prefix + ".") for key in stored)
 
 
 def _fsync_directory(path: Path) -> None:

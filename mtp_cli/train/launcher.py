@@ -104,11 +104,12 @@ def check_resume(spec: RunSpec, run_dir: RunDir, options: LaunchOptions) -> tupl
             raise UserError(problems=[Problem(
                 f"{where} differs from the checkpoint in {latest}", key=where,
                 hint="pass --overwrite to start afresh, or another --run-dir")])
-    if meta.get("world_size") != options.world_size:
+    old_batch = stored.get("train", {}).get("global_batch_size")
+    if old_batch != spec.train.global_batch_size:
         raise UserError(problems=[Problem(
-            f"the checkpoint {latest.name} was written by {meta.get('world_size')} processes; "
-            f"resuming with {options.world_size} is not supported yet",
-            hint="use the same --nproc x --nnodes, or --overwrite")])
+            f"the checkpoint {latest.name} was trained with global batches of {old_batch}; "
+            f"its data position cannot move to {spec.train.global_batch_size}",
+            key="train.global_batch_size", hint="keep the batch size, or --overwrite")])
     step = int(meta["step"])
     return step, step >= spec.train.steps
 

@@ -6,10 +6,12 @@ progress and publishes checkpoints.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from mtp_cli.builders.model_builder import build_model
@@ -29,6 +31,13 @@ from mtp_cli.train.run_dir import RunDir, truncate_metrics
 from mtp_cli.train.step import StepOutput, StepSettings, evaluate, train_step
 
 
+def seed_everything(seed: int) -> None:
+    """Seed the global generators (dropout, Python's random) the same on every data-parallel
+    rank, as Megatron does; parameters have their own per-name generators."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
 @dataclass
 class IntervalTotals:
     """Sums over the steps since the last metrics line (averaged when it is written)."""
@@ -46,6 +55,7 @@ class Trainer:
     def __init__(self, spec: RunSpec, run_dir: RunDir, env: DistEnv, *,
                  allow_imports: bool = False) -> None:
         self.spec, self.run_dir, self.env = spec, run_dir, env
+        seed_everything(spec.train.seed)
         self.dims = ParallelDims.from_spec(spec, env.world_size)
         self.mesh = build_mesh(self.dims, env.device.type)
         self.train_set, self.val_set = build_datasets(spec)
@@ -72,6 +82,10 @@ class Trainer:
         self.is_main = env.rank == 0
         self.writer: MetricsWriter | None = None
         self.progress: ProgressReporter | None = None
+        # what the last step used and logged (for its metrics line and the checkpoint)
+        self.lr = spec.train.lr
+        self.mtp_loss_scale = spec.mtp.loss_scale_at(0)
+        self.mtp_metrics: dict[str, float] = {}
 
     def _loader(self, dataset: Any, *, shuffle: bool) -> MicroBatchLoader:
         """This rank's stream; validation reads its windows in order, from the start each time."""
@@ -116,28 +130,23 @@ class Trainer:
         dist.barrier()
 
     def _loop(self) -> None:
+        """Step; log every log_interval; validate and checkpoint on their intervals and after
+        the last step (validation first, so the final checkpoint follows every line)."""
         train, checkpoint = self.spec.train, self.spec.checkpoint
         totals = IntervalTotals()
-        last_eval = last_save = self.state.step
-        output = None
         while self.state.step < train.steps:
             output = self._step(totals)
             step = self.state.step
-            if step % train.log_interval == 0 or step == train.steps:
+            last = step == train.steps
+            if step % train.log_interval == 0 or last:
                 self._log(totals, output)
                 totals = IntervalTotals()
             faults.maybe_kill_rank(step, self.env.rank)
-            if train.eval_interval and step % train.eval_interval == 0:
+            if train.eval_interval and (step % train.eval_interval == 0 or last):
                 self._validate()
-                last_eval = step
-            if checkpoint.interval and step % checkpoint.interval == 0:
+            if last or (checkpoint.interval and step % checkpoint.interval == 0):
                 self._save(output)
-                last_save = step
             faults.maybe_hang(step)
-        if train.eval_interval and last_eval != self.state.step:
-            self._validate()
-        if output is not None and last_save != self.state.step:
-            self._save(output)
         if self.progress is not None:
             self.progress.note(f"finished: step {self.state.step}, {self.state.tokens} tokens; "
                                f"run directory {self.run_dir.root}")
@@ -191,7 +200,6 @@ class Trainer:
             "mtp_loss_scale": self.mtp_loss_scale, "time": round(time.time(), 3),
         })
         self.writer.write(record)
-        self.last_record = record
         self.progress.update(self.state.step, record)
 
     # --- validation and checkpoints ------------------------------------------------------------

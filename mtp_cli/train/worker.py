@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -30,8 +31,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     exit_with_launcher()
     args = parse_args(argv)
-    from pathlib import Path
-
     from mtp_cli.spec.loader import load_spec
     from mtp_cli.train.run_dir import RunDir
     from mtp_cli.train.trainer import Trainer
