@@ -44,3 +44,30 @@ def test_plain_progress_lines(capsys):
     assert out[0].startswith("step 3/10 | lm 2.5000 | mtp_1 2.7500 | mtp_2 3.0000 | 12.3k tok/s")
     assert out[0].split(" | ")[-1].startswith("eta ")
     assert out[1] == "saved checkpoint step_0000004"
+
+
+def test_log_interval_averages_every_step_of_the_interval():
+    """With log_interval 2, the line carries the mean of both steps' losses (the tracker's
+    totals are accumulated, never overwritten) and the latest cumulative acceptance rate."""
+    import torch
+
+    from mtp_cli.mtp import MTPLossLoggingHelper
+    from mtp_cli.train.metrics import IntervalMetrics
+
+    totals = IntervalMetrics()
+    for step, (lm, depth_losses, hits) in enumerate(
+            [(3.0, (4.0, 5.0), (1.0, 0.0)), (2.0, (2.0, 3.0), (3.0, 2.0))], start=1):
+        for depth, loss in enumerate(depth_losses):
+            MTPLossLoggingHelper.save_loss_to_tracker(torch.tensor(loss), depth, 2)
+            MTPLossLoggingHelper.save_acceptance_to_tracker(
+                torch.tensor(hits[depth]), torch.tensor(4.0), depth, 2)
+        metrics = MTPLossLoggingHelper.track_mtp_metrics(step, None, None, totals.mtp_losses)
+        totals.add(lm, 0.5, metrics)
+    line = totals.averages(2, metrics)
+    assert line == {
+        "lm_loss": 2.5, "mtp_1_loss": 3.0, "mtp_2_loss": 4.0,
+        "mtp_1_acceptance_rate": (25.0 + 75.0) / 2, "mtp_2_acceptance_rate": (0.0 + 50.0) / 2,
+        "mtp_1_cumulative_acceptance_rate": 100 * 4 / 8,
+        "mtp_2_cumulative_acceptance_rate": 100 * 2 / 8,
+    }
+    assert totals.steps == 2 and totals.seconds == 1.0

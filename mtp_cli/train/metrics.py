@@ -12,6 +12,7 @@ import json
 import math
 import resource
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,43 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return usage / 2**20 if sys.platform == "darwin" else usage / 2**10  # bytes vs KiB
+
+
+@dataclass
+class IntervalMetrics:
+    """Sums over the steps since the last metrics line, averaged when the line is written.
+
+    `mtp_losses` is the `total_loss_dict` that `MTPLossLoggingHelper.track_mtp_metrics`
+    accumulates into (`mtp_{k} loss`, summed over the interval's steps, never overwritten).
+    """
+
+    steps: int = 0
+    seconds: float = 0.0
+    lm_loss: float = 0.0
+    mtp_losses: dict[str, float] = field(default_factory=dict)
+    acceptance: dict[str, float] = field(default_factory=dict)
+
+    def add(self, lm_loss: float, seconds: float, mtp_metrics: dict[str, float]) -> None:
+        """One step (after track_mtp_metrics filled `mtp_losses` for it)."""
+        self.steps += 1
+        self.seconds += seconds
+        self.lm_loss += lm_loss
+        for name, value in mtp_metrics.items():
+            if name.endswith("_acceptance_rate") and "cumulative" not in name:
+                self.acceptance[name] = self.acceptance.get(name, 0.0) + value
+
+    def averages(self, depths: int, mtp_metrics: dict[str, float]) -> dict[str, float]:
+        """lm and per-depth losses and acceptance rates averaged over the interval; the
+        cumulative acceptance rate as of the last step."""
+        n = max(self.steps, 1)
+        out = {"lm_loss": self.lm_loss / n}
+        for k in range(1, depths + 1):
+            out[f"mtp_{k}_loss"] = self.mtp_losses.get(f"mtp_{k} loss", 0.0) / n
+            out[f"mtp_{k}_acceptance_rate"] = self.acceptance.get(
+                f"mtp_{k}_acceptance_rate", 0.0) / n
+            out[f"mtp_{k}_cumulative_acceptance_rate"] = mtp_metrics.get(
+                f"mtp_{k}_cumulative_acceptance_rate", 0.0)
+        return out
 
 
 def _clean(value: Any) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from mtp_cli.train import faults
 from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
 from mtp_cli.train.data import MicroBatchLoader, build_datasets
 from mtp_cli.train.distributed import DistEnv
-from mtp_cli.train.metrics import MetricsWriter, peak_memory_mb
+from mtp_cli.train.metrics import IntervalMetrics, MetricsWriter, peak_memory_mb
 from mtp_cli.train.optim import build_optimizer, build_scheduler
 from mtp_cli.train.progress import ProgressReporter
 from mtp_cli.train.run_dir import RunDir, truncate_metrics
@@ -36,17 +35,6 @@ def seed_everything(seed: int) -> None:
     rank, as Megatron does; parameters have their own per-name generators."""
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-@dataclass
-class IntervalTotals:
-    """Sums over the steps since the last metrics line (averaged when it is written)."""
-
-    steps: int = 0
-    seconds: float = 0.0
-    lm_loss: float = 0.0
-    mtp_losses: dict[str, float] = field(default_factory=dict)  # track_mtp_metrics fills it
-    acceptance: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
@@ -133,14 +121,14 @@ class Trainer:
         """Step; log every log_interval; validate and checkpoint on their intervals and after
         the last step (validation first, so the final checkpoint follows every line)."""
         train, checkpoint = self.spec.train, self.spec.checkpoint
-        totals = IntervalTotals()
+        totals = IntervalMetrics()
         while self.state.step < train.steps:
             output = self._step(totals)
             step = self.state.step
             last = step == train.steps
             if step % train.log_interval == 0 or last:
                 self._log(totals, output)
-                totals = IntervalTotals()
+                totals = IntervalMetrics()
             faults.maybe_kill_rank(step, self.env.rank)
             if train.eval_interval and (step % train.eval_interval == 0 or last):
                 self._validate()
@@ -152,7 +140,7 @@ class Trainer:
                                f"run directory {self.run_dir.root}")
 
     # --- one step ------------------------------------------------------------------------------
-    def _step(self, totals: IntervalTotals) -> StepOutput:
+    def _step(self, totals: IntervalMetrics) -> StepOutput:
         started = time.perf_counter()
         self.mtp_loss_scale = self.spec.mtp.loss_scale_at(self.state.tokens)
         self.gpt.set_mtp_loss_scaling_factor(self.mtp_loss_scale)
@@ -168,34 +156,22 @@ class Trainer:
         self.mtp_metrics = MTPLossLoggingHelper.track_mtp_metrics(step, tb, wandb,
                                                                   totals.mtp_losses)
         seconds = time.perf_counter() - started
-        totals.steps += 1
-        totals.seconds += seconds
-        totals.lm_loss += output.lm_loss
-        for name, value in self.mtp_metrics.items():
-            if name.endswith("_acceptance_rate") and "cumulative" not in name:
-                totals.acceptance[name] = totals.acceptance.get(name, 0.0) + value
+        totals.add(output.lm_loss, seconds, self.mtp_metrics)
         if self.writer is not None:
             self.writer.scalars(step, {"lm_loss": output.lm_loss, "lr": self.lr,
                                        "grad_norm": output.grad_norm,
                                        "tokens_per_s": self.tokens_per_step / seconds})
         return output
 
-    def _log(self, totals: IntervalTotals, output: StepOutput) -> None:
+    def _log(self, totals: IntervalMetrics, output: StepOutput) -> None:
         """One metrics.jsonl line: losses and rates averaged over the interval's steps."""
         if self.writer is None:
             return
-        n = totals.steps
         record: dict[str, Any] = {"step": self.state.step, "tokens": self.state.tokens,
-                                  "lm_loss": totals.lm_loss / n}
-        for k in range(1, self.depths + 1):
-            record[f"mtp_{k}_loss"] = totals.mtp_losses.get(f"mtp_{k} loss", 0.0) / n
-            record[f"mtp_{k}_acceptance_rate"] = totals.acceptance.get(
-                f"mtp_{k}_acceptance_rate", 0.0) / n
-            record[f"mtp_{k}_cumulative_acceptance_rate"] = self.mtp_metrics.get(
-                f"mtp_{k}_cumulative_acceptance_rate", 0.0)
+                                  **totals.averages(self.depths, self.mtp_metrics)}
         record.update({
             "lr": self.lr, "grad_norm": output.grad_norm,
-            "tokens_per_s": self.tokens_per_step * n / totals.seconds,
+            "tokens_per_s": self.tokens_per_step * totals.steps / totals.seconds,
             "peak_memory_mb": peak_memory_mb(self.env.device),
             "mtp_loss_scale": self.mtp_loss_scale, "time": round(time.time(), 3),
         })
