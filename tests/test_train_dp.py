@@ -18,8 +18,9 @@ from tests.train_helpers import (
     TIMEOUT,
     TINY,
     assert_same_losses,
+    corpus,
+    finished_run,
     free_port,
-    make_corpus,
     metrics,
     run_train,
     train_args,
@@ -28,17 +29,12 @@ from tests.train_helpers import (
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
+__all__ = ["corpus"]  # the shared fixture
 
 
 @pytest.fixture(scope="module")
 def dp1(tmp_path_factory, corpus):
-    run_dir = tmp_path_factory.mktemp("runs") / "dp1"
-    result = run_train(run_dir, corpus)
-    assert result.returncode == 0, result.stderr
-    return run_dir
+    return finished_run(tmp_path_factory, corpus, "dp1", nproc=1)
 
 
 def test_dp2_gives_the_losses_of_dp1(tmp_path, corpus, dp1):

@@ -17,7 +17,8 @@ import pytest
 from tests.cli_helpers import REPO_ROOT
 from tests.train_helpers import (
     assert_same_losses,
-    make_corpus,
+    corpus,
+    finished_run,
     metrics,
     run_train,
     train_args,
@@ -27,18 +28,13 @@ from tests.train_helpers import (
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
+__all__ = ["corpus"]  # the shared fixture
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, corpus):
     """The reference: the same two-process run, never interrupted."""
-    run_dir = tmp_path_factory.mktemp("runs") / "whole"
-    result = run_train(run_dir, corpus, nproc=2)
-    assert result.returncode == 0, result.stderr
-    return run_dir
+    return finished_run(tmp_path_factory, corpus, "whole", nproc=2)
 
 
 def wait_for_step(run_dir, step, process, timeout=300.0):

@@ -11,6 +11,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from tests.cli_helpers import REPO_ROOT
 
 # Tiny enough for a few seconds per run on 2 shared cores; 4 micro-batches per step at DP1.
@@ -33,6 +35,20 @@ def make_corpus(directory: Path) -> Path:
                  "heapq.py", "fnmatch.py", "shlex.py"):
         shutil.copy(stdlib / name, directory / name.replace("/", "_"))
     return directory
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The small corpus of a test module (import the fixture into the module)."""
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def finished_run(tmp_path_factory, corpus: Path, name: str, nproc: int) -> Path:
+    """A complete reference run of the tiny overrides, in its own directory."""
+    run_dir = tmp_path_factory.mktemp("runs") / name
+    result = run_train(run_dir, corpus, nproc=nproc)
+    assert result.returncode == 0, result.stderr
+    return run_dir
 
 
 def train_args(run_dir: Path, corpus: Path, *extra: str, nproc: int = 1) -> list[str]:
