@@ -32,14 +32,12 @@ def test_global_batch_must_split_over_data_parallel_ranks():
         ParallelDims.from_spec(spec(), 3)
 
 
-def test_model_parallel_is_refused_until_it_lands():
-    dims = ParallelDims.from_spec(spec("parallel.pipeline=2", "parallel.context=2"), 4)
-    with pytest.raises(UserError) as info:
-        dims.check_supported()
-    text = str(info.value)
-    assert "parallel.pipeline = 2 is not supported yet" in text
-    assert "model-parallel" in text and "context-parallel" in text
-    ParallelDims.from_spec(spec(), 4).check_supported()  # data parallel alone is fine
+def test_fsdp_and_te_are_refused_with_model_parallel():
+    dims = ParallelDims.from_spec(spec("parallel.pipeline=2"), 4)
+    with pytest.raises(UserError, match="parallel.fsdp composes with data parallel only"):
+        dims.check_supported(spec("parallel.pipeline=2", "parallel.fsdp=true"))
+    dims.check_supported(spec("parallel.pipeline=2"))  # model parallel itself is supported
+    ParallelDims.from_spec(spec(), 4).check_supported(spec("parallel.fsdp=true"))
 
 
 def test_launcher_checks_flags_before_anything_else(tmp_path):

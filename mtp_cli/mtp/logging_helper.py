@@ -56,6 +56,19 @@ class MTPLossLoggingHelper:
         )
 
     @staticmethod
+    def ensure_tracker(num_layers: int, device: torch.device,
+                       reduce_group: dist.ProcessGroup | None = None,
+                       avg_group: dist.ProcessGroup | None = None) -> None:
+        """Create zeroed slots and set the groups on every rank, including pipeline stages
+        that compute no MTP loss, so that `reduce_loss_in_tracker`'s collectives match."""
+        if num_layers <= 0:
+            return
+        for name in ("values", "count", "correct", "total"):
+            MTPLossLoggingHelper._slot(name, num_layers, device)
+        MTPLossLoggingHelper.tracker["reduce_group"] = reduce_group
+        MTPLossLoggingHelper.tracker["avg_group"] = avg_group
+
+    @staticmethod
     def clean_loss_in_tracker() -> None:
         """Zero the tracker for the next iteration."""
         tracker = MTPLossLoggingHelper.tracker

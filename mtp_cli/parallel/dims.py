@@ -11,12 +11,6 @@ from dataclasses import dataclass
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.spec.schema import RunSpec
 
-NOT_SUPPORTED_YET = {
-    "tensor": "lands with the model-parallel issue",
-    "pipeline": "lands with the model-parallel issue",
-    "context": "lands with the context-parallel issue",
-}
-
 
 @dataclass(frozen=True)
 class ParallelDims:
@@ -59,14 +53,19 @@ class ParallelDims:
                 hint="change the batch sizes or --nproc",
             )])
 
-    def check_supported(self) -> None:
-        """Model and context parallel training are not wired into `mtp train` yet."""
-        problems = [
-            Problem(f"parallel.{name} = {size} is not supported yet; it {NOT_SUPPORTED_YET[name]}",
-                    key=f"parallel.{name}")
-            for name, size in (("tensor", self.tp), ("pipeline", self.pp), ("context", self.cp))
-            if size > 1
-        ]
+    def check_supported(self, spec: RunSpec) -> None:
+        """Combinations `mtp train` does not run, refused before anything is launched."""
+        model_parallel = self.tp > 1 or self.pp > 1 or self.cp > 1
+        problems = []
+        if spec.parallel.fsdp and model_parallel:
+            problems.append(Problem(
+                "parallel.fsdp composes with data parallel only; with tensor, pipeline or "
+                "context parallel, data parallel is an explicit gradient all-reduce",
+                key="parallel.fsdp", hint="set parallel.fsdp=false"))
+        if spec.model.backend == "te" and model_parallel:
+            problems.append(Problem(
+                "tensor, pipeline and context parallel run the local backend only",
+                key="model.backend", hint="set model.backend=local"))
         if problems:
             raise UserError(problems=problems)
 

@@ -109,7 +109,7 @@ class PipelineSchedule:
             grad = self._recv(tuple(state.output.shape), stage + 1,
                               self._tag(stage, index, True, count), device)
             torch.autograd.backward(state.output, grad.to(state.output.dtype))
-        if state.received is not None:
+        if state.received is not None:  # stage > 0: its input's gradient goes back
             self._send(state.received.grad, stage - 1, self._tag(stage - 1, index, True, count))
 
     def _order(self, count: int) -> list[tuple[str, int, int]]:
@@ -124,6 +124,28 @@ class PipelineSchedule:
         forwards = [("F", c, m) for c in range(chunks) for m in range(count)]
         backwards = [("B", c, m) for c in reversed(range(chunks)) for m in range(count)]
         return forwards + backwards
+
+    @torch.no_grad()
+    def forward_only(self, micro_batches: Sequence[Any], loss_fn: LossFn,
+                     device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Forward every micro-batch through every chunk (validation); returns the losses
+        computed on the loss stage (empty on other ranks)."""
+        device = torch.device(device)
+        count = len(micro_batches)
+        last = self.layout.num_stages - 1
+        losses = []
+        for chunk in range(len(self.chunks)):
+            for index in range(count):
+                state = self._forward(chunk, index, micro_batches[index], loss_fn, count, device)
+                if self.layout.stage_indices[chunk] == last:
+                    losses.append(state.output)
+        self._wait_for_sends()
+        return losses
+
+    def _wait_for_sends(self) -> None:
+        for request, _ in self._pending_sends:
+            request.wait()
+        self._pending_sends.clear()
 
     def step(self, micro_batches: Sequence[Any], loss_fn: LossFn,
              device: torch.device | str = "cpu") -> list[torch.Tensor]:
@@ -143,7 +165,5 @@ class PipelineSchedule:
                     losses.append(state.output.detach())
             else:
                 self._backward(chunk, index, in_flight.pop((chunk, index)), count, device)
-        for request, _ in self._pending_sends:
-            request.wait()
-        self._pending_sends.clear()
+        self._wait_for_sends()
         return losses

@@ -261,6 +261,12 @@ class DataConfig(StrictModel):
     tokenizer: str | None = Field(
         default=None, description="A tokenizer.json (needs `tokenizers`); default: bytes."
     )
+    pad_documents_to: PositiveInt | None = Field(
+        default=None,
+        description="Packed: pad every document to a multiple of this (default 2 x context "
+        "when context > 1). Use 2 x the largest context size to train at several context "
+        "sizes on identical tokens.",
+    )
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
         default=0.05, description="Share of documents held out for validation."
     )
@@ -333,6 +339,13 @@ class RunSpec(StrictModel):
                 "data.packed",
                 f"data.packed needs train.micro_batch_size 1 (THD packing puts the documents of "
                 f"a micro-batch in one sequence), got {self.train.micro_batch_size}",
+            )
+        pad = self.data.pad_documents_to
+        if pad is not None and pad % (2 * par.context):
+            raise rule_error(
+                "data.pad_documents_to",
+                f"data.pad_documents_to ({pad}) must be a multiple of 2 x context "
+                f"({2 * par.context})",
             )
         if self.mtp.use_repeated_layer and self.mtp.num_layers == 0:
             raise rule_error("mtp.use_repeated_layer", "use_repeated_layer needs mtp.num_layers >= 1")

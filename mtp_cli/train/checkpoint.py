@@ -28,15 +28,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from mtp_cli import __version__
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.parallel.dims import ParallelDims
 from mtp_cli.spec.schema import RunSpec
 from mtp_cli.train import faults
+from mtp_cli.train.engine import Engine
 from mtp_cli.train.optim import load_scheduler_state, scheduler_state
 from mtp_cli.train.run_dir import TEMP_MARKER, RunDir, atomic_write_text, checkpoint_name
 
@@ -67,8 +66,7 @@ class TrainState:
 class Stateful:
     """What a checkpoint saves and restores besides the step counter."""
 
-    model: nn.Module  # as trained: DDP-wrapped, FSDP2-sharded or plain
-    optimizer: torch.optim.Optimizer
+    engine: Engine  # the model (parts) and optimizer as trained
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loader: Any  # MicroBatchLoader: state_dict() / load_state_dict()
 
@@ -98,8 +96,10 @@ class Checkpointer:
         self.rank, self.device = rank, device
 
     # --- the state dict ------------------------------------------------------------------------
-    def _state_dict(self, parts: Stateful, train_state: TrainState) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(parts.model, parts.optimizer)
+    def _state_dict(self, parts: Stateful, train_state: TrainState, *,
+                    for_loading: bool = False) -> dict[str, Any]:
+        engine = parts.engine
+        model_sd, optim_sd = engine.load_placeholders() if for_loading else engine.state_dicts()
         depths = self.spec.mtp.num_layers
         cumulative = MTPLossLoggingHelper.state_dict()
         trainer: dict[str, Any] = {"step": train_state.step, "tokens": train_state.tokens}
@@ -181,16 +181,16 @@ class Checkpointer:
         rank without a saved RNG state keeps its freshly seeded one.
         """
         stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        state = self._state_dict(parts, TrainState())
+        state = self._state_dict(parts, TrainState(), for_loading=True)
         rng_key, data_key = f"rng.rank{self.rank}", f"data.rank{self.rank}"
         if not _has(stored, rng_key):
             del state[rng_key]
         if not _has(stored, data_key):
             state["data.rank0"] = state.pop(data_key)
             data_key = "data.rank0"
+        _drop_unstored(state, stored)
         dcp.load(state, checkpoint_id=path, planner=SafeLoadPlanner())
-        set_state_dict(parts.model, parts.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+        parts.engine.load_state_dicts(state["model"], state["optimizer"])
         load_scheduler_state(parts.scheduler, state["scheduler"])
         if rng_key in state:
             set_rng_state(state[rng_key], self.device)
@@ -200,6 +200,16 @@ class Checkpointer:
             MTPLossLoggingHelper.load_state_dict(
                 {"correct": trainer["mtp_correct"], "total": trainer["mtp_total"]})
         return TrainState(step=int(trainer["step"]), tokens=int(trainer["tokens"]))
+
+
+def _drop_unstored(state: dict[str, Any], stored: dict[str, Any]) -> None:
+    """Optimizer entries the checkpoint lacks (parameters that never had a gradient) stay
+    unloaded; a model weight the checkpoint lacks is an error."""
+    missing = [k for k in state["model"] if not _has(stored, f"model.{k}")]
+    if missing:
+        raise RuntimeError(f"the checkpoint lacks model weights: {', '.join(missing[:5])}")
+    for key in [k for k in state["optimizer"] if not _has(stored, f"optimizer.{k}")]:
+        del state["optimizer"][key]
 
 
 def _has(stored: dict[str, Any], prefix: str) -> bool:

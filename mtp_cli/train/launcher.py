@@ -120,7 +120,7 @@ def plan_launch(spec: RunSpec, options: LaunchOptions) -> LaunchPlan:
 
     check_options(options)
     dims = ParallelDims.from_spec(spec, options.world_size)
-    dims.check_supported()
+    dims.check_supported(spec)
     _, val_set = build_datasets(spec)
     if spec.train.eval_interval and len(val_set) == 0:
         raise UserError(problems=[Problem(

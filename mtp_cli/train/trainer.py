@@ -13,9 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mtp_cli.builders.model_builder import build_model
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
-from mtp_cli.parallel.data_parallel import apply_data_parallel, unwrap_model
 from mtp_cli.parallel.dims import ParallelDims
 from mtp_cli.parallel.mesh import build_mesh
 from mtp_cli.spec.schema import RunSpec
@@ -23,11 +21,12 @@ from mtp_cli.train import faults
 from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
 from mtp_cli.train.data import MicroBatchLoader, build_datasets
 from mtp_cli.train.distributed import DistEnv
+from mtp_cli.train.engine import build_engine, set_mtp_loss_scaling_factor
 from mtp_cli.train.metrics import IntervalMetrics, MetricsWriter, peak_memory_mb
-from mtp_cli.train.optim import build_optimizer, build_scheduler
+from mtp_cli.train.optim import build_scheduler
 from mtp_cli.train.progress import ProgressReporter
 from mtp_cli.train.run_dir import RunDir, truncate_metrics
-from mtp_cli.train.step import StepOutput, StepSettings, evaluate, train_step
+from mtp_cli.train.step import StepOutput, StepSettings
 
 
 def seed_everything(seed: int) -> None:
@@ -48,15 +47,6 @@ class Trainer:
         self.mesh = build_mesh(self.dims, env.device.type)
         self.train_set, self.val_set = build_datasets(spec)
         self.loader = self._loader(self.train_set, shuffle=True)
-        self.gpt = build_model(spec, env.device, allow_imports=allow_imports)
-        self.gpt.groups = self.mesh.model_groups()
-        self.model = apply_data_parallel(self.gpt, self.mesh, fsdp=spec.parallel.fsdp,
-                                         device=env.device)
-        self.optimizer = build_optimizer(self.model, spec.train)
-        self.scheduler = build_scheduler(self.optimizer, spec.train)
-        self.parts = Stateful(self.model, self.optimizer, self.scheduler, self.loader)
-        self.checkpointer = Checkpointer(run_dir, spec, self.dims, rank=env.rank,
-                                         device=env.device)
         self.num_microbatches = self.dims.num_microbatches(spec)
         self.settings = StepSettings(
             num_microbatches=self.num_microbatches,
@@ -64,6 +54,12 @@ class Trainer:
             bf16=spec.train.bf16, device=env.device, dp_cp_size=self.dims.dp_cp,
             dp_cp_group=self.mesh.dp_cp_group if self.dims.dp_cp > 1 else None,
         )
+        self.engine = build_engine(spec, self.mesh, self.settings, allow_imports=allow_imports)
+        self.optimizer = self.engine.optimizer
+        self.scheduler = build_scheduler(self.optimizer, spec.train)
+        self.parts = Stateful(self.engine, self.scheduler, self.loader)
+        self.checkpointer = Checkpointer(run_dir, spec, self.dims, rank=env.rank,
+                                         device=env.device)
         self.tokens_per_step = spec.train.global_batch_size * spec.model.seq_length
         self.depths = spec.mtp.num_layers
         self.state = TrainState()
@@ -83,6 +79,7 @@ class Trainer:
             dp_size=self.dims.dp, seed=train.seed, packed=self.spec.data.packed,
             cp_rank=self.mesh.cp_rank, cp_size=self.dims.cp,
             global_batch_size=train.global_batch_size, shuffle=shuffle,
+            pad_to_multiple=self.spec.data.pad_documents_to,
         )
 
     # --- the whole run -------------------------------------------------------------------------
@@ -143,10 +140,10 @@ class Trainer:
     def _step(self, totals: IntervalMetrics) -> StepOutput:
         started = time.perf_counter()
         self.mtp_loss_scale = self.spec.mtp.loss_scale_at(self.state.tokens)
-        self.gpt.set_mtp_loss_scaling_factor(self.mtp_loss_scale)
+        set_mtp_loss_scaling_factor(self.engine, self.mtp_loss_scale)
         self.lr = self.optimizer.param_groups[0]["lr"]
         batches = [self.loader.next_batch() for _ in range(self.num_microbatches)]
-        output = train_step(self.model, self.optimizer, batches, self.settings)
+        output = self.engine.train_step(batches)
         self.scheduler.step()
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
@@ -180,16 +177,8 @@ class Trainer:
 
     # --- validation and checkpoints ------------------------------------------------------------
     def _validate(self) -> None:
-        eval_model = unwrap_model(self.model)
-        self.gpt.track_mtp_in_eval = True
-        eval_model.eval()
-        try:
-            result = evaluate(eval_model, self._loader(self.val_set, shuffle=False),
-                              self.spec.train.eval_steps * self.num_microbatches, self.settings,
-                              self.depths)
-        finally:
-            eval_model.train()
-            self.gpt.track_mtp_in_eval = False
+        result = self.engine.evaluate(self._loader(self.val_set, shuffle=False),
+                                      self.spec.train.eval_steps * self.num_microbatches)
         if self.writer is not None:
             self.writer.write({"step": self.state.step, "tokens": self.state.tokens,
                                "split": "val", **result})
