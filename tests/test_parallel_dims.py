@@ -34,7 +34,7 @@ def test_global_batch_must_split_over_data_parallel_ranks():
 
 def test_fsdp_and_te_are_refused_with_model_parallel():
     dims = ParallelDims.from_spec(spec("parallel.pipeline=2"), 4)
-    with pytest.raises(UserError, match="parallel.fsdp composes with data parallel only"):
+    with pytest.raises(UserError, match=r"parallel\.fsdp composes with data parallel only"):
         dims.check_supported(spec("parallel.pipeline=2", "parallel.fsdp=true"))
     dims.check_supported(spec("parallel.pipeline=2"))  # model parallel itself is supported
     ParallelDims.from_spec(spec(), 4).check_supported(spec("parallel.fsdp=true"))

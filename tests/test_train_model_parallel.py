@@ -10,6 +10,7 @@ zero for a key bias) would turn that rounding into a visible parameter differenc
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,8 +115,6 @@ def test_tp2_pp2_checkpoint_stores_one_embedding_and_reshards(tmp_path, corpus):
                                ("tp1_pp1", 1, []),
                                ("pp4", 4, ["parallel.pipeline=4"])):
         run_dir = tmp_path / f"resume_{name}"
-        import shutil
-
         shutil.copytree(first, run_dir)
         result = run_train(run_dir, corpus, *tied, "train.steps=4", *extra, nproc=nproc)
         assert result.returncode == 0, result.stderr[-3000:]
