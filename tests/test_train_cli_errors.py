@@ -70,3 +70,19 @@ def test_run_dir_in_use_by_another_job(tmp_path):
     assert result.returncode == 2
     assert "in use by another `mtp train`" in result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+
+
+def test_context_parallel_needs_seq_length_divisible_by_2cp(tmp_path):
+    text = refuse(tmp_path / "run", "parallel.context=3", "--nproc", "3")
+    assert "parallel.context" in text and "2 x context (6)" in text
+
+
+def test_layout_for_another_pipeline_size(tmp_path):
+    text = refuse(tmp_path / "run", "parallel.pipeline=2", "parallel.layout=Et|t|mmL",
+                  "--nproc", "2")
+    assert "parallel.layout" in text and "multiple of" in text
+
+
+def test_fsdp_with_pipeline_parallel(tmp_path):
+    text = refuse(tmp_path / "run", "parallel.pipeline=2", "parallel.fsdp=true", "--nproc", "2")
+    assert "parallel.fsdp" in text

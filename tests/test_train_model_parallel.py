@@ -18,6 +18,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from tests.cli_helpers import run_mtp
 from tests.train_helpers import corpus, metrics, run_train  # noqa: F401
 
 pytestmark = pytest.mark.distributed
@@ -110,6 +111,8 @@ def test_tp2_pp2_checkpoint_stores_one_embedding_and_reshards(tmp_path, corpus):
     assert [k for k in keys if "word_embeddings" in k] == ["model.embedding.word_embeddings.weight"]
     assert not [k for k in keys if k.startswith("model.mtp.") and "embedding" in k]
     assert "model.output_layer.weight" not in keys
+    inspected = run_mtp("inspect-ckpt", str(first), "--strict")
+    assert inspected.returncode == 0, inspected.stdout + inspected.stderr
     resumed = {}
     for name, nproc, extra in (("tp2_pp2", 4, ["parallel.tensor=2", "parallel.pipeline=2"]),
                                ("tp1_pp1", 1, []),

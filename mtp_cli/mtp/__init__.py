@@ -15,6 +15,7 @@ from mtp_cli.mtp.loss import MTPLossSettings, process_mtp_loss
 from mtp_cli.mtp.packed import PackedSeqParams
 from mtp_cli.mtp.placement import get_mtp_layer_offset, get_mtp_num_layers_to_build
 from mtp_cli.mtp.roll import roll_tensor
+from mtp_cli.mtp.tying import tie_output_layer_state_dict, tie_word_embeddings_state_dict
 
 __all__ = [
     "MTPLossAutoScaler",
@@ -32,4 +33,6 @@ __all__ = [
     "get_mtp_num_layers_to_build",
     "process_mtp_loss",
     "roll_tensor",
+    "tie_output_layer_state_dict",
+    "tie_word_embeddings_state_dict",
 ]

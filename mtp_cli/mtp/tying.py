@@ -28,7 +28,8 @@ def _assert_equal(copy: torch.Tensor, main: torch.Tensor, what: str) -> None:
     if copy.shape != main.shape or not torch.equal(copy.detach().cpu(), main.detach().cpu()):
         diff = (copy.detach().float().cpu() - main.detach().float().cpu()).abs().max() \
             if copy.shape == main.shape else float("nan")
-        raise TiedCopyMismatchError(f"{what} differs from the main weight (max |diff| {diff})")
+        raise TiedCopyMismatchError(
+            f"{what} differs from the main weight (max |diff| {float(diff):.3g})")
 
 
 def _assert_replicas_equal(tensor: torch.Tensor, group: dist.ProcessGroup | None,
