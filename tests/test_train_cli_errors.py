@@ -44,7 +44,7 @@ def test_run_dir_under_a_regular_file(tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--nproc", "3"], "micro_batch_size x data-parallel size (2 x 3 = 6)"),
-    (["parallel.context=2", "--nproc", "2"], "lands with the context-parallel issue"),
+    (["parallel.tensor=2", "--nproc", "3"], "= 2 does not divide the world size 3"),
     (["--nnodes", "2"], "--nnodes > 1 needs --rdzv-endpoint"),
 ])
 def test_parallel_sizes_that_do_not_fit(tmp_path, args, message):
