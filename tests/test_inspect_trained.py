@@ -12,15 +12,9 @@ import json
 import pytest
 import torch
 
-from mtp_cli.cli import app
 from tests.ckpt_helpers import rewrite_dcp
 from tests.cli_helpers import SPECS, run_mtp
 from tests.inspect_fixtures import check, invoke, invoke_json
-
-pytestmark = pytest.mark.skipif(
-    not any((c.name or c.callback.__name__) == "train" for c in app.registered_commands),
-    reason="needs `mtp train` (branch trainer)",
-)
 
 TINY = ["model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64",
         "model.seq_length=32", "train.steps=3", "train.micro_batch_size=2",
