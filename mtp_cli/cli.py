@@ -189,7 +189,8 @@ def train(
     )] = False,
     allow_imports: AllowImportsOpt = False,
 ) -> None:
-    """Train SPEC with data parallel over --nproc processes per node (torch.distributed.run)."""
+    """Train SPEC over --nproc processes per node (torch.distributed.run): data, tensor,
+    pipeline and context parallel as `parallel` says."""
     from mtp_cli.spec.loader import load_spec
     from mtp_cli.train.launcher import LaunchOptions, default_run_dir, launch
 
