@@ -42,6 +42,15 @@ def _assert_replicas_equal(tensor: torch.Tensor, group: dist.ProcessGroup | None
     _assert_equal(tensor, reference, f"{what} on this replica")
 
 
+def _store_once(state_dict: dict[str, Any], copy_key: str, main: torch.Tensor, main_key: str,
+                dp_cp_group: dist.ProcessGroup | None, what: str) -> None:
+    copy = state_dict.pop(copy_key, None)
+    if copy is not None:
+        _assert_equal(copy, main, f"{what} '{copy_key}'")
+    _assert_replicas_equal(main, dp_cp_group, main_key)
+    state_dict[main_key] = main
+
+
 def tie_word_embeddings_state_dict(
     state_dict: dict[str, Any],
     word_emb_weight: torch.Tensor,
@@ -56,11 +65,8 @@ def tie_word_embeddings_state_dict(
     `word_emb_weight` is the first stage's weight (full tensor; gathered over `tp_group` by the
     caller when sharded). After the call `state_dict` holds it under `word_emb_weight_key` only.
     """
-    copy = state_dict.pop(copy_key, None)
-    if copy is not None:
-        _assert_equal(copy, word_emb_weight, f"the MTP stage's copy '{copy_key}'")
-    _assert_replicas_equal(word_emb_weight, dp_cp_group, word_emb_weight_key)
-    state_dict[word_emb_weight_key] = word_emb_weight
+    _store_once(state_dict, copy_key, word_emb_weight, word_emb_weight_key, dp_cp_group,
+                "the MTP stage's copy")
 
 
 def tie_output_layer_state_dict(
@@ -73,8 +79,5 @@ def tie_output_layer_state_dict(
     output_layer_key: str = OUTPUT_LAYER_KEY,
 ) -> None:
     """Store a tied loss stage's output weight (`output_layer_key`) as the word embedding."""
-    copy = state_dict.pop(output_layer_key, None)
-    if copy is not None:
-        _assert_equal(copy, word_emb_weight, f"the tied output weight '{output_layer_key}'")
-    _assert_replicas_equal(word_emb_weight, dp_cp_group, word_emb_weight_key)
-    state_dict[word_emb_weight_key] = word_emb_weight
+    _store_once(state_dict, output_layer_key, word_emb_weight, word_emb_weight_key, dp_cp_group,
+                "the tied output weight")
