@@ -1,0 +1,135 @@
+"""Tensor-parallel (vocab-sharded) chunked cross-entropy on 2 real gloo processes.
+
+Each rank holds half of the output weight's rows; everything is compared with the unsharded
+plain head computed on the same rank.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mtp_cli.models.chunked_ce import ChunkedCEOptions, chunked_linear_cross_entropy
+from mtp_cli.models.output import token_loss_and_hits
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+WORLD = 2
+SEQ, BATCH, HIDDEN, VOCAB = 19, 2, 16, 98  # 49 vocab rows per rank
+
+
+def _run(worker, *args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(os.path.join(tmp, "rendezvous"), *args), nprocs=WORLD, join=True)
+
+
+def _init(rank: int, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+
+
+def _inputs(duplicate_rows: bool = False):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(SEQ, BATCH, HIDDEN, generator=gen).requires_grad_()
+    weight = torch.randn(VOCAB, HIDDEN, generator=gen) * 0.5
+    if duplicate_rows:  # every logit ties with one on the other shard: argmax must pick rank 0
+        weight = torch.cat([weight[: VOCAB // 2]] * 2)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    mask = (torch.rand(BATCH, SEQ, generator=gen) > 0.3).float()
+    upstream = torch.randn(BATCH, SEQ, generator=gen)
+    return hidden, weight.requires_grad_(), labels, mask, upstream
+
+
+def _check_head(rank: int, grads_in_forward: bool, masked_mean: bool,
+                duplicate_rows: bool) -> None:
+    hidden, weight, labels, mask, upstream = _inputs(duplicate_rows)
+    if masked_mean:
+        upstream = mask / mask.sum()
+    rows = slice(rank * VOCAB // WORLD, (rank + 1) * VOCAB // WORLD)
+    shard = weight.detach()[rows].clone().requires_grad_()
+    loss, pred = chunked_linear_cross_entropy(
+        hidden, shard, labels, mask,
+        ChunkedCEOptions(tp_group=dist.group.WORLD, chunk_tokens=7,
+                         grads_in_forward=grads_in_forward))
+    grad_hidden, grad_shard = torch.autograd.grad((loss * upstream).sum(), (hidden, shard))
+
+    expected, expected_hits = token_loss_and_hits(hidden, labels, mask, weight=weight)
+    ref_hidden, ref_weight = torch.autograd.grad((expected * upstream).sum(), (hidden, weight))
+    full_logits = torch.einsum("sbh,vh->bsv", hidden.detach(), weight.detach())
+    torch.testing.assert_close(loss, expected, **TOL)
+    assert torch.equal(pred, full_logits.argmax(-1))
+    assert ((pred == labels) & (mask > 0)).sum() == expected_hits
+    torch.testing.assert_close(grad_hidden, ref_hidden, **TOL)
+    torch.testing.assert_close(grad_shard, ref_weight[rows], **TOL)
+    if duplicate_rows:
+        assert bool((pred < VOCAB // 2).all())
+
+
+HEAD_CASES = {  # name: (grads_in_forward, masked_mean upstream, duplicated rows)
+    "forward gradients": (True, True, False),
+    "recomputed gradients": (False, True, False),
+    "arbitrary upstream: every rank falls back": (True, False, False),
+    "argmax ties across shards pick the lowest index": (True, True, True),
+}
+
+
+def _head_worker(rank: int, path: str) -> None:
+    _init(rank, path)
+    try:
+        for name, case in HEAD_CASES.items():
+            try:
+                _check_head(rank, *case)
+            except AssertionError as error:
+                raise AssertionError(f"{name}: {error}") from error
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp2_loss_argmax_and_gradients_match_unsharded_head():
+    """One spawn for every case (process start-up dominates on 2 cores)."""
+    _run(_head_worker)
+
+
+def _model_worker(rank: int, path: str) -> None:
+    """GPTModel (D = 2) with only the output weight sharded: every gradient as unsharded."""
+    _init(rank, path)
+    try:
+        for grads_in_forward in (True, False):
+            _check_model(rank, grads_in_forward)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_model(rank: int, grads_in_forward: bool) -> None:
+    from mtp_cli import build_model, load_spec
+    from tests.cli_helpers import SPECS
+
+    spec = load_spec(SPECS / "tiny.yaml", ["model.seq_length=12", "train.loss.chunked=true"])
+    reference, model = build_model(spec), build_model(spec)
+    reference.chunked_loss = False
+    model.chunked_grads_in_forward = grads_in_forward
+    vocab = spec.model.vocab_size
+    rows = slice(rank * vocab // WORLD, (rank + 1) * vocab // WORLD)
+    full_weight = model.output_layer.weight
+    model.output_layer.weight = torch.nn.Parameter(full_weight.detach()[rows].clone())
+    model.groups.tp_group = dist.group.WORLD
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, vocab, (2, 13), generator=gen)
+    mask = (torch.rand(2, 12, generator=gen) > 0.2).float()
+    losses = []
+    for net in (reference, model):
+        loss = net(tokens[:, :-1], labels=tokens[:, 1:], loss_mask=mask)
+        ((loss * mask).sum() / mask.sum()).backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], **TOL)
+    expected = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        want = expected[name].grad[rows] if name == "output_layer.weight" else expected[name].grad
+        torch.testing.assert_close(param.grad, want, **TOL, msg=f"{grads_in_forward} {name}")
+
+
+def test_tp2_model_with_vocab_sharded_output_matches_unsharded_model():
+    _run(_model_worker)
