@@ -72,6 +72,8 @@ class GPTModel(nn.Module):
     is True where attention is masked (Megatron's polarity). With labels it returns the
     per-token main loss `[b, s]` (unmasked); without, the logits `[b, s, V]`. The MTP losses go
     into the backward pass through `MTPLossAutoScaler` and into `MTPLossLoggingHelper.tracker`.
+    With `train.loss.chunked` the heads never materialise `[tokens, V]` logits
+    (`mtp_cli.models.chunked_ce`); the returned loss and every gradient are the same.
     """
 
     def __init__(self, spec: RunSpec, layer_spec: ModuleSpec, final_norm_spec: ModuleSpec,
