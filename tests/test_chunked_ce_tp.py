@@ -6,29 +6,16 @@ plain head computed on the same rank.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mtp_cli.models.chunked_ce import ChunkedCEOptions, chunked_linear_cross_entropy
 from mtp_cli.models.output import token_loss_and_hits
+from tests.dist_utils import run_distributed
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 WORLD = 2
 SEQ, BATCH, HIDDEN, VOCAB = 19, 2, 16, 98  # 49 vocab rows per rank
-
-
-def _run(worker, *args) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(os.path.join(tmp, "rendezvous"), *args), nprocs=WORLD, join=True)
-
-
-def _init(rank: int, path: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
 
 
 def _inputs(duplicate_rows: bool = False):
@@ -76,31 +63,23 @@ HEAD_CASES = {  # name: (grads_in_forward, masked_mean upstream, duplicated rows
 }
 
 
-def _head_worker(rank: int, path: str) -> None:
-    _init(rank, path)
-    try:
-        for name, case in HEAD_CASES.items():
-            try:
-                _check_head(rank, *case)
-            except AssertionError as error:
-                raise AssertionError(f"{name}: {error}") from error
-    finally:
-        dist.destroy_process_group()
+def _head_worker(rank: int, _world_size: int) -> None:
+    for name, case in HEAD_CASES.items():
+        try:
+            _check_head(rank, *case)
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from error
 
 
 def test_tp2_loss_argmax_and_gradients_match_unsharded_head():
     """One spawn for every case (process start-up dominates on 2 cores)."""
-    _run(_head_worker)
+    run_distributed(_head_worker, WORLD)
 
 
-def _model_worker(rank: int, path: str) -> None:
+def _model_worker(rank: int, _world_size: int) -> None:
     """GPTModel (D = 2) with only the output weight sharded: every gradient as unsharded."""
-    _init(rank, path)
-    try:
-        for grads_in_forward in (True, False):
-            _check_model(rank, grads_in_forward)
-    finally:
-        dist.destroy_process_group()
+    for grads_in_forward in (True, False):
+        _check_model(rank, grads_in_forward)
 
 
 def _check_model(rank: int, grads_in_forward: bool) -> None:
@@ -132,4 +111,4 @@ def _check_model(rank: int, grads_in_forward: bool) -> None:
 
 
 def test_tp2_model_with_vocab_sharded_output_matches_unsharded_model():
-    _run(_model_worker)
+    run_distributed(_model_worker, WORLD)
