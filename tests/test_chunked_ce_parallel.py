@@ -1,14 +1,17 @@
-"""Tensor-parallel (vocab-sharded) chunked cross-entropy on 2 real gloo processes.
+"""The chunked cross-entropy under tensor and context parallel, on 2 real gloo processes.
 
-Each rank holds half of the output weight's rows; everything is compared with the unsharded
-plain head computed on the same rank.
+Tensor parallel: each rank holds half of the output weight's rows; everything is compared with
+the unsharded plain head computed on the same rank. Context parallel: the context-parallel
+suite's own check, with every head chunked.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
+from mtp_cli.models import chunked_ce
 from mtp_cli.models.chunked_ce import ChunkedCEOptions, chunked_linear_cross_entropy
 from mtp_cli.models.output import token_loss_and_hits
 from tests.dist_utils import run_distributed
@@ -71,6 +74,7 @@ def _head_worker(rank: int, _world_size: int) -> None:
             raise AssertionError(f"{name}: {error}") from error
 
 
+@pytest.mark.distributed
 def test_tp2_loss_argmax_and_gradients_match_unsharded_head():
     """One spawn for every case (process start-up dominates on 2 cores)."""
     run_distributed(_head_worker, WORLD)
@@ -110,5 +114,25 @@ def _check_model(rank: int, grads_in_forward: bool) -> None:
         torch.testing.assert_close(param.grad, want, **TOL, msg=f"{grads_in_forward} {name}")
 
 
+@pytest.mark.distributed
 def test_tp2_model_with_vocab_sharded_output_matches_unsharded_model():
     run_distributed(_model_worker, WORLD)
+
+
+def _context_parallel_worker(rank: int, world_size: int, packed_lengths) -> None:
+    """test_context_parallel's check (CP model vs unsharded) with every head chunked."""
+    from tests.test_context_parallel import _run as check_context_parallel
+
+    chunked_ce.CHUNKED_AUTO_MIN_LOGITS = 0  # `auto` chunks even its 16 x 40 logits
+    chunked_ce.CHUNK_LOGITS = 40 * 3  # 3 tokens per chunk
+    calls = []
+    apply = chunked_ce._LinearCrossEntropy.apply
+    chunked_ce._LinearCrossEntropy.apply = lambda *args: calls.append(1) or apply(*args)
+    check_context_parallel(rank, world_size, packed_lengths)
+    assert len(calls) == 2 * 3  # reference and CP model, main head and 2 depths each
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("packed_lengths", [None, [4, 8, 4]])
+def test_cp2_chunked_heads_equal_unsharded(packed_lengths):
+    run_distributed(_context_parallel_worker, 2, packed_lengths)
