@@ -13,8 +13,9 @@ the same spec, measured in the same run, beside the ratio the FLOP count predict
     transformer layer + the output head again.
 
 Attention is counted in full (Megatron's convention), not halved for the causal mask.
-Loss variants (`--loss full`, later `chunked`) map to `train.loss.chunked` so a chunked
-cross-entropy path can be compared the same way once it exists.
+Loss variants (`--loss full chunked`) map to `train.loss.chunked`; the chunked head computes
+its gradients in the forward pass, so it does the same FLOPs as the full one (its memory is
+measured by `benchmarks/mtp_memory.py`).
 """
 
 from __future__ import annotations

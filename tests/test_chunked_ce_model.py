@@ -146,3 +146,49 @@ def test_auto_chunks_only_large_micro_batches(monkeypatch):
     monkeypatch.setattr(chunked_ce, "CHUNKED_AUTO_MIN_LOGITS", BATCH * SEQ * 320 - 1)
     step(model, "auto", batch())
     assert len(calls) == 2  # main head and the one MTP depth
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_trainer_step_equals_plain_and_uses_forward_gradients(per_token, monkeypatch):
+    """`mtp_cli.train.step.train_step` (two micro-batches, SGD) moves every parameter as with the
+    plain head, and its masked reduction lets every head keep its forward-pass gradients."""
+    from mtp_cli.train.step import StepSettings, train_step
+    from tests.test_train_step import batch as make_train_batch
+
+    recomputed = []
+    original = chunked_ce._recompute_grads
+    monkeypatch.setattr(chunked_ce, "_recompute_grads",
+                        lambda *a: recomputed.append(1) or original(*a))
+    tokens = torch.randint(0, 320, (4, SEQ + 1), generator=torch.Generator().manual_seed(5))
+    micro_batches = [make_train_batch(tokens[:2]), make_train_batch(tokens[2:])]
+    micro_batches[1].loss_mask[:, ::3] = 0
+    settings = StepSettings(num_microbatches=2, per_token_loss=per_token, grad_clip=0.0,
+                            bf16=False, device=torch.device("cpu"), dp_cp_size=1,
+                            dp_cp_group=None)
+    params = {}
+    for chunked in (False, True):
+        model = tiny_model(2, f"train.calculate_per_token_loss={str(per_token).lower()}",
+                           f"train.loss.chunked={str(chunked).lower()}")
+        model.chunked_grads_in_forward = True
+        train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), micro_batches, settings)
+        params[chunked] = dict(model.named_parameters())
+    for name, param in params[False].items():
+        torch.testing.assert_close(params[True][name], param, **TOL, msg=name)
+    assert not recomputed
+
+
+def test_bf16_autocast_trainer_step_runs_chunked():
+    from mtp_cli.train.step import StepSettings, train_step
+    from tests.test_train_step import batch as make_train_batch
+
+    tokens = torch.randint(0, 320, (2, SEQ + 1), generator=torch.Generator().manual_seed(6))
+    settings = StepSettings(num_microbatches=1, per_token_loss=False, grad_clip=1.0, bf16=True,
+                            device=torch.device("cpu"), dp_cp_size=1, dp_cp_group=None)
+    losses = []
+    for chunked in (False, True):
+        model = tiny_model(2, f"train.loss.chunked={str(chunked).lower()}")
+        out = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         [make_train_batch(tokens)], settings)
+        assert all(p.isfinite().all() for p in model.parameters())
+        losses.append(out.lm_loss)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)  # bf16 logits either way

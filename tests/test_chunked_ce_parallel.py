@@ -1,8 +1,9 @@
 """The chunked cross-entropy under tensor and context parallel, on 2 real gloo processes.
 
-Tensor parallel: each rank holds half of the output weight's rows; everything is compared with
-the unsharded plain head computed on the same rank. Context parallel: the context-parallel
-suite's own check, with every head chunked.
+Tensor parallel: each rank holds half of the output weight's rows; the function is compared with
+the unsharded plain head computed on the same rank, and the tensor-parallel model (with sequence
+parallel too) with the single-process plain model through the tensor-parallel suite's own check.
+Context parallel: the context-parallel suite's own check, with every head chunked.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from mtp_cli.models import chunked_ce
 from mtp_cli.models.chunked_ce import ChunkedCEOptions, chunked_linear_cross_entropy
 from mtp_cli.models.output import token_loss_and_hits
+from mtp_cli.parallel.vocab_parallel import VocabParallelOutputHead
 from tests.dist_utils import run_distributed
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -40,8 +42,9 @@ def _check_head(rank: int, grads_in_forward: bool, masked_mean: bool,
         upstream = mask / mask.sum()
     rows = slice(rank * VOCAB // WORLD, (rank + 1) * VOCAB // WORLD)
     shard = weight.detach()[rows].clone().requires_grad_()
+    head_input = VocabParallelOutputHead(dist.group.WORLD).head_input(hidden)  # grad all-reduce
     loss, pred = chunked_linear_cross_entropy(
-        hidden, shard, labels, mask,
+        head_input, shard, labels, mask,
         ChunkedCEOptions(tp_group=dist.group.WORLD, chunk_tokens=7,
                          grads_in_forward=grads_in_forward))
     grad_hidden, grad_shard = torch.autograd.grad((loss * upstream).sum(), (hidden, shard))
@@ -80,43 +83,34 @@ def test_tp2_loss_argmax_and_gradients_match_unsharded_head():
     run_distributed(_head_worker, WORLD)
 
 
-def _model_worker(rank: int, _world_size: int) -> None:
-    """GPTModel (D = 2) with only the output weight sharded: every gradient as unsharded."""
+def _tensor_parallel_worker(rank: int, world_size: int) -> None:
+    """The tensor-parallel suite's check (TP model vs single process: losses, trackers, every
+    gathered gradient, grad norm, logits), with the TP model's heads chunked and the reference's
+    plain, for D = 0..2, tied/untied, with/without sequence parallel, both gradient modes."""
+    import tests.test_tensor_parallel as suite
+    from tests import tp_cases
+
+    chunked_ce.CHUNKED_AUTO_MIN_LOGITS = 0  # `auto` chunks even 24 tokens x 16 vocab
+    chunked_ce.CHUNK_LOGITS = 8 * 5  # 5 tokens per chunk at 8 vocab rows per rank
+    calls = []
+    apply = chunked_ce._LinearCrossEntropy.apply
+    chunked_ce._LinearCrossEntropy.apply = lambda *args: calls.append(1) or apply(*args)
     for grads_in_forward in (True, False):
-        _check_model(rank, grads_in_forward)
+        def plain_reference(spec, group, sequence_parallel, in_forward=grads_in_forward):
+            reference, parallel, plan = tp_cases.reference_and_parallel(spec, group,
+                                                                        sequence_parallel)
+            reference.chunked_loss = False
+            parallel.chunked_grads_in_forward = in_forward
+            return reference, parallel, plan
 
-
-def _check_model(rank: int, grads_in_forward: bool) -> None:
-    from mtp_cli import build_model, load_spec
-    from tests.cli_helpers import SPECS
-
-    spec = load_spec(SPECS / "tiny.yaml", ["model.seq_length=12", "train.loss.chunked=true"])
-    reference, model = build_model(spec), build_model(spec)
-    reference.chunked_loss = False
-    model.chunked_grads_in_forward = grads_in_forward
-    vocab = spec.model.vocab_size
-    rows = slice(rank * vocab // WORLD, (rank + 1) * vocab // WORLD)
-    full_weight = model.output_layer.weight
-    model.output_layer.weight = torch.nn.Parameter(full_weight.detach()[rows].clone())
-    model.groups.tp_group = dist.group.WORLD
-    gen = torch.Generator().manual_seed(3)
-    tokens = torch.randint(0, vocab, (2, 13), generator=gen)
-    mask = (torch.rand(2, 12, generator=gen) > 0.2).float()
-    losses = []
-    for net in (reference, model):
-        loss = net(tokens[:, :-1], labels=tokens[:, 1:], loss_mask=mask)
-        ((loss * mask).sum() / mask.sum()).backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], **TOL)
-    expected = dict(reference.named_parameters())
-    for name, param in model.named_parameters():
-        want = expected[name].grad[rows] if name == "output_layer.weight" else expected[name].grad
-        torch.testing.assert_close(param.grad, want, **TOL, msg=f"{grads_in_forward} {name}")
+        suite.reference_and_parallel = plain_reference
+        suite._worker(rank, world_size, suite._cases("llama", (0, 1, 2)))
+    assert len(calls) == 2 * 2 * 2 * (1 + 2 + 3)  # modes x tied x sp x heads of D = 0, 1, 2
 
 
 @pytest.mark.distributed
-def test_tp2_model_with_vocab_sharded_output_matches_unsharded_model():
-    run_distributed(_model_worker, WORLD)
+def test_tp2_chunked_model_matches_single_process_plain_model():
+    run_distributed(_tensor_parallel_worker, 2)
 
 
 def _context_parallel_worker(rank: int, world_size: int, packed_lengths) -> None:

@@ -26,7 +26,10 @@ The forward-gradient mode stores one fp32 `[V, h]` weight gradient per head unti
 pays off while those of all heads together stay below one `[tokens, V]` logits tensor, which
 `grads_in_forward_fits` decides. Logits are computed in the autocast dtype (bf16) like the plain
 head's, the softmax and loss in fp32, and the weight gradient is accumulated in fp32.
-Tensor-parallel vocab sharding: see `mtp_cli.models.vocab_parallel`.
+Tensor-parallel vocab sharding: the statistics are combined over the shards
+(`mtp_cli.models.vocab_shard_stats`); the input gradient returned is this shard's part, summed
+over the ranks by the caller's mapping (Megatron's `copy_to_tensor_model_parallel_region`, here
+the output head's `head_input`), as for any column-parallel linear.
 """
 
 from __future__ import annotations
@@ -37,14 +40,14 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from mtp_cli.models.vocab_parallel import (
+from mtp_cli.models.output import OutputHead
+from mtp_cli.models.vocab_shard_stats import (
     IGNORE_INDEX,
     ChunkStats,
     VocabShard,
     all_ranks_agree,
     combine_stats,
     local_stats,
-    sum_over_shards,
 )
 
 # `train.loss.chunked: auto` turns chunking on when one head's logits (micro-batch tokens x vocab)
@@ -181,8 +184,6 @@ def _forward_sweep(inputs: _Inputs, grads: _Grads | None, row_weights: torch.Ten
     if grads is None:
         joined = [torch.cat(parts) for parts in zip(*pending, strict=True)]
         return combine_stats(*joined, inputs.shard)
-    if grads.hidden is not None:
-        sum_over_shards(grads.hidden, inputs.shard)
     return ChunkStats(*(torch.cat(parts) for parts in zip(
         *((s.lse, s.target, s.pred) for s in per_chunk), strict=True)))
 
@@ -194,8 +195,6 @@ def _recompute_grads(inputs: _Inputs, lse: torch.Tensor, row_weights: torch.Tens
     for span in inputs.spans():
         probs = inputs.logits(span).sub_(lse[span].unsqueeze(1)).exp_()
         grads.add_chunk(inputs, span, probs, row_weights)
-    if grads.hidden is not None:
-        sum_over_shards(grads.hidden, inputs.shard)
     return grads
 
 
@@ -260,7 +259,7 @@ def chunked_linear_cross_entropy(
     """Per-token cross-entropy `[b, s]` (fp32, unmasked) and argmax `[b, s]` of `hidden @ weight.T`.
 
     `hidden_states` `[s, b, h]`, `weight` `[V_local, h]` (this rank's vocab rows under tensor
-    parallel), `labels` `[b, s]` (global ids). `grad_hint` `[b, s]`: the per-token weights the
+    parallel, `options.tp_group`), `labels` `[b, s]` (global ids). `grad_hint` `[b, s]`: the per-token weights the
     loss is expected to be reduced with (the loss mask); it enables gradients in the forward.
     """
     options = options or ChunkedCEOptions()
@@ -281,3 +280,36 @@ def chunked_token_loss_and_hits(hidden_states: torch.Tensor, labels: torch.Tenso
     """`process_mtp_loss`'s `token_loss_fn`: per-token loss `[b, s]` and argmax hits on `mask`."""
     loss, pred = chunked_linear_cross_entropy(hidden_states, weight, labels, mask, options)
     return loss, ((pred == labels) & (mask > 0)).sum()
+
+
+class ChunkedOutputHead:
+    """`GPTModel`'s output head with chunked losses: wraps the head it stands in for.
+
+    Same four methods as `mtp_cli.models.output.OutputHead`. Logits (the no-label path) come from
+    the wrapped head; the losses of the main head and of every MTP depth are chunked, on the
+    wrapped head's `head_input` (sequence-parallel gather / tensor-parallel input mapping) with
+    its vocab-shard group. `loss_mask` `[b, s]` hints how the main loss will be reduced.
+    """
+
+    def __init__(self, head: OutputHead, options: ChunkedCEOptions,
+                 loss_mask: torch.Tensor | None = None) -> None:
+        self.head, self.options, self.loss_mask = head, options, loss_mask
+
+    def local_sequence_length(self, seq_len: int) -> int:
+        return self.head.local_sequence_length(seq_len)
+
+    def logits(self, hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(hidden_states, weight)
+
+    def per_token_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor,
+                       weight: torch.Tensor) -> torch.Tensor:
+        hint = self.loss_mask if self.loss_mask is not None \
+            else torch.ones_like(labels, dtype=torch.float32)
+        return chunked_linear_cross_entropy(self.head.head_input(hidden_states), weight, labels,
+                                            hint, self.options)[0]
+
+    def token_loss_and_hits(self, hidden_states: torch.Tensor, labels: torch.Tensor,
+                            mask: torch.Tensor, *, weight: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        return chunked_token_loss_and_hits(self.head.head_input(hidden_states), labels, mask,
+                                           weight=weight, options=self.options)

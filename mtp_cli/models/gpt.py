@@ -17,9 +17,8 @@ from torch import nn
 from mtp_cli.builders.module_spec import ModuleSpec
 from mtp_cli.models.chunked_ce import (
     ChunkedCEOptions,
+    ChunkedOutputHead,
     chunked_enabled,
-    chunked_linear_cross_entropy,
-    chunked_token_loss_and_hits,
     grads_in_forward_fits,
 )
 from mtp_cli.models.embedding import LanguageModelEmbedding, RotaryEmbedding
@@ -61,7 +60,6 @@ class ParallelGroups:
     cp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
     dp_cp_group: dist.ProcessGroup | None = None
-    tp_group: dist.ProcessGroup | None = None  # the output weight's vocab shards (chunked head)
 
 
 class GPTModel(nn.Module):
@@ -166,8 +164,7 @@ class GPTModel(nn.Module):
                     labels: torch.Tensor | None, loss_mask: torch.Tensor | None,
                     packed_seq_params: PackedSeqParams | None, *, run_mtp: bool) -> torch.Tensor:
         """MTP loss step, then the main head: per-token loss `[b, s]` or logits `[b, s, V]`."""
-        weight, head = self.output_weight(), self.output_head
-        chunked = self._chunked_options(input_ids.numel())
+        weight, head = self.output_weight(), self._loss_head(input_ids.numel(), loss_mask)
         if run_mtp:
             if labels is None:
                 mtp_labels, mtp_mask = labels_from_input_ids(
@@ -177,11 +174,8 @@ class GPTModel(nn.Module):
                 mtp_mask = torch.ones_like(labels, dtype=torch.float32) \
                     if loss_mask is None else loss_mask
             head_weight = weight.detach() if self.detach_heads else weight
-            token_loss_fn = (partial(head.token_loss_and_hits, weight=head_weight) if chunked is None
-                             else partial(chunked_token_loss_and_hits, weight=head_weight,
-                                          options=chunked))
             hidden = process_mtp_loss(
-                hidden, mtp_labels, mtp_mask, token_loss_fn,
+                hidden, mtp_labels, mtp_mask, partial(head.token_loss_and_hits, weight=head_weight),
                 self._mtp_settings(), training=self.training or self.track_mtp_in_eval,
                 packed_seq_params=packed_seq_params,
             )
@@ -189,27 +183,26 @@ class GPTModel(nn.Module):
             hidden.shape[0] != head.local_sequence_length(input_ids.shape[1])
         ):
             hidden = hidden.chunk(1 + self.stage.mtp_depths_in_loss, dim=0)[0]
-        if labels is not None and chunked is not None:
-            hint = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask
-            return chunked_linear_cross_entropy(hidden, weight, labels, hint, chunked)[0]
         if labels is None:
             return head.logits(hidden, weight).transpose(0, 1).contiguous()
         return head.per_token_loss(hidden, labels, weight)
 
-    def _chunked_options(self, tokens: int) -> ChunkedCEOptions | None:
-        """The chunked head's options for `tokens` (b x s) per micro-batch; None = plain head.
+    def _loss_head(self, tokens: int, loss_mask: torch.Tensor | None
+                   ) -> OutputHead | ChunkedOutputHead:
+        """`output_head`, or a chunked head around it for `tokens` (b x s) per micro-batch.
 
         `train.loss.chunked: auto` chunks when one head's logits exceed
         `CHUNKED_AUTO_MIN_LOGITS` elements. Gradients are computed in the forward pass while the
         stored `[V, h]` weight gradients of all heads stay below one `[tokens, V]` logits tensor.
         """
         if not chunked_enabled(self.chunked_loss, tokens, self.config.vocab_size):
-            return None
+            return self.output_head
         in_forward = self.chunked_grads_in_forward
         if in_forward is None:
             heads = 1 + self.stage.mtp_depths_in_loss
             in_forward = grads_in_forward_fits(tokens, self.config.hidden_size, heads)
-        return ChunkedCEOptions(tp_group=self.groups.tp_group, grads_in_forward=in_forward)
+        options = ChunkedCEOptions(tp_group=self.output_head.group, grads_in_forward=in_forward)
+        return ChunkedOutputHead(self.output_head, options, loss_mask)
 
     def _mtp_settings(self) -> MTPLossSettings:
         return MTPLossSettings(

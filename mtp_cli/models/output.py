@@ -7,6 +7,7 @@ does. The MTP depths reuse the main model's output weight (or the word embedding
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -43,8 +44,15 @@ class OutputHead:
 
     `GPTModel.output_head` holds one; tensor parallel swaps in a vocab-parallel head with the
     same four methods (`mtp_cli.parallel.vocab_parallel.VocabParallelOutputHead`), so the model
-    code stays single-device.
+    code stays single-device. `group` and `head_input` let the chunked head
+    (`mtp_cli.models.chunked_ce.ChunkedOutputHead`) wrap either.
     """
+
+    group: dist.ProcessGroup | None = None  # the output weight's vocab shards (None: all here)
+
+    def head_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The `[s, b, h]` the output weight multiplies (the full sequence, replicated)."""
+        return hidden_states
 
     def local_sequence_length(self, seq_len: int) -> int:
         """Rows of `[s, b, h]` this process holds per head (sequence parallel splits them)."""

@@ -156,13 +156,15 @@ class VocabParallelOutputHead:
     def local_sequence_length(self, seq_len: int) -> int:
         return seq_len // group_size(self.group) if self.sequence_parallel else seq_len
 
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[s(/tp), b, h]` -> the full `[s, b, h]`, its gradient summed over the ranks."""
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(hidden, self.group)
+        return copy_to_tensor_parallel_region(hidden, self.group)
+
     def local_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """`[s(/tp), b, h]` -> this rank's `[s, b, V/tp]`."""
-        if self.sequence_parallel:
-            hidden = gather_from_sequence_parallel_region(hidden, self.group)
-        else:
-            hidden = copy_to_tensor_parallel_region(hidden, self.group)
-        return F.linear(hidden, weight)
+        return F.linear(self.head_input(hidden), weight)
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Full `[s, b, V]` logits (gathered: the no-label path only)."""

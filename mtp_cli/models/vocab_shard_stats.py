@@ -80,13 +80,6 @@ def combine_stats(lse: torch.Tensor, top: torch.Tensor, index: torch.Tensor,
     )
 
 
-def sum_over_shards(tensor: torch.Tensor, shard: VocabShard) -> torch.Tensor:
-    """All-reduce a partial input gradient over the tensor-parallel group (in place)."""
-    if shard.group is not None:
-        dist.all_reduce(tensor, group=shard.group)
-    return tensor
-
-
 def all_ranks_agree(flag: bool, shard: VocabShard, device: torch.device) -> bool:
     """True only if `flag` is true on every rank (so ranks never take different code paths)."""
     if shard.group is None:
