@@ -29,6 +29,9 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any],
                             world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # every rank done with every collective before any tears the group down: a gloo peer
+        # closing its pairs under another's pending work aborts that process (SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
