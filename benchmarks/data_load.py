@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtp_cli.spec.schema import RunSpec
-from mtp_cli.train.data import MicroBatchLoader, build_datasets
-from mtp_cli.train.data.corpus import stdlib_files
+from mtp_cli.config.schema import RunSpec
+from mtp_cli.data import MicroBatchLoader, build_datasets
+from mtp_cli.data.corpus import stdlib_files
 
 
 def spec(seq_length: int) -> RunSpec:

@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mtp_cli
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.spec.schema import RunSpec
-from mtp_cli.train.data import MicroBatchLoader, build_datasets
+from mtp_cli.config.schema import RunSpec
+from mtp_cli.data import MicroBatchLoader, build_datasets
 from mtp_cli.train.optim import build_optimizer
 from mtp_cli.train.step import StepSettings, train_step
 

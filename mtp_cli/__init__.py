@@ -5,14 +5,14 @@
     model = build_model(spec)
 """
 
+from mtp_cli.config.loader import load_spec
+from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import SpecError, UserError
-from mtp_cli.spec.loader import load_spec
-from mtp_cli.spec.schema import RunSpec
 
 
 def build_model(spec, device="cpu", **kwargs):
-    """The whole model for one process (every stage); see `mtp_cli.builders.build_model`."""
-    from mtp_cli.builders.model_builder import build_model as _build_model
+    """The whole model for one process (every stage); see `mtp_cli.build.build_model`."""
+    from mtp_cli.build.model_builder import build_model as _build_model
 
     return _build_model(spec, device, **kwargs)
 

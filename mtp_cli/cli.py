@@ -79,9 +79,9 @@ def build(
     allow_imports: AllowImportsOpt = False,
 ) -> None:
     """Validate SPEC, compile it on the meta device and show the model."""
-    from mtp_cli.builders.build_report import describe_build, materialize_check
-    from mtp_cli.builders.specs import resolved_module_trees
-    from mtp_cli.spec.loader import load_spec
+    from mtp_cli.build.describe import describe_build, materialize_check
+    from mtp_cli.build.module_trees import resolved_module_trees
+    from mtp_cli.config.loader import load_spec
     from mtp_cli.views.build_view import render_build
 
     run_spec = load_spec(spec, overrides or (), allow_imports=allow_imports)
@@ -115,8 +115,8 @@ def inspect_ckpt(
                        "stored).")] = None,
 ) -> None:
     """Show a checkpoint's spec, tensors by part and MTP structure/tie checks."""
+    from mtp_cli.config.loader import load_spec
     from mtp_cli.inspect import inspect_checkpoint
-    from mtp_cli.spec.loader import load_spec
     from mtp_cli.views.inspect_view import render_inspect
 
     run_spec = load_spec(spec) if spec is not None else None
@@ -191,8 +191,8 @@ def train(
 ) -> None:
     """Train SPEC over --nproc processes per node (torch.distributed.run): data, tensor,
     pipeline and context parallel as `parallel` says."""
-    from mtp_cli.spec.loader import load_spec
-    from mtp_cli.train.launcher import LaunchOptions, default_run_dir, launch
+    from mtp_cli.config.loader import load_spec
+    from mtp_cli.launch.launcher import LaunchOptions, default_run_dir, launch
 
     run_spec = load_spec(spec, overrides or (), allow_imports=allow_imports)
     options = LaunchOptions(
@@ -211,7 +211,7 @@ def train(
 @user_errors_exit_2
 def schema() -> None:
     """Print the JSON Schema of spec files (for editors: yaml-language-server)."""
-    from mtp_cli.spec.schema import RunSpec
+    from mtp_cli.config.schema import RunSpec
 
     print_json(RunSpec.model_json_schema())
 

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.spec.schema import RunSpec
+from mtp_cli.config.schema import RunSpec
 
 TINY = {
     "model": {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_attention_heads": 4,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtp_cli.spec.schema import RunSpec
+from mtp_cli.config.schema import RunSpec
 
 EOD = 256
 

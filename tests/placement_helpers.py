@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mtp_cli import load_spec
-from mtp_cli.spec.schema import RunSpec
+from mtp_cli.config.schema import RunSpec
 
 TINY_MODEL = {
     "vocab_size": 64, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 8,

@@ -4,7 +4,7 @@ Written from Megatron-Core's algorithms as they are stated there, not from `mtp_
 layout string is expanded with two regular-expression passes and indexed as a `[pp_rank][vp]`
 table; offsets are sums over earlier (vp, pp) cells; the split without a layout uses the closed
 formulas of `get_num_layers_to_build` / `get_transformer_layer_offset`. Deliberately no prefix
-sums over a stage list, which is how `mtp_cli.mtp.placement` computes them.
+sums over a stage list, which is how `mtp_cli.plan.placement` computes them.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mtp_cli.config import load_spec
+from mtp_cli.data import MicroBatchLoader, build_datasets, packed_batch, plain_batch
 from mtp_cli.errors import SpecError
-from mtp_cli.spec import load_spec
-from mtp_cli.train.data import MicroBatchLoader, build_datasets, packed_batch, plain_batch
 from tests.cli_helpers import SPECS
 from tests.data_helpers import EOD, make_spec, write_text_files
 

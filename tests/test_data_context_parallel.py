@@ -10,9 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mtp_cli.errors import UserError
-from mtp_cli.mtp import roll_tensor
-from mtp_cli.train.data import (
+from mtp_cli.data import (
     Batch,
     MicroBatchLoader,
     TokenStream,
@@ -23,6 +21,8 @@ from mtp_cli.train.data import (
     shard_for_context_parallel,
     zigzag_index,
 )
+from mtp_cli.errors import UserError
+from mtp_cli.mtp import roll_tensor
 from tests.data_helpers import EOD
 
 FIELDS = ("input_ids", "labels", "loss_mask", "position_ids")

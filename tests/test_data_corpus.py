@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtp_cli.data import ByteTokenizer, build_datasets, load_tokenizer
+from mtp_cli.data.corpus import STDLIB_EXCLUDED_DIRS, stdlib_files
+from mtp_cli.data.datasets import validation_documents
 from mtp_cli.errors import UserError
-from mtp_cli.train.data import ByteTokenizer, build_datasets, load_tokenizer
-from mtp_cli.train.data.corpus import STDLIB_EXCLUDED_DIRS, stdlib_files
-from mtp_cli.train.data.datasets import validation_documents
 from tests.data_helpers import EOD, byte_stream, make_spec, write_text_files
 
 

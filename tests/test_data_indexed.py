@@ -7,8 +7,8 @@ import struct
 import pytest
 import torch
 
+from mtp_cli.data import build_datasets, read_indexed_dataset, write_indexed_dataset
 from mtp_cli.errors import UserError
-from mtp_cli.train.data import build_datasets, read_indexed_dataset, write_indexed_dataset
 from tests.data_helpers import EOD, make_spec
 
 DOCS = [[5, 6, 7], [300, 1], [9, 9, 9, 9, EOD], [42]]

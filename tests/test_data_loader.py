@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mtp_cli.data import MicroBatchLoader, TokenStream, TokenWindows
 from mtp_cli.errors import UserError
-from mtp_cli.train.data import MicroBatchLoader, TokenStream, TokenWindows
 
 SEQ = 4
 WINDOWS = 13  # not a multiple of any global batch: global batches straddle epochs

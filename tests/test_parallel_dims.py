@@ -6,7 +6,7 @@ import pytest
 
 from mtp_cli import load_spec
 from mtp_cli.errors import UserError
-from mtp_cli.parallel.dims import ParallelDims
+from mtp_cli.plan.dims import ParallelDims
 
 
 def spec(*overrides: str):
@@ -41,7 +41,7 @@ def test_fsdp_and_te_are_refused_with_model_parallel():
 
 
 def test_launcher_checks_flags_before_anything_else(tmp_path):
-    from mtp_cli.train.launcher import LaunchOptions, plan_launch
+    from mtp_cli.launch.launcher import LaunchOptions, plan_launch
 
     with pytest.raises(UserError, match="--nnodes > 1 needs --rdzv-endpoint"):
         plan_launch(spec(), LaunchOptions(run_dir=tmp_path / "run", nnodes=2))

@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.models.gpt import StageContents
 from mtp_cli.mtp import MTPLossLoggingHelper
 from mtp_cli.parallel.pipeline_schedule import PipelineLayout, PipelineSchedule
 from mtp_cli.parallel.tied_embeddings import allreduce_embedding_grads
+from mtp_cli.plan.stages import Stage
 from tests.dist_utils import run_distributed
 
 SEQ, MICRO, COUNT = 8, 2, 4
@@ -70,8 +70,8 @@ def _run(rank, world, layout_name, depths, tied):
             mtp_stage = index
         if index not in stage_indices:
             continue
-        contents = StageContents(decoder_layer_numbers=layers, embedding=embedding,
-                                 final_layernorm=final, mtp_num_layers=depths if mtp else 0,
+        contents = Stage(decoder_layers=tuple(layers), embedding=embedding,
+                                 final_layernorm=final, mtp_layers=depths if mtp else 0,
                                  loss=loss, mtp_depths_in_loss=depths if loss else 0)
         chunks.append(build_model(run_spec, stage=contents))
     group = dist.new_group(list(range(world)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mtp_cli.errors import SpecError
-from mtp_cli.mtp.layout import LayoutError, parse_layout
+from mtp_cli.plan.layout import LayoutError, parse_layout
 from tests.placement_helpers import make_spec
 
 

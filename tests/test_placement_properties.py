@@ -13,11 +13,14 @@ import itertools
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mtp_cli.builders.stage_plan import build_stage_plan
 from mtp_cli.errors import SpecError
 from mtp_cli.mtp import get_mtp_layer_offset, get_mtp_num_layers_to_build
-from mtp_cli.mtp.layout import parse_layout
-from mtp_cli.mtp.placement import get_num_layers_to_build, get_transformer_layer_offset
+from mtp_cli.plan.layout import parse_layout
+from mtp_cli.plan.placement import (
+    build_stage_plan,
+    get_num_layers_to_build,
+    get_transformer_layer_offset,
+)
 from tests import placement_reference as ref
 from tests.placement_helpers import make_spec
 
@@ -89,7 +92,7 @@ def test_valid_layouts_match_megatron_everywhere(case, data) -> None:
     assert placed == list(range(1, num_layers + 1))  # every layer once, in order
     for vp, rank in itertools.product(range(vpp), range(pp)):
         vp_arg = vp if vpp > 1 else None
-        entry = plan.entry(rank, vp_arg)
+        entry = plan.stage(rank, vp_arg)
         assert get_mtp_num_layers_to_build(spec, vp_arg, rank) == ref.layout_count(
             layout, pp, "m", rank, vp) == entry.mtp_layers
         mtp_offset = ref.layout_offset(layout, pp, "m", rank, vp) if pp > 1 else 0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from mtp_cli.builders.stage_plan import build_stage_plan
 from mtp_cli.errors import SpecError
 from mtp_cli.mtp import get_mtp_layer_offset, get_mtp_num_layers_to_build
-from mtp_cli.mtp.placement import (
+from mtp_cli.plan.placement import (
+    build_stage_plan,
     get_decoder_layer_numbers,
     get_num_layers_to_build,
     get_transformer_layer_offset,
@@ -49,8 +49,8 @@ def test_standalone_mtp_stage() -> None:
         (True, False, False), (False, False, False), (False, False, True), (False, True, False)]
     # the final norm stays with decoder layer 8 (h0 feeds the MTP stage)
     assert [e.final_layernorm for e in plan.stages] == [False, True, False, False]
-    assert plan.stage_contents(2).mtp_depths_in_loss == 0
-    assert plan.stage_contents(3).mtp_depths_in_loss == 1
+    assert plan.stage(2).mtp_depths_in_loss == 0
+    assert plan.stage(3).mtp_depths_in_loss == 1
 
 
 def test_mtp_with_the_loss_on_the_last_virtual_stage() -> None:
@@ -58,7 +58,7 @@ def test_mtp_with_the_loss_on_the_last_virtual_stage() -> None:
     assert spec.parallel.virtual_pipeline == 2
     assert per_stage(spec, get_mtp_num_layers_to_build) == [0, 0, 0, 1]
     assert per_stage(spec, get_decoder_layer_numbers) == [[1], [2, 3], [4, 5], [6]]
-    last = build_stage_plan(spec).entry(1, 1)
+    last = build_stage_plan(spec).stage(1, 1)
     assert (last.loss, last.mtp_layers, last.standalone_mtp, last.final_layernorm) == (
         True, 1, False, True)
 
@@ -67,7 +67,7 @@ def test_mtp_on_the_first_ranks_last_virtual_stage_is_standalone() -> None:
     spec = make_spec(4, 2, pipeline=2, layout="Et|tt|tmm|L")
     assert get_mtp_num_layers_to_build(spec, 1, 0) == 2
     assert get_mtp_layer_offset(spec, 1, 1) == 2  # the loss stage comes after both
-    entry = build_stage_plan(spec).entry(0, 1)
+    entry = build_stage_plan(spec).stage(0, 1)
     assert entry.standalone_mtp and not entry.loss and entry.decoder_layers == (4,)
 
 

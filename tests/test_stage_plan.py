@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mtp_cli.builders.model_builder import build_model
-from mtp_cli.builders.stage_plan import build_stage_plan
-from mtp_cli.models.gpt import StageContents
+from mtp_cli.build.model_builder import build_model
+from mtp_cli.plan.placement import build_stage_plan
+from mtp_cli.plan.stages import Stage
 from tests.placement_helpers import make_spec
 
 WORD = "embedding.word_embeddings.weight"
@@ -34,7 +34,7 @@ def test_stage_models_partition_the_whole_model(case: str) -> None:
     plan = build_stage_plan(spec)
     seen: dict[str, int] = {}
     for entry in plan.stages:
-        stage = shapes(build_model(spec, "meta", stage=entry.stage_contents(spec.mtp.num_layers)))
+        stage = shapes(build_model(spec, "meta", stage=entry))
         for name, shape in stage.items():
             # the loss stage's copy of a tied output weight has the word embedding's shape
             source = WORD if (tied and name == "output_layer.weight") else name
@@ -57,10 +57,10 @@ def test_stage_models_partition_the_whole_model(case: str) -> None:
 def test_stage_layers_keep_their_global_layer_numbers() -> None:
     spec = make_spec(**CASES["mtp with loss, virtual"])
     plan = build_stage_plan(spec)
-    contents = plan.stage_contents(0, 1)  # stage 2: decoder layers 4 and 5
+    contents = plan.stage(0, 1)  # stage 2: decoder layers 4 and 5
     model = build_model(spec, "meta", stage=contents)
     assert [layer.layer_number for layer in model.decoder.layers.values()] == [4, 5]
-    last = build_model(spec, "meta", stage=plan.stage_contents(1, 1))
+    last = build_model(spec, "meta", stage=plan.stage(1, 1))
     assert [layer.layer_number for layer in last.mtp.layers.values()] == [1, 2]
     # the MTP transformer layers are numbered after the decoder's (N + k)
     assert [layer.transformer_layer.layer_number for layer in last.mtp.layers.values()] == [7, 8]
@@ -71,15 +71,15 @@ def test_one_stage_plan_is_the_whole_model() -> None:
     spec = make_spec(4, 2)
     (entry,) = build_stage_plan(spec).stages
     assert entry.vp_stage is None
-    assert entry.stage_contents(2) == StageContents.whole_model(spec)
+    assert entry == Stage.whole_model(spec.model.num_layers, 2)
 
 
 def test_standalone_stage_holds_an_embedding_copy_and_no_output_layer() -> None:
     spec = make_spec(**CASES["standalone mtp, tied"])
     plan = build_stage_plan(spec)
-    mtp_stage = build_model(spec, "meta", stage=plan.stage_contents(2))
+    mtp_stage = build_model(spec, "meta", stage=plan.stage(2))
     assert mtp_stage.output_layer is None and mtp_stage.embedding is not None
     assert mtp_stage.decoder.final_layernorm is None and mtp_stage.stage.mtp_depths_in_loss == 0
-    loss_stage = build_model(spec, "meta", stage=plan.stage_contents(3))
+    loss_stage = build_model(spec, "meta", stage=plan.stage(3))
     assert loss_stage.embedding is None and loss_stage.output_layer is not None
     assert tuple(loss_stage.output_weight().shape) == (64, 16)

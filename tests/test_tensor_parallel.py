@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from mtp_cli import build_model
-from mtp_cli.models.gpt import StageContents
 from mtp_cli.parallel.tensor_parallel import gather_state_dict, parallelize_tensor
 from mtp_cli.parallel.tp_grads import sync_sequence_parallel_grads, tensor_parallel_grad_norm
+from mtp_cli.plan.stages import Stage
 from tests.dist_utils import run_distributed
 from tests.tp_cases import (
     SEQ,
@@ -96,10 +96,10 @@ def _check_stage_chain(arch: str, tied: bool, sp: bool) -> None:
     label = f"stages {arch} tied={tied} sp={sp}"
     spec = make_spec(arch, 2, tied)
     reference = build_model(spec)
-    first = build_model(spec, stage=StageContents(decoder_layer_numbers=[1],
+    first = build_model(spec, stage=Stage(decoder_layers=(1,),
                                                   final_layernorm=False, loss=False))
-    last = build_model(spec, stage=StageContents(decoder_layer_numbers=[2], embedding=False,
-                                                 mtp_num_layers=2, mtp_depths_in_loss=2))
+    last = build_model(spec, stage=Stage(decoder_layers=(2,), embedding=False,
+                                                 mtp_layers=2, mtp_depths_in_loss=2))
     plans = [parallelize_tensor(m, dist.group.WORLD, sequence_parallel=sp) for m in (first, last)]
     batch = make_batch(seed=3)
     ids, positions = batch[:2]

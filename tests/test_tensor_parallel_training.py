@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 
 from mtp_cli import UserError, build_model
-from mtp_cli.builders.init import initialize_parameters
-from mtp_cli.models.gpt import StageContents
+from mtp_cli.build.init import initialize_parameters
 from mtp_cli.parallel.tensor_parallel import (
     gather_state_dict,
     parallelize_tensor,
     shard_state_dict,
 )
 from mtp_cli.parallel.tp_grads import clip_grad_norm_, sync_sequence_parallel_grads
+from mtp_cli.plan.stages import Stage
 from tests.dist_utils import run_distributed
 from tests.tp_cases import (
     assert_close,
@@ -135,9 +135,9 @@ def _stage_worker(rank: int, world_size: int) -> None:
         spec = make_spec("llama", 2, tied)
         expected = build_model(spec).state_dict()
         stages = [  # the last decoder layer, the MTP depths and the loss; the loss stage alone
-            StageContents(decoder_layer_numbers=[2], embedding=False, mtp_num_layers=2,
+            Stage(decoder_layers=(2,), embedding=False, mtp_layers=2,
                           mtp_depths_in_loss=2),
-            StageContents(decoder_layer_numbers=[], embedding=False, final_layernorm=False,
+            Stage(decoder_layers=(), embedding=False, final_layernorm=False,
                           mtp_depths_in_loss=2),
         ]
         for stage in stages:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.spec.schema import TrainConfig
+from mtp_cli.config.schema import TrainConfig
 from mtp_cli.train.optim import (
     build_optimizer,
     build_scheduler,

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mtp_cli.errors import UserError
-from mtp_cli.train.run_dir import (
+from mtp_cli.run_dir import (
     RunDir,
     RunDirLock,
     check_creatable,

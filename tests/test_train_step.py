@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from mtp_cli import build_model, load_spec
+from mtp_cli.data import Batch
 from mtp_cli.mtp import MTPLossAutoScaler
-from mtp_cli.train.data import Batch
 from mtp_cli.train.step import StepSettings, train_step
 
 OVERRIDES = ["model.num_layers=1", "model.hidden_size=32", "model.seq_length=16",

@@ -102,6 +102,6 @@ def worker_pids(run_dir: Path) -> list[int]:
             state = (entry / "stat").read_text().split()[2]
         except OSError:
             continue
-        if b"mtp_cli.train.worker" in cmdline and marker in cmdline and state != "Z":
+        if b"mtp_cli.launch.worker" in cmdline and marker in cmdline and state != "Z":
             found.append(int(entry.name))
     return found

@@ -7,7 +7,7 @@
 
 from mtp_cli.inspect.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from mtp_cli.inspect.checks import Check
-from mtp_cli.inspect.report import InspectReport, inspect_checkpoint
+from mtp_cli.inspect.inspection import CheckpointInspection, inspect_checkpoint
 
-__all__ = ["Check", "Checkpoint", "InspectReport", "TensorInfo", "inspect_checkpoint",
+__all__ = ["Check", "Checkpoint", "CheckpointInspection", "TensorInfo", "inspect_checkpoint",
            "open_checkpoint"]

@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, SpecError, UserError
-from mtp_cli.spec.schema import RunSpec
 
 
 def spec_from_meta(meta: dict[str, Any], meta_path: Path) -> RunSpec | None:
     """The spec stored in `meta.json`, validated; None when the file stores none."""
-    from mtp_cli.spec.loader import load_spec
+    from mtp_cli.config.loader import load_spec
 
     stored = meta.get("spec")
     if stored is None:
@@ -33,7 +33,7 @@ def spec_from_meta(meta: dict[str, Any], meta_path: Path) -> RunSpec | None:
 
 def expected_shapes(spec: RunSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the spec's model state dict and its shape (meta device)."""
-    from mtp_cli.builders.model_builder import build_model
+    from mtp_cli.build.model_builder import build_model
 
     model = build_model(spec, "meta")
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mtp_cli.config.schema import RunSpec
 from mtp_cli.inspect.checkpoint import TensorInfo
 from mtp_cli.inspect.names import Naming, detect_naming, transformer_layer_spelling
-from mtp_cli.spec.schema import RunSpec
 
 
 @dataclass

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtp_cli.builders.module_spec import ModuleSpec, build_module, register_module
+from mtp_cli.config.schema import ModelConfig
 from mtp_cli.models.embedding import apply_rotary_pos_emb
-from mtp_cli.mtp.packed import PackedSeqParams
-from mtp_cli.spec.schema import ModelConfig
+from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
+from mtp_cli.nn.packed import PackedSeqParams
 
 
 def packed_document_mask(seq_len: int, packed_seq_params: PackedSeqParams,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtp_cli.builders.module_spec import register_module
-from mtp_cli.spec.schema import ModelConfig
+from mtp_cli.config.schema import ModelConfig
+from mtp_cli.nn.module_spec import register_module
 
 
 @register_module()

@@ -7,14 +7,14 @@ interchangeable: `embedding.*`, `decoder.layers.{i}.*`, `decoder.final_layernorm
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtp_cli.builders.module_spec import ModuleSpec
+from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.chunked_ce import (
     ChunkedCEOptions,
     ChunkedOutputHead,
@@ -27,30 +27,9 @@ from mtp_cli.models.output import OutputHead
 from mtp_cli.models.transformer_layer import TransformerBlock
 from mtp_cli.mtp.layer import MultiTokenPredictionBlock, MultiTokenPredictionBlockSubmodules
 from mtp_cli.mtp.loss import MTPLossSettings, labels_from_input_ids, process_mtp_loss
-from mtp_cli.mtp.packed import PackedSeqParams
-from mtp_cli.spec.schema import RunSpec
-
-
-@dataclass
-class StageContents:
-    """What one pipeline stage builds; the whole model is the stage that holds everything."""
-
-    decoder_layer_numbers: list[int]  # global, 1-based
-    embedding: bool = True
-    final_layernorm: bool = True
-    mtp_num_layers: int = 0
-    mtp_layer_offset: int = 0
-    loss: bool = True  # output layer, main loss, MTP loss step
-    mtp_depths_in_loss: int = 0  # D on the loss stage (it splits the MTP hidden states)
-    extra: dict[str, object] = field(default_factory=dict)
-
-    @classmethod
-    def whole_model(cls, spec: RunSpec) -> StageContents:
-        depths = spec.mtp.num_layers
-        return cls(
-            decoder_layer_numbers=list(range(1, spec.model.num_layers + 1)),
-            mtp_num_layers=depths, mtp_depths_in_loss=depths,
-        )
+from mtp_cli.nn.module_spec import ModuleSpec
+from mtp_cli.nn.packed import PackedSeqParams
+from mtp_cli.plan.stages import Stage
 
 
 @dataclass
@@ -76,10 +55,10 @@ class GPTModel(nn.Module):
 
     def __init__(self, spec: RunSpec, layer_spec: ModuleSpec, final_norm_spec: ModuleSpec,
                  mtp_block_spec: MultiTokenPredictionBlockSubmodules | None,
-                 stage: StageContents | None = None) -> None:
+                 stage: Stage | None = None) -> None:
         super().__init__()
         config = spec.model
-        stage = stage or StageContents.whole_model(spec)
+        stage = stage or Stage.whole_model(config.num_layers, spec.mtp.num_layers)
         self.config, self.stage = config, stage
         self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
         self.calculate_per_token_loss = spec.train.calculate_per_token_loss
@@ -92,21 +71,20 @@ class GPTModel(nn.Module):
         self.track_mtp_in_eval = False
         self.output_head = OutputHead()  # tensor parallel swaps in a vocab-parallel head
 
-        needs_embedding = stage.embedding or stage.mtp_num_layers > 0
-        self.embedding = LanguageModelEmbedding(config) if needs_embedding else None
+        self.embedding = LanguageModelEmbedding(config) if stage.needs_embedding else None
         self.rotary_pos_emb = (
             RotaryEmbedding(config.kv_channels, config.rotary_base)
             if config.position_embedding == "rope" else None
         )
-        self.decoder = TransformerBlock(config, layer_spec, stage.decoder_layer_numbers,
+        self.decoder = TransformerBlock(config, layer_spec, stage.decoder_layers,
                                         stage.final_layernorm, final_norm_spec)
         self.mtp = (
             MultiTokenPredictionBlock(
-                config, mtp_block_spec, num_depths=stage.mtp_num_layers,
+                config, mtp_block_spec, num_depths=stage.mtp_layers,
                 layer_offset=stage.mtp_layer_offset,
                 use_repeated_layer=spec.mtp.use_repeated_layer, detach_heads=self.detach_heads,
             )
-            if mtp_block_spec is not None and stage.mtp_num_layers > 0 else None
+            if mtp_block_spec is not None and stage.mtp_layers > 0 else None
         )
         owns_output_weight = stage.loss and not (
             self.share_embeddings_and_output_weights and self.embedding is not None

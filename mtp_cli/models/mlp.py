@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtp_cli.builders.module_spec import ModuleSpec, build_module, register_module
-from mtp_cli.spec.schema import ModelConfig
+from mtp_cli.config.schema import ModelConfig
+from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
 
 
 @dataclass

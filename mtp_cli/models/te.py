@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtp_cli.builders.module_spec import register_module
+from mtp_cli.config.schema import ModelConfig
 from mtp_cli.errors import UserError
 from mtp_cli.models.attention import DotProductAttention
-from mtp_cli.spec.schema import ModelConfig
+from mtp_cli.nn.module_spec import register_module
 
 TE_INSTALL_HINT = (
     "backend 'te' needs NVIDIA Transformer Engine, which needs a CUDA GPU: "

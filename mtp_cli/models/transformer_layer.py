@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtp_cli.builders.module_spec import ModuleSpec, build_module, register_module
+from mtp_cli.config.schema import ModelConfig
 from mtp_cli.models.attention import self_attention_spec
 from mtp_cli.models.mlp import mlp_spec
-from mtp_cli.mtp.packed import PackedSeqParams
-from mtp_cli.spec.schema import ModelConfig
+from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
+from mtp_cli.nn.packed import PackedSeqParams
 
 
 @dataclass

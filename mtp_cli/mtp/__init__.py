@@ -12,10 +12,10 @@ from mtp_cli.mtp.layer import (
 )
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.mtp.loss import MTPLossSettings, process_mtp_loss
-from mtp_cli.mtp.packed import PackedSeqParams
-from mtp_cli.mtp.placement import get_mtp_layer_offset, get_mtp_num_layers_to_build
 from mtp_cli.mtp.roll import roll_tensor
 from mtp_cli.mtp.tying import tie_output_layer_state_dict, tie_word_embeddings_state_dict
+from mtp_cli.nn.packed import PackedSeqParams
+from mtp_cli.plan.placement import get_mtp_layer_offset, get_mtp_num_layers_to_build
 
 __all__ = [
     "MTPLossAutoScaler",

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtp_cli.builders.module_spec import ModuleSpec, build_module, register_module
-from mtp_cli.mtp.packed import PackedSeqParams
+from mtp_cli.config.schema import ModelConfig
 from mtp_cli.mtp.roll import roll_tensor
-from mtp_cli.spec.schema import ModelConfig
+from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
+from mtp_cli.nn.packed import PackedSeqParams
 
 # Megatron-Core 0.19 names the MTP transformer layer `mtp_model_layer` in memory.
 LEGACY_TRANSFORMER_LAYER_NAME = "mtp_model_layer"
@@ -178,7 +178,7 @@ def get_mtp_layer_spec_for_backend(transformer_layer_spec: ModuleSpec,
 def get_mtp_layer_spec(transformer_layer_spec: ModuleSpec,
                        use_transformer_engine: bool = False) -> ModuleSpec:
     """Megatron's entry point: the MTP layer spec for the TE or the local backend."""
-    from mtp_cli.builders.backends import LocalSpecProvider, TESpecProvider
+    from mtp_cli.build.backends import LocalSpecProvider, TESpecProvider
 
     provider = TESpecProvider() if use_transformer_engine else LocalSpecProvider()
     return get_mtp_layer_spec_for_backend(transformer_layer_spec, provider)

@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
-from mtp_cli.mtp.packed import PackedSeqParams
 from mtp_cli.mtp.roll import roll_tensor
+from mtp_cli.nn.packed import PackedSeqParams
 
 # (hidden [s, b, h], labels [b, s], mask [b, s]) -> (per-token loss [b, s], argmax hits)
 TokenLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -18,7 +18,8 @@ import itertools
 import torch
 import torch.distributed as dist
 
-from mtp_cli.mtp.packed import PackedSeqParams
+from mtp_cli.nn.packed import PackedSeqParams
+from mtp_cli.plan.zigzag import zigzag_chunks
 
 
 def _segment_starts(length: int, cp_size: int, cp_rank: int,
@@ -26,8 +27,9 @@ def _segment_starts(length: int, cp_size: int, cp_rank: int,
     """Local (start, length) of every segment that rolls on its own, and where they end.
 
     Without context parallel a segment is a document (or the whole sequence); with it, each
-    document contributes two half-chunks, A then B. Returns (starts, lengths, covered_end):
-    positions at or past `covered_end` are not part of any document and keep their values.
+    document contributes two half-chunks, A then B (`mtp_cli.plan.zigzag`). Returns (starts,
+    lengths, covered_end): positions at or past `covered_end` are not part of any document and
+    keep their values.
     """
     if packed_seq_params is None:
         boundaries = [0, length * cp_size]
@@ -37,19 +39,9 @@ def _segment_starts(length: int, cp_size: int, cp_rank: int,
         starts = [a for a, b in itertools.pairwise(boundaries) if b > a]
         lengths = [b - a for a, b in itertools.pairwise(boundaries) if b > a]
         return starts, lengths, boundaries[-1]
-    starts, lengths = [], []
-    for index, (a, b) in enumerate(itertools.pairwise(boundaries)):
-        if (b - a) % (2 * cp_size):
-            raise ValueError(
-                f"document {index} has length {b - a}, which context parallel size {cp_size} "
-                f"cannot split into {2 * cp_size} equal chunks: pad documents to a multiple of "
-                f"2 x cp and pass cu_seqlens_q_padded"
-            )
-        half = (b - a) // (2 * cp_size)
-        if half:
-            starts += [a // cp_size, a // cp_size + half]
-            lengths += [half, half]
-    return starts, lengths, boundaries[-1] // cp_size
+    chunks = zigzag_chunks(boundaries, cp_rank, cp_size)
+    return ([c.local_start for c in chunks], [c.length for c in chunks],
+            boundaries[-1] // cp_size)
 
 
 def _exchange_first_elements(

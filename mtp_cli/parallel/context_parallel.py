@@ -12,15 +12,14 @@ gloo and nccl alike.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mtp_cli.models.attention import DotProductAttention
-from mtp_cli.mtp.packed import PackedSeqParams
+from mtp_cli.nn.packed import PackedSeqParams
+from mtp_cli.plan.zigzag import zigzag_positions as zigzag_index
 
 
 def zigzag_positions(local_length: int, cp_rank: int, cp_size: int,
@@ -29,17 +28,8 @@ def zigzag_positions(local_length: int, cp_rank: int, cp_size: int,
     if packed_seq_params is None:
         boundaries = [0, local_length * cp_size]
     else:
-        boundaries = [int(b) for b in packed_seq_params.attention_boundaries().tolist()]
-    pieces = []
-    for start, end in itertools.pairwise(boundaries):
-        chunk = (end - start) // (2 * cp_size)
-        for index in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            pieces.append(torch.arange(start + index * chunk, start + (index + 1) * chunk))
-    covered = sum(len(p) for p in pieces)
-    if covered < local_length:  # positions past the last document keep a tail of their own
-        tail_start = boundaries[-1] + cp_rank * (local_length - covered)
-        pieces.append(torch.arange(tail_start, tail_start + local_length - covered))
-    return torch.cat(pieces)
+        boundaries = packed_seq_params.attention_boundaries().tolist()
+    return torch.tensor(zigzag_index(boundaries, cp_rank, cp_size, local_length))
 
 
 class _GatherSequence(torch.autograd.Function):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from mtp_cli.models.gpt import ParallelGroups
-from mtp_cli.parallel.dims import ParallelDims
+from mtp_cli.plan.dims import ParallelDims
 
 MESH_DIM_NAMES = ("pp", "dp", "cp", "tp")
 

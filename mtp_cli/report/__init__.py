@@ -14,7 +14,7 @@ from typing import Any
 from mtp_cli.errors import UserError
 from mtp_cli.report.metrics import RunMetrics, read_metrics
 from mtp_cli.report.plots import write_plots
-from mtp_cli.report.summary import RunSummary, compare_runs, run_labels
+from mtp_cli.report.tables import RunSummary, compare_runs, run_labels
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Training: data, launcher, trainer loop, optimizer, checkpoints, metrics."""
+"""Training: the engine (step, optimizer, checkpoints, metrics, progress) of one worker."""

@@ -31,13 +31,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from mtp_cli import __version__
+from mtp_cli.config.schema import RunSpec
+from mtp_cli.launch import faults
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
-from mtp_cli.parallel.dims import ParallelDims
-from mtp_cli.spec.schema import RunSpec
-from mtp_cli.train import faults
+from mtp_cli.plan.dims import ParallelDims
+from mtp_cli.run_dir import TEMP_MARKER, RunDir, atomic_write_text, checkpoint_name
 from mtp_cli.train.engine import Engine
 from mtp_cli.train.optim import load_scheduler_state, scheduler_state
-from mtp_cli.train.run_dir import TEMP_MARKER, RunDir, atomic_write_text, checkpoint_name
 
 META_FORMAT = "mtp-cli-checkpoint/1"
 

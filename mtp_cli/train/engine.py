@@ -18,11 +18,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from mtp_cli.builders.model_builder import build_model
+from mtp_cli.build.model_builder import build_model
+from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.parallel.data_parallel import apply_data_parallel, unwrap_model
 from mtp_cli.parallel.mesh import ParallelMesh
-from mtp_cli.spec.schema import RunSpec
 from mtp_cli.train.optim import build_optimizer
 from mtp_cli.train.step import StepOutput, StepSettings, evaluate, train_step
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mtp_cli.spec.schema import RunSpec
+from mtp_cli.config.schema import RunSpec
 
 # metrics.jsonl key -> TensorBoard tag (Megatron's names). The MTP training tags are written
 # by MTPLossLoggingHelper.track_mtp_metrics itself.

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from mtp_cli.builders.model_builder import build_model
-from mtp_cli.builders.stage_plan import StagePlan, build_stage_plan
+from mtp_cli.build.model_builder import build_model
+from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
@@ -36,7 +36,8 @@ from mtp_cli.parallel.pipeline_schedule import PipelineLayout, PipelineSchedule
 from mtp_cli.parallel.tensor_parallel import parallelize_tensor
 from mtp_cli.parallel.tied_embeddings import allreduce_embedding_grads
 from mtp_cli.parallel.tp_grads import grad_square_sum, sync_sequence_parallel_grads
-from mtp_cli.spec.schema import RunSpec
+from mtp_cli.plan.placement import build_stage_plan
+from mtp_cli.plan.stages import StagePlan
 from mtp_cli.train.model_parallel_state import (
     EmbeddingGroup,
     full_model_state,
@@ -97,7 +98,7 @@ class ModelParallelEngine:
 
     def _build_chunk(self, vp_stage: int | None, allow_imports: bool) -> GPTModel:
         pp_rank = self.mesh.mesh.get_local_rank("pp")
-        contents = self.plan.stage_contents(pp_rank, vp_stage)
+        contents = self.plan.stage(pp_rank, vp_stage)
         chunk = build_model(self.spec, self.settings.device, stage=contents,
                             allow_imports=allow_imports)
         if self.tp_group is not None:

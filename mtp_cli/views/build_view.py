@@ -5,11 +5,11 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from mtp_cli.builders.build_report import BuildReport
+from mtp_cli.build.describe import BuildDescription
 from mtp_cli.views.model_tree import module_tree
 
 
-def parameter_table(report: BuildReport) -> Table:
+def parameter_table(report: BuildDescription) -> Table:
     counts = report.counts
     table = Table(title="Parameters", show_header=True, header_style="bold")
     table.add_column("part")
@@ -40,7 +40,7 @@ def _layer_ranges(numbers: list[int]) -> str:
     return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
-def stage_table(report: BuildReport) -> Table:
+def stage_table(report: BuildDescription) -> Table:
     """The pipeline stage plan, one row per (pp_rank, vp_stage) in layer order."""
     spec = report.spec
     virtual = spec.parallel.virtual_pipeline or 1
@@ -67,7 +67,7 @@ def stage_table(report: BuildReport) -> Table:
     return table
 
 
-def render_build(console: Console, report: BuildReport, title: str) -> None:
+def render_build(console: Console, report: BuildDescription, title: str) -> None:
     spec = report.spec
     console.print(module_tree(report.model, f"{title} [dim]({spec.model.backend} backend, "
                                             f"D={spec.mtp.num_layers})[/]"))

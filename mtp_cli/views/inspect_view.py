@@ -8,15 +8,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mtp_cli.inspect.report import InspectReport
-from mtp_cli.spec.schema import RunSpec
+from mtp_cli.config.schema import RunSpec
+from mtp_cli.inspect.inspection import CheckpointInspection
 
 
 def _fmt_count(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
-def _header_lines(report: InspectReport) -> list[str]:
+def _header_lines(report: CheckpointInspection) -> list[str]:
     ckpt, meta = report.checkpoint, report.checkpoint.meta or {}
     kind = "DCP checkpoint" if ckpt.kind == "dcp" else "torch.save state dict"
     lines = [f"[bold]{escape(str(ckpt.path))}[/] [dim]({kind})[/]"]
@@ -68,7 +68,7 @@ def _spec_line(spec: RunSpec, source: str) -> str:
             f"cp {par.context}")
 
 
-def _layout_line(report: InspectReport) -> str:
+def _layout_line(report: CheckpointInspection) -> str:
     layout = report.layout
     source = "spec" if layout.depth_source == "spec" else "keys"
     bits = [f"{layout.naming.style} names", f"D={layout.depths} (from the {source})"]
@@ -80,7 +80,7 @@ def _layout_line(report: InspectReport) -> str:
     return "layout: " + ", ".join(bits)
 
 
-def parts_table(report: InspectReport) -> Table:
+def parts_table(report: CheckpointInspection) -> Table:
     with_spec = report.expected_parameters is not None
     table = Table(title="Tensors by part", header_style="bold")
     for column, justify in (("part", "left"), ("tensors", "right"), ("parameters", "right")):
@@ -104,7 +104,7 @@ def parts_table(report: InspectReport) -> Table:
     return table
 
 
-def print_checks(console: Console, report: InspectReport) -> None:
+def print_checks(console: Console, report: CheckpointInspection) -> None:
     """One line per check (never truncated, so tensor names stay greppable)."""
     console.print("[bold]Checks[/]")
     width = max(len(check.name) for check in report.checks)
@@ -117,7 +117,7 @@ def print_checks(console: Console, report: InspectReport) -> None:
                           soft_wrap=True, highlight=False)
 
 
-def print_tensors(console: Console, report: InspectReport) -> None:
+def print_tensors(console: Console, report: CheckpointInspection) -> None:
     """The `--tensors` matches, one aligned line each."""
     matched = report.matched or []
     console.print(f"[bold]Tensors matching[/] ({len(matched)})")
@@ -130,7 +130,7 @@ def print_tensors(console: Console, report: InspectReport) -> None:
                       f"{info.dtype:<8}  {info.numel:>12,}", soft_wrap=True, highlight=False)
 
 
-def render_inspect(console: Console, report: InspectReport) -> None:
+def render_inspect(console: Console, report: CheckpointInspection) -> None:
     for line in _header_lines(report):
         console.print(line, highlight=False, soft_wrap=True)
     if report.spec is not None:

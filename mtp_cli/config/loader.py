@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from mtp_cli.config.schema import RunSpec
+from mtp_cli.config.yaml_source import KeyPath, YamlDocument, parse_scalar, read_yaml_file
 from mtp_cli.errors import Problem, SpecError
-from mtp_cli.spec.schema import RunSpec
-from mtp_cli.spec.yaml_source import KeyPath, YamlDocument, parse_scalar, read_yaml_file
 
 
 def _model_class_at(path: KeyPath, root: type[BaseModel] = RunSpec) -> type[BaseModel] | None:
@@ -194,7 +194,7 @@ def load_spec(
     `allow_imports` permits `import:package.module:Class` modules in the `modules` section;
     without it such a spec is rejected (nothing is imported while loading either way).
     """
-    from mtp_cli.builders.specs import parse_module_trees
+    from mtp_cli.build.module_trees import parse_module_trees
 
     document: YamlDocument | None = None
     if isinstance(path_or_mapping, Mapping):

@@ -3,7 +3,7 @@
 Stages are counted in layer order, `stage = vp_stage * pipeline + pp_rank`, the order Megatron's
 layout strings list them. A placement comes from one of:
 
-- `parallel.layout` (see `mtp_cli.mtp.layout`), checked against Megatron-Core's rules: one `E`,
+- `parallel.layout` (see `mtp_cli.plan.layout`), checked against Megatron-Core's rules: one `E`,
   first; one `L`, last; `t` count = model.num_layers; `m` count = mtp.num_layers (D); no `t`
   after the first `m`; all `m` in one stage, the last virtual stage of its pipeline rank. The
   number of stages must be a multiple of pipeline; virtual_pipeline = stages / pipeline.
@@ -18,14 +18,14 @@ and return what Megatron-Core's functions of the same names return for that rank
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mtp_cli.errors import SpecError
-from mtp_cli.mtp.layout import LayoutError, ParsedLayout, Token, parse_layout
+from mtp_cli.plan.layout import LayoutError, ParsedLayout, Token, parse_layout
+from mtp_cli.plan.stages import Stage, StagePlan
 
 if TYPE_CHECKING:
-    from mtp_cli.spec.schema import ParallelConfig, RunSpec
+    from mtp_cli.config.schema import ParallelConfig, RunSpec
 
 
 class PlacementError(SpecError):
@@ -37,36 +37,10 @@ class PlacementError(SpecError):
         super().__init__(message)
 
 
-@dataclass(frozen=True)
-class StageLayers:
-    """What one stage holds. Offsets are 0-based global indices of its first layer."""
-
-    pp_rank: int
-    vp_stage: int
-    decoder_layers: int
-    decoder_offset: int
-    mtp_layers: int
-    mtp_offset: int
-    embedding: bool
-    loss: bool
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Every stage of the pipeline, in layer order."""
-
-    pipeline: int
-    virtual_pipeline: int  # 1 without virtual stages
-    stages: tuple[StageLayers, ...]
-    from_layout: bool
-
-    def stage(self, pp_rank: int, vp_stage: int) -> StageLayers:
-        return self.stages[vp_stage * self.pipeline + pp_rank]
-
-
 # --- resolution ---------------------------------------------------------------------------------
-def resolve_placement(spec: RunSpec) -> Placement:
-    """The placement of a spec; raises `PlacementError` (with the key at fault) when invalid."""
+def build_stage_plan(spec: RunSpec) -> StagePlan:
+    """Every stage of a validated spec (its layout, or the even/uneven split); raises
+    `PlacementError` (with the key at fault) when the spec breaks a placement rule."""
     par = spec.parallel
     num_layers, depths = spec.model.num_layers, spec.mtp.num_layers
     if par.layout is not None:
@@ -77,24 +51,41 @@ def resolve_placement(spec: RunSpec) -> Placement:
         counts = [(sum(t.kind == "t" for t in s), sum(t.kind == "m" for t in s),
                    any(t.kind == "E" for t in s), any(t.kind == "L" for t in s))
                   for s in layout.stages]
-        return _placement(par.pipeline, virtual, counts, from_layout=True)
+        return _plan(par.pipeline, virtual, counts, num_layers, depths, from_layout=True)
     virtual = par.virtual_pipeline or 1
     per_stage = _split_without_layout(num_layers, par)
     last = len(per_stage) - 1
     counts = [(n, depths if i == last else 0, i == 0, i == last) for i, n in enumerate(per_stage)]
-    return _placement(par.pipeline, virtual, counts, from_layout=False)
+    return _plan(par.pipeline, virtual, counts, num_layers, depths, from_layout=False)
 
 
-def _placement(pipeline: int, virtual: int, counts: list[tuple[int, int, bool, bool]], *,
-               from_layout: bool) -> Placement:
+def _plan(pipeline: int, virtual: int, counts: list[tuple[int, int, bool, bool]],
+          num_layers: int, depths: int, *, from_layout: bool) -> StagePlan:
+    """Stages from per-stage (decoder layers, MTP layers, embedding, loss), in layer order."""
     stages, decoder_offset, mtp_offset = [], 0, 0
+    last_rank = pipeline - 1
     for index, (decoder, mtp, embedding, loss) in enumerate(counts):
         vp_stage, pp_rank = divmod(index, pipeline)
-        stages.append(StageLayers(pp_rank, vp_stage, decoder, decoder_offset, mtp, mtp_offset,
-                                  embedding, loss))
+        numbers = tuple(range(decoder_offset + 1, decoder_offset + decoder + 1))
+        holds_last_layer = bool(numbers) and numbers[-1] == num_layers
+        stages.append(Stage(
+            decoder_layers=numbers,
+            mtp_layers=mtp,
+            # Megatron-Core counts MTP offsets only with a layout and pipeline > 1.
+            mtp_layer_offset=mtp_offset if from_layout and pipeline > 1 else 0,
+            embedding=embedding,
+            loss=loss,
+            final_layernorm=holds_last_layer if depths > 0 else loss,
+            mtp_depths_in_loss=depths if loss else 0,
+            pp_rank=pp_rank,
+            vp_stage=vp_stage if virtual > 1 else None,
+            standalone_mtp=mtp > 0 and pp_rank != last_rank,
+            decoder_offset=decoder_offset,
+        ))
         decoder_offset += decoder
         mtp_offset += mtp
-    return Placement(pipeline, virtual, tuple(stages), from_layout)
+    return StagePlan(pipeline, virtual if virtual > 1 else None, depths, tuple(stages),
+                     from_layout)
 
 
 def _parse(text: str) -> ParsedLayout:
@@ -267,29 +258,29 @@ def _even_hint(message: str) -> str:
 
 
 # --- rank queries -------------------------------------------------------------------------------
-def _stage_of(spec: RunSpec, vp_stage: int | None, pp_rank: int | None) -> StageLayers:
-    placement = resolve_placement(spec)
-    return placement.stage(_check_rank(placement, pp_rank), _check_vp(placement, vp_stage))
+def _stage_of(spec: RunSpec, vp_stage: int | None, pp_rank: int | None) -> Stage:
+    plan = build_stage_plan(spec)
+    return plan.stage(_check_rank(plan, pp_rank), _check_vp(plan, vp_stage))
 
 
-def _check_rank(placement: Placement, pp_rank: int | None) -> int:
+def _check_rank(plan: StagePlan, pp_rank: int | None) -> int:
     if pp_rank is None:
-        if placement.pipeline > 1:
+        if plan.pipeline > 1:
             raise ValueError("pp_rank must be passed when parallel.pipeline > 1")
         return 0
-    if not 0 <= pp_rank < placement.pipeline:
-        raise ValueError(f"pp_rank {pp_rank} is outside pipeline size {placement.pipeline}")
+    if not 0 <= pp_rank < plan.pipeline:
+        raise ValueError(f"pp_rank {pp_rank} is outside pipeline size {plan.pipeline}")
     return pp_rank
 
 
-def _check_vp(placement: Placement, vp_stage: int | None) -> int:
-    if placement.virtual_pipeline == 1:
-        return 0  # like Megatron: vp_stage is ignored without virtual pipeline stages
+def _check_vp(plan: StagePlan, vp_stage: int | None) -> int | None:
+    if plan.virtual_pipeline is None:
+        return None  # like Megatron: vp_stage is ignored without virtual pipeline stages
     if vp_stage is None:
         raise ValueError("vp_stage must be passed if virtual pipeline is enabled")
-    if not 0 <= vp_stage < placement.virtual_pipeline:
+    if not 0 <= vp_stage < plan.virtual_pipeline:
         raise ValueError(f"vp_stage {vp_stage} is outside virtual pipeline size "
-                         f"{placement.virtual_pipeline}")
+                         f"{plan.virtual_pipeline}")
     return vp_stage
 
 
@@ -306,13 +297,13 @@ def get_mtp_layer_offset(config: RunSpec, vp_stage: int | None = None,
     layout and pipeline > 1; 0 otherwise (as in Megatron-Core, no rank is needed then)."""
     if config.parallel.pipeline == 1 or config.parallel.layout is None:
         return 0
-    return _stage_of(config, vp_stage, pp_rank).mtp_offset
+    return _stage_of(config, vp_stage, pp_rank).mtp_layer_offset
 
 
 def get_num_layers_to_build(config: RunSpec, vp_stage: int | None = None,
                             pp_rank: int | None = None) -> int:
     """Decoder layers on (pp_rank, vp_stage)."""
-    return _stage_of(config, vp_stage, pp_rank).decoder_layers
+    return len(_stage_of(config, vp_stage, pp_rank).decoder_layers)
 
 
 def get_transformer_layer_offset(config: RunSpec, vp_stage: int | None = None,
@@ -324,13 +315,10 @@ def get_transformer_layer_offset(config: RunSpec, vp_stage: int | None = None,
 def get_decoder_layer_numbers(config: RunSpec, vp_stage: int | None = None,
                               pp_rank: int | None = None) -> list[int]:
     """The stage's global, 1-based decoder layer numbers."""
-    stage = _stage_of(config, vp_stage, pp_rank)
-    return list(range(stage.decoder_offset + 1, stage.decoder_offset + stage.decoder_layers + 1))
+    return list(_stage_of(config, vp_stage, pp_rank).decoder_layers)
 
 
 def validate_placement(spec: RunSpec) -> int | None:
     """Check the spec's placement; returns the virtual pipeline size a layout implies (or None)."""
-    placement = resolve_placement(spec)
-    if placement.from_layout and placement.virtual_pipeline > 1:
-        return placement.virtual_pipeline
-    return None
+    plan = build_stage_plan(spec)
+    return plan.virtual_pipeline if plan.from_layout else None

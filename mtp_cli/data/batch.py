@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from mtp_cli.mtp.packed import PackedSeqParams
+from mtp_cli.nn.packed import PackedSeqParams
 
 
 @dataclass

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
+from mtp_cli.config.schema import RunSpec
+from mtp_cli.data.corpus import path_documents, stdlib_documents
+from mtp_cli.data.documents import Document
+from mtp_cli.data.indexed import indexed_prefix, read_indexed_dataset
+from mtp_cli.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from mtp_cli.data.windows import TokenStream, TokenWindows
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.spec.schema import RunSpec
-from mtp_cli.train.data.corpus import path_documents, stdlib_documents
-from mtp_cli.train.data.documents import Document
-from mtp_cli.train.data.indexed import indexed_prefix, read_indexed_dataset
-from mtp_cli.train.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from mtp_cli.train.data.windows import TokenStream, TokenWindows
 
 _DEFAULT_SPLIT_CACHE: dict[tuple[str, float, int], tuple[TokenStream, TokenStream]] = {}
 

@@ -12,16 +12,17 @@ from typing import Any
 
 import torch
 
-from mtp_cli.builders.model_builder import build_model
-from mtp_cli.builders.stage_plan import StagePlan, build_stage_plan
-from mtp_cli.builders.summary import ParameterCounts, count_parameters
+from mtp_cli.build.model_builder import build_model
+from mtp_cli.plan.placement import build_stage_plan
+from mtp_cli.plan.stages import StagePlan
+from mtp_cli.build.counts import ParameterCounts, count_parameters
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
-from mtp_cli.spec.schema import RunSpec
+from mtp_cli.config.schema import RunSpec
 
 
 @dataclass
-class BuildReport:
+class BuildDescription:
     spec: RunSpec
     model: GPTModel  # on the meta device
     counts: ParameterCounts
@@ -38,7 +39,7 @@ class BuildReport:
         }
 
 
-def describe_build(spec: RunSpec, *, allow_imports: bool = False) -> BuildReport:
+def describe_build(spec: RunSpec, *, allow_imports: bool = False) -> BuildDescription:
     """Compile the whole model on the meta device (no weight memory) and count it, then every
     pipeline stage of the plan (`stages`: the plan's fields and the parameters each holds)."""
     start = time.perf_counter()
@@ -47,7 +48,7 @@ def describe_build(spec: RunSpec, *, allow_imports: bool = False) -> BuildReport
     held = stage_parameters(spec, plan, model, allow_imports=allow_imports)
     seconds = time.perf_counter() - start
     stages = [{**entry.as_dict(), "parameters": n} for entry, n in zip(plan.stages, held, strict=True)]
-    return BuildReport(spec=spec, model=model, counts=count_parameters(model),
+    return BuildDescription(spec=spec, model=model, counts=count_parameters(model),
                        build_seconds=seconds, extra={"stages": stages})
 
 
@@ -59,7 +60,7 @@ def stage_parameters(spec: RunSpec, plan: StagePlan, whole: GPTModel, *,
         return [sum(p.numel() for p in whole.parameters())]
     counts = []
     for entry in plan.stages:
-        stage = build_model(spec, "meta", stage=entry.stage_contents(plan.mtp_depths),
+        stage = build_model(spec, "meta", stage=entry,
                             allow_imports=allow_imports)
         counts.append(sum(p.numel() for p in stage.parameters()))
     return counts

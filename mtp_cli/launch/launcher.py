@@ -4,7 +4,7 @@ own elastic launcher (`torch.distributed.run`, in this process).
 Nothing is launched, created or written until the spec, the parallel sizes, the data and the
 run directory have passed: bad input exits 2 and leaves nothing behind. The launcher then holds
 a lock on the run directory for the whole job and starts one worker per device
-(`python -m mtp_cli.train.worker`); the workers die with it.
+(`python -m mtp_cli.launch.worker`); the workers die with it.
 
 Rendezvous: a standalone one (localhost, free port) for a single node; c10d at
 `--rdzv-endpoint` by default for several (every node runs `mtp train` with the same arguments,
@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.parallel.dims import ParallelDims
-from mtp_cli.spec.schema import RunSpec
-from mtp_cli.train.distributed import LAUNCHER_PID_ENV
-from mtp_cli.train.run_dir import RunDir, RunDirLock, check_creatable, read_meta
+from mtp_cli.launch.distributed import LAUNCHER_PID_ENV
+from mtp_cli.plan.dims import ParallelDims
+from mtp_cli.run_dir import RunDir, RunDirLock, check_creatable, read_meta
 
-WORKER_MODULE = "mtp_cli.train.worker"
+WORKER_MODULE = "mtp_cli.launch.worker"
 USER_ERROR_EXIT = 2
 
 
@@ -116,7 +116,7 @@ def check_resume(spec: RunSpec, run_dir: RunDir, options: LaunchOptions) -> tupl
 
 def plan_launch(spec: RunSpec, options: LaunchOptions) -> LaunchPlan:
     """Every check that needs no process group; raises `UserError`; creates nothing."""
-    from mtp_cli.train.data import build_datasets
+    from mtp_cli.data import build_datasets
 
     check_options(options)
     dims = ParallelDims.from_spec(spec, options.world_size)

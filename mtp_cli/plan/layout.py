@@ -6,7 +6,7 @@ ignored everywhere (so `t*1,2` is `t*12`, as in Megatron). Stages are listed vir
 stage index = vp_stage * pipeline + pp_rank. Example: `Et|(tt|)*30mL`.
 
 Every token remembers the 0-based index of the character it came from, so that the validator in
-`mtp_cli.mtp.placement` can point at the character that breaks a rule. Megatron's own parser is a
+`mtp_cli.plan.placement` can point at the character that breaks a rule. Megatron's own parser is a
 pair of regular expressions; the strings both accept expand identically, and the few it reads in
 a surprising way (nested groups, `x*2*3`) are rejected here with an explanation.
 """

@@ -14,8 +14,8 @@ from typing import Protocol
 
 import torch
 
+from mtp_cli.data.documents import Document
 from mtp_cli.errors import UserError
-from mtp_cli.train.data.documents import Document
 
 BYTE_EOD = 256
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.spec.schema import RunSpec
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from mtp_cli.builders.module_spec import MODULE_REGISTRY
+from mtp_cli.nn.module_spec import MODULE_REGISTRY
 
 
 class BackendSpecProvider(Protocol):

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from mtp_cli.data.batch import Batch, packed_batch, plain_batch
+from mtp_cli.data.context_parallel import shard_for_context_parallel
+from mtp_cli.data.windows import TokenWindows
 from mtp_cli.errors import UserError
-from mtp_cli.train.data.batch import Batch, packed_batch, plain_batch
-from mtp_cli.train.data.context_parallel import shard_for_context_parallel
-from mtp_cli.train.data.windows import TokenWindows
 
 
 class MicroBatchLoader:

@@ -1,4 +1,4 @@
-"""`inspect_checkpoint`: everything `mtp inspect-ckpt` shows, as one `InspectReport`.
+"""`inspect_checkpoint`: everything `mtp inspect-ckpt` shows, as one `CheckpointInspection`.
 
 Open the checkpoint, find its spec (stored in `meta.json`, or given with `--spec`), infer the
 layout, group the tensors by part with parameter counts against the spec's model, and run the
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import UserError
 from mtp_cli.inspect.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from mtp_cli.inspect.checks import Check, check_depths
@@ -22,7 +23,6 @@ from mtp_cli.inspect.names import Naming, Part
 from mtp_cli.inspect.select import select_names
 from mtp_cli.inspect.shapes import check_shapes_against_spec, check_shapes_inferred
 from mtp_cli.inspect.ties import check_mtp_ties, check_output_tie
-from mtp_cli.spec.schema import RunSpec
 
 PART_ORDER = {"embedding": 0, "decoder": 1, "mtp": 2, "output_layer": 3, "other": 4}
 
@@ -43,7 +43,7 @@ class PartRow:
 
 
 @dataclass
-class InspectReport:
+class CheckpointInspection:
     checkpoint: Checkpoint
     spec: RunSpec | None
     spec_source: str | None  # "meta.json" | "--spec" | None
@@ -166,7 +166,7 @@ def _expected(checkpoint: Checkpoint, spec: RunSpec | None, layout: Layout
 
 
 def inspect_checkpoint(path: str | Path, *, spec: RunSpec | None = None,
-                       tensors: str | None = None) -> InspectReport:
+                       tensors: str | None = None) -> CheckpointInspection:
     """Open PATH, run every check. `spec` overrides the stored one; `tensors` is a pattern."""
     checkpoint = open_checkpoint(Path(path))
     run_spec, source = _spec_for(checkpoint, spec)
@@ -190,8 +190,8 @@ def inspect_checkpoint(path: str | Path, *, spec: RunSpec | None = None,
     if tensors is not None:
         every = {**checkpoint.tensors, **checkpoint.others}
         matched = [every[n] for n in select_names(tensors, every)]
-    return InspectReport(checkpoint, run_spec, source, layout, parts, expected_total, checks,
+    return CheckpointInspection(checkpoint, run_spec, source, layout, parts, expected_total, checks,
                          matched)
 
 
-__all__ = ["InspectReport", "PartRow", "inspect_checkpoint"]
+__all__ = ["CheckpointInspection", "PartRow", "inspect_checkpoint"]

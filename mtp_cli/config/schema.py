@@ -353,8 +353,8 @@ class RunSpec(StrictModel):
         return self
 
     def _check_placement(self) -> None:
-        """Layout / layer-split rules (`mtp_cli.mtp.placement`); a layout sets virtual_pipeline."""
-        from mtp_cli.mtp.placement import PlacementError, validate_placement
+        """Layout / layer-split rules (`mtp_cli.plan.placement`); a layout sets virtual_pipeline."""
+        from mtp_cli.plan.placement import PlacementError, validate_placement
 
         try:
             derived = validate_placement(self)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from mtp_cli.data.documents import read_file_bytes
+from mtp_cli.data.windows import ranges_index
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.train.data.documents import read_file_bytes
-from mtp_cli.train.data.windows import ranges_index
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mtp_cli.spec.schema import RunSpec
+from mtp_cli.config.schema import RunSpec
 
 TIED_OUTPUT_SOURCE = "embedding.word_embeddings.weight"
 

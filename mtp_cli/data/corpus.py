@@ -24,8 +24,8 @@ import os
 import sysconfig
 from pathlib import Path
 
+from mtp_cli.data.documents import Document, read_file_bytes
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.train.data.documents import Document, read_file_bytes
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 STDLIB_EXCLUDED_DIRS = frozenset({

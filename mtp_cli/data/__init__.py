@@ -6,17 +6,17 @@ train/validation windows (`datasets.build_datasets`) -> micro-batches for one da
 (`context_parallel`).
 """
 
-from mtp_cli.train.data.batch import Batch, document_lengths, packed_batch, plain_batch
-from mtp_cli.train.data.context_parallel import (
+from mtp_cli.data.batch import Batch, document_lengths, packed_batch, plain_batch
+from mtp_cli.data.context_parallel import (
     pad_packed_documents,
     shard_for_context_parallel,
     zigzag_index,
 )
-from mtp_cli.train.data.datasets import build_datasets, load_token_stream, split_stream
-from mtp_cli.train.data.indexed import read_indexed_dataset, write_indexed_dataset
-from mtp_cli.train.data.loader import MicroBatchLoader
-from mtp_cli.train.data.tokenizer import BYTE_EOD, ByteTokenizer, HFTokenizer, load_tokenizer
-from mtp_cli.train.data.windows import TokenStream, TokenWindows
+from mtp_cli.data.datasets import build_datasets, load_token_stream, split_stream
+from mtp_cli.data.indexed import read_indexed_dataset, write_indexed_dataset
+from mtp_cli.data.loader import MicroBatchLoader
+from mtp_cli.data.tokenizer import BYTE_EOD, ByteTokenizer, HFTokenizer, load_tokenizer
+from mtp_cli.data.windows import TokenStream, TokenWindows
 
 __all__ = [
     "BYTE_EOD",

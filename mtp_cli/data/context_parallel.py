@@ -27,9 +27,10 @@ import itertools
 
 import torch
 
+from mtp_cli.data.batch import Batch, ranges
 from mtp_cli.errors import UserError
-from mtp_cli.mtp.packed import PackedSeqParams
-from mtp_cli.train.data.batch import Batch, ranges
+from mtp_cli.nn.packed import PackedSeqParams
+from mtp_cli.plan.zigzag import zigzag_chunks
 
 
 def _lengths(boundaries: torch.Tensor) -> list[int]:
@@ -83,20 +84,10 @@ def pad_packed_documents(batch: Batch, multiple: int) -> Batch:
 
 def zigzag_index(boundaries: list[int] | torch.Tensor, cp_rank: int, cp_size: int
                  ) -> torch.Tensor:
-    """Positions rank `cp_rank` holds: for each segment, its chunk r then chunk 2cp-1-r.
-
-    `boundaries` are segment boundaries (`[0, s]` for a plain sequence); each segment must
-    divide by 2 x cp_size.
-    """
-    bounds = torch.as_tensor(boundaries).tolist()
-    starts, lengths = [], []
-    for start, end in itertools.pairwise(bounds):
-        if (end - start) % (2 * cp_size):
-            raise ValueError(f"segment [{start}, {end}) does not divide by 2 x cp = {2 * cp_size}")
-        half = (end - start) // (2 * cp_size)
-        starts += [start + cp_rank * half, start + (2 * cp_size - 1 - cp_rank) * half]
-        lengths += [half, half]
-    return ranges(starts, lengths)
+    """Positions rank `cp_rank` holds (`mtp_cli.plan.zigzag`): per segment, chunk r then chunk
+    2cp-1-r. `boundaries` are segment boundaries (`[0, s]` for a plain sequence)."""
+    chunks = zigzag_chunks(torch.as_tensor(boundaries).tolist(), cp_rank, cp_size)
+    return ranges([c.global_start for c in chunks], [c.length for c in chunks])
 
 
 def shard_for_context_parallel(batch: Batch, cp_rank: int, cp_size: int,

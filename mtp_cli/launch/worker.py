@@ -1,4 +1,4 @@
-"""The worker entry point: `python -m mtp_cli.train.worker --run-dir DIR --spec JSON`.
+"""The worker entry point: `python -m mtp_cli.launch.worker --run-dir DIR --spec JSON`.
 
 The launcher (`mtp train`) starts one of these per device through torch.distributed's elastic
 agent, with the resolved spec as JSON (so a restart never rereads an edited spec file).
@@ -16,11 +16,11 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from mtp_cli.errors import UserError
-from mtp_cli.train.distributed import distributed, exit_with_launcher
+from mtp_cli.launch.distributed import distributed, exit_with_launcher
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mtp_cli.train.worker")
+    parser = argparse.ArgumentParser(prog="mtp_cli.launch.worker")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--spec", required=True, help="the resolved RunSpec as JSON")
     parser.add_argument("--allow-imports", action="store_true")
@@ -31,8 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     exit_with_launcher()
     args = parse_args(argv)
-    from mtp_cli.spec.loader import load_spec
-    from mtp_cli.train.run_dir import RunDir
+    from mtp_cli.config.loader import load_spec
+    from mtp_cli.run_dir import RunDir
     from mtp_cli.train.trainer import Trainer
 
     try:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from mtp_cli.builders.init import initialize_parameters
-from mtp_cli.builders.specs import build_specs
-from mtp_cli.models.gpt import GPTModel, StageContents
+from mtp_cli.build.init import initialize_parameters
+from mtp_cli.build.module_trees import build_specs
+from mtp_cli.models.gpt import GPTModel
+from mtp_cli.plan.stages import Stage
 from mtp_cli.mtp.layer import get_mtp_block_spec
-from mtp_cli.spec.schema import RunSpec
+from mtp_cli.config.schema import RunSpec
 
 
 def build_model(spec: RunSpec, device: str | torch.device = "cpu", *,
-                stage: StageContents | None = None, allow_imports: bool = False,
+                stage: Stage | None = None, allow_imports: bool = False,
                 initialize: bool = True) -> GPTModel:
     """Build the whole model (every stage) or one pipeline stage, on `device`.
 
@@ -20,9 +21,9 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu", *,
     initialisation runs; elsewhere parameters are initialised from `train.seed` and their global
     names, identically whatever the parallel layout.
     """
-    stage = stage or StageContents.whole_model(spec)
+    stage = stage or Stage.whole_model(spec.model.num_layers, spec.mtp.num_layers)
     layer_spec, mtp_layer_spec, final_norm_spec = build_specs(spec, allow_imports=allow_imports)
-    mtp_block_spec = get_mtp_block_spec(mtp_layer_spec, stage.mtp_num_layers)
+    mtp_block_spec = get_mtp_block_spec(mtp_layer_spec, stage.mtp_layers)
     with torch.device(device):
         model = GPTModel(spec, layer_spec, final_norm_spec, mtp_block_spec, stage=stage)
     if initialize and torch.device(device).type != "meta":

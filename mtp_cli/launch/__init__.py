@@ -1,0 +1,1 @@
+"""Launching `mtp train`: checks, the elastic launcher, the worker entry point, fault points."""

@@ -1,0 +1,1 @@
+"""The foundation the models stand on: ModuleSpecs, the module registry, packed-sequence params."""
