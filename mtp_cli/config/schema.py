@@ -174,6 +174,12 @@ class ParallelConfig(StrictModel):
     virtual_pipeline: PositiveInt | None = Field(
         default=None, description="Virtual stages per pipeline rank (interleaved schedule)."
     )
+    microbatch_group_size_per_vp_stage: PositiveInt | None = Field(
+        default=None,
+        description="Interleaved schedule: micro-batches each virtual stage runs back to back "
+        "(default: pipeline); pipeline <= it <= micro-batches per step, and micro-batches per "
+        "step mod it is 0 or at least pipeline.",
+    )
     context: PositiveInt = Field(default=1, description="Context-parallel size.")
     layout: str | None = Field(
         default=None,
@@ -350,6 +356,7 @@ class RunSpec(StrictModel):
         if self.mtp.use_repeated_layer and self.mtp.num_layers == 0:
             raise rule_error("mtp.use_repeated_layer", "use_repeated_layer needs mtp.num_layers >= 1")
         self._check_placement()
+        self._check_group_size()
         return self
 
     def _check_placement(self) -> None:
@@ -362,6 +369,23 @@ class RunSpec(StrictModel):
             raise rule_error(error.field, error.detail) from None
         if derived is not None and self.parallel.virtual_pipeline is None:
             self.parallel.virtual_pipeline = derived
+
+    def _check_group_size(self) -> None:
+        """The rules of microbatch_group_size_per_vp_stage that need no world size (the rest
+        are in `mtp_cli.plan.dims`)."""
+        par = self.parallel
+        group = par.microbatch_group_size_per_vp_stage
+        if group is None:
+            return
+        key = "parallel.microbatch_group_size_per_vp_stage"
+        if (par.virtual_pipeline or 1) == 1:
+            raise rule_error(key, "microbatch_group_size_per_vp_stage applies to the interleaved "
+                                  "schedule only; it needs virtual_pipeline > 1 (or a layout "
+                                  "with more stages than pipeline ranks)")
+        if group < par.pipeline:
+            raise rule_error(key, f"the number of contiguous micro-batches in a virtual "
+                                  f"pipeline stage ({group}) must be at least pipeline "
+                                  f"({par.pipeline})")
 
     @property
     def mtp_enabled(self) -> bool:

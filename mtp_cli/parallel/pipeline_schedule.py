@@ -1,4 +1,4 @@
-"""Pipeline-parallel execution of one optimizer step, on torch.distributed point-to-point ops.
+"""Pipeline-parallel execution of one optimizer step: runs this rank's actions in order.
 
 Why not `torch.distributed.pipelining`: MTP needs the micro-batch's integer data (ids and
 positions on the MTP stage, labels and loss mask on the loss stage) on stages other than the
@@ -6,11 +6,11 @@ first, which that library only gives to stage 0; and its metadata inference runs
 on uninitialised tensors, which would feed MTP's loss tracker. Here every stage receives the same
 micro-batch from the data loader (as Megatron does) and only hidden states travel.
 
-Schedules: without virtual stages, 1F1B (warm-up forwards, then one forward / one backward,
-then cool-down backwards: at most `pp - rank` micro-batches of activations alive). With virtual
-stages, every forward of every chunk, then every backward in reverse chunk order (deadlock-free
-for any layout; activations of all micro-batches alive). Messages are tagged per stage,
-micro-batch and direction, so their order between two ranks never matters.
+The order of computations and posts is `pipeline_order.step_order` (1F1B, or interleaved 1F1B
+with virtual stages, as Megatron-Core runs them); the posts go through a `PipelineP2P` layer in
+batches, paired by order. Received tensors are kept by the message they carry until the
+computation that needs them; an output is kept from its forward to its backward (the live
+outputs the schedule bounds).
 """
 
 from __future__ import annotations
@@ -20,34 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from mtp_cli.models.gpt import GPTModel
+from mtp_cli.parallel.pipeline_order import Action, Compute, Exchange, Message, step_order
+from mtp_cli.parallel.pipeline_p2p import PipelineP2P, Post
+from mtp_cli.parallel.pipeline_position import PipelinePosition
 
 # (per-token loss [b, s] of the loss stage, micro-batch) -> the scalar to backpropagate
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
-
-
-@dataclass
-class PipelineLayout:
-    """Where this rank sits: its chunks (virtual stages) and how activations are shaped."""
-
-    pp_group: dist.ProcessGroup
-    pp_rank: int
-    pp_size: int
-    num_stages: int  # pp_size x virtual stages
-    stage_indices: list[int]  # global stage index of each local chunk, in chunk order
-    hidden_shape: tuple[int, int, int]  # [s, b, h] of one micro-batch on this rank
-    mtp_stage_index: int | None = None  # stage whose output carries the (1+D) x s MTP rows
-    mtp_depths: int = 0
-
-    def rank_of(self, stage_index: int) -> int:
-        return stage_index % self.pp_size
-
-    def output_shape(self, stage_index: int) -> tuple[int, int, int]:
-        seq, batch, hidden = self.hidden_shape
-        carries_mtp = self.mtp_stage_index is not None and stage_index >= self.mtp_stage_index
-        return ((1 + self.mtp_depths) * seq if carries_mtp else seq, batch, hidden)
 
 
 @dataclass
@@ -57,95 +37,46 @@ class _InFlight:
 
 
 @dataclass
+class StepRecord:
+    """What the last step or forward pass ran: (kind, global stage, micro-batch) per
+    computation, kind "F" or "B", and the most outputs alive at once."""
+
+    computations: list[tuple[str, int, int]] = field(default_factory=list)
+    peak_live_outputs: int = 0
+
+
+@dataclass
+class _StepState:
+    micro_batches: Sequence[Any]
+    loss_fn: LossFn
+    device: torch.device
+    train: bool
+    received: dict[Message, torch.Tensor] = field(default_factory=dict)
+    to_send: dict[Message, torch.Tensor] = field(default_factory=dict)
+    in_flight: dict[tuple[int, int], _InFlight] = field(default_factory=dict)
+    losses: list[torch.Tensor] = field(default_factory=list)
+    record: StepRecord = field(default_factory=StepRecord)
+
+
+@dataclass
 class PipelineSchedule:
-    """Runs the micro-batches of one step through this rank's chunks; returns the losses."""
+    """Runs the micro-batches of one step through this rank's chunks; returns the losses.
+
+    `microbatch_group_size` is Megatron's `microbatch_group_size_per_vp_stage` (None: pp);
+    `comm_dtype` the dtype of everything sent (Megatron's `pipeline_dtype`).
+    """
 
     chunks: Sequence[GPTModel]
-    layout: PipelineLayout
+    position: PipelinePosition
+    p2p: PipelineP2P
+    microbatch_group_size: int | None = None
     comm_dtype: torch.dtype = torch.float32
-    _pending_sends: list[Any] = field(default_factory=list)
+    last_record: StepRecord = field(default_factory=StepRecord)
 
-    def _tag(self, stage_index: int, micro_batch: int, backward: bool, count: int) -> int:
-        return 2 * (stage_index * count + micro_batch) + int(backward)
-
-    def _peer(self, stage_index: int) -> int:
-        return dist.get_global_rank(self.layout.pp_group, self.layout.rank_of(stage_index))
-
-    def _send(self, tensor: torch.Tensor, stage_index: int, tag: int) -> None:
-        payload = tensor.detach().to(self.comm_dtype).contiguous()
-        self._pending_sends.append(
-            (dist.isend(payload, self._peer(stage_index), self.layout.pp_group, tag), payload)
-        )
-
-    def _recv(self, shape: tuple[int, ...], stage_index: int, tag: int,
-              device: torch.device) -> torch.Tensor:
-        buffer = torch.empty(shape, dtype=self.comm_dtype, device=device)
-        dist.recv(buffer, self._peer(stage_index), self.layout.pp_group, tag)
-        return buffer
-
-    def _forward(self, chunk: int, index: int, batch: Any, loss_fn: LossFn, count: int,
-                 device: torch.device) -> _InFlight:
-        stage = self.layout.stage_indices[chunk]
-        received = None
-        if stage > 0:
-            shape = self.layout.output_shape(stage - 1)
-            received = self._recv(shape, stage - 1, self._tag(stage - 1, index, False, count),
-                                  device).requires_grad_()
-        output = self.chunks[chunk](
-            batch.input_ids, batch.position_ids, labels=batch.labels, loss_mask=batch.loss_mask,
-            packed_seq_params=batch.packed_seq_params, hidden_states=received,
-        )
-        if stage == self.layout.num_stages - 1:
-            return _InFlight(received, loss_fn(output, batch))
-        self._send(output, stage + 1, self._tag(stage, index, False, count))
-        return _InFlight(received, output)
-
-    def _backward(self, chunk: int, index: int, state: _InFlight, count: int,
-                  device: torch.device) -> None:
-        stage = self.layout.stage_indices[chunk]
-        if stage == self.layout.num_stages - 1:
-            state.output.backward()
-        else:
-            grad = self._recv(tuple(state.output.shape), stage + 1,
-                              self._tag(stage, index, True, count), device)
-            torch.autograd.backward(state.output, grad.to(state.output.dtype))
-        if state.received is not None:  # stage > 0: its input's gradient goes back
-            self._send(state.received.grad, stage - 1, self._tag(stage - 1, index, True, count))
-
-    def _order(self, count: int) -> list[tuple[str, int, int]]:
-        """(kind, chunk, micro-batch) actions of this rank, in execution order."""
-        chunks = len(self.chunks)
-        if chunks == 1:  # 1F1B
-            warmup = min(self.layout.pp_size - self.layout.pp_rank - 1, count)
-            actions = [("F", 0, m) for m in range(warmup)]
-            for m in range(warmup, count):
-                actions += [("F", 0, m), ("B", 0, m - warmup)]
-            return actions + [("B", 0, m) for m in range(count - warmup, count)]
-        forwards = [("F", c, m) for c in range(chunks) for m in range(count)]
-        backwards = [("B", c, m) for c in reversed(range(chunks)) for m in range(count)]
-        return forwards + backwards
-
-    @torch.no_grad()
-    def forward_only(self, micro_batches: Sequence[Any], loss_fn: LossFn,
-                     device: torch.device | str = "cpu") -> list[torch.Tensor]:
-        """Forward every micro-batch through every chunk (validation); returns the losses
-        computed on the loss stage (empty on other ranks)."""
-        device = torch.device(device)
-        count = len(micro_batches)
-        last = self.layout.num_stages - 1
-        losses = []
-        for chunk in range(len(self.chunks)):
-            for index in range(count):
-                state = self._forward(chunk, index, micro_batches[index], loss_fn, count, device)
-                if self.layout.stage_indices[chunk] == last:
-                    losses.append(state.output)
-        self._wait_for_sends()
-        return losses
-
-    def _wait_for_sends(self) -> None:
-        for request, _ in self._pending_sends:
-            request.wait()
-        self._pending_sends.clear()
+    def __post_init__(self) -> None:
+        if len(self.chunks) != self.position.num_chunks:
+            raise ValueError(f"{len(self.chunks)} chunks for {self.position.num_chunks} "
+                             f"virtual stages on pp_rank {self.position.pp_rank}")
 
     def step(self, micro_batches: Sequence[Any], loss_fn: LossFn,
              device: torch.device | str = "cpu") -> list[torch.Tensor]:
@@ -153,17 +84,86 @@ class PipelineSchedule:
 
         Returns the detached losses computed on the loss stage (empty on other ranks).
         """
-        device = torch.device(device)
-        count = len(micro_batches)
-        in_flight: dict[tuple[int, int], _InFlight] = {}
-        losses: list[torch.Tensor] = []
-        for kind, chunk, index in self._order(count):
-            if kind == "F":
-                state = self._forward(chunk, index, micro_batches[index], loss_fn, count, device)
-                in_flight[(chunk, index)] = state
-                if self.layout.stage_indices[chunk] == self.layout.num_stages - 1:
-                    losses.append(state.output.detach())
+        return self._run(micro_batches, loss_fn, torch.device(device), train=True)
+
+    @torch.no_grad()
+    def forward_only(self, micro_batches: Sequence[Any], loss_fn: LossFn,
+                     device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Forward every micro-batch through every chunk (validation); returns the losses
+        computed on the loss stage (empty on other ranks)."""
+        return self._run(micro_batches, loss_fn, torch.device(device), train=False)
+
+    def order(self, count: int, *, train: bool = True) -> list[Action]:
+        where = self.position
+        return step_order(where.pp_size, where.pp_rank, where.num_chunks, count,
+                          self.microbatch_group_size, forward_only=not train)
+
+    def _run(self, micro_batches: Sequence[Any], loss_fn: LossFn, device: torch.device, *,
+             train: bool) -> list[torch.Tensor]:
+        state = _StepState(micro_batches, loss_fn, device, train)
+        for action in self.order(len(micro_batches), train=train):
+            if isinstance(action, Exchange):
+                self._exchange(action, state)
+            elif action.backward:
+                self._backward(action, state)
             else:
-                self._backward(chunk, index, in_flight.pop((chunk, index)), count, device)
-        self._wait_for_sends()
-        return losses
+                self._forward(action, state)
+        leftover = [*state.received, *state.to_send, *state.in_flight]
+        if leftover:
+            raise RuntimeError(f"pipeline step ended with unconsumed state: {leftover}")
+        self.last_record = state.record
+        return state.losses
+
+    def _forward(self, work: Compute, state: _StepState) -> None:
+        stage = self.position.stage_index(work.chunk)
+        batch = state.micro_batches[work.micro_batch]
+        received = None
+        if stage > 0:
+            received = state.received.pop(Message(stage - 1, work.micro_batch, gradient=False))
+            if state.train:
+                received.requires_grad_()
+        output = self.chunks[work.chunk](
+            batch.input_ids, batch.position_ids, labels=batch.labels, loss_mask=batch.loss_mask,
+            packed_seq_params=batch.packed_seq_params, hidden_states=received,
+        )
+        state.record.computations.append(("F", stage, work.micro_batch))
+        if self.position.is_last_stage(work.chunk):
+            output = state.loss_fn(output, batch)
+            state.losses.append(output.detach())
+        else:
+            state.to_send[Message(stage, work.micro_batch, gradient=False)] = output.detach()
+        if state.train:
+            state.in_flight[(work.chunk, work.micro_batch)] = _InFlight(received, output)
+            state.record.peak_live_outputs = max(state.record.peak_live_outputs,
+                                                 len(state.in_flight))
+
+    def _backward(self, work: Compute, state: _StepState) -> None:
+        stage = self.position.stage_index(work.chunk)
+        flight = state.in_flight.pop((work.chunk, work.micro_batch))
+        if self.position.is_last_stage(work.chunk):
+            flight.output.backward()
+        else:
+            grad = state.received.pop(Message(stage, work.micro_batch, gradient=True))
+            torch.autograd.backward(flight.output, grad.to(flight.output.dtype))
+        state.record.computations.append(("B", stage, work.micro_batch))
+        if flight.received is not None:  # stage > 0: its input's gradient goes back
+            state.to_send[Message(stage - 1, work.micro_batch, gradient=True)] = \
+                flight.received.grad
+
+    def _exchange(self, exchange: Exchange, state: _StepState) -> None:
+        """Post one batch; file what arrives under the message it carries."""
+        where = self.position
+        batch: list[Post] = []
+        for slot, message in exchange.slots():
+            peer = where.next_rank if slot in ("send_next", "recv_next") else where.prev_rank
+            if slot.startswith("send"):
+                payload = state.to_send.pop(message).to(self.comm_dtype).contiguous()
+                batch.append(Post(True, peer, payload, message))
+            else:
+                buffer = torch.empty(where.output_shape(message.boundary), dtype=self.comm_dtype,
+                                     device=state.device)
+                batch.append(Post(False, peer, buffer, message))
+        self.p2p.post(batch)
+        for post in batch:
+            if not post.send:
+                state.received[post.message] = post.tensor

@@ -52,6 +52,36 @@ class ParallelDims:
                 key="train.global_batch_size",
                 hint="change the batch sizes or --nproc",
             )])
+        self.check_group_size(spec)
+
+    def check_group_size(self, spec: RunSpec) -> None:
+        """Megatron-Core's interleaved-schedule rules on g = microbatch_group_size_per_vp_stage
+        (default: pipeline) against M = micro-batches per step on a data-parallel rank:
+        pp <= g <= M, and M mod g is 0 or at least pp (a last group smaller than the pipeline
+        leaves dependency bubbles; Megatron refuses it)."""
+        par = spec.parallel
+        if (par.virtual_pipeline or 1) == 1:
+            return
+        group = par.microbatch_group_size_per_vp_stage or self.pp
+        count = self.num_microbatches(spec)
+        source = "" if par.microbatch_group_size_per_vp_stage else " (default: pipeline)"
+        per_step = (f"micro-batches per step M = global_batch_size / (micro_batch_size x "
+                    f"data-parallel size) = {spec.train.global_batch_size} / "
+                    f"({spec.train.micro_batch_size} x {self.dp}) = {count}")
+        key = "parallel.microbatch_group_size_per_vp_stage"
+        hint = "change the batch sizes, --nproc or parallel.microbatch_group_size_per_vp_stage"
+        if group > count:
+            raise UserError(problems=[Problem(
+                f"the number of contiguous micro-batches in a virtual pipeline stage, "
+                f"{group}{source}, must range in [pipeline={self.pp}, M={count}]: {per_step}",
+                key=key, hint=hint)])
+        remainder = count % group
+        if 0 < remainder < self.pp:
+            raise UserError(problems=[Problem(
+                f"M mod microbatch_group_size_per_vp_stage must be 0 or at least pipeline "
+                f"({self.pp}), it is {count} mod {group}{source} = {remainder}: {per_step}; a "
+                f"last group smaller than the pipeline leaves dependency bubbles",
+                key=key, hint=hint)])
 
     def check_supported(self, spec: RunSpec) -> None:
         """Combinations `mtp train` does not run, refused before anything is launched."""

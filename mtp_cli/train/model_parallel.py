@@ -32,7 +32,9 @@ from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.parallel.context_parallel import apply_context_parallel
 from mtp_cli.parallel.mesh import ParallelMesh
-from mtp_cli.parallel.pipeline_schedule import PipelineLayout, PipelineSchedule
+from mtp_cli.parallel.pipeline_p2p import TorchP2P
+from mtp_cli.parallel.pipeline_position import PipelinePosition
+from mtp_cli.parallel.pipeline_schedule import PipelineSchedule
 from mtp_cli.parallel.tensor_parallel import parallelize_tensor
 from mtp_cli.parallel.tied_embeddings import allreduce_embedding_grads
 from mtp_cli.parallel.tp_grads import grad_square_sum, sync_sequence_parallel_grads
@@ -111,19 +113,15 @@ class ModelParallelEngine:
 
     def _schedule(self) -> PipelineSchedule:
         dims, model = self.mesh.dims, self.spec.model
-        pp_rank = self.mesh.mesh.get_local_rank("pp")
-        stages = self.plan.stages
         seq = model.seq_length // dims.cp
         if self.spec.parallel.sequence_parallel:
             seq //= dims.tp
-        mtp_stage = next((i for i, e in enumerate(stages) if e.mtp_layers), None)
-        layout = PipelineLayout(
-            pp_group=self.pp_group, pp_rank=pp_rank, pp_size=dims.pp, num_stages=len(stages),
-            stage_indices=[i for i, e in enumerate(stages) if e.pp_rank == pp_rank],
-            hidden_shape=(seq, self.spec.train.micro_batch_size, model.hidden_size),
-            mtp_stage_index=mtp_stage, mtp_depths=self.depths,
-        )
-        return PipelineSchedule(self.chunks, layout)
+        position = PipelinePosition(
+            self.plan, self.mesh.mesh.get_local_rank("pp"),
+            hidden_shape=(seq, self.spec.train.micro_batch_size, model.hidden_size))
+        return PipelineSchedule(
+            self.chunks, position, TorchP2P(self.pp_group),
+            microbatch_group_size=self.spec.parallel.microbatch_group_size_per_vp_stage)
 
     # --- one step ------------------------------------------------------------------------------
     def _cp_sum(self, value: torch.Tensor) -> torch.Tensor:
