@@ -49,3 +49,26 @@ def test_launcher_checks_flags_before_anything_else(tmp_path):
         plan_launch(spec(), LaunchOptions(run_dir=tmp_path / "run", nnodes=2, node_rank=2,
                                           rdzv_endpoint="localhost:1"))
     assert not (tmp_path / "run").exists()
+
+
+def interleaved(*overrides: str):
+    return spec("model.num_layers=4", "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+                *overrides)
+
+
+def test_interleaved_group_size_must_fit_the_micro_batches_of_a_step():
+    """g = microbatch_group_size_per_vp_stage (default pp) against M = 16 / (2 x dp):
+    pp <= g <= M, and M mod g is 0 or at least pp (Megatron-Core's rules)."""
+    ParallelDims.from_spec(interleaved(), 2)  # M = 8, g = 2
+    ParallelDims.from_spec(interleaved("parallel.microbatch_group_size_per_vp_stage=3"), 2)
+    # M = 8, g = 3: 8 mod 3 = 2 >= pp
+    with pytest.raises(UserError, match=r"microbatch_group_size_per_vp_stage: .*must range in "
+                                        r"\[pipeline=2, M=8\]") as error:
+        ParallelDims.from_spec(interleaved("parallel.microbatch_group_size_per_vp_stage=9"), 2)
+    assert error.value.problems[0].key == "parallel.microbatch_group_size_per_vp_stage"
+    with pytest.raises(UserError, match=r"it is 4 mod 3 = 1"):  # dp 2: M = 4
+        ParallelDims.from_spec(interleaved("parallel.microbatch_group_size_per_vp_stage=3"), 4)
+    with pytest.raises(UserError, match=r"2 \(default: pipeline\), must range in "
+                                        r"\[pipeline=2, M=1\]"):  # dp 8: M = 1 < pp
+        ParallelDims.from_spec(interleaved(), 16)
+    ParallelDims.from_spec(spec("parallel.pipeline=2"), 16)  # no virtual stages: no rule

@@ -63,6 +63,13 @@ CASES: list[tuple[str, str | None, list[str], list[str]]] = [
      [":7:3:", "model.add_bias_linear", "boolean"]),
     ("tensor_parallel_not_dividing_heads", GOOD_MODEL + "parallel:\n  tensor: 3\n", [],
      [":8:3:", "parallel.tensor", "must divide"]),
+    ("group_size_below_pipeline", GOOD_MODEL.replace("num_layers: 2", "num_layers: 4")
+     + "parallel:\n  pipeline: 2\n  virtual_pipeline: 2\n"
+     "  microbatch_group_size_per_vp_stage: 1\n", [],
+     [":10:3:", "parallel.microbatch_group_size_per_vp_stage", "(1) must be at least pipeline (2)"]),
+    ("group_size_without_virtual_stages", GOOD_MODEL + "parallel:\n  pipeline: 2\n"
+     "  microbatch_group_size_per_vp_stage: 2\n", [],
+     [":9:3:", "parallel.microbatch_group_size_per_vp_stage", "needs virtual_pipeline > 1"]),
 ]
 
 
