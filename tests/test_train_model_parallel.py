@@ -97,6 +97,18 @@ def test_packed_context_parallel_equals_single_process(name, tmp_path, corpus,  
     assert_same_run(tmp_path / name, reference_runs["packed"])
 
 
+@pytest.mark.slow
+def test_pp2_vpp2_with_8_micro_batches_equals_single_process(tmp_path, corpus):  # noqa: F811
+    """Interleaved 1F1B with 8 micro-batches per step (group size 2: four groups)."""
+    eight = [*BASE, "train.micro_batch_size=1"]  # global batch 8
+    result = run_train(tmp_path / "single", corpus, *eight)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_train(tmp_path / "pp2_vpp2", corpus, *eight, "parallel.pipeline=2",
+                       "parallel.virtual_pipeline=2", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(tmp_path / "pp2_vpp2", tmp_path / "single")
+
+
 def test_tp2_pp2_checkpoint_stores_one_embedding_and_reshards(tmp_path, corpus):  # noqa: F811
     """Tied output and an MTP stage: one word-embedding tensor; it resumes at TP1 x PP1 and
     at PP4 with the next step's losses equal to the continuing TP2 x PP2 run's."""
