@@ -62,13 +62,15 @@ def test_interleaved_group_size_must_fit_the_micro_batches_of_a_step():
     ParallelDims.from_spec(interleaved(), 2)  # M = 8, g = 2
     ParallelDims.from_spec(interleaved("parallel.microbatch_group_size_per_vp_stage=3"), 2)
     # M = 8, g = 3: 8 mod 3 = 2 >= pp
-    with pytest.raises(UserError, match=r"microbatch_group_size_per_vp_stage: .*must range in "
-                                        r"\[pipeline=2, M=8\]") as error:
+    with pytest.raises(UserError, match=r"microbatch_group_size_per_vp_stage: .*stage \(9\) must "
+                                        r"range in \[pipeline=2, M=8\]") as error:
         ParallelDims.from_spec(interleaved("parallel.microbatch_group_size_per_vp_stage=9"), 2)
     assert error.value.problems[0].key == "parallel.microbatch_group_size_per_vp_stage"
-    with pytest.raises(UserError, match=r"it is 4 mod 3 = 1"):  # dp 2: M = 4
+    with pytest.raises(UserError, match=r"M \(4\) mod .* \(3\) must be 0 or at least pipeline "
+                                        r"\(2\), it is 1"):  # dp 2: M = 4
         ParallelDims.from_spec(interleaved("parallel.microbatch_group_size_per_vp_stage=3"), 4)
-    with pytest.raises(UserError, match=r"2 \(default: pipeline\), must range in "
-                                        r"\[pipeline=2, M=1\]"):  # dp 8: M = 1 < pp
+    with pytest.raises(UserError, match=r"\(2\) must range in \[pipeline=2, M=1\] \(g "
+                                        r"defaults to pipeline\); M = .* = 16 / \(2 x 8\) = 1"):
+        # dp 8: M = 1 < pp
         ParallelDims.from_spec(interleaved(), 16)
     ParallelDims.from_spec(spec("parallel.pipeline=2"), 16)  # no virtual stages: no rule

@@ -120,7 +120,7 @@ def test_a_stage_with_mtp_rows_sends_them_on(mtp_stage):
 
 def test_group_size_rules_are_megatron_cores():
     check_group_size(2, 5, 3)
-    with pytest.raises(ValueError, match=r"must range in \[pipeline=2, micro-batches=4\]"):
+    with pytest.raises(ValueError, match=r"must range in \[pipeline=2, M=4\]"):
         check_group_size(2, 4, 5)
     with pytest.raises(ValueError, match=r"must range in"):
         check_group_size(4, 8, 3)

@@ -48,12 +48,12 @@ def test_run_dir_under_a_regular_file(tmp_path):
     (["--nnodes", "2"], "--nnodes > 1 needs --rdzv-endpoint"),
     (["model.num_layers=4", "parallel.pipeline=2", "parallel.virtual_pipeline=2",
       "parallel.microbatch_group_size_per_vp_stage=3", "--nproc", "2"],
-     "parallel.microbatch_group_size_per_vp_stage: M mod microbatch_group_size_per_vp_stage "
-     "must be 0 or at least pipeline (2), it is 4 mod 3 = 1"),
+     "parallel.microbatch_group_size_per_vp_stage: M (4) mod microbatch_group_size_per_vp_stage "
+     "(3) must be 0 or at least pipeline (2), it is 1"),
     (["model.num_layers=8", "parallel.pipeline=4", "parallel.virtual_pipeline=2",
       "train.global_batch_size=4", "--nproc", "4"],
      "parallel.microbatch_group_size_per_vp_stage: the number of contiguous micro-batches in a "
-     "virtual pipeline stage, 4 (default: pipeline), must range in [pipeline=4, M=2]"),
+     "virtual pipeline stage (4) must range in [pipeline=4, M=2] (g defaults to pipeline)"),
 ])
 def test_parallel_sizes_that_do_not_fit(tmp_path, args, message):
     overrides = [a for a in args if "=" in a]

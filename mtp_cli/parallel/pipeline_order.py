@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mtp_cli.plan.dims import group_size_problem
+
 
 @dataclass(frozen=True)
 class Compute:
@@ -74,15 +76,9 @@ Action = Compute | Exchange
 
 def check_group_size(pp: int, num_microbatches: int, group_size: int) -> None:
     """Megatron-Core's rules for `microbatch_group_size_per_vp_stage`; ValueError if broken."""
-    if not pp <= group_size <= num_microbatches:
-        raise ValueError(
-            f"microbatch_group_size_per_vp_stage ({group_size}) must range in "
-            f"[pipeline={pp}, micro-batches={num_microbatches}]")
-    remainder = num_microbatches % group_size
-    if 0 < remainder < pp:
-        raise ValueError(
-            f"micro-batches ({num_microbatches}) mod microbatch_group_size_per_vp_stage "
-            f"({group_size}) must be 0 or at least pipeline ({pp}), it is {remainder}")
+    problem = group_size_problem(pp, num_microbatches, group_size)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def interleaved_table(group_sizes: list[int], num_chunks: int) -> list[tuple[int, int]]:

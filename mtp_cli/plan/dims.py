@@ -55,33 +55,24 @@ class ParallelDims:
         self.check_group_size(spec)
 
     def check_group_size(self, spec: RunSpec) -> None:
-        """Megatron-Core's interleaved-schedule rules on g = microbatch_group_size_per_vp_stage
-        (default: pipeline) against M = micro-batches per step on a data-parallel rank:
-        pp <= g <= M, and M mod g is 0 or at least pp (a last group smaller than the pipeline
-        leaves dependency bubbles; Megatron refuses it)."""
+        """The interleaved schedule's rules on g = microbatch_group_size_per_vp_stage (default:
+        pipeline) against M, the micro-batches of a step on a data-parallel rank."""
         par = spec.parallel
         if (par.virtual_pipeline or 1) == 1:
             return
-        group = par.microbatch_group_size_per_vp_stage or self.pp
         count = self.num_microbatches(spec)
-        source = "" if par.microbatch_group_size_per_vp_stage else " (default: pipeline)"
-        per_step = (f"micro-batches per step M = global_batch_size / (micro_batch_size x "
-                    f"data-parallel size) = {spec.train.global_batch_size} / "
-                    f"({spec.train.micro_batch_size} x {self.dp}) = {count}")
-        key = "parallel.microbatch_group_size_per_vp_stage"
-        hint = "change the batch sizes, --nproc or parallel.microbatch_group_size_per_vp_stage"
-        if group > count:
-            raise UserError(problems=[Problem(
-                f"the number of contiguous micro-batches in a virtual pipeline stage, "
-                f"{group}{source}, must range in [pipeline={self.pp}, M={count}]: {per_step}",
-                key=key, hint=hint)])
-        remainder = count % group
-        if 0 < remainder < self.pp:
-            raise UserError(problems=[Problem(
-                f"M mod microbatch_group_size_per_vp_stage must be 0 or at least pipeline "
-                f"({self.pp}), it is {count} mod {group}{source} = {remainder}: {per_step}; a "
-                f"last group smaller than the pipeline leaves dependency bubbles",
-                key=key, hint=hint)])
+        problem = group_size_problem(self.pp, count, par.microbatch_group_size_per_vp_stage
+                                     or self.pp)
+        if problem is None:
+            return
+        default = "" if par.microbatch_group_size_per_vp_stage else " (g defaults to pipeline)"
+        raise UserError(problems=[Problem(
+            f"{problem}{default}; M = global_batch_size / (micro_batch_size x data-parallel "
+            f"size) = {spec.train.global_batch_size} / ({spec.train.micro_batch_size} x "
+            f"{self.dp}) = {count}",
+            key="parallel.microbatch_group_size_per_vp_stage",
+            hint="change the batch sizes, --nproc or parallel.microbatch_group_size_per_vp_stage",
+        )])
 
     def check_supported(self, spec: RunSpec) -> None:
         """Combinations `mtp train` does not run, refused before anything is launched."""
@@ -111,3 +102,19 @@ class ParallelDims:
     def as_dict(self) -> dict[str, int]:
         """The layout as written to a checkpoint's meta.json."""
         return {"data": self.dp, "tensor": self.tp, "pipeline": self.pp, "context": self.cp}
+
+
+def group_size_problem(pp: int, num_microbatches: int, group_size: int) -> str | None:
+    """What breaks Megatron-Core's rules on the interleaved schedule's micro-batch group size g
+    (`microbatch_group_size_per_vp_stage`) for M micro-batches, or None: pp <= g <= M, and
+    M mod g is 0 or at least pp (a smaller last group stalls the pipeline; Megatron refuses it).
+    """
+    if not pp <= group_size <= num_microbatches:
+        return (f"the number of contiguous micro-batches in a virtual pipeline stage "
+                f"({group_size}) must range in [pipeline={pp}, M={num_microbatches}]")
+    remainder = num_microbatches % group_size
+    if 0 < remainder < pp:
+        return (f"M ({num_microbatches}) mod microbatch_group_size_per_vp_stage ({group_size}) "
+                f"must be 0 or at least pipeline ({pp}), it is {remainder}: a last group "
+                f"smaller than the pipeline leaves dependency bubbles")
+    return None
