@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
 
 from mtp_cli import build_model, load_spec
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.parallel.pipeline_position import PipelinePosition
+from mtp_cli.parallel.pipeline_schedule import PipelineSchedule, StepRecord
 from mtp_cli.plan.placement import build_stage_plan
+from tests.pipeline_trace import RecordingP2P, Trace
 
 VOCAB, HIDDEN, SEQ, MICRO = 40, 16, 8, 2
 
@@ -60,3 +64,40 @@ def mean_loss(count: int):
     def loss_fn(per_token: torch.Tensor, batch: Batch) -> torch.Tensor:
         return (per_token * batch.loss_mask).sum() / batch.loss_mask.sum() / count
     return loss_fn
+
+
+def run_ranks(spec: Any, count: int, *, train: bool = True
+              ) -> tuple[dict[int, Trace], dict[int, StepRecord]]:
+    """Every pipeline rank's step (or forward pass) in this process, one rank after the other,
+    against a recording fake p2p layer (receives get random values: the order of posts does
+    not depend on them). Returns each rank's trace and record."""
+    traces, records = {}, {}
+    for rank in range(spec.parallel.pipeline):
+        position = position_of(spec, rank)
+        recorder = RecordingP2P(seed=rank)
+        schedule = PipelineSchedule(
+            rank_chunks(spec, position), position, recorder,
+            microbatch_group_size=spec.parallel.microbatch_group_size_per_vp_stage)
+        run = schedule.step if train else schedule.forward_only
+        losses = run(batches(count), mean_loss(count))
+        last = any(position.is_last_stage(c) for c in range(position.num_chunks))
+        assert len(losses) == (count if last else 0)
+        traces[rank], records[rank] = recorder.trace, schedule.last_record
+    return traces, records
+
+
+def assert_same_posts(trace: Trace, expected: Trace) -> None:
+    """The same batches of posts (direction, peer, shape, message), checksums aside."""
+    def posts(batches: Trace) -> list[list[tuple]]:
+        return [[(x.send, x.peer, x.shape, x.message) for x in batch] for batch in batches]
+
+    assert posts(trace) == posts(expected)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny ops on a shared 2-core machine: a spinning intra-op pool makes them 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

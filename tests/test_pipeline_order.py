@@ -15,7 +15,10 @@ from mtp_cli.parallel.pipeline_order import check_group_size, interleaved_1f1b
 from mtp_cli.parallel.pipeline_position import PipelinePosition
 from mtp_cli.parallel.pipeline_schedule import PipelineSchedule
 from mtp_cli.plan.stages import Stage, StagePlan
+from tests.pipeline_cases import one_thread  # noqa: F401
 from tests.pipeline_trace import RecordingP2P, assert_pairs_match, replay_nccl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SEQ, MICRO, HIDDEN = 3, 2, 4
 
@@ -72,14 +75,6 @@ def valid_sizes():
         for group in range(pp, count + 1):
             if not 0 < count % group < pp:
                 yield pp, vpp, count, group
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_valid_schedule_pairs_replays_and_bounds_live_outputs():

@@ -1,5 +1,8 @@
 """Pipeline schedules on real gloo processes against the single-process model: every gradient,
-the MTP tracker and the validation losses, for 1F1B and interleaved 1F1B layouts."""
+the MTP tracker and the validation losses, for 1F1B and interleaved 1F1B layouts. The posts
+are recorded with payload checksums: gloo delivers each payload to the receive the trace pairs
+it with, the posts are those the one-process fake records (`test_pipeline_trace.py`), and they
+replay under NCCL's blocking rules."""
 
 from __future__ import annotations
 
@@ -13,7 +16,16 @@ from mtp_cli.parallel.pipeline_p2p import TorchP2P
 from mtp_cli.parallel.pipeline_schedule import PipelineSchedule
 from mtp_cli.parallel.tied_embeddings import allreduce_embedding_grads
 from tests.dist_utils import run_distributed
-from tests.pipeline_cases import batches, mean_loss, pipeline_spec, position_of, rank_chunks
+from tests.pipeline_cases import (
+    assert_same_posts,
+    batches,
+    mean_loss,
+    pipeline_spec,
+    position_of,
+    rank_chunks,
+    run_ranks,
+)
+from tests.pipeline_trace import RecordingP2P, Trace, assert_pairs_match, replay_nccl
 
 LAYOUTS = {  # name: (spec arguments, micro-batches per step)
     "pp2": ({}, 4),
@@ -41,14 +53,15 @@ def reference(spec, count: int):
     return {n: p.grad for n, p in model.named_parameters()}, values, losses
 
 
-def _check_layout(rank: int, name: str, group: dist.ProcessGroup) -> None:
+def _check_layout(rank: int, name: str, group: dist.ProcessGroup) -> Trace:
     arguments, count = LAYOUTS[name]
     spec = pipeline_spec(2, **arguments)
     tied = spec.model.share_embeddings_and_output_weights
     expected_grads, expected_mtp, expected_losses = reference(spec, count)
     position = position_of(spec, rank)
     chunks = rank_chunks(spec, position)
-    schedule = PipelineSchedule(chunks, position, TorchP2P(group),
+    recorder = RecordingP2P(TorchP2P(group), checksums=True)
+    schedule = PipelineSchedule(chunks, position, recorder,
                                 microbatch_group_size=spec.parallel.microbatch_group_size_per_vp_stage)
     losses = schedule.step(batches(count), mean_loss(count))
     allreduce_embedding_grads(chunks, group)
@@ -72,14 +85,29 @@ def _check_layout(rank: int, name: str, group: dist.ProcessGroup) -> None:
                                    atol=1e-6, rtol=0)
     else:
         assert validation == []
+    return recorder.trace
+
+
+def _check_traces(name: str, traces: dict[int, Trace]) -> None:
+    arguments, count = LAYOUTS[name]
+    assert assert_pairs_match(traces) > 0, name  # checksums: each payload reached its receive
+    replay_nccl(traces)
+    spec = pipeline_spec(2, **arguments)
+    fake = [run_ranks(spec, count, train=train)[0] for train in (True, False)]
+    for rank, trace in traces.items():
+        assert_same_posts(trace, fake[0][rank] + fake[1][rank])
 
 
 def _run(rank: int, world: int) -> None:
     group = dist.new_group(list(range(world)))
     for name in LAYOUTS:
-        _check_layout(rank, name, group)
+        trace = _check_layout(rank, name, group)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, trace)
+        if rank == 0:
+            _check_traces(name, dict(enumerate(gathered)))
 
 
 @pytest.mark.distributed
-def test_pipeline_gradients_and_losses_equal_single_process():
+def test_pipeline_gradients_losses_and_posts_on_gloo():
     run_distributed(_run, 2)

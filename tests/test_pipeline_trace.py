@@ -17,29 +17,30 @@ import torch.distributed as dist
 from mtp_cli.parallel.mesh import build_mesh
 from mtp_cli.parallel.pipeline_order import Exchange
 from mtp_cli.parallel.pipeline_p2p import TorchP2P
-from mtp_cli.parallel.pipeline_schedule import PipelineSchedule, StepRecord
+from mtp_cli.parallel.pipeline_schedule import PipelineSchedule
 from mtp_cli.parallel.tensor_parallel import parallelize_tensor
 from mtp_cli.plan.dims import ParallelDims
 from tests.dist_utils import run_distributed
-from tests.pipeline_cases import SEQ, batches, mean_loss, pipeline_spec, position_of, rank_chunks
+from tests.pipeline_cases import (  # noqa: F401
+    SEQ,
+    assert_same_posts,
+    batches,
+    mean_loss,
+    one_thread,
+    pipeline_spec,
+    position_of,
+    rank_chunks,
+    run_ranks,
+)
 from tests.pipeline_trace import (
     Deadlock,
     RecordingP2P,
-    Trace,
     TracedPost,
     assert_pairs_match,
     replay_nccl,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on a shared 2-core machine: a spinning intra-op pool makes them 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = {  # name: (spec, micro-batches per step)
     "1f1b_pp2": (lambda: pipeline_spec(2), 4),
@@ -50,24 +51,6 @@ CASES = {  # name: (spec, micro-batches per step)
     "standalone_mtp_pp4": (lambda: pipeline_spec(4, depths=2, layout="Ett|tt|mm|L"), 4),
     "standalone_mtp_pp2_vpp2": (lambda: pipeline_spec(2, layout="Ett|tt|m|L"), 4),
 }
-
-
-def run_ranks(spec, count: int, *, train: bool = True
-              ) -> tuple[dict[int, Trace], dict[int, StepRecord]]:
-    """Every pipeline rank's step in this process against a recording fake p2p layer."""
-    traces, records = {}, {}
-    for rank in range(spec.parallel.pipeline):
-        position = position_of(spec, rank)
-        recorder = RecordingP2P(seed=rank)
-        schedule = PipelineSchedule(
-            rank_chunks(spec, position), position, recorder,
-            microbatch_group_size=spec.parallel.microbatch_group_size_per_vp_stage)
-        run = schedule.step if train else schedule.forward_only
-        losses = run(batches(count), mean_loss(count))
-        last = any(position.is_last_stage(c) for c in range(position.num_chunks))
-        assert len(losses) == (count if last else 0)
-        traces[rank], records[rank] = recorder.trace, schedule.last_record
-    return traces, records
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["step", "forward_only"])
@@ -213,11 +196,10 @@ def _check_gloo_traces(spec, gathered: list) -> None:
         assert assert_pairs_match(traces) > 0  # checksums: each payload reached its receive
         replay_nccl(traces)
         for p, trace in traces.items():  # what the one-process fake records is what gloo ran
-            assert [[(x.send, x.peer, x.shape, x.message) for x in batch] for batch in trace] \
-                == [[(x.send, x.peer, x.shape, x.message) for x in batch]
-                    for batch in fake[0][p] + fake[1][p]]
+            assert_same_posts(trace, fake[0][p] + fake[1][p])
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_gloo_delivers_what_the_trace_pairs_at_tp2_pp2():
     run_distributed(_gloo_steps, 4)
