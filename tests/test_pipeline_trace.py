@@ -4,8 +4,9 @@ Megatron-Core's order and keeps no more outputs alive than its warm-up allows.
 
 The fast cases run every pipeline rank's real schedule executor and real stage chunks in this
 process, one rank after the other, against a recording fake p2p layer (receives get random
-values: the order of posts does not depend on them). The gloo runs show the recorder sees what
-gloo delivers: every payload's checksum arrives at the receive the trace pairs it with.
+values: the order of posts does not depend on them). The gloo runs (TP2 x PP2 here, the layouts
+of `test_pipeline_schedule.py` there) show the recorder sees what gloo delivers: every payload's
+checksum arrives at the receive the trace pairs it with.
 """
 
 from __future__ import annotations
