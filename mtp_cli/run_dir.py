@@ -1,15 +1,24 @@
-"""The run directory: its layout, its lock, and the clean-up a fresh start or a resume needs.
+"""The run directory: its layout, its lock, which checkpoint a resume uses, and the clean-up a
+fresh start or a resume needs.
 
 ```
 RUN_DIR/
-  .lock               fcntl lock held by the launcher for the whole job
-  metrics.jsonl       one JSON object per line
-  tb/                 TensorBoard event files
-  checkpoints/latest  name of the newest complete checkpoint
+  .lock                   fcntl lock held by the launcher for the whole job
+  metrics.jsonl           one JSON object per line
+  tb/                     TensorBoard event files
+  stopped.json            why the last job stopped on purpose (removed by the next launch)
+  checkpoints/latest      name of the newest complete checkpoint
   checkpoints/step_NNNNNNN/
+  checkpoints/abandoned/  checkpoints newer than the one a resume used (kept, never pruned)
 ```
 Only these names are ever removed (`--overwrite` never deletes anything else a user keeps in
-the directory).
+the directory). A complete checkpoint is never deleted except by `checkpoint.keep_last`
+pruning of checkpoints older than the one `latest` names.
+
+Which checkpoint a run resumes from (`RunDir.resolve`, shared by `mtp train` and
+`inspect-ckpt`): the one `latest` names when `latest` is a bare sibling name and that checkpoint
+validates (`checkpoint_io.validate`); otherwise the newest one that validates, with a warning
+saying which and why; none validating while some exist is an error, never a fresh start.
 """
 
 from __future__ import annotations
@@ -18,19 +27,43 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtp_cli.checkpoint_io.files import MARKER_LIMIT, CheckpointFileError, read_text
+from mtp_cli.checkpoint_io.validate import ValidCheckpoint, validate_checkpoint
 from mtp_cli.errors import Problem, UserError
 
 CHECKPOINT_PREFIX = "step_"
 TEMP_MARKER = ".tmp-"
+ABANDONED = "abandoned"
+_CHECKPOINT_NAME = re.compile(r"step_(\d+)")
 
 
 def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint directory name (`step_0000300` -> 300); None for other names."""
+    match = _CHECKPOINT_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Which checkpoint a run directory resumes from, and what choosing it left aside."""
+
+    checkpoint: ValidCheckpoint | None  # None: nothing to resume from (a fresh start)
+    warnings: tuple[str, ...] = ()  # why `latest` was not used, what was skipped
+    newer: tuple[Path, ...] = ()  # checkpoint directories past the chosen one
+
+    @property
+    def step(self) -> int | None:
+        return self.checkpoint.step if self.checkpoint is not None else None
 
 
 @dataclass(frozen=True)
@@ -59,16 +92,32 @@ class RunDir:
     def lock_file(self) -> Path:
         return self.root / ".lock"
 
-    def latest_checkpoint(self) -> Path | None:
-        """The checkpoint `latest` names, if it is complete (its meta.json exists)."""
-        try:
-            name = self.latest_marker.read_text().strip()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        path = self.checkpoints / name
-        if not name or TEMP_MARKER in name or not (path / "meta.json").is_file():
-            return None
-        return path
+    @property
+    def abandoned(self) -> Path:
+        return self.checkpoints / ABANDONED
+
+    @property
+    def stop_record(self) -> Path:
+        return self.root / "stopped.json"
+
+    def resolve(self, *, checksums: bool = True) -> Resolution:
+        """The checkpoint to resume from (see the module docstring); `UserError` when
+        checkpoints exist and none validates."""
+        return resolve_checkpoints(self.checkpoints, checksums=checksums)
+
+    def abandon(self, paths: tuple[Path, ...] | list[Path]) -> list[Path]:
+        """Move checkpoint directories to `checkpoints/abandoned/` (a resume went back past
+        them); returns where each went. Never deleted, never pruned, never named by latest."""
+        moved = []
+        for path in paths:
+            self.abandoned.mkdir(exist_ok=True)
+            target, copy = self.abandoned / path.name, 0
+            while target.exists():
+                copy += 1
+                target = self.abandoned / f"{path.name}.{copy}"
+            os.replace(path, target)
+            moved.append(target)
+        return moved
 
     def clear(self) -> None:
         """Forget every result of earlier runs (`--overwrite`); other files stay."""
@@ -87,22 +136,81 @@ class RunDir:
         return stale
 
     def prune(self, keep_last: int | None) -> list[Path]:
-        """Remove all but the newest `keep_last` complete checkpoints."""
+        """Remove all but the newest `keep_last` checkpoints by step number, never the one
+        `latest` names nor any newer one (nor anything in `abandoned/`)."""
         if keep_last is None or not self.checkpoints.is_dir():
             return []
-        done = sorted(p for p in self.checkpoints.iterdir()
-                      if p.name.startswith(CHECKPOINT_PREFIX) and TEMP_MARKER not in p.name
-                      and p.is_dir())
-        old = done[:-keep_last]
+        name, _ = read_latest(self.checkpoints)
+        latest = checkpoint_step(name) if name is not None else None
+        if latest is None:
+            return []
+        older = [path for step, path in checkpoint_dirs(self.checkpoints) if step < latest]
+        old = older[:max(len(older) - (keep_last - 1), 0)]
         for path in old:
             shutil.rmtree(path, ignore_errors=True)
         return old
 
 
-def read_meta(checkpoint: Path) -> dict[str, Any]:
-    """A checkpoint's meta.json."""
-    with open(checkpoint / "meta.json", encoding="utf-8") as handle:
-        return json.load(handle)
+def checkpoint_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
+    """`(step, path)` of every `step_N` directory in `checkpoints`, by step number."""
+    if not checkpoints.is_dir():
+        return []
+    found = [(checkpoint_step(p.name), p) for p in checkpoints.iterdir()]
+    return sorted((step, p) for step, p in found if step is not None and p.is_dir())
+
+
+def read_latest(checkpoints: Path) -> tuple[str | None, str | None]:
+    """(the checkpoint name `latest` holds, None) when it is a bare name of a directory beside
+    it; else (None, what is wrong with it)."""
+    marker = checkpoints / "latest"
+    if not os.path.lexists(marker):
+        return None, f"{marker} is missing"
+    try:
+        name = read_text(marker, MARKER_LIMIT).strip()
+    except CheckpointFileError as error:
+        return None, str(error)
+    if checkpoint_step(name) is None:
+        return None, f"{marker} holds {name[:80]!r}, not the name of a checkpoint beside it"
+    if not (checkpoints / name).is_dir():
+        return None, f"{marker} names {name}, which does not exist"
+    return name, None
+
+
+def resolve_checkpoints(checkpoints: Path, *, checksums: bool = True) -> Resolution:
+    """See `RunDir.resolve`; `checkpoints` is a run directory's `checkpoints/`."""
+    found = checkpoint_dirs(checkpoints)
+    name, problem = read_latest(checkpoints)
+    rejected: list[CheckpointFileError] = []
+    if name is not None:
+        step = checkpoint_step(name)
+        try:
+            chosen = validate_checkpoint(checkpoints / name, step, checksums=checksums)
+        except CheckpointFileError as error:
+            problem = f"{checkpoints / 'latest'} names {name}, which does not validate"
+            rejected.append(error)
+        else:
+            return Resolution(chosen, newer=tuple(p for s, p in found if s > step))
+    if not found:
+        present = os.path.lexists(checkpoints / "latest")
+        return Resolution(None, (f"{problem}; no checkpoint to resume from",) if present else ())
+    for step, path in reversed(found):
+        if any(error.path.is_relative_to(path) for error in rejected):
+            continue
+        try:
+            chosen = validate_checkpoint(path, step, checksums=checksums)
+        except CheckpointFileError as error:
+            rejected.append(error)
+            continue
+        skipped = "".join(f"; skipped: {error}" for error in rejected)
+        warning = (f"{problem}: using {path.name}, the newest checkpoint that "
+                   f"validates{skipped}")
+        return Resolution(chosen, (warning,), tuple(p for s, p in found if s > step))
+    raise UserError(problems=[
+        Problem(f"checkpoints exist but none validates, and a run never starts afresh over "
+                f"them ({problem})", file=str(checkpoints),
+                hint="repair or move them, or pass --overwrite to delete them and start afresh"),
+        *[Problem(error.reason, file=str(error.path)) for error in rejected],
+    ])
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 
@@ -128,10 +129,23 @@ def test_meta_json_with_an_invalid_spec(run_copy):
     assert "spec.model" in err
 
 
-def test_latest_naming_a_missing_checkpoint(run_copy):
+def test_latest_naming_a_missing_checkpoint_falls_back_with_a_note(run_copy):
+    """The same resolution as a resume: the newest checkpoint that validates, and why."""
     run, _ = run_copy
     (run / "checkpoints" / "latest").write_text("step_0009999\n")
-    _fails_cleanly(run, message="step_0009999")
+    result = invoke("inspect-ckpt", str(run), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["path"].endswith("step_0000010")
+    assert any("names step_0009999, which does not exist: using step_0000010" in note
+               for note in report["notes"]), report["notes"]
+
+
+def test_run_whose_only_checkpoint_is_damaged_names_it(run_copy):
+    run, ckpt = run_copy
+    (ckpt / "meta.json").write_text('[1, 2]')
+    err = _fails_cleanly(run, message="checkpoints exist but none validates")
+    assert "meta.json: holds a JSON list, not an object" in err.replace("\n", " ")
 
 
 def test_strict_failure_exits_1_and_user_error_exits_2_end_to_end(tmp_path):

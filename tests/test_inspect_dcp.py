@@ -208,7 +208,7 @@ def test_run_dir_without_latest_uses_newest_complete(tmp_path):
     (tmp_path / "run" / "checkpoints" / "latest").unlink()
     report = inspect_checkpoint(tmp_path / "run")
     assert report.checkpoint.path.name == "step_0000020"
-    assert "no 'latest' file" in report.checkpoint.notes[0]
+    assert "latest is missing: using step_0000020" in report.checkpoint.notes[0]
     assert inspect_checkpoint(tmp_path / "run" / "checkpoints").checkpoint.step == 20
 
 

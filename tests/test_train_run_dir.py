@@ -48,26 +48,16 @@ def test_shared_locks_coexist_but_exclude_a_single_node_job(tmp_path):
     second.release()
 
 
-def test_latest_names_only_a_complete_checkpoint(tmp_path):
-    run = RunDir(tmp_path)
-    assert run.latest_checkpoint() is None
-    make_checkpoint(run, 4)
-    make_checkpoint(run, 8, complete=False)
-    run.latest_marker.write_text("step_0000008\n")
-    assert run.latest_checkpoint() is None  # named but incomplete: never taken
-    run.latest_marker.write_text("step_0000004\n")
-    assert run.latest_checkpoint() == run.checkpoints / "step_0000004"
-
-
-def test_prune_keeps_the_newest_and_stale_temporaries_go(tmp_path):
+def test_stale_temporaries_go_and_prune_keeps_the_newest_by_step(tmp_path):
     run = RunDir(tmp_path)
     for step in (2, 4, 6, 10):
         make_checkpoint(run, step)
+    run.latest_marker.write_text("step_0000010\n")
     (run.checkpoints / "step_0000012.tmp-abcd").mkdir()
     removed = run.prune(2)
     assert sorted(p.name for p in removed) == ["step_0000002", "step_0000004"]
     assert sorted(p.name for p in run.checkpoints.iterdir()) == [
-        "step_0000006", "step_0000010", "step_0000012.tmp-abcd"]
+        "latest", "step_0000006", "step_0000010", "step_0000012.tmp-abcd"]
     assert [p.name for p in run.remove_stale_temporaries()] == ["step_0000012.tmp-abcd"]
 
 

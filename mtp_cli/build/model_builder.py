@@ -29,3 +29,11 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu", *,
     if initialize and torch.device(device).type != "meta":
         initialize_parameters(model, spec)
     return model
+
+
+def state_dict_shapes(spec: RunSpec, *, allow_imports: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the spec's model state dict and its shape, from a build on the meta
+    device (nothing allocated): the names and shapes a checkpoint stores under `model.`."""
+    model = build_model(spec, "meta", allow_imports=allow_imports)
+    return {name: tuple(value.shape) for name, value in model.state_dict().items()
+            if isinstance(value, torch.Tensor)}

@@ -2,12 +2,14 @@
 
 Either way the result is a `Checkpoint`: the model's tensor names, shapes and dtypes up front
 (from DCP metadata, or from the loaded file), and `read(names)` for the few values the tie checks
-compare. A run directory means its newest complete checkpoint (`checkpoints/latest`).
+compare. A run directory means the checkpoint `mtp train` would resume from (`RunDir.resolve`:
+`checkpoints/latest`, or the newest checkpoint that validates, with a note saying why).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,11 @@ from typing import Any
 
 import torch
 
+from mtp_cli import checkpoint_io
+from mtp_cli.checkpoint_io import META_JSON, METADATA_FILE
 from mtp_cli.errors import UserError
-from mtp_cli.inspect import dcp_reader
 from mtp_cli.inspect.torch_file import read_state_dict_file
+from mtp_cli.run_dir import checkpoint_dirs, resolve_checkpoints
 
 MODEL_PREFIX = "model."
 _MEGATRON_HEADS = ("decoder.", "embedding.", "mtp.", "output_layer.")
@@ -64,34 +68,27 @@ def open_checkpoint(path: Path) -> Checkpoint:
         raise UserError(f"{path}: no such file or directory")
     if path.is_file():
         return _open_torch_file(path)
-    target, note = resolve_checkpoint_dir(path)
+    target, notes = resolve_checkpoint_dir(path)
     checkpoint = _open_dcp(target)
-    if note:
-        checkpoint.notes.insert(0, note)
+    checkpoint.notes[:0] = notes
     return checkpoint
 
 
-def resolve_checkpoint_dir(path: Path) -> tuple[Path, str | None]:
-    """The DCP directory meant by `path`: itself, or a run/checkpoints directory's latest."""
-    if (path / dcp_reader.METADATA_FILE).is_file():
-        return path, None
+def resolve_checkpoint_dir(path: Path) -> tuple[Path, list[str]]:
+    """The DCP directory meant by `path`: itself, or the checkpoint a run directory (or its
+    checkpoints/) resumes from, with notes on how it was chosen."""
+    if os.path.lexists(path / METADATA_FILE):
+        return path, []
     checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    latest = checkpoints / "latest"
-    if latest.is_file():
-        name = latest.read_text().strip()
-        target = checkpoints / name
-        if not name or not (target / dcp_reader.METADATA_FILE).is_file():
-            raise UserError(f"{latest}: names {name!r}, which is not a checkpoint directory "
-                            f"in {checkpoints}")
-        return target, f"{path}: latest checkpoint {name}"
-    complete = sorted(p for p in checkpoints.glob("step_*") if p.is_dir() and ".tmp" not in p.name
-                      and (p / dcp_reader.METADATA_FILE).is_file()
-                      and (p / dcp_reader.META_JSON).is_file())
-    if complete:
-        return complete[-1], f"{checkpoints}: no 'latest' file; using the newest complete " \
-                             f"checkpoint {complete[-1].name}"
-    raise UserError(f"{path}: not a checkpoint (no {dcp_reader.METADATA_FILE}, no "
-                    f"checkpoints/latest, no complete step_* checkpoint)")
+    if checkpoint_dirs(checkpoints) or os.path.lexists(checkpoints / "latest"):
+        resolution = resolve_checkpoints(checkpoints)
+        if resolution.checkpoint is not None:
+            chosen = resolution.checkpoint.path.name
+            return resolution.checkpoint.path, list(resolution.warnings) or [
+                f"{path}: latest checkpoint {chosen}"]
+        raise UserError(f"{path}: not a checkpoint ({'; '.join(resolution.warnings)})")
+    raise UserError(f"{path}: not a checkpoint (no {METADATA_FILE}, no checkpoints/latest, no "
+                    "step_* checkpoint)")
 
 
 def _model_prefix(keys: list[str]) -> str:
@@ -102,11 +99,18 @@ def _model_prefix(keys: list[str]) -> str:
     return ""
 
 
+def _read_meta_json(directory: Path) -> dict[str, Any] | None:
+    """`meta.json` beside the shards (written last by `mtp train`), or None when absent."""
+    if not os.path.lexists(directory / META_JSON):
+        return None
+    return checkpoint_io.read_json_object(directory / META_JSON)
+
+
 def _open_dcp(directory: Path) -> Checkpoint:
-    metadata = dcp_reader.read_metadata(directory)
-    dcp_reader.check_shards(directory, metadata)
-    meta = dcp_reader.read_meta_json(directory)
-    entries = dcp_reader.tensor_entries(metadata)
+    metadata = checkpoint_io.read_metadata(directory)
+    checkpoint_io.check_shards(directory, metadata)
+    meta = _read_meta_json(directory)
+    entries = checkpoint_io.tensor_entries(metadata)
     prefix = _model_prefix(list(entries))
     tensors: dict[str, TensorInfo] = {}
     others: dict[str, TensorInfo] = {}
@@ -119,14 +123,14 @@ def _open_dcp(directory: Path) -> Checkpoint:
             others[key] = TensorInfo(key, shape, dtype)
 
     def reader(names: list[str]) -> dict[str, torch.Tensor]:
-        loaded = dcp_reader.load_tensors(directory, metadata, [prefix + n for n in names])
+        loaded = checkpoint_io.load_tensors(directory, metadata, [prefix + n for n in names])
         return {n: loaded[prefix + n] for n in names}
 
-    notes = [] if meta is not None else [f"{directory}: no {dcp_reader.META_JSON} (no stored "
-                                         "spec, step or losses)"]
+    notes = [] if meta is not None else [f"{directory}: no {META_JSON} (no stored spec, step "
+                                         "or losses)"]
     step = meta.get("step") if meta else None
     return Checkpoint("dcp", directory, tensors, reader, others=others,
-                      values=dcp_reader.value_entries(metadata), meta=meta, notes=notes,
+                      values=checkpoint_io.value_entries(metadata), meta=meta, notes=notes,
                       step=step if isinstance(step, int) else None)
 
 

@@ -33,7 +33,6 @@ def spec_from_meta(meta: dict[str, Any], meta_path: Path) -> RunSpec | None:
 
 def expected_shapes(spec: RunSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the spec's model state dict and its shape (meta device)."""
-    from mtp_cli.build.model_builder import build_model
+    from mtp_cli.build.model_builder import state_dict_shapes
 
-    model = build_model(spec, "meta")
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    return state_dict_shapes(spec)

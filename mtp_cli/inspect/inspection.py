@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtp_cli.checkpoint_io import META_JSON
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import UserError
 from mtp_cli.inspect.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from mtp_cli.inspect.checks import Check, check_depths
-from mtp_cli.inspect.dcp_reader import META_JSON
 from mtp_cli.inspect.expected import expected_shapes, spec_from_meta
 from mtp_cli.inspect.layout import Layout, infer_layout
 from mtp_cli.inspect.names import Naming, Part

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from mtp_cli.checkpoint_io.safe_pickle import StorageRef, TorchArchiveUnpickler, Unreadable
 from mtp_cli.errors import UserError
-from mtp_cli.inspect.safe_pickle import StorageRef, TorchArchiveUnpickler, Unreadable
 
 # Entries of a training checkpoint that hold the model's state dict, in the order we look.
 MODEL_ENTRY_NAMES = ("state_dict", "model", "module")

@@ -1,7 +1,8 @@
 """Unpicklers that never run code a file names: only our own allow-listed constructors.
 
-A checkpoint is data, but pickle is a program. `inspect-ckpt` reads files of unknown origin, so
-every global a pickle asks for is looked up in an allow list here and nowhere else:
+A checkpoint is data, but pickle is a program. `mtp train` resumes from, and `inspect-ckpt`
+reads, files of unknown origin, so every global a pickle asks for is looked up in an allow list
+here and nowhere else:
 
 - DCP's `.metadata` may only build the classes of `torch.distributed.checkpoint.metadata` and a
   few plain values (dtypes, `torch.Size`, paths); anything else is refused (`UnsafePickleError`).
