@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from mtp_cli.config.schema import ModelConfig
@@ -14,10 +15,21 @@ def layer_norm(config: ModelConfig, hidden_size: int) -> nn.Module:
     return nn.LayerNorm(hidden_size, eps=config.layernorm_epsilon)
 
 
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm, computed in its weight's dtype and returned in the input's, as
+    LayerNorm does under autocast: bf16 autocast hands it bf16 activations and an fp32 weight,
+    which torch's fused kernel refuses with a warning on every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or x.dtype == self.weight.dtype:
+            return super().forward(x)
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 @register_module("RMSNorm")
 def rms_norm(config: ModelConfig, hidden_size: int) -> nn.Module:
     """torch RMSNorm (weight only) with the spec's epsilon."""
-    return nn.RMSNorm(hidden_size, eps=config.layernorm_epsilon)
+    return RMSNorm(hidden_size, eps=config.layernorm_epsilon)
 
 
 @register_module("WrappedTorchNorm")

@@ -28,6 +28,7 @@ def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, *, fsdp: bool,
     if fsdp:
         for layer in _shardable_layers(model):
             fully_shard(layer, mesh=mesh.dp_cp_mesh)
+        model.register_forward_hook(_own_output)  # runs before FSDP2's own post-forward hook
         fully_shard(model, mesh=mesh.dp_cp_mesh)
         return model
     device_ids = [device.index] if device.type == "cuda" else None
@@ -39,6 +40,18 @@ def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, *, fsdp: bool,
     )
     return DistributedDataParallel(model, device_ids=device_ids, process_group=mesh.dp_cp_group,
                                    **no_buffer_sync)
+
+
+def _own_output(module: nn.Module, args: object, output: object) -> object:
+    """The root's output as a tensor of its own, not a view.
+
+    FSDP2 hangs its pre-backward hook on the root's output and warns, on every rank, when that
+    is a view (an in-place op on it would drop the hook). The per-token loss is a transposed
+    view of the flat cross-entropy; a copy of `b x s` floats costs nothing next to the step.
+    """
+    if isinstance(output, torch.Tensor) and output._base is not None:
+        return output.clone(memory_format=torch.contiguous_format)
+    return output
 
 
 def _shardable_layers(model: nn.Module) -> list[nn.Module]:
