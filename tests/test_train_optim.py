@@ -80,3 +80,13 @@ def test_optimizer_uses_the_spec_hyperparameters():
     group = optimizer.param_groups[0]
     assert group["betas"] == (0.9, 0.99) and group["eps"] == 1e-6
     assert group["lr"] == spec.train.lr
+
+
+def test_decay_steps_defaults_to_steps_and_fixes_the_cosine_when_steps_grow():
+    assert TRAIN.decay_steps == 12
+    longer = TrainConfig(steps=24, lr=1.0, min_lr=0.1, warmup_steps=2, decay_steps=12)
+    assert [lr_at(i, longer) for i in range(12)] == [lr_at(i, TRAIN) for i in range(12)]
+    assert lr_at(11, longer) == pytest.approx(0.1) and lr_at(20, longer) == pytest.approx(0.1)
+    # without decay_steps the cosine stretches to the new train.steps (what a resume reports)
+    stretched = TrainConfig(steps=24, lr=1.0, min_lr=0.1, warmup_steps=2)
+    assert lr_at(12, stretched) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))

@@ -226,6 +226,11 @@ class TrainConfig(StrictModel):
     lr: Annotated[float, Field(gt=0)] = Field(default=3e-3, description="Peak learning rate.")
     min_lr: Annotated[float, Field(ge=0)] = Field(default=3e-4)
     warmup_steps: NonNegativeInt = Field(default=10)
+    decay_steps: PositiveInt | None = Field(
+        default=None,
+        description="Step at which the cosine reaches min_lr (default: train.steps). Keep it "
+        "when extending train.steps on resume, so the schedule is not stretched again.",
+    )
     weight_decay: Annotated[float, Field(ge=0)] = Field(default=0.1)
     adam_beta1: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.9)
     adam_beta2: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.95)
@@ -240,9 +245,21 @@ class TrainConfig(StrictModel):
         default=False, description="Normalise by the step's total loss tokens (Megatron)."
     )
     loss: LossConfig = Field(default_factory=LossConfig)
+    nonfinite: Literal["stop", "skip_step"] = Field(
+        default="stop",
+        description="On a non-finite loss or gradient norm: stop (exit 1, before any checkpoint "
+        "of that state), or skip_step (drop the update; step, schedule and data move on).",
+    )
+    nonfinite_max_skips: PositiveInt = Field(
+        default=5,
+        description="skip_step: the most consecutive steps skipped; one more non-finite step "
+        "in a row stops the run.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.decay_steps is None:
+            self.decay_steps = self.steps
         if self.global_batch_size % self.micro_batch_size:
             raise rule_error(
                 "global_batch_size",
@@ -282,7 +299,13 @@ class CheckpointConfig(StrictModel):
     """DCP checkpoints under run_dir/checkpoints/step_NNNNNNN/."""
 
     interval: NonNegativeInt = Field(default=100, description="Steps between saves; 0 = end only.")
-    keep_last: PositiveInt | None = Field(default=None, description="Prune all but the newest k.")
+    keep_last: PositiveInt | None = Field(
+        default=None, description="Prune all but the newest k (by step; never newer than latest)."
+    )
+    checksums: bool = Field(
+        default=False,
+        description="Record a SHA-256 of every checkpoint file in meta.json; checked on resume.",
+    )
 
 
 class LoggingConfig(StrictModel):

@@ -8,10 +8,15 @@ The tests of crash safety need a crash at a known place; these put it there:
   forever, so a test can kill the job at a known step.
 - `MTP_TEST_KILL_RANK_AT_STEP=RANK:STEP`: that rank SIGKILLs itself after step STEP, on the
   first attempt only (`TORCHELASTIC_RESTART_COUNT` 0), so the launcher's restart can resume.
+- `MTP_TEST_DISK_FULL=RANK:STEP`: that rank's shard writes of step STEP's checkpoint fail as on
+  a full disk; `MTP_TEST_DISK_FULL=start`: rank 0's first write of the run does. Both raise
+  what `torch.save` raises there: `RuntimeError("... unexpected pos ...")` whose context is
+  `OSError(ENOSPC)` (tests cannot mount a small filesystem everywhere).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -44,3 +49,21 @@ def maybe_kill_rank(step: int, rank: int) -> None:
     kill_rank, kill_step = (int(v) for v in value.split(":"))
     if (rank, step) == (kill_rank, kill_step):
         _kill_self()
+
+
+def _raise_disk_full() -> None:
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:  # raised in the handler: the OSError is only the context, as in torch.save
+        raise RuntimeError(  # noqa: B904
+            "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+def maybe_disk_full(step: int, rank: int) -> None:
+    if os.environ.get("MTP_TEST_DISK_FULL") == f"{rank}:{step}":
+        _raise_disk_full()
+
+
+def maybe_disk_full_at_start(rank: int) -> None:
+    if rank == 0 and os.environ.get("MTP_TEST_DISK_FULL") == "start":
+        _raise_disk_full()

@@ -25,7 +25,14 @@ from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.launch.distributed import LAUNCHER_PID_ENV
 from mtp_cli.plan.dims import ParallelDims
-from mtp_cli.run_dir import RunDir, RunDirLock, check_creatable, read_meta
+from mtp_cli.run_dir import RunDir, RunDirLock, check_creatable
+from mtp_cli.train.compatibility import ResumePlan, plan_resume
+from mtp_cli.train.stops import (
+    STOPPED_EXIT,
+    STOPPED_RUN_EXIT,
+    clear_stop_record,
+    read_stop_record,
+)
 
 WORKER_MODULE = "mtp_cli.launch.worker"
 USER_ERROR_EXIT = 2
@@ -62,8 +69,12 @@ class LaunchPlan:
 
     dims: ParallelDims
     run_dir: RunDir
-    resume_step: int | None  # None: a fresh start
+    resume: ResumePlan
     finished: bool
+
+    @property
+    def resume_step(self) -> int | None:  # None: a fresh start
+        return self.resume.step
 
 
 def check_options(options: LaunchOptions) -> None:
@@ -82,36 +93,11 @@ def check_options(options: LaunchOptions) -> None:
         raise UserError(problems=problems)
 
 
-def check_resume(spec: RunSpec, run_dir: RunDir, options: LaunchOptions) -> tuple[int | None, bool]:
-    """The step a resume starts from (None: fresh) and whether the run is already finished."""
+def check_resume(spec: RunSpec, run_dir: RunDir, options: LaunchOptions) -> ResumePlan:
+    """What a resume starts from (`train.compatibility.plan_resume`); nothing with --overwrite."""
     if options.overwrite:
-        return None, False
-    latest = run_dir.latest_checkpoint()
-    if latest is None:
-        return None, False
-    try:
-        meta = read_meta(latest)
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(problems=[Problem(f"cannot read {latest / 'meta.json'}: {error}",
-                                          hint="--overwrite starts afresh")]) from None
-    stored = meta.get("spec", {})
-    current = spec.model_dump(mode="json")
-    for section, key in (("model", None), ("mtp", "num_layers"), ("mtp", "use_repeated_layer")):
-        old = stored.get(section, {}) if key is None else stored.get(section, {}).get(key)
-        new = current[section] if key is None else current[section][key]
-        if old != new:
-            where = section if key is None else f"{section}.{key}"
-            raise UserError(problems=[Problem(
-                f"{where} differs from the checkpoint in {latest}", key=where,
-                hint="pass --overwrite to start afresh, or another --run-dir")])
-    old_batch = stored.get("train", {}).get("global_batch_size")
-    if old_batch != spec.train.global_batch_size:
-        raise UserError(problems=[Problem(
-            f"the checkpoint {latest.name} was trained with global batches of {old_batch}; "
-            f"its data position cannot move to {spec.train.global_batch_size}",
-            key="train.global_batch_size", hint="keep the batch size, or --overwrite")])
-    step = int(meta["step"])
-    return step, step >= spec.train.steps
+        return ResumePlan(None)
+    return plan_resume(spec, run_dir, allow_imports=options.allow_imports)
 
 
 def plan_launch(spec: RunSpec, options: LaunchOptions) -> LaunchPlan:
@@ -128,8 +114,9 @@ def plan_launch(spec: RunSpec, options: LaunchOptions) -> LaunchPlan:
             hint="raise data.val_fraction, or set train.eval_interval=0")])
     run_dir = RunDir(options.run_dir)
     check_creatable(run_dir.root)
-    resume_step, finished = check_resume(spec, run_dir, options)
-    return LaunchPlan(dims=dims, run_dir=run_dir, resume_step=resume_step, finished=finished)
+    resume = check_resume(spec, run_dir, options)
+    finished = resume.step is not None and resume.step >= spec.train.steps
+    return LaunchPlan(dims=dims, run_dir=run_dir, resume=resume, finished=finished)
 
 
 def torchrun_argv(spec: RunSpec, options: LaunchOptions, run_dir: RunDir) -> list[str]:
@@ -162,6 +149,8 @@ def _run_workers(argv: list[str]) -> int:
         codes = {failure.exitcode for failure in error.failures.values()}
         if codes == {USER_ERROR_EXIT}:
             return USER_ERROR_EXIT  # the worker printed its message
+        if STOPPED_EXIT in codes:
+            return STOPPED_RUN_EXIT  # a deliberate stop (a full disk): the worker said why
         print(error.format_msg(), file=sys.stderr, flush=True)
         return 1
     except SignalException as error:
@@ -175,6 +164,8 @@ def launch(spec: RunSpec, options: LaunchOptions, *, echo: Callable[[str], None]
     """Check, then train; returns the process exit code (0 also for an already finished run)."""
     plan = plan_launch(spec, options)
     run_dir = plan.run_dir
+    for warning in plan.resume.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if plan.finished:
         echo(f"{run_dir.root}: already finished (step {plan.resume_step} of "
              f"train.steps {spec.train.steps}); nothing to do (--overwrite starts afresh)")
@@ -193,6 +184,8 @@ def launch(spec: RunSpec, options: LaunchOptions, *, echo: Callable[[str], None]
             run_dir.clear()
         if plan.resume_step is not None:
             echo(f"{run_dir.root}: resuming from step {plan.resume_step}")
+            if plan.resume.schedule_note:
+                echo(plan.resume.schedule_note)
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         # The c10d rendezvous shares its TCPStore with the workers' process group by default,
         # and a restarted group then reads the dead group's gloo/nccl addresses from it
@@ -203,6 +196,12 @@ def launch(spec: RunSpec, options: LaunchOptions, *, echo: Callable[[str], None]
                 os.cpu_count() or 1)
             os.environ["OMP_NUM_THREADS"] = str(max(1, cores // options.nproc))
         sys.stdout.flush()
-        return _run_workers(torchrun_argv(spec, options, run_dir))
+        clear_stop_record(run_dir)
+        code = _run_workers(torchrun_argv(spec, options, run_dir))
+        stopped = read_stop_record(run_dir)  # the workers stopped on purpose (a NaN step)
+        if code == 0 and stopped is not None:
+            print(f"error: {stopped['message']}", file=sys.stderr, flush=True)
+            return stopped["exit_code"]
+        return code
     finally:
         lock.release()

@@ -2,8 +2,9 @@
 
 The launcher (`mtp train`) starts one of these per device through torch.distributed's elastic
 agent, with the resolved spec as JSON (so a restart never rereads an edited spec file).
-A `UserError` exits 2 with its message; anything else is recorded by torchelastic's `record`
-so the launcher can show the failing rank's traceback.
+A `UserError` exits 2 with its message; a deliberate stop (a non-finite step, a full disk) is
+reported as `train.stops` describes; anything else is recorded by torchelastic's `record` so the
+launcher can show the failing rank's traceback.
 """
 
 from __future__ import annotations
@@ -33,13 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mtp_cli.config.loader import load_spec
     from mtp_cli.run_dir import RunDir
+    from mtp_cli.train.stops import TrainingStopped, report_stop
     from mtp_cli.train.trainer import Trainer
 
+    run_dir, rank = RunDir(Path(args.run_dir)), None
     try:
         spec = load_spec(json.loads(args.spec), allow_imports=args.allow_imports)
         with distributed() as env:
-            Trainer(spec, RunDir(Path(args.run_dir)), env,
-                    allow_imports=args.allow_imports).run()
+            rank = env.rank
+            Trainer(spec, run_dir, env, allow_imports=args.allow_imports).run()
+    except TrainingStopped as stop:
+        return report_stop(stop, run_dir, is_main=rank == 0)
     except UserError as error:
         for line in error.render().splitlines():
             print(f"error: {line}", file=sys.stderr, flush=True)

@@ -6,6 +6,10 @@ Every rank writes its shards into `checkpoints/step_NNNNNNN.tmp-<random>/`; rank
 atomically. A checkpoint is complete exactly when its final name exists with a meta.json, and
 `latest` only ever names such a one.
 
+Every read goes through `checkpoint_io` (the allow-list unpickler for `.metadata`, the file
+named when a shard does not load); a save on a full disk removes its temporary directory and
+stops with `DiskFull`, leaving `latest` where it was.
+
 The DCP state dict (keys fixed by CONTRACTS.md): `model` and `optimizer` through
 `get_state_dict`/`set_state_dict` (plain, DDP and FSDP2 models alike), `scheduler`, `trainer`
 (step, tokens, cumulative MTP acceptance counts) and the per-rank `rng.rank{r}` and
@@ -14,7 +18,6 @@ The DCP state dict (keys fixed by CONTRACTS.md): `model` and `optimizer` through
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -27,31 +30,24 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from mtp_cli import __version__
+from mtp_cli.checkpoint_io.checksums import directory_checksums
+from mtp_cli.checkpoint_io.dcp_files import load_state, read_metadata
+from mtp_cli.checkpoint_io.disk_full import save_state
+from mtp_cli.checkpoint_io.files import CheckpointFileError
 from mtp_cli.config.schema import RunSpec
+from mtp_cli.errors import Problem, UserError
 from mtp_cli.launch import faults
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.plan.dims import ParallelDims
 from mtp_cli.run_dir import TEMP_MARKER, RunDir, atomic_write_text, checkpoint_name
 from mtp_cli.train.engine import Engine
+from mtp_cli.train.nonfinite import finite_json
 from mtp_cli.train.optim import load_scheduler_state, scheduler_state
+from mtp_cli.train.stops import disk_full
 
 META_FORMAT = "mtp-cli-checkpoint/1"
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default planner, but non-tensor entries are unpickled with `weights_only=True`
-    (DCP itself loads them with `weights_only=False`)."""
-
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        safe = torch.load(value, weights_only=True)
-        buffer = io.BytesIO()
-        torch.save(safe, buffer)
-        buffer.seek(0)
-        super().load_bytes(read_item, buffer)
 
 
 @dataclass
@@ -119,16 +115,25 @@ class Checkpointer:
     # --- save ----------------------------------------------------------------------------------
     def save(self, parts: Stateful, train_state: TrainState, losses: dict[str, float]) -> Path:
         """Write checkpoint `step_NNNNNNN` of `train_state.step`; returns its final path."""
-        name = checkpoint_name(train_state.step)
+        step, rank = train_state.step, self.rank
+        name = checkpoint_name(step)
         temp = self.run_dir.checkpoints / self._temp_name(name)
-        state = self._state_dict(parts, train_state)
-        dcp.save(state, checkpoint_id=temp)
-        faults.maybe_fail_during_checkpoint(train_state.step, self.rank)
         final = self.run_dir.checkpoints / name
-        if self.rank == 0:
-            self._write_meta(temp, train_state, losses)
-            self._publish(temp, final)
-            self.run_dir.prune(self.spec.checkpoint.keep_last)
+        state = self._state_dict(parts, train_state)
+        try:
+            save_state(state, temp, before_write=lambda: faults.maybe_disk_full(step, rank))
+            faults.maybe_fail_during_checkpoint(step, rank)
+            if rank == 0:
+                self._write_meta(temp, train_state, losses)
+                self._publish(temp, final)
+                self.run_dir.prune(self.spec.checkpoint.keep_last)
+        except BaseException as error:  # DCP's CheckpointException is a BaseException
+            stop = disk_full(error, f"writing checkpoint {name}")
+            if stop is None:
+                raise
+            if rank == 0:
+                shutil.rmtree(temp, ignore_errors=True)
+            raise stop from None
         dist.barrier()
         return final
 
@@ -141,7 +146,8 @@ class Checkpointer:
     def _write_meta(self, directory: Path, train_state: TrainState,
                     losses: dict[str, float]) -> None:
         cumulative = MTPLossLoggingHelper.state_dict()
-        meta = {
+        losses, nonfinite = finite_json(losses)  # JSON has no NaN: null, and say so
+        meta: dict[str, Any] = {
             "format": META_FORMAT,
             "step": train_state.step,
             "tokens": train_state.tokens,
@@ -156,6 +162,10 @@ class Checkpointer:
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "mtp_cli_version": __version__,
         }
+        if nonfinite:
+            meta["nonfinite"] = True
+        if self.spec.checkpoint.checksums:
+            meta["checksums"] = directory_checksums(directory)
         atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2) + "\n")
 
     def _publish(self, temp: Path, final: Path) -> None:
@@ -180,7 +190,7 @@ class Checkpointer:
         micro-batches, so rank 0's position serves a rank the checkpoint did not have), and a
         rank without a saved RNG state keeps its freshly seeded one.
         """
-        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        stored = read_metadata(path).state_dict_metadata
         state = self._state_dict(parts, TrainState(), for_loading=True)
         rng_key, data_key = f"rng.rank{self.rank}", f"data.rank{self.rank}"
         if not _has(stored, rng_key):
@@ -188,26 +198,33 @@ class Checkpointer:
         if not _has(stored, data_key):
             state["data.rank0"] = state.pop(data_key)
             data_key = "data.rank0"
-        _drop_unstored(state, stored)
-        dcp.load(state, checkpoint_id=path, planner=SafeLoadPlanner())
-        parts.engine.load_state_dicts(state["model"], state["optimizer"])
-        load_scheduler_state(parts.scheduler, state["scheduler"])
-        if rng_key in state:
-            set_rng_state(state[rng_key], self.device)
-        parts.loader.load_state_dict({k: int(v) for k, v in state[data_key].items()})
-        trainer = state["trainer"]
-        if "mtp_correct" in trainer:
-            MTPLossLoggingHelper.load_state_dict(
-                {"correct": trainer["mtp_correct"], "total": trainer["mtp_total"]})
-        return TrainState(step=int(trainer["step"]), tokens=int(trainer["tokens"]))
+        _drop_unstored(state, stored, path)
+        load_state(state, path)
+        try:
+            parts.engine.load_state_dicts(state["model"], state["optimizer"])
+            load_scheduler_state(parts.scheduler, state["scheduler"])
+            if rng_key in state:
+                set_rng_state(state[rng_key], self.device)
+            parts.loader.load_state_dict({k: int(v) for k, v in state[data_key].items()})
+            trainer = state["trainer"]
+            if "mtp_correct" in trainer:
+                MTPLossLoggingHelper.load_state_dict(
+                    {"correct": trainer["mtp_correct"], "total": trainer["mtp_total"]})
+            return TrainState(step=int(trainer["step"]), tokens=int(trainer["tokens"]))
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointFileError(path, f"holds a value this run cannot use ({error})"
+                                      ) from None
 
 
-def _drop_unstored(state: dict[str, Any], stored: dict[str, Any]) -> None:
+def _drop_unstored(state: dict[str, Any], stored: dict[str, Any], path: Path) -> None:
     """Optimizer entries the checkpoint lacks (parameters that never had a gradient) stay
     unloaded; a model weight the checkpoint lacks is an error."""
     missing = [k for k in state["model"] if not _has(stored, f"model.{k}")]
     if missing:
-        raise RuntimeError(f"the checkpoint lacks model weights: {', '.join(missing[:5])}")
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6
+                                          else "")
+        raise UserError(problems=[Problem(f"the checkpoint lacks model weights: {shown}",
+                                          file=str(path), hint="--overwrite starts afresh")])
     for key in [k for k in state["optimizer"] if not _has(stored, f"optimizer.{k}")]:
         del state["optimizer"][key]
 

@@ -9,7 +9,6 @@ steps (`purge_step`), so a resumed run's history reads as one run.
 from __future__ import annotations
 
 import json
-import math
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from mtp_cli.config.schema import RunSpec
+from mtp_cli.train.nonfinite import finite_json
 
 # metrics.jsonl key -> TensorBoard tag (Megatron's names). The MTP training tags are written
 # by MTPLossLoggingHelper.track_mtp_metrics itself.
@@ -56,7 +56,8 @@ class IntervalMetrics:
     accumulates into (`mtp_{k} loss`, summed over the interval's steps, never overwritten).
     """
 
-    steps: int = 0
+    steps: int = 0  # finite steps (their losses are averaged)
+    skipped: int = 0  # non-finite steps skipped (`train.nonfinite: skip_step`)
     seconds: float = 0.0
     lm_loss: float = 0.0
     mtp_losses: dict[str, float] = field(default_factory=dict)
@@ -85,13 +86,6 @@ class IntervalMetrics:
         return out
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as null rather than produce an unparseable line."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 class MetricsWriter:
     """metrics.jsonl + TensorBoard + W&B for global rank 0."""
 
@@ -106,8 +100,12 @@ class MetricsWriter:
         self.wandb = _init_wandb(spec, run_name, metrics_path.parent, warn)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one line to metrics.jsonl and flush it."""
-        line = json.dumps({k: _clean(v) for k, v in record.items()})
+        """Append one line to metrics.jsonl and flush it. JSON has no NaN/inf: a non-finite
+        value is written as null and the line gets `"nonfinite": true`."""
+        record, nonfinite = finite_json(record)
+        if nonfinite:
+            record["nonfinite"] = True
+        line = json.dumps(record)
         self.file.write(line + "\n")
         self.file.flush()
 

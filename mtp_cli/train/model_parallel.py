@@ -10,7 +10,7 @@ single-process weights), then applies tensor parallel and context parallel from 
    sequences; each micro-batch's loss is already normalised by its context-global token count),
    then averaged over data ranks (or divided by the step's tokens in per-token mode);
 4. clipping with every logical parameter counted once (TP shards summed, copies skipped,
-   stages summed), and the optimizer step.
+   stages summed), and the optimizer step (dropped when the loss or the norm is non-finite).
 
 Data parallel is an explicit coalesced all-reduce: DDP cannot drive a model whose stages run
 under a hand-written schedule, and FSDP2 would re-gather every layer per micro-batch.
@@ -48,6 +48,7 @@ from mtp_cli.train.model_parallel_state import (
     load_full_state,
     load_placeholders,
 )
+from mtp_cli.train.nonfinite import update_is_finite
 from mtp_cli.train.optim import build_optimizer
 from mtp_cli.train.step import StepOutput, StepSettings
 
@@ -209,10 +210,13 @@ class ModelParallelEngine:
         allreduce_embedding_grads(self.chunks, self.embedding.group if self.embedding else None)
         self._reduce_gradients(float(totals[1]))
         grad_norm = self._clip()
-        self.optimizer.step()
+        lm_loss = float(totals[0] / totals[1].clamp(min=1))
+        applied = update_is_finite(lm_loss, grad_norm)
+        if applied:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(lm_loss=float(totals[0] / totals[1].clamp(min=1)),
-                          loss_tokens=int(totals[1]), grad_norm=grad_norm)
+        return StepOutput(lm_loss=lm_loss, loss_tokens=int(totals[1]), grad_norm=grad_norm,
+                          applied=applied)
 
     @torch.no_grad()
     def evaluate(self, loader: Any, num_batches: int) -> dict[str, float]:

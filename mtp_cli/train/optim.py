@@ -45,14 +45,14 @@ def lr_at(step: int, train: TrainConfig) -> float:
     """The learning rate of optimizer step `step` (0-based).
 
     With t = step + 1 steps done after it: linear warmup t/warmup x lr for t <= warmup_steps,
-    then a cosine from lr down to min_lr, reached at the last step (t = train.steps), and
-    min_lr after that (a run extended past its schedule).
+    then a cosine from lr down to min_lr, reached at t = train.decay_steps (default
+    train.steps), and min_lr after that (a run extended past its schedule).
     """
     done = step + 1
     if done <= train.warmup_steps:
         return train.lr * done / train.warmup_steps
-    decay_steps = max(train.steps - train.warmup_steps, 1)
-    progress = min((done - train.warmup_steps) / decay_steps, 1.0)
+    span = max((train.decay_steps or train.steps) - train.warmup_steps, 1)
+    progress = min((done - train.warmup_steps) / span, 1.0)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return train.min_lr + (train.lr - train.min_lr) * cosine
 

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.parallel.data_parallel import gradient_sync
+from mtp_cli.train.nonfinite import update_is_finite
 
 
 @dataclass
@@ -46,6 +47,7 @@ class StepOutput:
     lm_loss: float  # token-weighted over the global batch
     loss_tokens: int  # loss tokens in the global batch
     grad_norm: float
+    applied: bool = True  # False: non-finite loss or gradient norm, the update was dropped
 
 
 def micro_batch_loss(model: nn.Module, batch: Any, settings: StepSettings
@@ -66,7 +68,8 @@ def _sum_over_replicas(values: torch.Tensor, settings: StepSettings) -> torch.Te
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[Any],
                settings: StepSettings) -> StepOutput:
-    """Forward/backward every micro-batch of this rank, then clip and take the optimizer step.
+    """Forward/backward every micro-batch of this rank, then clip and take the optimizer step
+    (not when the loss or the gradient norm is non-finite: `StepOutput.applied`).
 
     The MTP losses land in `MTPLossLoggingHelper.tracker`; the caller reports them.
     """
@@ -91,10 +94,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
             if param.grad is not None:
                 param.grad.mul_(scale)
     grad_norm = clip_gradients(model, settings.grad_clip)
-    optimizer.step()
+    lm_loss = float(totals[0] / totals[1].clamp(min=1))
+    applied = update_is_finite(lm_loss, grad_norm)
+    if applied:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepOutput(lm_loss=float(totals[0] / totals[1].clamp(min=1)),
-                      loss_tokens=int(totals[1]), grad_norm=grad_norm)
+    return StepOutput(lm_loss=lm_loss, loss_tokens=int(totals[1]), grad_norm=grad_norm,
+                      applied=applied)
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> float:

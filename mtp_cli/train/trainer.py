@@ -24,9 +24,12 @@ from mtp_cli.run_dir import RunDir, truncate_metrics
 from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
 from mtp_cli.train.engine import build_engine, set_mtp_loss_scaling_factor
 from mtp_cli.train.metrics import IntervalMetrics, MetricsWriter, peak_memory_mb
+from mtp_cli.train.nonfinite import NonFiniteGuard
 from mtp_cli.train.optim import build_scheduler
 from mtp_cli.train.progress import ProgressReporter
+from mtp_cli.train.resume import choose_checkpoint
 from mtp_cli.train.step import StepOutput, StepSettings
+from mtp_cli.train.stops import stop_on_disk_full
 
 
 def seed_everything(seed: int) -> None:
@@ -70,6 +73,7 @@ class Trainer:
         self.lr = spec.train.lr
         self.mtp_loss_scale = spec.mtp.loss_scale_at(0)
         self.mtp_metrics: dict[str, float] = {}
+        self.guard = NonFiniteGuard(spec.train.nonfinite, spec.train.nonfinite_max_skips)
 
     def _loader(self, dataset: Any, *, shuffle: bool) -> MicroBatchLoader:
         """This rank's stream; validation reads its windows in order, from the start each time."""
@@ -84,15 +88,17 @@ class Trainer:
 
     # --- the whole run -------------------------------------------------------------------------
     def run(self) -> None:
-        self._resume()
         train = self.spec.train
-        if self.is_main:
-            self.writer = MetricsWriter(self.spec, self.run_dir.metrics, self.run_dir.tb,
-                                        resume_step=self.state.step,
-                                        run_name=self.run_dir.root.name, warn=print)
-            self.progress = ProgressReporter(train.steps, self.state.step, self.depths)
+        with stop_on_disk_full("starting the run"):
+            self._resume()
+            if self.is_main:
+                self.writer = MetricsWriter(self.spec, self.run_dir.metrics, self.run_dir.tb,
+                                            resume_step=self.state.step,
+                                            run_name=self.run_dir.root.name, warn=print)
+                self.progress = ProgressReporter(train.steps, self.state.step, self.depths)
         try:
-            self._loop()
+            with stop_on_disk_full("writing metrics"):
+                self._loop()
         finally:
             if self.progress is not None:
                 self.progress.close()
@@ -100,17 +106,13 @@ class Trainer:
                 self.writer.close()
 
     def _resume(self) -> None:
-        box = [None]
-        if self.is_main:
-            self.run_dir.remove_stale_temporaries()
-            latest = self.run_dir.latest_checkpoint()
-            box = [latest.name if latest is not None else None]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            self.state = self.checkpointer.load(self.run_dir.checkpoints / box[0], self.parts)
+        path = choose_checkpoint(self.run_dir, is_main=self.is_main)
+        if path is not None:
+            self.state = self.checkpointer.load(path, self.parts)
             if self.is_main:
-                print(f"resumed from {box[0]} (step {self.state.step})", flush=True)
+                print(f"resumed from {path.name} (step {self.state.step})", flush=True)
         if self.is_main:
+            faults.maybe_disk_full_at_start(self.env.rank)
             truncate_metrics(self.run_dir.metrics, self.state.step)
         dist.barrier()
 
@@ -150,27 +152,46 @@ class Trainer:
         step = self.state.step
         tb = self.writer.tb if self.writer is not None else None
         wandb = self.writer.wandb if self.writer is not None else None
-        self.mtp_metrics = MTPLossLoggingHelper.track_mtp_metrics(step, tb, wandb,
-                                                                  totals.mtp_losses)
+        # a non-finite step's MTP losses stay out of the interval's averages
+        self.mtp_metrics = MTPLossLoggingHelper.track_mtp_metrics(
+            step, tb, wandb, totals.mtp_losses if output.applied else {})
         seconds = time.perf_counter() - started
-        totals.add(output.lm_loss, seconds, self.mtp_metrics)
+        if not output.applied:
+            self._nonfinite_step(totals, output)
+        else:
+            self.guard.check(step, output.lm_loss, output.grad_norm)
+            totals.add(output.lm_loss, seconds, self.mtp_metrics)
         if self.writer is not None:
             self.writer.scalars(step, {"lm_loss": output.lm_loss, "lr": self.lr,
                                        "grad_norm": output.grad_norm,
                                        "tokens_per_s": self.tokens_per_step / seconds})
         return output
 
+    def _nonfinite_step(self, totals: IntervalMetrics, output: StepOutput) -> None:
+        """Its own metrics line (null values, `"nonfinite": true`), then stop or skip."""
+        if self.writer is not None:
+            self.writer.write({"step": self.state.step, "tokens": self.state.tokens,
+                               "lm_loss": output.lm_loss, "grad_norm": output.grad_norm,
+                               "lr": self.lr, "skipped": self.spec.train.nonfinite != "stop"})
+        self.guard.check(self.state.step, output.lm_loss, output.grad_norm)  # may stop
+        totals.skipped += 1
+        if self.progress is not None:
+            self.progress.note(f"step {self.state.step}: non-finite (lm_loss {output.lm_loss}, "
+                               f"grad_norm {output.grad_norm}): update skipped, "
+                               f"{self.guard.in_a_row} in a row")
+
     def _log(self, totals: IntervalMetrics, output: StepOutput) -> None:
         """One metrics.jsonl line: losses and rates averaged over the interval's steps."""
-        if self.writer is None:
-            return
+        if self.writer is None or totals.steps == 0:
+            return  # an interval of skipped steps only: their own lines say it all
         record: dict[str, Any] = {"step": self.state.step, "tokens": self.state.tokens,
                                   **totals.averages(self.depths, self.mtp_metrics)}
         record.update({
             "lr": self.lr, "grad_norm": output.grad_norm,
             "tokens_per_s": self.tokens_per_step * totals.steps / totals.seconds,
             "peak_memory_mb": peak_memory_mb(self.env.device),
-            "mtp_loss_scale": self.mtp_loss_scale, "time": round(time.time(), 3),
+            "mtp_loss_scale": self.mtp_loss_scale, "skipped_steps": totals.skipped,
+            "time": round(time.time(), 3),
         })
         self.writer.write(record)
         self.progress.update(self.state.step, record)
