@@ -109,7 +109,9 @@ def inspect_ckpt(
         "--tensors", metavar="PATTERN",
         help="List matching tensors: a glob (mtp.layers.*), a substring (eh_proj) or "
              "re:REGEX.")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any check fails.")] = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Also check every weight and loss is finite; exit 1 if any check "
+                         "fails.")] = False,
     spec: Annotated[Path | None, typer.Option(
         "--spec", help="Check against this spec instead of the stored one (or where none is "
                        "stored).")] = None,
@@ -120,7 +122,7 @@ def inspect_ckpt(
     from mtp_cli.views.inspect_view import render_inspect
 
     run_spec = load_spec(spec) if spec is not None else None
-    report = inspect_checkpoint(path, spec=run_spec, tensors=tensors)
+    report = inspect_checkpoint(path, spec=run_spec, tensors=tensors, finite=strict)
     if as_json:
         print_json(report.as_dict())
     else:

@@ -42,9 +42,10 @@ def test_rms_norm_under_bf16_autocast_is_the_fp32_norm_rounded_once():
     reference = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, atol=1e-6, rtol=2**-8)  # one rounding
-    with pytest.warns(UserWarning, match="Mismatch dtype"):  # the cause, in torch's own norm
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            torch.nn.RMSNorm(16)(x)
+    # the cause, in torch's own norm
+    with pytest.warns(UserWarning, match="Mismatch dtype"), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.nn.RMSNorm(16)(x)
     plain = torch.randn(2, 16)  # fp32 in, fp32 out: torch's own RMSNorm, untouched
     torch.testing.assert_close(norm(plain), torch.nn.functional.rms_norm(
         plain, (16,), norm.weight, 1e-5), atol=0, rtol=0)

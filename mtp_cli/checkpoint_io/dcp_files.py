@@ -55,10 +55,17 @@ class SafeFileSystemReader(dcp.FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self._get_metadata_path(kwargs.get("rank")))
+        if not path.exists():
+            raise CheckpointFileError(path, "is missing: not a DCP checkpoint")
         if not is_regular_file(path):
-            raise CheckpointFileError(path, "is missing or not a regular file")
-        with open(path, "rb") as stream:
-            metadata = load_dcp_metadata(stream)
+            raise CheckpointFileError(path, "is not a regular file")
+        try:
+            with open(path, "rb") as stream:
+                metadata = load_dcp_metadata(stream)
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError,
+                IndexError, KeyError, ImportError, MemoryError, RecursionError,
+                OSError) as error:
+            raise CheckpointFileError(path, f"DCP metadata does not parse ({error})") from None
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -95,16 +102,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 def read_metadata(directory: Path) -> Metadata:
     """The DCP metadata of `directory`; `CheckpointFileError` when missing or unparseable."""
-    path = Path(directory) / METADATA_FILE
-    if not path.exists():
-        raise CheckpointFileError(path, "is missing: not a DCP checkpoint")
-    try:
-        return SafeFileSystemReader(directory).read_metadata()
-    except CheckpointFileError:
-        raise
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError,
-            IndexError, KeyError, ImportError, MemoryError, RecursionError, OSError) as error:
-        raise CheckpointFileError(path, f"DCP metadata does not parse ({error})") from None
+    return SafeFileSystemReader(directory).read_metadata()
 
 
 def _chunk_bytes(entry: TensorStorageMetadata, sizes: Any) -> int:
@@ -160,6 +158,7 @@ def value_entries(metadata: Metadata) -> list[str]:
 def load_state(state: dict[str, Any], directory: Path, *, no_dist: bool = False) -> None:
     """`dcp.load` of `state` from `directory` through the safe reader and planner; a failure
     on any rank raises `CheckpointFileError` on every rank, naming the file when known."""
+    read_metadata(directory)  # first: DCP would fold its failure into a vaguer AssertionError
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no_dist: "assuming the intent is ... single process"

@@ -18,6 +18,7 @@ from mtp_cli.errors import UserError
 from mtp_cli.inspect.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from mtp_cli.inspect.checks import Check, check_depths
 from mtp_cli.inspect.expected import expected_shapes, spec_from_meta
+from mtp_cli.inspect.finite import check_finite
 from mtp_cli.inspect.layout import Layout, infer_layout
 from mtp_cli.inspect.names import Naming, Part
 from mtp_cli.inspect.select import select_names
@@ -166,8 +167,10 @@ def _expected(checkpoint: Checkpoint, spec: RunSpec | None, layout: Layout
 
 
 def inspect_checkpoint(path: str | Path, *, spec: RunSpec | None = None,
-                       tensors: str | None = None) -> CheckpointInspection:
-    """Open PATH, run every check. `spec` overrides the stored one; `tensors` is a pattern."""
+                       tensors: str | None = None, finite: bool = False
+                       ) -> CheckpointInspection:
+    """Open PATH, run every check. `spec` overrides the stored one; `tensors` is a pattern;
+    `finite` also reads every weight (one at a time) for the `finite` check."""
     checkpoint = open_checkpoint(Path(path))
     run_spec, source = _spec_for(checkpoint, spec)
     layout = infer_layout(checkpoint.tensors, run_spec)
@@ -184,6 +187,8 @@ def inspect_checkpoint(path: str | Path, *, spec: RunSpec | None = None,
     output_tie = check_output_tie(checkpoint, layout)
     if output_tie is not None:
         checks.append(output_tie)
+    if finite:
+        checks.append(check_finite(checkpoint))
     parts = group_parts(checkpoint.tensors, layout.naming, expected)
     expected_total = sum(math.prod(s) for s in expected.values()) if expected is not None else None
     matched = None
