@@ -105,6 +105,10 @@ class RunDir:
         checkpoints exist and none validates."""
         return resolve_checkpoints(self.checkpoints, checksums=checksums)
 
+    def point_latest(self, name: str) -> None:
+        """Make `latest` name checkpoint `name` (atomically)."""
+        atomic_write_text(self.latest_marker, name + "\n")
+
     def abandon(self, paths: tuple[Path, ...] | list[Path]) -> list[Path]:
         """Move checkpoint directories to `checkpoints/abandoned/` (a resume went back past
         them); returns where each went. Never deleted, never pruned, never named by latest."""

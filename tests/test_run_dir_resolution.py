@@ -177,3 +177,23 @@ def test_prune_orders_by_step_and_keeps_latest_and_anything_newer(tmp_path):
         "abandoned", "latest", "step_10000000", "step_10000001", "step_10000002"]
     assert [p.name for p in run.prune(1)] == ["step_10000000"]
     assert (run.checkpoints / "abandoned" / "step_0000001").is_dir()
+
+
+def test_resume_abandons_newer_checkpoints_and_points_latest_at_the_one_used(run):
+    from mtp_cli.train.resume import decide_resume
+
+    truncate(shard(step(run, 8)))
+    (run.checkpoints / "step_0000012.tmp-dead").mkdir()  # a save that never finished
+    said: list[str] = []
+    assert decide_resume(run, said.append) == ("resume", "step_0000004")
+    assert run.latest_marker.read_text() == "step_0000004\n"
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == [
+        "abandoned", "latest", "step_0000004"]
+    assert (run.abandoned / "step_0000008" / "meta.json").is_file()
+    assert said == [f"moved step_0000008 to {run.abandoned}: it is newer than step_0000004, the "
+                    "checkpoint this run resumes from (kept there, never pruned)"]
+    assert decide_resume(run, said.append) == ("resume", "step_0000004")  # now plain
+    assert len(said) == 1
+    (step(run, 4) / "meta.json").write_text("[]")
+    kind, problems = decide_resume(run, said.append)
+    assert kind == "error" and "none validates" in problems[0].message
