@@ -190,7 +190,7 @@ def resolve_checkpoints(checkpoints: Path, *, checksums: bool = True) -> Resolut
         try:
             chosen = validate_checkpoint(checkpoints / name, step, checksums=checksums)
         except CheckpointFileError as error:
-            problem = f"{checkpoints / 'latest'} names {name}, which does not validate"
+            problem = f"{checkpoints / 'latest'} names {name}, which does not validate ({error})"
             rejected.append(error)
         else:
             return Resolution(chosen, newer=tuple(p for s, p in found if s > step))
@@ -205,7 +205,8 @@ def resolve_checkpoints(checkpoints: Path, *, checksums: bool = True) -> Resolut
         except CheckpointFileError as error:
             rejected.append(error)
             continue
-        skipped = "".join(f"; skipped: {error}" for error in rejected)
+        skipped = "".join(f"; skipped: {error}" for error in rejected
+                          if name is None or not error.path.is_relative_to(checkpoints / name))
         warning = (f"{problem}: using {path.name}, the newest checkpoint that "
                    f"validates{skipped}")
         return Resolution(chosen, (warning,), tuple(p for s, p in found if s > step))
