@@ -29,7 +29,7 @@ def test_metrics_lines_are_flushed_and_stay_json(tmp_path):
     writer.write({"step": 2, "lm_loss": float("nan")})
     writer.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(lines[1]) == {"step": 2, "lm_loss": None}
+    assert json.loads(lines[1]) == {"step": 2, "lm_loss": None, "nonfinite": True}
     assert not (tmp_path / "tb").exists()
 
 

@@ -4,14 +4,12 @@ what follows, and metrics.jsonl / meta.json stay valid JSON (null, `"nonfinite":
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
 import torch
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.train.metrics import MetricsWriter
 from mtp_cli.train.nonfinite import NonFiniteGuard, finite_json
 from mtp_cli.train.step import StepSettings, train_step
 from mtp_cli.train.stops import NonFiniteStop
@@ -75,15 +73,3 @@ def test_finite_json_nulls_and_flags_nested_values():
     assert found and record == {"step": 3, "lm_loss": None,
                                 "losses": {"mtp_1_loss": None, "x": 1.5}}
     assert finite_json({"a": 1.0}) == ({"a": 1.0}, False)
-
-
-def test_metrics_lines_stay_json(tmp_path):
-    spec = load_spec("specs/tiny.yaml", ["logging.tensorboard=false"])
-    writer = MetricsWriter(spec, tmp_path / "metrics.jsonl", tmp_path / "tb", resume_step=0,
-                           run_name="t")
-    writer.write({"step": 1, "lm_loss": 2.0})
-    writer.write({"step": 2, "lm_loss": float("nan"), "grad_norm": float("inf")})
-    writer.close()
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [{"step": 1, "lm_loss": 2.0},
-                     {"step": 2, "lm_loss": None, "grad_norm": None, "nonfinite": True}]
