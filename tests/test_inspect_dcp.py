@@ -57,7 +57,8 @@ def test_strict_passes_on_each_configuration(runs, name):
     assert out["parameters"]["stored"] == out["parameters"]["expected"] == unique
     names = [c["name"] for c in out["checks"]]
     tied = spec.model.share_embeddings_and_output_weights
-    assert names == ["mtp_depths", "shapes", "mtp_ties", *(["output_tie"] if tied else [])]
+    assert names == ["mtp_depths", "shapes", "mtp_ties", *(["output_tie"] if tied else []),
+                     "finite"]  # --strict reads every weight too
 
 
 def test_parts_and_other_sections(runs):
