@@ -24,11 +24,13 @@ saying which and why; none validating while some exist is an error, never a fres
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,20 +268,44 @@ class RunDirLock:
 
     Exclusive for a single-node job. Launchers of one multi-node job may share a filesystem and
     so the directory: they take a shared lock, which still keeps a single-node job out.
+
+    The file is opened without following links (`O_NOFOLLOW`) and must be a regular file: a
+    `.lock` planted as a symlink to a user's file would otherwise get that file truncated to
+    "pid N".
     """
 
     def __init__(self, run_dir: RunDir, *, shared: bool = False) -> None:
         self.run_dir, self.shared = run_dir, shared
         self._handle: Any = None
 
+    def _refuse(self, why: str) -> UserError:
+        return UserError(problems=[Problem(
+            f"{why}; refusing to use it as the run directory's lock",
+            file=str(self.run_dir.lock_file), hint="remove it, or pass another --run-dir")])
+
+    def _open(self) -> Any:
+        """The lock file, opened for reading and writing without following a link."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.run_dir.lock_file, flags, 0o644)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise self._refuse("is a symbolic link") from None
+            raise self._refuse(f"cannot be opened ({error.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._refuse("is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "r+", encoding="utf-8")
+
     def acquire(self) -> None:
-        handle = open(self.run_dir.lock_file, "a+", encoding="utf-8")  # noqa: SIM115
+        handle = self._open()
         mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
         try:
             fcntl.flock(handle, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = handle.read(200).strip() or "another process"
             handle.close()
             raise UserError(problems=[Problem(
                 f"the run directory is in use by another `mtp train` ({holder})",

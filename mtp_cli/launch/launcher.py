@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
+from mtp_cli.launch.checks import check_backend, check_rendezvous, check_run_dir_entries
 from mtp_cli.launch.distributed import LAUNCHER_PID_ENV
 from mtp_cli.plan.dims import ParallelDims
 from mtp_cli.run_dir import RunDir, RunDirLock, check_creatable
@@ -105,8 +106,10 @@ def plan_launch(spec: RunSpec, options: LaunchOptions) -> LaunchPlan:
     from mtp_cli.data import build_datasets
 
     check_options(options)
+    check_rendezvous(options.rdzv_backend, options.rdzv_endpoint)
     dims = ParallelDims.from_spec(spec, options.world_size)
     dims.check_supported(spec)
+    check_backend(spec)
     _, val_set = build_datasets(spec)
     if spec.train.eval_interval and len(val_set) == 0:
         raise UserError(problems=[Problem(
@@ -114,6 +117,7 @@ def plan_launch(spec: RunSpec, options: LaunchOptions) -> LaunchPlan:
             hint="raise data.val_fraction, or set train.eval_interval=0")])
     run_dir = RunDir(options.run_dir)
     check_creatable(run_dir.root)
+    check_run_dir_entries(run_dir)
     resume = check_resume(spec, run_dir, options)
     finished = resume.step is not None and resume.step >= spec.train.steps
     return LaunchPlan(dims=dims, run_dir=run_dir, resume=resume, finished=finished)

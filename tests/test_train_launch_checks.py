@@ -1,0 +1,159 @@
+"""`mtp train` refuses what would fail later, before it takes the lock or creates anything: a
+symlinked lock file, bad rendezvous flags, a backend whose library is missing, run-directory
+entries of the wrong type or without write permission."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mtp_cli.errors import UserError
+from mtp_cli.launch.checks import check_rendezvous
+from mtp_cli.run_dir import RunDir, RunDirLock
+from tests.hostile_helpers import assert_refused, run_bounded, tree
+from tests.train_helpers import TINY, make_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def train(run_dir: Path, corpus: Path, *args: str):
+    overrides = [a for a in args if "=" in a and not a.startswith("--")]
+    flags = [a for a in args if a not in overrides]
+    return run_bounded("train", "specs/tiny.yaml", *TINY, f"data.path={corpus}", *overrides,
+                       "--run-dir", str(run_dir), *flags)
+
+
+# --- the lock file ---------------------------------------------------------------------------
+def test_lock_refuses_a_symlink_and_leaves_its_target_alone(tmp_path):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("my notes\n")
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.lock_file.symlink_to(victim)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        RunDirLock(run).acquire()
+    with pytest.raises(UserError, match="is a symbolic link"):
+        RunDirLock(run, shared=True).acquire()
+    assert victim.read_text() == "my notes\n"
+
+
+def test_lock_refuses_a_fifo_without_hanging(tmp_path):
+    run = RunDir(tmp_path)
+    os.mkfifo(run.lock_file)
+    with pytest.raises(UserError, match="is not a regular file"):
+        RunDirLock(run).acquire()
+
+
+def test_train_with_a_symlinked_lock_exits_2_and_overwrites_nothing(tmp_path, corpus):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("my notes\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").symlink_to(victim)
+    before = tree(run_dir)
+    outcome = train(run_dir, corpus)
+    assert_refused(outcome, str(run_dir / ".lock"), "is a symbolic link")
+    assert victim.read_text() == "my notes\n"
+    assert tree(run_dir) == before
+
+
+# --- rendezvous flags ------------------------------------------------------------------------
+@pytest.mark.parametrize(("backend", "endpoint", "needle"), [
+    ("etcd-v3", None, "unknown rendezvous backend 'etcd-v3'"),
+    ("c10d", "node0:http", "port 'http' is not a number"),
+    ("c10d", "node0:70000", "port '70000' is not a number from 1 to 65535"),
+    ("c10d", "fe80::1:29400", "an IPv6 address needs brackets"),
+    ("c10d", ":29400", "not a host name"),
+])
+def test_bad_rendezvous_flags(backend, endpoint, needle):
+    with pytest.raises(UserError, match=needle):
+        check_rendezvous(backend, endpoint)
+
+
+@pytest.mark.parametrize("endpoint", ["node0:29400", "localhost", "[::1]:29400", "10.0.0.1:1"])
+def test_good_rendezvous_endpoints(endpoint):
+    check_rendezvous("c10d", endpoint)
+    check_rendezvous("static", endpoint)
+
+
+def test_train_with_bad_rendezvous_flags_creates_nothing(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    outcome = train(run_dir, corpus, "--rdzv-backend", "etcd-v3", "--rdzv-endpoint",
+                    "node0:port")
+    assert_refused(outcome, "--rdzv-backend: unknown rendezvous backend",
+                   "--rdzv-endpoint: 'node0:port'")
+    assert not run_dir.exists()
+
+
+# --- the backend -----------------------------------------------------------------------------
+def test_train_with_te_backend_but_no_transformer_engine(tmp_path, corpus):
+    pytest.importorskip("torch")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        pass
+    else:
+        pytest.skip("Transformer Engine is installed here")
+    run_dir = tmp_path / "run"
+    outcome = train(run_dir, corpus, "model.backend=te")
+    assert_refused(outcome, "model.backend", "Transformer Engine")
+    assert not run_dir.exists()
+
+
+# --- run-directory entries -------------------------------------------------------------------
+def test_run_dir_entries_of_the_wrong_type(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "tb").write_text("not a directory")
+    (run_dir / "metrics.jsonl").mkdir()
+    (run_dir / "checkpoints").write_text("not a directory")
+    before = tree(run_dir)
+    outcome = train(run_dir, corpus)
+    text = assert_refused(outcome)
+    assert f"{run_dir / 'tb'}: is a regular file, expected a directory" in text
+    assert f"{run_dir / 'metrics.jsonl'}: is a directory, expected a regular file" in text
+    assert f"{run_dir / 'checkpoints'}: is a regular file, expected a directory" in text
+    assert tree(run_dir) == before
+    # --overwrite deletes only what training wrote: not a file named like its directories
+    outcome = train(run_dir, corpus, "--overwrite")
+    assert_refused(outcome, "tb: is a regular file")
+    assert tree(run_dir) == before
+
+
+@contextlib.contextmanager
+def read_only_directory(path: Path) -> Iterator[None]:
+    """`path` made unwritable: mode 0555, and for root (whom modes do not stop) the immutable
+    attribute; skips the test where neither takes effect."""
+    os.chmod(path, 0o555)
+    immutable = False
+    try:
+        if os.access(path, os.W_OK):
+            chattr = shutil.which("chattr")
+            if chattr is None or subprocess.run([chattr, "+i", str(path)],
+                                                capture_output=True).returncode:
+                pytest.skip("cannot make a directory unwritable for this user")
+            immutable = True
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        os.chmod(path, 0o755)
+
+
+def test_unwritable_checkpoints_directory(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with read_only_directory(run_dir / "checkpoints"):
+        before = tree(run_dir)
+        outcome = train(run_dir, corpus)
+        assert_refused(outcome, f"{run_dir / 'checkpoints'}: is not writable")
+        assert tree(run_dir) == before
