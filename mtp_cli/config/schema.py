@@ -53,12 +53,16 @@ class ModelConfig(StrictModel):
     max_position_embeddings: PositiveInt | None = Field(
         default=None, description="Rows of the learned position table; default seq_length."
     )
-    normalization: Literal["LayerNorm", "RMSNorm"] = Field(default="LayerNorm")
+    normalization: Literal["LayerNorm", "RMSNorm"] = Field(
+        default="LayerNorm", description="Norm of every layer, MTP's enorm/hnorm and the final norm."
+    )
     activation: Literal["gelu", "swiglu"] = Field(
         default="gelu", description="MLP activation; swiglu doubles linear_fc1 (gate, then up)."
     )
     position_embedding: Literal["rope", "learned_absolute", "none"] = Field(
-        default="learned_absolute"
+        default="learned_absolute",
+        description="rope (rotary, per head), learned_absolute (a table of "
+        "max_position_embeddings rows) or none.",
     )
     rotary_base: Annotated[float, Field(gt=0)] = Field(default=10000.0, description="RoPE base.")
     add_bias_linear: bool = Field(default=True, description="Biases on every linear layer.")
@@ -68,10 +72,18 @@ class ModelConfig(StrictModel):
     share_embeddings_and_output_weights: bool = Field(
         default=False, description="Tie the output layer to the word embedding."
     )
-    init_method_std: Annotated[float, Field(gt=0)] = Field(default=0.02)
-    layernorm_epsilon: Annotated[float, Field(gt=0)] = Field(default=1e-5)
-    hidden_dropout: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.0)
-    attention_dropout: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.0)
+    init_method_std: Annotated[float, Field(gt=0)] = Field(
+        default=0.02, description="Standard deviation of the normal initialisation of weights."
+    )
+    layernorm_epsilon: Annotated[float, Field(gt=0)] = Field(
+        default=1e-5, description="Epsilon added to the variance in every norm."
+    )
+    hidden_dropout: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.0, description="Dropout on the embedding and after attention and MLP."
+    )
+    attention_dropout: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.0, description="Dropout on the attention probabilities."
+    )
     backend: Literal["local", "te"] = Field(
         default="local", description="local = plain PyTorch; te = Transformer Engine (CUDA)."
     )
@@ -221,30 +233,48 @@ class TrainConfig(StrictModel):
     """Optimisation. Batch sizes are in samples of seq_length tokens."""
 
     steps: PositiveInt = Field(default=200, description="Optimizer steps.")
-    micro_batch_size: PositiveInt = Field(default=4)
-    global_batch_size: PositiveInt = Field(default=8)
+    micro_batch_size: PositiveInt = Field(
+        default=4, description="Samples per forward/backward on one data-parallel rank."
+    )
+    global_batch_size: PositiveInt = Field(
+        default=8, description="Samples per optimizer step over all data-parallel ranks."
+    )
     lr: Annotated[float, Field(gt=0)] = Field(default=3e-3, description="Peak learning rate.")
-    min_lr: Annotated[float, Field(ge=0)] = Field(default=3e-4)
-    warmup_steps: NonNegativeInt = Field(default=10)
+    min_lr: Annotated[float, Field(ge=0)] = Field(
+        default=3e-4, description="Learning rate at the end of the cosine decay."
+    )
+    warmup_steps: NonNegativeInt = Field(
+        default=10, description="Steps of linear warmup from 0 to lr."
+    )
     decay_steps: PositiveInt | None = Field(
         default=None,
         description="Step at which the cosine reaches min_lr (default: train.steps). Keep it "
         "when extending train.steps on resume, so the schedule is not stretched again.",
     )
-    weight_decay: Annotated[float, Field(ge=0)] = Field(default=0.1)
-    adam_beta1: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.9)
-    adam_beta2: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.95)
-    adam_eps: Annotated[float, Field(gt=0)] = Field(default=1e-8)
+    weight_decay: Annotated[float, Field(ge=0)] = Field(
+        default=0.1, description="AdamW weight decay (not on biases and norm scales)."
+    )
+    adam_beta1: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.9, description="AdamW beta1.")
+    adam_beta2: Annotated[float, Field(ge=0, lt=1)] = Field(
+        default=0.95, description="AdamW beta2."
+    )
+    adam_eps: Annotated[float, Field(gt=0)] = Field(default=1e-8, description="AdamW epsilon.")
     grad_clip: Annotated[float, Field(ge=0)] = Field(default=1.0, description="0 = off.")
-    seed: NonNegativeInt = Field(default=1234)
+    seed: NonNegativeInt = Field(
+        default=1234, description="Seed of the weights, dropout and the data order."
+    )
     eval_interval: NonNegativeInt = Field(default=50, description="0 = no validation.")
     eval_steps: PositiveInt = Field(default=4, description="Global batches per validation.")
-    log_interval: PositiveInt = Field(default=1)
+    log_interval: PositiveInt = Field(
+        default=1, description="Steps per metrics.jsonl line (averaged over them)."
+    )
     bf16: bool = Field(default=False, description="bf16 autocast (weights stay fp32).")
     calculate_per_token_loss: bool = Field(
         default=False, description="Normalise by the step's total loss tokens (Megatron)."
     )
-    loss: LossConfig = Field(default_factory=LossConfig)
+    loss: LossConfig = Field(
+        default_factory=LossConfig, description="How the cross-entropy is computed."
+    )
     nonfinite: Literal["stop", "skip_step"] = Field(
         default="stop",
         description="On a non-finite loss or gradient norm: stop (exit 1, before any checkpoint "
@@ -329,14 +359,28 @@ class ModuleSpecConfig(StrictModel):
 class RunSpec(StrictModel):
     """A whole run: the model, its MTP depths, the parallel layout and the training set-up."""
 
-    model: ModelConfig
-    mtp: MTPConfig = Field(default_factory=MTPConfig)
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    modules: ModuleSpecConfig = Field(default_factory=ModuleSpecConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    model: ModelConfig = Field(description="The GPT decoder (required).")
+    mtp: MTPConfig = Field(
+        default_factory=MTPConfig, description="Multi-token prediction depths and loss weight."
+    )
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig,
+        description="Tensor, pipeline and context parallel sizes and the pipeline layout.",
+    )
+    modules: ModuleSpecConfig = Field(
+        default_factory=ModuleSpecConfig,
+        description="ModuleSpec trees replacing the decoder and MTP layers.",
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="Optimisation, batch sizes and validation."
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="When checkpoints are written and kept."
+    )
+    logging: LoggingConfig = Field(
+        default_factory=LoggingConfig, description="TensorBoard and W&B besides metrics.jsonl."
+    )
 
     @model_validator(mode="after")
     def _check_cross_sections(self) -> RunSpec:

@@ -1,0 +1,47 @@
+"""The JSON Schema editors read: `schema.json` ships at the repository root, equal to what
+`mtp schema` prints, and every spec key carries a description."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from mtp_cli.config.schema import RunSpec
+from tests.cli_helpers import REPO_ROOT, run_mtp
+
+SCHEMA_FILE = REPO_ROOT / "schema.json"
+MODELINE = re.compile(r"yaml-language-server:\s*\$schema=(\S+)")
+
+
+def keys_without_description(schema: dict[str, Any]) -> list[str]:
+    """`Section.key` of every property (of the root and of every definition) lacking one."""
+    objects = {"RunSpec": schema, **schema.get("$defs", {})}
+    return [f"{name}.{key}" for name, obj in objects.items()
+            for key, prop in obj.get("properties", {}).items() if not prop.get("description")]
+
+
+def test_shipped_schema_equals_mtp_schema():
+    result = run_mtp("schema")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(SCHEMA_FILE.read_text()) == json.loads(result.stdout), (
+        "schema.json is stale: regenerate it with `mtp schema > schema.json`")
+
+
+def test_every_spec_key_has_a_description():
+    schema = RunSpec.model_json_schema()
+    assert keys_without_description(schema) == []
+    # the walk sees every section and nested model (it would miss nothing that has keys)
+    assert {"ModelConfig", "TrainConfig", "LossConfig", "LossWeightStep"} <= set(schema["$defs"])
+
+
+def test_the_walk_finds_a_missing_description():
+    schema = {"properties": {"a": {"description": "x"}, "b": {"type": "integer"}},
+              "$defs": {"S": {"properties": {"c": {"$ref": "#/$defs/T"}}}}}
+    assert keys_without_description(schema) == ["RunSpec.b", "S.c"]
+
+
+def test_spec_files_point_at_a_schema_that_exists():
+    for spec in [*REPO_ROOT.glob("specs/*.yaml"), *REPO_ROOT.glob("examples/*.yaml")]:
+        for target in MODELINE.findall(spec.read_text()):
+            assert (spec.parent / target).resolve() == SCHEMA_FILE, (spec, target)
