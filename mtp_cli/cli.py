@@ -122,7 +122,8 @@ def inspect_ckpt(
     from mtp_cli.views.inspect_view import render_inspect
 
     run_spec = load_spec(spec) if spec is not None else None
-    report = inspect_checkpoint(path, spec=run_spec, tensors=tensors, finite=strict)
+    report = inspect_checkpoint(path, spec=run_spec, tensors=tensors, finite=strict,
+                                spec_path=spec)
     if as_json:
         print_json(report.as_dict())
     else:

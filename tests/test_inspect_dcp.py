@@ -238,3 +238,25 @@ def test_spec_option_overrides_the_stored_spec(runs, tmp_path):
     depths = check(out, "mtp_depths")
     assert not depths["passed"] and depths["tensors"] == ["mtp.layers.2"]
     assert code == 0  # not --strict
+    # D is said to come from the --spec file, not from the stored spec
+    assert f"D=3 from --spec {spec_file}" in depths["reason"]
+    assert "stored spec" not in depths["reason"]
+    assert out["layout"]["mtp_depths_from"] == f"--spec {spec_file}"
+    text = invoke("inspect-ckpt", runs["d2_tied"][0], "--spec", spec_file).stdout
+    assert f"D=3 (from --spec {spec_file})" in " ".join(text.split())
+
+
+def test_depths_source_is_named(runs, tmp_path):
+    """The stored spec, or the keys when no spec is stored: each named as such."""
+    out = invoke_json("inspect-ckpt", runs["d2_tied"][0])[1]
+    assert "D=2 from the spec stored in meta.json" in check(out, "mtp_depths")["reason"]
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(_ckpt(runs["d2_tied"][0]), ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["spec"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    out = invoke_json("inspect-ckpt", ckpt)[1]
+    reason = check(out, "mtp_depths")["reason"]
+    assert "D=2 from the keys (no spec stored or given)" in reason and "spec stored in" not in \
+        reason
+    assert out["layout"]["mtp_depths_source"] == "keys"

@@ -52,7 +52,7 @@ def check_depths(layout: Layout, tensors: Mapping[str, TensorInfo]) -> Check:
         expected = list(range(layout.depths))
     missing = [d for d in expected if d not in present]
     extra = [d for d in present if d not in expected]
-    source = "the stored spec" if layout.depth_source == "spec" else "the keys"
+    source = layout.depth_origin
     problems = []
     if missing:
         problems.append(f"missing {name_list(_depth_names(layout, missing))}")

@@ -166,14 +166,22 @@ def _expected(checkpoint: Checkpoint, spec: RunSpec | None, layout: Layout
         return None
 
 
+def _spec_origin(source: str | None, spec_path: str | Path | None) -> str:
+    """Where the spec came from, as the depth check and the layout line say it."""
+    if source == "--spec":
+        return f"--spec {spec_path}" if spec_path is not None else "the given spec"
+    return f"the spec stored in {META_JSON}"
+
+
 def inspect_checkpoint(path: str | Path, *, spec: RunSpec | None = None,
-                       tensors: str | None = None, finite: bool = False
-                       ) -> CheckpointInspection:
-    """Open PATH, run every check. `spec` overrides the stored one; `tensors` is a pattern;
-    `finite` also reads every weight (one at a time) for the `finite` check."""
+                       tensors: str | None = None, finite: bool = False,
+                       spec_path: str | Path | None = None) -> CheckpointInspection:
+    """Open PATH, run every check. `spec` overrides the stored one (read from `spec_path`, named
+    in the report); `tensors` is a pattern; `finite` also reads every weight (one at a time)
+    for the `finite` check."""
     checkpoint = open_checkpoint(Path(path))
     run_spec, source = _spec_for(checkpoint, spec)
-    layout = infer_layout(checkpoint.tensors, run_spec)
+    layout = infer_layout(checkpoint.tensors, run_spec, _spec_origin(source, spec_path))
     expected = _expected(checkpoint, run_spec, layout)
     checks = [check_depths(layout, checkpoint.tensors)]
     if expected is not None:

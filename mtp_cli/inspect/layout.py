@@ -27,12 +27,15 @@ class Layout:
     tied_output: bool | None  # output layer = word embedding
     repeated_layer: bool | None
     transformer_layer_name: str | None  # transformer_layer | mtp_model_layer
+    # where D came from, for people: "--spec FILE", "the spec stored in meta.json", "the keys"
+    depth_origin: str = "the keys"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "naming": self.naming.style,
             "mtp_depths": self.depths,
             "mtp_depths_source": self.depth_source,
+            "mtp_depths_from": self.depth_origin,
             "mtp_depths_present": [self.naming.depth_prefix(d).rstrip(".")
                                    for d in self.present_depths],
             "num_layers": self.main_layers,
@@ -44,7 +47,9 @@ class Layout:
         }
 
 
-def infer_layout(tensors: Mapping[str, TensorInfo], spec: RunSpec | None) -> Layout:
+def infer_layout(tensors: Mapping[str, TensorInfo], spec: RunSpec | None,
+                 spec_origin: str = "the spec") -> Layout:
+    """The layout from `spec` (described as `spec_origin`) when given, else from the keys."""
     main_layers = spec.model.num_layers if spec else None
     naming = detect_naming(tensors, main_layers)
     parts = [naming.part_of(name) for name in tensors]
@@ -59,10 +64,10 @@ def infer_layout(tensors: Mapping[str, TensorInfo], spec: RunSpec | None) -> Lay
         return Layout(
             naming, spec.mtp.num_layers, "spec", present, main_layers, spec.model.hidden_size,
             spec.model.vocab_size, spec.model.share_embeddings_and_output_weights,
-            spec.mtp.use_repeated_layer, transformer_layer_spelling(tensors),
+            spec.mtp.use_repeated_layer, transformer_layer_spelling(tensors), spec_origin,
         )
     tied = naming.output_weight not in tensors if naming.embedding_weight in tensors else None
     return Layout(
         naming, max(present) + 1 if present else 0, "keys", present, main_layers, hidden, vocab,
-        tied, None, transformer_layer_spelling(tensors),
+        tied, None, transformer_layer_spelling(tensors), "the keys (no spec stored or given)",
     )

@@ -70,8 +70,7 @@ def _spec_line(spec: RunSpec, source: str) -> str:
 
 def _layout_line(report: CheckpointInspection) -> str:
     layout = report.layout
-    source = "spec" if layout.depth_source == "spec" else "keys"
-    bits = [f"{layout.naming.style} names", f"D={layout.depths} (from the {source})"]
+    bits = [f"{layout.naming.style} names", f"D={layout.depths} (from {layout.depth_origin})"]
     for label, value in (("N", layout.main_layers), ("hidden", layout.hidden_size),
                          ("vocab", layout.vocab_size), ("output tied", layout.tied_output),
                          ("MTP layer", layout.transformer_layer_name)):
