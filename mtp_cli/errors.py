@@ -30,6 +30,24 @@ class Problem:
         return f"{where}{key}{self.message}{hint}"
 
 
+def yaml_kind(value: object) -> str:
+    """What a YAML file calls `value` ("a list", "a number"), for messages about specs: never
+    a Python type name."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return "a value of another kind"
+
+
 class UserError(Exception):
     """Bad input from the user: exit code 2, a clear message, no traceback."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -52,15 +53,50 @@ def _first_model(annotation: Any) -> Any:
     return None
 
 
-def suggest_key(path: KeyPath) -> str | None:
-    """'did you mean ...' for an unknown key, from the keys valid at that place."""
+def edit_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) that turn `a` into `b`: `modle`
+    is one swap from `model` but two edits from `modules`, which difflib ranks first."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i] + [0] * len(b)
+        for j, cb in enumerate(b, start=1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                current[j] = min(current[j], previous2[j - 2] + 1)
+        previous2, previous = previous, current
+    return previous[-1]
+
+
+def suggest_key(path: KeyPath, below: KeyPath = ()) -> str | None:
+    """'did you mean ...' for an unknown key, from the keys valid at that place.
+
+    `below` is what an override sets under the unknown key (`hidden_size` of
+    `modle.hidden_size=128`): a section that has it is the likelier meaning.
+    """
     parent = _model_class_at(path[:-1])
     if parent is None or not isinstance(path[-1], str):
         return None
-    close = difflib.get_close_matches(path[-1], list(parent.model_fields), n=1, cutoff=0.6)
-    if close:
-        return f"did you mean '{close[0]}'?"
-    return f"valid keys here: {', '.join(parent.model_fields)}"
+    typo = path[-1]
+
+    def rank(name: str) -> tuple[int, int, float]:
+        fits = 0 if below and _model_class_at((*path[:-1], name, *below[:-1])) is not None \
+            and _holds_key((*path[:-1], name), below) else 1
+        ratio = difflib.SequenceMatcher(None, typo, name).ratio()
+        return edit_distance(typo, name), fits, -ratio
+
+    names = list(parent.model_fields)
+    best = min(names, key=rank)
+    distance = rank(best)[0]
+    if distance <= max(1, len(typo) // 3) or difflib.get_close_matches(typo, [best], cutoff=0.6):
+        return f"did you mean '{best}'?"
+    return f"valid keys here: {', '.join(names)}"
+
+
+def _holds_key(section: KeyPath, below: KeyPath) -> bool:
+    """Whether the mapping at `section` has the key `below[0]` (the first step of `below`)."""
+    model = _model_class_at(section)
+    return model is not None and isinstance(below[0], str) and below[0] in model.model_fields
 
 
 def _dotted(path: Iterable[str | int]) -> str:
@@ -70,17 +106,66 @@ def _dotted(path: Iterable[str | int]) -> str:
     return out
 
 
-def _error_path(error: Mapping[str, Any]) -> KeyPath:
-    """The key path of one Pydantic error, with union/type tags dropped."""
+def _error_path(error: Mapping[str, Any]) -> tuple[KeyPath, str | None, KeyPath]:
+    """(key path, union branch tag, key path of the union field) of one Pydantic error.
+
+    Pydantic puts the branch of a union (`constrained-float`, `list[LossWeightStep]`) into the
+    location; a part that is neither an index nor a key of the model at that place is such a
+    tag, and is dropped from the key path people see.
+    """
     loc: list[str | int] = []
+    branch: str | None = None
+    union_at: KeyPath = ()
     for part in error["loc"]:
-        if isinstance(part, str) and ("[" in part or part in ("float", "int", "list", "bool")):
-            continue  # union branch tags such as 'list[LossWeightStep]'
+        if isinstance(part, str) and branch is None and loc and _is_branch_tag(tuple(loc), part):
+            branch, union_at = part, tuple(loc)
+            continue
         loc.append(part)
     ctx = error.get("ctx") or {}
     if error["type"] == "spec_rule" and "field" in ctx:
         loc += str(ctx["field"]).split(".")  # the rule names a key relative to its section
-    return tuple(loc)
+    return tuple(loc), branch, union_at
+
+
+def _is_branch_tag(path: KeyPath, part: str) -> bool:
+    """`part` after `path` names a union branch, not a key."""
+    parent = _model_class_at(path[:-1])
+    if parent is None or not isinstance(path[-1], str) or path[-1] not in parent.model_fields:
+        return False
+    annotation = parent.model_fields[path[-1]].annotation
+    if typing.get_origin(annotation) not in (types.UnionType, typing.Union):
+        return False
+    # `X | None` is validated as a nullable X, without a tag; a real union tags its branches
+    return len([a for a in typing.get_args(annotation) if a is not type(None)]) > 1
+
+
+# What each Pydantic error type means, in the words of a YAML file.
+_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "bool_type": "a boolean (true or false)",
+    "bool_parsing": "a boolean (true or false)", "string_type": "a string",
+    "dict_type": "a mapping (key: value lines)", "model_type": "a mapping (key: value lines)",
+    "model_attributes_type": "a mapping (key: value lines)", "list_type": "a list",
+    "finite_number": "a finite number",
+}
+_BRANCH_NAMES = {"list": "a list of steps", "float": "a number", "int": "an integer",
+                 "str": "a string", "bool": "a boolean (true or false)"}
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as YAML would write it (`true`, `null`, `'abc'`), for 'got ...'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value[:60] + ("..." if len(value) > 60 else ""))
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
 
 
 def _message(error: Mapping[str, Any]) -> str:
@@ -91,10 +176,58 @@ def _message(error: Mapping[str, Any]) -> str:
         return "required key is missing"
     if kind == "spec_rule":
         return str(error["ctx"]["message"])
-    got = error.get("input")
-    shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    got = f" (got {_yaml_value(error.get('input'))})" if "input" in error else ""
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}{got}"
+    if kind == "literal_error":
+        options = str((error.get("ctx") or {}).get("expected", ""))
+        options = re.sub(r"\bTrue\b", "true", re.sub(r"\bFalse\b", "false", options))
+        return f"expected one of {options}{got}"
     text = str(error["msg"])
-    return f"{text[:1].lower()}{text[1:]}{shown}"
+    text = re.sub(r"^(Input|Value) should be ", "must be ", text)
+    return f"{text[:1].lower()}{text[1:]}{got}"
+
+
+def _branch_name(tag: str) -> str:
+    base = re.split(r"[\[-]", tag.replace("constrained-", ""))[0]
+    return _BRANCH_NAMES.get(base, base)
+
+
+def _merge_union_errors(errors: list[Mapping[str, Any]]
+                        ) -> list[tuple[KeyPath, str, Mapping[str, Any]]]:
+    """(path, message, error) per problem. For a union field (a number or a list of steps), a
+    branch whose errors lie deeper than the field matched the value's shape: only its errors
+    count; when none does, one message lists what the field takes."""
+    out: list[tuple[KeyPath, str, Mapping[str, Any]]] = []
+    unions: dict[KeyPath, list[tuple[str, KeyPath, Mapping[str, Any]]]] = {}
+    for error in errors:
+        path, branch, union_at = _error_path(error)
+        if branch is None:
+            out.append((path, _message(error), error))
+        else:
+            unions.setdefault(union_at, []).append((branch, path, error))
+    for union_at, items in unions.items():
+        deeper = [(path, error) for _, path, error in items if len(path) > len(union_at)]
+        if deeper:
+            out += [(path, _message(error), error) for path, error in deeper]
+            continue
+        right_type = [error for _, _, error in items if error["type"] not in _EXPECTED]
+        if right_type:  # e.g. a number, but negative: that branch's bound is the news
+            out += [(union_at, _message(error), error) for error in right_type]
+            continue
+        wanted = " or ".join(dict.fromkeys(_branch_name(branch) for branch, _, _ in items))
+        got = items[0][2].get("input")
+        out.append((union_at, f"expected {wanted} (got {_yaml_value(got)})", items[0][2]))
+    return out
+
+
+def _override_for(path: KeyPath, overrides: Mapping[KeyPath, str]) -> tuple[KeyPath, str] | None:
+    """The override that set `path`, or set something below it (`modle` of `modle.x=1`)."""
+    for opath, text in overrides.items():
+        shorter = min(len(path), len(opath))
+        if shorter and path[:shorter] == opath[:shorter]:
+            return opath, text
+    return None
 
 
 def _problems_from_validation(
@@ -102,20 +235,19 @@ def _problems_from_validation(
 ) -> list[Problem]:
     problems: list[Problem] = []
     seen: set[tuple[KeyPath, str]] = set()
-    for item in error.errors():
-        path = _error_path(item)
-        message = _message(item)
+    for path, message, item in _merge_union_errors(error.errors()):
         if (path, message) in seen:
             continue
         seen.add((path, message))
-        hint = suggest_key(path) if item["type"] == "extra_forbidden" else None
-        override = next(
-            (text for opath, text in overrides.items() if path[: len(opath)] == opath), None
-        )
-        if override is not None:
-            problems.append(Problem(message, file=f"override '{override}'", key=_dotted(path),
+        found = _override_for(path, overrides)
+        if found is not None:
+            opath, text = found
+            hint = suggest_key(path, opath[len(path):]) if item["type"] == "extra_forbidden" \
+                else None
+            problems.append(Problem(message, file=f"override '{text}'", key=_dotted(path),
                                     hint=hint))
             continue
+        hint = suggest_key(path) if item["type"] == "extra_forbidden" else None
         mark = document.mark_for(path) if document else None
         problems.append(Problem(
             message,
@@ -167,11 +299,9 @@ def _locate(problems: list[Problem], document: YamlDocument | None,
     located = []
     for problem in problems:
         path: KeyPath = tuple(problem.key.split(".")) if problem.key else ()
-        override = next(
-            (text for opath, text in overrides.items() if path[: len(opath)] == opath), None
-        )
-        if override is not None:
-            located.append(Problem(problem.message, f"override '{override}'", None, None,
+        found = _override_for(path, overrides)
+        if found is not None:
+            located.append(Problem(problem.message, f"override '{found[1]}'", None, None,
                                    problem.key, problem.hint))
             continue
         mark = document.mark_for(path) if document else None

@@ -25,7 +25,7 @@ import sysconfig
 from pathlib import Path
 
 from mtp_cli.data.documents import Document, read_file_bytes
-from mtp_cli.errors import Problem, UserError
+from mtp_cli.errors import Problem, UserError, yaml_kind
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 STDLIB_EXCLUDED_DIRS = frozenset({
@@ -76,7 +76,7 @@ def jsonl_documents(path: Path) -> list[Document]:
         if not isinstance(record, dict) or "text" not in record:
             raise bad("expected a JSON object with a 'text' field")
         if not isinstance(record["text"], str):
-            raise bad(f"'text' must be a string, got {type(record['text']).__name__}")
+            raise bad(f"'text' must be a string, got {yaml_kind(record['text'])}")
         documents.append(Document(f"{path}:{number}", record["text"]))
     return documents
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mtp_cli.config.schema import RunSpec
-from mtp_cli.errors import Problem, SpecError, UserError
+from mtp_cli.errors import Problem, SpecError, UserError, yaml_kind
 
 
 def spec_from_meta(meta: dict[str, Any], meta_path: Path) -> RunSpec | None:
@@ -21,7 +21,7 @@ def spec_from_meta(meta: dict[str, Any], meta_path: Path) -> RunSpec | None:
     if stored is None:
         return None
     if not isinstance(stored, dict):
-        raise UserError(f"{meta_path}: 'spec' is a {type(stored).__name__}, not a mapping")
+        raise UserError(f"{meta_path}: 'spec' is {yaml_kind(stored)}, not a mapping")
     try:
         return load_spec(stored, allow_imports=False)
     except SpecError as error:

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from mtp_cli.errors import Problem, SpecError
+from mtp_cli.errors import Problem, SpecError, yaml_kind
 
 BACKEND_SLOTS = ("layer_norm", "column_parallel_linear", "row_parallel_linear", "core_attention")
 IMPORT_PREFIX = "import:"
@@ -108,7 +108,7 @@ def parse_module_tree(tree: Any, path: str, *, allow_imports: bool) -> ModuleSpe
     if isinstance(tree, str):
         tree = {"module": tree}
     if not isinstance(tree, Mapping):
-        raise _problem(path, f"expected a module name or a mapping, got {type(tree).__name__}")
+        raise _problem(path, f"expected a module name or a mapping, got {yaml_kind(tree)}")
     unknown = set(tree) - {"module", "params", "submodules"}
     if unknown:
         key = sorted(unknown)[0]
