@@ -384,6 +384,7 @@ class RunSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check_cross_sections(self) -> RunSpec:
+        self._check_size_limits()
         model, par = self.model, self.parallel
         tp = par.tensor
         for name, value in (
@@ -425,6 +426,16 @@ class RunSpec(StrictModel):
         self._check_placement()
         self._check_group_size()
         return self
+
+    def _check_size_limits(self) -> None:
+        """Module count and tensor sizes (`mtp_cli.config.limits`), before anything else walks
+        the layers: a billion of them must be refused, not enumerated."""
+        from mtp_cli.config.limits import SizeLimitError, check_size_limits
+
+        try:
+            check_size_limits(self)
+        except SizeLimitError as error:
+            raise rule_error(error.key, error.message) from None
 
     def _check_placement(self) -> None:
         """Layout / layer-split rules (`mtp_cli.plan.placement`); a layout sets virtual_pipeline."""
