@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.futures import Future
 
+from mtp_cli.checkpoint_io.declared_sizes import check_dcp_declared_sizes
 from mtp_cli.checkpoint_io.files import CheckpointFileError, is_regular_file
 from mtp_cli.checkpoint_io.safe_pickle import load_dcp_metadata
 
@@ -142,6 +143,7 @@ def check_shards(directory: Path, metadata: Metadata) -> None:
                 raise CheckpointFileError(directory / info.relative_path, (
                     f"holds {info.length} bytes for a chunk of {fqn} of shape "
                     f"{tuple(chunk.sizes)}, fewer than its elements need"))
+    check_dcp_declared_sizes(directory, metadata)  # chunks tile each declared size
 
 
 def tensor_entries(metadata: Metadata) -> dict[str, TensorStorageMetadata]:

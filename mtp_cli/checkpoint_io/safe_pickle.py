@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import pathlib
 import pickle
+import pickletools
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -113,9 +114,30 @@ class DCPMetadataUnpickler(pickle.Unpickler):
                 f"refusing to load {module}.{name} (not a DCP metadata class)") from None
 
 
+MAX_PICKLE_BYTES = 2**31  # a .metadata or data.pkl is structure only: MBs for huge models
+
+
+def read_checked_pickle(stream: io.BufferedIOBase) -> io.BytesIO:
+    """The pickle's bytes, after checking that every length it declares fits in them.
+
+    The C unpickler allocates a counted bytes/str object (`BINBYTES8 2**40`) at its declared
+    size before reading it, so a few crafted bytes could ask for a terabyte. `pickletools`
+    walks the opcodes reading from memory instead, and refuses a count past the end.
+    """
+    data = stream.read(MAX_PICKLE_BYTES + 1)
+    if len(data) > MAX_PICKLE_BYTES:
+        raise pickle.UnpicklingError(f"larger than {MAX_PICKLE_BYTES:,} bytes")
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+    except ValueError as error:
+        raise pickle.UnpicklingError(f"malformed pickle ({error})") from None
+    return io.BytesIO(data)
+
+
 def load_dcp_metadata(stream: io.BufferedIOBase) -> dcp_metadata.Metadata:
     """The `Metadata` object of a DCP checkpoint, built only from allow-listed classes."""
-    metadata = DCPMetadataUnpickler(stream).load()
+    metadata = DCPMetadataUnpickler(read_checked_pickle(stream)).load()
     if not isinstance(metadata, dcp_metadata.Metadata):
         raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not DCP Metadata")
     return metadata

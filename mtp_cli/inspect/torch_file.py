@@ -9,6 +9,7 @@ non-tensor value are skipped and listed, never used.
 
 from __future__ import annotations
 
+import io
 import pickle
 import sys
 import zipfile
@@ -19,7 +20,13 @@ from typing import Any
 
 import torch
 
-from mtp_cli.checkpoint_io.safe_pickle import StorageRef, TorchArchiveUnpickler, Unreadable
+from mtp_cli.checkpoint_io.declared_sizes import check_tensors_backed
+from mtp_cli.checkpoint_io.safe_pickle import (
+    StorageRef,
+    TorchArchiveUnpickler,
+    Unreadable,
+    read_checked_pickle,
+)
 from mtp_cli.errors import UserError
 
 # Entries of a training checkpoint that hold the model's state dict, in the order we look.
@@ -58,19 +65,70 @@ def _read_archive(path: Path) -> Any:
             raise UserError(f"{path}: saved with {archive.read(byteorder).decode()} byte order")
 
         def read_storage(ref: StorageRef) -> torch.Tensor:
-            data = bytearray(archive.read(f"{prefix}data/{ref.key}"))
+            data = bytearray(_read_member(path, archive, f"{prefix}data/{ref.key}"))
             itemsize = torch.empty((), dtype=ref.dtype).element_size()
             if len(data) < ref.numel * itemsize:
                 raise UserError(f"{path}: storage {ref.key} is truncated")
             return torch.frombuffer(data, dtype=ref.dtype, count=ref.numel) if ref.numel else \
                 torch.empty(0, dtype=ref.dtype)
 
-        with archive.open(pickles[0]) as stream:
-            return TorchArchiveUnpickler(stream, read_storage).load()
+        data_pkl = io.BytesIO(_read_member(path, archive, pickles[0]))
+        return TorchArchiveUnpickler(read_checked_pickle(data_pkl), read_storage).load()
+
+
+def _check_member(path: Path, info: zipfile.ZipInfo, file_size: int) -> None:
+    """A member is stored uncompressed (as torch.save writes it) and lies inside the file, so
+    that reading it never takes more than the file holds (no zip bomb, no declared giant)."""
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size or \
+            info.header_offset + info.file_size > file_size:
+        raise UserError(f"{path}: archive member {info.filename} declares {info.file_size:,} "
+                        "bytes that the file does not hold as stored data; refusing to read it")
+
+
+def _check_archive(path: Path) -> None:
+    """Every member of a zip-format torch.save file passes `_check_member`."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise UserError(f"{path}: not a readable torch.save file ({_first_line(error)})"
+                        ) from None
+    size = path.stat().st_size
+    for info in members:
+        _check_member(path, info, size)
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, name: str) -> bytes:
+    """A member's bytes, after `_check_member`."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise UserError(f"{path}: {name} is missing from the archive") from None
+    _check_member(path, info, path.stat().st_size)
+    return archive.read(info)
+
+
+# The first bytes of torch's pre-1.6 (non-zip) format: a protocol-2 pickle of its magic number.
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _refuse_legacy_format(path: Path) -> None:
+    """torch's legacy loader allocates every storage at the size the file declares before
+    reading it; such files are refused rather than trusted."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(LEGACY_MAGIC))
+    if head == LEGACY_MAGIC:
+        raise UserError(f"{path}: saved in torch's pre-1.6 legacy format, which is not read "
+                        "(its storages would be allocated at sizes the file declares); "
+                        "re-save it with a current torch.save")
 
 
 def _load_object(path: Path) -> tuple[Any, bool]:
     """(object, used the safe fallback). Raises UserError for files that are not torch.save."""
+    if zipfile.is_zipfile(path):
+        _check_archive(path)
+    else:
+        _refuse_legacy_format(path)
     try:
         return _load_weights_only(path), False
     except pickle.UnpicklingError as error:
@@ -130,5 +188,6 @@ def read_state_dict_file(path: Path) -> StateDictFile:
     _flatten(state, "", tensors, skipped)
     if not tensors:
         raise UserError(f"{path}: not a state dict (no tensors in it)")
+    check_tensors_backed(path, tensors)
     step = next((obj[k] for k in ("iteration", "step") if isinstance(obj.get(k), int)), None)
     return StateDictFile(tensors, skipped, entry, step if entry else None, fallback)
