@@ -2,16 +2,18 @@
 
 Matplotlib's object API with the Agg canvas: no pyplot, no global backend switch, no display.
 Each run keeps one colour in every panel. Long, noisy series are drawn faint with a moving
-average on top. With several runs, an extra panel shows each run's lm loss minus the first
-run's at the same steps: the direct answer to "does MTP (D=1) lower the main loss of D=0?".
-Files are written atomically (temp file, then `os.replace`).
+average on top, labelled "(smoothed)" (the caption gives the window). With several runs, an
+extra panel shows each run's lm loss minus the first run's at the same steps: the direct answer
+to "does MTP (D=1) lower the main loss of D=0?". Axes carry their units: losses are
+cross-entropies in nats per token, acceptance rates percentages. Files are written atomically
+(temp file, then `os.replace`) with the mode any other file gets (0644 under the usual umask).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -28,8 +30,16 @@ PLOT_NAMES = {
 SMOOTH_ABOVE = 40  # points; longer series get a moving average
 
 
+LOSS_UNIT = "loss (nats/token)"
+ACCEPTANCE_UNIT = "acceptance rate (%)"
+
+
+def _window(count: int) -> int:
+    return max(2, count // 25)
+
+
 def _moving_average(values: list[float]) -> list[float]:
-    window = max(2, len(values) // 25)
+    window = _window(len(values))
     out, total = [], 0.0
     for i, value in enumerate(values):
         total += value
@@ -39,12 +49,34 @@ def _moving_average(values: list[float]) -> list[float]:
     return out
 
 
+class _Smoothed:
+    """The moving-average windows used on each figure, for its caption."""
+
+    def __init__(self) -> None:
+        self.windows: dict[int, set[int]] = {}
+
+    def add(self, figure: Figure, window: int) -> None:
+        self.windows.setdefault(id(figure), set()).add(window)
+
+    def caption(self, figure: Figure) -> str:
+        windows = sorted(self.windows.pop(id(figure), set()))
+        if not windows:
+            return ""
+        sizes = "/".join(str(w) for w in windows)
+        return f"\n(smoothed): moving average of {sizes} logged points; faint lines: raw values"
+
+
+SMOOTHED = _Smoothed()
+
+
 def _draw(axes, xs: list, ys: list, color: str, label: str, *, style: str = "-") -> None:
     if not xs:
         return
     if len(xs) > SMOOTH_ABOVE:
         axes.plot(xs, ys, style, color=color, alpha=0.25, linewidth=0.8)
-        axes.plot(xs, _moving_average(ys), style, color=color, linewidth=1.6, label=label)
+        axes.plot(xs, _moving_average(ys), style, color=color, linewidth=1.6,
+                  label=f"{label} (smoothed)")
+        SMOOTHED.add(axes.figure, _window(len(ys)))
     else:
         axes.plot(xs, ys, style, color=color, linewidth=1.4, marker=".", markersize=4,
                   label=label)
@@ -77,7 +109,7 @@ def loss_figure(runs: list[RunMetrics], labels: list[str], x: str) -> Figure:
     keys = ["lm_loss", *[f"mtp_{k}_loss" for k in range(1, depths + 1)]]
     compare = len(runs) > 1 and x == "step"
     figure, axes = _grid(len(keys) + (1 if compare else 0))
-    x_label = "step" if x == "step" else "tokens"
+    x_label = "step" if x == "step" else "tokens seen"
     for ax, key in zip(axes, keys, strict=False):
         for run, label, color in zip(runs, labels, _colors(len(runs)), strict=True):
             _draw(ax, *run.series(key, x), color, label)
@@ -88,7 +120,7 @@ def loss_figure(runs: list[RunMetrics], labels: list[str], x: str) -> Figure:
         title = "lm loss" if key == "lm_loss" else key.replace("_loss", " loss")
         ax.set_title(title)
         ax.set_xlabel(x_label)
-        ax.set_ylabel("loss")
+        ax.set_ylabel(LOSS_UNIT)
         if x == "tokens":
             ax.xaxis.set_major_formatter(EngFormatter())
     if compare:
@@ -98,12 +130,13 @@ def loss_figure(runs: list[RunMetrics], labels: list[str], x: str) -> Figure:
             _draw(ax, *_difference(runs[0], run), color, f"{label} − {labels[0]}")
         ax.set_title(f"lm loss minus {labels[0]} (below 0 = lower)")
         ax.set_xlabel("step")
-        ax.set_ylabel("Δ lm loss")
+        ax.set_ylabel("Δ lm loss (nats/token)")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    figure.suptitle(f"losses vs {x_label}: " + ", ".join(labels), fontsize=10)
+    figure.suptitle(f"losses vs {x_label}: " + ", ".join(labels) + SMOOTHED.caption(figure),
+                    fontsize=10)
     return figure
 
 
@@ -119,16 +152,20 @@ def acceptance_figure(runs: list[RunMetrics], labels: list[str]) -> Figure | Non
                   f"{label} cumulative", style="--")
         ax.set_title(f"mtp_{k} acceptance rate")
         ax.set_xlabel("step")
-        ax.set_ylabel("acceptance rate (as logged)")
+        ax.set_ylabel(ACCEPTANCE_UNIT)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+    caption = SMOOTHED.caption(figure)
+    if caption:
+        figure.suptitle(caption.strip(), fontsize=9)
     return figure
 
 
 def _save(figure: Figure, path: Path) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    """Atomically, with the mode a plain `open` would give (mkstemp's is 0600)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         figure.savefig(tmp, format="png")
         os.replace(tmp, path)

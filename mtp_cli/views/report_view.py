@@ -26,21 +26,48 @@ def _series_label(key: str) -> str:
         .replace("_acceptance_rate", " acceptance rate").replace("_loss", " loss")
 
 
+def _is_acceptance(key: str) -> bool:
+    return key.endswith("_acceptance_rate")
+
+
 def run_table(run: dict[str, Any]) -> Table:
+    """Losses (nats per token) of the run: training series, then validation."""
     steps, tokens = _num(run["steps"]), _num(run["tokens"])
-    table = Table(title=f"{escape(run['label'])}: {steps} steps, {tokens} tokens",
+    table = Table(title=f"{escape(run['label'])}: {steps} steps, {tokens} tokens; "
+                        "losses (nats/token)",
                   header_style="bold", title_justify="left")
     table.add_column("series")
     for column in ("first", "last", "min", "mean last 10%"):
         table.add_column(column, justify="right")
     for key, stats in run["train"].items():
-        table.add_row(_series_label(key), *(_num(stats[s]) for s in _STATS))
+        if not _is_acceptance(key):
+            table.add_row(_series_label(key), *(_num(stats[s]) for s in _STATS))
     if run["validation"]:
         table.add_section()
         for key, stats in run["validation"].items():
             table.add_row(_series_label(key), _num(stats["first"]), _num(stats["last"]),
                           _num(stats["min"]), "")
     return table
+
+
+def acceptance_table(run: dict[str, Any]) -> Table | None:
+    """Per-depth acceptance rates (% of positions whose argmax is the label), apart from the
+    losses they are not comparable with; None for a run without MTP."""
+    rows = [(key, stats) for key, stats in run["train"].items() if _is_acceptance(key)]
+    if not rows:
+        return None
+    table = Table(title=f"{escape(run['label'])}: MTP acceptance rate (%)", header_style="bold",
+                  title_justify="left")
+    table.add_column("series")
+    for column in ("first", "last", "min", "mean last 10%"):
+        table.add_column(column, justify="right")
+    for key, stats in rows:
+        table.add_row(_series_label(key), *(_percent(stats[s]) for s in _STATS))
+    return table
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} %"
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> Table:
@@ -63,6 +90,9 @@ def render_report(console: Console, report: Report) -> None:
     payload = report.as_dict()
     for run in payload["runs"]:
         console.print(run_table(run))
+        acceptance = acceptance_table(run)
+        if acceptance is not None:
+            console.print(acceptance)
         speed = run["throughput"]
         facts = [f"tokens/s (mean last 10%) {_num(speed['tokens_per_s_mean_last_10pct'], 1)}"]
         if speed["peak_memory_mb"] is not None:
