@@ -59,6 +59,10 @@ def user_errors_exit_2(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def print_warning(text: str) -> None:
+    error_console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def print_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2) + "\n")
 
@@ -148,7 +152,7 @@ def report(
 
     result = build_report(run_dirs, out)
     for warning in result.warnings:
-        error_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        print_warning(warning)
     if as_json:
         print_json(result.as_dict())
     else:
@@ -205,7 +209,7 @@ def train(
         allow_imports=allow_imports,
     )
     code = launch(run_spec, options, echo=lambda text: console.print(
-        text, highlight=False, markup=False, soft_wrap=True))
+        text, highlight=False, markup=False, soft_wrap=True), warn=print_warning)
     if code:
         raise typer.Exit(code)
 

@@ -11,9 +11,12 @@ same files builds the same corpus.
   suites (`test`, `tests`, `idle_test`), `idlelib`, `tkinter`, `turtledemo`, `lib2to3`,
   `distutils`, `ensurepip`, `config-*` and `_sysconfigdata*`. On CPython 3.11.7 that is 512
   files and 10.0 MB (about 0.3 s to read and tokenize).
-- A text file: one document. A directory: every file below it in sorted relative-path order
-  (hidden entries and binary files, those with a NUL byte in their first 8 KiB, are skipped;
-  `.jsonl` files are read as JSONL), one document per file.
+- A text file: one document. A directory: every regular file below it in sorted relative-path
+  order (hidden entries are skipped; binary files, those with a NUL byte in their first 8 KiB,
+  and anything that is not a regular file, such as a FIFO that would block or a link to
+  /dev/zero that never ends, are skipped with a warning; `.jsonl` files are read as JSONL), one
+  document per file. A single file given as `data.path` that looks binary is read as bytes, with
+  a warning.
 - JSONL (`.jsonl`/`.ndjson`): one document per non-blank line, from its `text` field.
 """
 
@@ -22,9 +25,10 @@ from __future__ import annotations
 import json
 import os
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
-from mtp_cli.data.documents import Document, read_file_bytes
+from mtp_cli.data.documents import Document, is_special_file, looks_binary, read_file_bytes
 from mtp_cli.errors import Problem, UserError, yaml_kind
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -32,7 +36,6 @@ STDLIB_EXCLUDED_DIRS = frozenset({
     "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "idlelib",
     "tkinter", "turtledemo", "lib2to3", "distutils", "ensurepip",
 })
-_BINARY_SNIFF_BYTES = 8192
 
 
 def stdlib_root() -> Path:
@@ -81,31 +84,49 @@ def jsonl_documents(path: Path) -> list[Document]:
     return documents
 
 
-def _is_binary(data: bytes) -> bool:
-    return b"\x00" in data[:_BINARY_SNIFF_BYTES]
+Warn = Callable[[str], None]
 
 
-def directory_documents(root: Path) -> list[Document]:
-    """Every non-hidden, non-binary file below `root`, in sorted relative-path order."""
+def ignore_warning(_: str) -> None:
+    pass
+
+
+def directory_documents(root: Path, warn: Warn = ignore_warning) -> list[Document]:
+    """Every non-hidden, regular, non-binary file below `root`, in sorted relative-path order."""
     files = []
     for directory, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         files += [Path(directory, f) for f in filenames if not f.startswith(".")]
     documents = []
+    binary: list[str] = []
     for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+        if is_special_file(path):
+            warn(f"data.path: skipped {path}: not a regular file (a FIFO, device or socket)")
+            continue
         if path.suffix in JSONL_SUFFIXES:
             documents += jsonl_documents(path)
             continue
         data = read_file_bytes(path)
-        if not _is_binary(data):
+        if looks_binary(data) is None:
             documents.append(Document(str(path), data))
+        else:
+            binary.append(str(path))
+    if binary:
+        more = f" and {len(binary) - 3} more" if len(binary) > 3 else ""
+        warn(f"data.path: skipped {len(binary)} binary file(s) (a NUL byte in the first 8 KiB): "
+             f"{', '.join(binary[:3])}{more}")
     return documents
 
 
-def path_documents(path: Path) -> list[Document]:
+def path_documents(path: Path, warn: Warn = ignore_warning) -> list[Document]:
     """The documents of `data.path` (not an indexed dataset: see `indexed.py`)."""
     if path.is_dir():
-        return directory_documents(path)
+        return directory_documents(path, warn)
     if path.suffix in JSONL_SUFFIXES:
         return jsonl_documents(path)
-    return [Document(str(path), read_file_bytes(path))]
+    data = read_file_bytes(path)
+    offset = looks_binary(data)
+    if offset is not None:
+        warn(f"data.path: {path} does not look like text (a NUL byte at offset {offset}); "
+             "training on its raw bytes")
+    return [Document(str(path), data)]

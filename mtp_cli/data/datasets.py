@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mtp_cli.config.schema import RunSpec
-from mtp_cli.data.corpus import path_documents, stdlib_documents
+from mtp_cli.data.corpus import Warn, ignore_warning, path_documents, stdlib_documents
 from mtp_cli.data.documents import Document
 from mtp_cli.data.indexed import indexed_prefix, read_indexed_dataset
 from mtp_cli.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -47,8 +47,16 @@ def _tokenize(documents: list[Document], tokenizer: ByteTokenizer | HFTokenizer)
     return TokenStream.from_documents(flat, lengths, tokenizer.eod)
 
 
-def load_token_stream(path: str | None, tokenizer: ByteTokenizer | HFTokenizer) -> TokenStream:
-    """Every document of `data.path` (None: the standard library), tokenized, EOD-separated."""
+def _resolved(path: str) -> str:
+    """`path` as the user wrote it and, when relative, where that is."""
+    resolved = Path(path).resolve()
+    return path if str(resolved) == path else f"{path} (resolved to {resolved})"
+
+
+def load_token_stream(path: str | None, tokenizer: ByteTokenizer | HFTokenizer, *,
+                      warn: Warn | None = None) -> TokenStream:
+    """Every document of `data.path` (None: the standard library), tokenized, EOD-separated.
+    `warn` hears about files that were skipped or do not look like text."""
     if path is None:
         return _tokenize(stdlib_documents(), tokenizer)
     prefix = indexed_prefix(path)
@@ -56,8 +64,9 @@ def load_token_stream(path: str | None, tokenizer: ByteTokenizer | HFTokenizer) 
         tokens, lengths = read_indexed_dataset(prefix)
         return TokenStream.from_documents(tokens, lengths, tokenizer.eod)
     if not Path(path).exists():
-        raise _data_error(f"{path} does not exist")
-    return _tokenize(path_documents(Path(path)), tokenizer)
+        dangling = " (a dangling link)" if Path(path).is_symlink() else ""
+        raise _data_error(f"{_resolved(path)} does not exist{dangling}")
+    return _tokenize(path_documents(Path(path), warn or ignore_warning), tokenizer)
 
 
 def _check_ids(stream: TokenStream, vocab_size: int, where: str) -> None:
@@ -112,21 +121,25 @@ def _single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def build_datasets(spec: RunSpec) -> tuple[TokenWindows, TokenWindows]:
-    """(train, validation) windows of `spec.data`; UserError for any unusable corpus."""
+def build_datasets(spec: RunSpec, *, warn: Warn | None = None
+                   ) -> tuple[TokenWindows, TokenWindows]:
+    """(train, validation) windows of `spec.data`; UserError for any unusable corpus. `warn`
+    hears about skipped or binary files (the launcher prints them; workers stay quiet)."""
     with _single_threaded():
-        return _build_datasets(spec)
+        return _build_datasets(spec, warn)
 
 
-def _build_datasets(spec: RunSpec) -> tuple[TokenWindows, TokenWindows]:
+def _build_datasets(spec: RunSpec, warn: Warn | None = None
+                    ) -> tuple[TokenWindows, TokenWindows]:
     data, model = spec.data, spec.model
     tokenizer = load_tokenizer(data.tokenizer, model.vocab_size)
-    where = data.path if data.path is not None else "the default corpus (standard library)"
+    where = _resolved(data.path) if data.path is not None else \
+        "the default corpus (standard library)"
     key = (tokenizer.name, data.val_fraction, model.seq_length)
     if data.path is None and key in _DEFAULT_SPLIT_CACHE:
         train, val = _DEFAULT_SPLIT_CACHE[key]
         return TokenWindows(train, model.seq_length), TokenWindows(val, model.seq_length)
-    stream = load_token_stream(data.path, tokenizer)
+    stream = load_token_stream(data.path, tokenizer, warn=warn)
     if not len(stream):
         raise _data_error(f"{where}: empty corpus (no document has any text)")
     _check_ids(stream, model.vocab_size, where)

@@ -86,6 +86,36 @@ def _read_index(idx_path: Path) -> tuple[torch.dtype, torch.Tensor, torch.Tensor
     return DTYPE_CODES[code], lengths, pointers.clone(), documents.clone()
 
 
+def _check_against_bin(idx_path: Path, bin_path: Path, size: int, itemsize: int,
+                       lengths: torch.Tensor, pointers: torch.Tensor) -> None:
+    """Every sequence lies inside the .bin, and together they are no larger than it.
+
+    Pointers are compared with the file size before any sum (a pointer near 2^63 plus a length
+    would wrap around in int64), and the sequences may not add up to more tokens than the file
+    holds, so that gathering them can never allocate more than the file's size.
+    """
+    if not len(lengths):
+        return
+    far = int(pointers.max())
+    if far > size:
+        raise _bad_index(idx_path, f"a sequence pointer ({far:,}) lies past the end of "
+                                   f"{bin_path.name} ({size:,} bytes)")
+    if int(lengths.max()) * itemsize > size:
+        raise _bad_index(idx_path, f"a sequence length ({int(lengths.max()):,} tokens) is longer "
+                                   f"than all of {bin_path.name} ({size:,} bytes)")
+    ends = pointers + lengths * itemsize  # each term <= size: no overflow
+    if int(ends.max()) > size:
+        raise UserError(problems=[Problem(
+            f"{size:,} bytes, but the index points up to byte {int(ends.max()):,}",
+            file=str(bin_path))])
+    if bool((pointers % itemsize != 0).any()):
+        raise _bad_index(idx_path, f"a sequence pointer is not a multiple of {itemsize} bytes")
+    total = int(lengths.sum()) * itemsize
+    if total > size:
+        raise _bad_index(idx_path, f"its sequences add up to {total:,} bytes, more than "
+                                   f"{bin_path.name} holds ({size:,}): they overlap")
+
+
 def read_indexed_dataset(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """`(tokens, document_lengths)`: every document's tokens back to back (int64), and lengths."""
     prefix = indexed_prefix(path) or Path(path)
@@ -98,13 +128,7 @@ def read_indexed_dataset(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     dtype, lengths, pointers, documents = _read_index(idx_path)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     data = bytearray(read_file_bytes(bin_path))
-    ends = pointers + lengths * itemsize
-    if len(lengths) and int(ends.max()) > len(data):
-        raise UserError(problems=[Problem(
-            f"{len(data)} bytes, but the index points up to byte {int(ends.max())}",
-            file=str(bin_path))])
-    if bool((pointers % itemsize != 0).any()):
-        raise _bad_index(idx_path, f"a sequence pointer is not a multiple of {itemsize} bytes")
+    _check_against_bin(idx_path, bin_path, len(data), itemsize, lengths, pointers)
     everything = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
     if dtype == torch.uint16:  # few ops support uint16; int32 holds every value
         everything = everything.to(torch.int32)

@@ -23,6 +23,13 @@ from pathlib import Path
 
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
+from mtp_cli.launch.banner import (
+    DataSummary,
+    count_parameters,
+    data_summary,
+    overwrite_summary,
+    start_banner,
+)
 from mtp_cli.launch.checks import check_backend, check_rendezvous, check_run_dir_entries
 from mtp_cli.launch.distributed import LAUNCHER_PID_ENV
 from mtp_cli.plan.dims import ParallelDims
@@ -72,6 +79,8 @@ class LaunchPlan:
     run_dir: RunDir
     resume: ResumePlan
     finished: bool
+    parameters: int = 0  # unique parameters of the whole model (for the start banner)
+    data: DataSummary | None = None
 
     @property
     def resume_step(self) -> int | None:  # None: a fresh start
@@ -101,8 +110,10 @@ def check_resume(spec: RunSpec, run_dir: RunDir, options: LaunchOptions) -> Resu
     return plan_resume(spec, run_dir, allow_imports=options.allow_imports)
 
 
-def plan_launch(spec: RunSpec, options: LaunchOptions) -> LaunchPlan:
-    """Every check that needs no process group; raises `UserError`; creates nothing."""
+def plan_launch(spec: RunSpec, options: LaunchOptions, *,
+                warn: Callable[[str], None] | None = None) -> LaunchPlan:
+    """Every check that needs no process group; raises `UserError`; creates nothing. `warn`
+    hears about data files that were skipped or do not look like text."""
     from mtp_cli.data import build_datasets
 
     check_options(options)
@@ -110,7 +121,10 @@ def plan_launch(spec: RunSpec, options: LaunchOptions) -> LaunchPlan:
     dims = ParallelDims.from_spec(spec, options.world_size)
     dims.check_supported(spec)
     check_backend(spec)
-    _, val_set = build_datasets(spec)
+    parameters = count_parameters(spec, allow_imports=options.allow_imports)
+    train_set, val_set = build_datasets(spec, warn=warn)
+    data = data_summary(spec, train_set.stream.num_documents, train_set.num_tokens,
+                        val_set.num_tokens)
     if spec.train.eval_interval and len(val_set) == 0:
         raise UserError(problems=[Problem(
             "the validation split is empty", key="data.val_fraction",
@@ -120,7 +134,16 @@ def plan_launch(spec: RunSpec, options: LaunchOptions) -> LaunchPlan:
     check_run_dir_entries(run_dir)
     resume = check_resume(spec, run_dir, options)
     finished = resume.step is not None and resume.step >= spec.train.steps
-    return LaunchPlan(dims=dims, run_dir=run_dir, resume=resume, finished=finished)
+    return LaunchPlan(dims=dims, run_dir=run_dir, resume=resume, finished=finished,
+                      parameters=parameters, data=data)
+
+
+def _banner(spec: RunSpec, options: LaunchOptions, plan: LaunchPlan) -> str:
+    checkpoint = plan.resume.checkpoint
+    return start_banner(spec, plan.dims, plan.run_dir, parameters=plan.parameters,
+                        nproc=options.nproc, nnodes=options.nnodes,
+                        resume_step=plan.resume_step, data=plan.data,
+                        resume_checkpoint=checkpoint.path.name if checkpoint else None)
 
 
 def torchrun_argv(spec: RunSpec, options: LaunchOptions, run_dir: RunDir) -> list[str]:
@@ -164,9 +187,14 @@ def _run_workers(argv: list[str]) -> int:
     return 0
 
 
-def launch(spec: RunSpec, options: LaunchOptions, *, echo: Callable[[str], None] = print) -> int:
+def _warn_on_stderr(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def launch(spec: RunSpec, options: LaunchOptions, *, echo: Callable[[str], None] = print,
+           warn: Callable[[str], None] = _warn_on_stderr) -> int:
     """Check, then train; returns the process exit code (0 also for an already finished run)."""
-    plan = plan_launch(spec, options)
+    plan = plan_launch(spec, options, warn=warn)
     run_dir = plan.run_dir
     for warning in plan.resume.warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -185,11 +213,13 @@ def launch(spec: RunSpec, options: LaunchOptions, *, echo: Callable[[str], None]
         raise
     try:
         if options.overwrite:
+            removed = overwrite_summary(run_dir)
             run_dir.clear()
-        if plan.resume_step is not None:
-            echo(f"{run_dir.root}: resuming from step {plan.resume_step}")
-            if plan.resume.schedule_note:
-                echo(plan.resume.schedule_note)
+            if removed:
+                echo(removed)
+        echo(_banner(spec, options, plan))
+        if plan.resume.schedule_note:
+            echo(plan.resume.schedule_note)
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         # The c10d rendezvous shares its TCPStore with the workers' process group by default,
         # and a restarted group then reads the dead group's gloo/nccl addresses from it
