@@ -208,8 +208,13 @@ def train(
         rdzv_id=rdzv_id, max_restarts=max_restarts, overwrite=overwrite,
         allow_imports=allow_imports,
     )
-    code = launch(run_spec, options, echo=lambda text: console.print(
-        text, highlight=False, markup=False, soft_wrap=True), warn=print_warning)
+    try:
+        code = launch(run_spec, options, echo=lambda text: console.print(
+            text, highlight=False, markup=False, soft_wrap=True), warn=print_warning)
+    except KeyboardInterrupt:  # Ctrl-C before the workers started (later: the launcher's line)
+        error_console.print("mtp train: stopped by Ctrl-C (SIGINT) before any worker started; "
+                            "nothing was trained", highlight=False, markup=False)
+        raise typer.Exit(130) from None
     if code:
         raise typer.Exit(code)
 

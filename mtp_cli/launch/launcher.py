@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from mtp_cli.launch.banner import (
 )
 from mtp_cli.launch.checks import check_backend, check_rendezvous, check_run_dir_entries
 from mtp_cli.launch.distributed import LAUNCHER_PID_ENV
+from mtp_cli.launch.interrupt import quiet_elastic_shutdown, stopped_message
 from mtp_cli.plan.dims import ParallelDims
 from mtp_cli.run_dir import RunDir, RunDirLock, check_creatable
 from mtp_cli.train.compatibility import ResumePlan, plan_resume
@@ -164,14 +164,15 @@ def torchrun_argv(spec: RunSpec, options: LaunchOptions, run_dir: RunDir) -> lis
     return argv
 
 
-def _run_workers(argv: list[str]) -> int:
+def _run_workers(argv: list[str], run_dir: RunDir) -> int:
     """Run torch.distributed.run in this process; map its failures to exit codes."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     try:
-        run(parse_args(argv))
+        with quiet_elastic_shutdown():
+            run(parse_args(argv))
     except ChildFailedError as error:
         codes = {failure.exitcode for failure in error.failures.values()}
         if codes == {USER_ERROR_EXIT}:
@@ -181,8 +182,7 @@ def _run_workers(argv: list[str]) -> int:
         print(error.format_msg(), file=sys.stderr, flush=True)
         return 1
     except SignalException as error:
-        print(f"mtp train: stopped by {signal.Signals(error.sigval).name}", file=sys.stderr,
-              flush=True)
+        print(stopped_message(int(error.sigval), run_dir), file=sys.stderr, flush=True)
         return 128 + int(error.sigval)
     return 0
 
@@ -231,7 +231,7 @@ def launch(spec: RunSpec, options: LaunchOptions, *, echo: Callable[[str], None]
             os.environ["OMP_NUM_THREADS"] = str(max(1, cores // options.nproc))
         sys.stdout.flush()
         clear_stop_record(run_dir)
-        code = _run_workers(torchrun_argv(spec, options, run_dir))
+        code = _run_workers(torchrun_argv(spec, options, run_dir), run_dir)
         stopped = read_stop_record(run_dir)  # the workers stopped on purpose (a NaN step)
         if code == 0 and stopped is not None:
             print(f"error: {stopped['message']}", file=sys.stderr, flush=True)

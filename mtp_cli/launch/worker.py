@@ -18,6 +18,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from mtp_cli.errors import UserError
 from mtp_cli.launch.distributed import distributed, exit_with_launcher
+from mtp_cli.launch.interrupt import exit_quietly_on_sigint
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @record
 def main(argv: list[str] | None = None) -> int:
     exit_with_launcher()
+    exit_quietly_on_sigint()
     args = parse_args(argv)
     from mtp_cli.config.loader import load_spec
     from mtp_cli.run_dir import RunDir
