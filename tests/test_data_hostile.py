@@ -48,6 +48,7 @@ def test_special_file_named_as_data_path_is_refused(tmp_path, name):
         build_datasets(make_spec(path=str(root / name)))
 
 
+@pytest.mark.slow
 def test_train_reads_a_trapped_directory_without_hanging(tmp_path):
     """Through the CLI, bounded: the warnings come out, and a run directory that cannot be
     created refuses the launch right after the data was read."""
@@ -110,6 +111,15 @@ def test_crafted_index_is_refused_naming_the_file(tmp_path, lengths, pointers, n
     assert problem.file == str(tmp_path / "ds.idx") and needle in problem.message
 
 
+def test_index_header_promising_more_than_it_holds_in_process(tmp_path):
+    (tmp_path / "ds.bin").write_bytes(b"\x00" * 32)
+    header = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 4, 2**60, 2**60 + 1)
+    (tmp_path / "ds.idx").write_bytes(header)
+    with pytest.raises(UserError, match="truncated: 34 bytes, the header promises"):
+        build_datasets(make_spec(path=str(tmp_path / "ds"), seq_length=2))
+
+
+@pytest.mark.slow
 def test_index_header_promising_more_than_it_holds(tmp_path):
     (tmp_path / "ds.bin").write_bytes(b"\x00" * 32)
     header = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 4, 2**60, 2**60 + 1)
@@ -121,6 +131,7 @@ def test_index_header_promising_more_than_it_holds(tmp_path):
     assert tree(tmp_path) == ["ds.bin", "ds.idx"]
 
 
+@pytest.mark.slow
 def test_crafted_index_through_the_cli(tmp_path):
     write_crafted(tmp_path, [2, 2], [0, 2**62], [0, 1, 2])
     outcome = run_bounded("train", "specs/tiny.yaml", *TINY, f"data.path={tmp_path / 'ds'}",

@@ -24,6 +24,9 @@ from tests.hostile_helpers import assert_refused, run_bounded
 
 EMBEDDING = "model.embedding.word_embeddings.weight"
 HUGE = 10**7  # a [HUGE, HUGE] float32 tensor: 400 TB
+GIANT_COUNT = b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"abc"  # BINBYTES8 of 1 TiB
+STRIDE_0 = "tensor w declares [1000000000, 1000000000] (1e+18 elements, strides [0, 0]) over " \
+           "a storage of 31,108 bytes"
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,7 @@ def test_dcp_declared_sizes_checked_against_the_shards(ckpt, edit, needle):
         f"{ckpt / '__0_0.distcp'}: holds" in text
 
 
+@pytest.mark.slow
 def test_dcp_huge_shape_refused_by_the_cli_in_bounded_memory(ckpt):
     edit_metadata(ckpt, _declare_huge)
     outcome = run_bounded("inspect-ckpt", str(ckpt), "--strict")
@@ -89,8 +93,13 @@ def test_dcp_huge_shape_refused_by_the_cli_in_bounded_memory(ckpt):
 
 def test_metadata_with_a_giant_counted_length(ckpt):
     """BINBYTES8 declaring 2^40 bytes in a 20-byte file: the unpickler would allocate them."""
-    (ckpt / ".metadata").write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"abc")
+    (ckpt / ".metadata").write_bytes(GIANT_COUNT)
     refused_in_process(ckpt, "DCP metadata does not parse (malformed pickle")
+
+
+@pytest.mark.slow
+def test_metadata_with_a_giant_counted_length_through_the_cli(ckpt):
+    (ckpt / ".metadata").write_bytes(GIANT_COUNT)
     outcome = run_bounded("inspect-ckpt", str(ckpt))
     assert_refused(outcome, str(ckpt / ".metadata"), "malformed pickle")
 
@@ -133,10 +142,15 @@ def crafted_archive(path: Path, *, shape=None, stride=None, megatron=False,
 def test_stride_zero_view_of_one_storage_is_refused(tmp_path, megatron):
     path = crafted_archive(tmp_path / "w.pt", shape=(10**9, 10**9), stride=(0, 0),
                            megatron=megatron)
-    needle = "tensor w declares [1000000000, 1000000000] (1e+18 elements, strides [0, 0]) " \
-             "over a storage of 31,108 bytes"
-    refused_in_process(path, needle)
-    assert_refused(run_bounded("inspect-ckpt", str(path)), needle)
+    refused_in_process(path, STRIDE_0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("megatron", [False, True], ids=["weights_only", "restricted_reader"])
+def test_stride_zero_view_through_the_cli(tmp_path, megatron):
+    path = crafted_archive(tmp_path / "w.pt", shape=(10**9, 10**9), stride=(0, 0),
+                           megatron=megatron)
+    assert_refused(run_bounded("inspect-ckpt", str(path)), STRIDE_0)
 
 
 @pytest.mark.parametrize("megatron", [False, True], ids=["weights_only", "restricted_reader"])

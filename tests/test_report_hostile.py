@@ -15,7 +15,7 @@ from tests.test_report import write_run
 
 
 def report(run_dir):
-    return build_report([run_dir], run_dir / "plots")
+    return build_report([run_dir], plots=False)
 
 
 def test_absurd_depth_key_is_ignored_with_a_warning(tmp_path):
@@ -31,6 +31,7 @@ def test_absurd_depth_key_is_ignored_with_a_warning(tmp_path):
                                "depth past 100; ignored"]
 
 
+@pytest.mark.slow
 def test_absurd_depth_through_the_cli_is_bounded(tmp_path):
     run = tmp_path / "run"
     write_run(run, depths=1, tail=json.dumps({"step": 51, "mtp_100000000_loss": 1.0}) + "\n")
@@ -49,6 +50,7 @@ def test_deeply_nested_line_is_skipped(tmp_path):
     assert result.runs[0].as_dict()["lines"]["broken"] == [53]
 
 
+@pytest.mark.slow
 def test_only_a_deeply_nested_line_exits_2(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -90,6 +92,17 @@ def test_warnings_are_capped(tmp_path):
     assert len(warnings) == 21 and warnings[-1].endswith(": 980 more warnings")
 
 
+def test_a_fifo_is_refused_unopened(tmp_path):
+    from mtp_cli.errors import UserError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / "metrics.jsonl")
+    with pytest.raises(UserError, match="not a regular file"):
+        report(run)
+
+
+@pytest.mark.slow
 def test_a_fifo_is_not_read(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

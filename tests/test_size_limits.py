@@ -89,6 +89,7 @@ def test_absurd_sizes_are_refused_naming_the_key(override, key, needle):
     assert needle in problem.message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", ["model.num_layers=1000000000", "mtp.num_layers=1000000000",
                                       "model.hidden_size=1000000000000"])
 def test_build_refuses_quickly_in_bounded_memory(override):
@@ -97,6 +98,7 @@ def test_build_refuses_quickly_in_bounded_memory(override):
     assert outcome.seconds < 30
 
 
+@pytest.mark.slow
 def test_train_refuses_before_creating_anything(tmp_path):
     run_dir = tmp_path / "run"
     outcome = run_bounded("train", "specs/tiny.yaml", *TINY, "model.num_layers=1000000000",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mtp_cli.errors import UserError
-from mtp_cli.launch.checks import check_rendezvous
+from mtp_cli.launch.checks import check_backend, check_rendezvous, check_run_dir_entries
 from mtp_cli.run_dir import RunDir, RunDirLock
 from tests.hostile_helpers import assert_refused, run_bounded, tree
 from tests.train_helpers import TINY, make_corpus
@@ -30,6 +30,26 @@ def train(run_dir: Path, corpus: Path, *args: str):
     flags = [a for a in args if a not in overrides]
     return run_bounded("train", "specs/tiny.yaml", *TINY, f"data.path={corpus}", *overrides,
                        "--run-dir", str(run_dir), *flags)
+
+
+@contextlib.contextmanager
+def read_only_directory(path: Path) -> Iterator[None]:
+    """`path` made unwritable: mode 0555, and for root (whom modes do not stop) the immutable
+    attribute; skips the test where neither takes effect."""
+    os.chmod(path, 0o555)
+    immutable = False
+    try:
+        if os.access(path, os.W_OK):
+            chattr = shutil.which("chattr")
+            if chattr is None or subprocess.run([chattr, "+i", str(path)],
+                                                capture_output=True).returncode:
+                pytest.skip("cannot make a directory unwritable for this user")
+            immutable = True
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        os.chmod(path, 0o755)
 
 
 # --- the lock file ---------------------------------------------------------------------------
@@ -53,6 +73,7 @@ def test_lock_refuses_a_fifo_without_hanging(tmp_path):
         RunDirLock(run).acquire()
 
 
+@pytest.mark.slow
 def test_train_with_a_symlinked_lock_exits_2_and_overwrites_nothing(tmp_path, corpus):
     victim = tmp_path / "precious.txt"
     victim.write_text("my notes\n")
@@ -85,6 +106,7 @@ def test_good_rendezvous_endpoints(endpoint):
     check_rendezvous("static", endpoint)
 
 
+@pytest.mark.slow
 def test_train_with_bad_rendezvous_flags_creates_nothing(tmp_path, corpus):
     run_dir = tmp_path / "run"
     outcome = train(run_dir, corpus, "--rdzv-backend", "etcd-v3", "--rdzv-endpoint",
@@ -95,14 +117,29 @@ def test_train_with_bad_rendezvous_flags_creates_nothing(tmp_path, corpus):
 
 
 # --- the backend -----------------------------------------------------------------------------
-def test_train_with_te_backend_but_no_transformer_engine(tmp_path, corpus):
-    pytest.importorskip("torch")
+def _te_installed() -> bool:
     try:
         import transformer_engine.pytorch  # noqa: F401
     except Exception:
-        pass
-    else:
-        pytest.skip("Transformer Engine is installed here")
+        return False
+    return True
+
+
+@pytest.mark.skipif(_te_installed(), reason="Transformer Engine is installed here")
+def test_te_backend_without_transformer_engine_is_refused_by_the_check():
+    from mtp_cli.config.loader import load_spec
+    from tests.cli_helpers import SPECS
+
+    with pytest.raises(UserError) as caught:
+        check_backend(load_spec(SPECS / "tiny.yaml", ["model.backend=te"]))
+    (problem,) = caught.value.problems
+    assert problem.key == "model.backend" and "Transformer Engine" in problem.message
+    check_backend(load_spec(SPECS / "tiny.yaml"))  # local: nothing to import
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_te_installed(), reason="Transformer Engine is installed here")
+def test_train_with_te_backend_but_no_transformer_engine(tmp_path, corpus):
     run_dir = tmp_path / "run"
     outcome = train(run_dir, corpus, "model.backend=te")
     assert_refused(outcome, "model.backend", "Transformer Engine")
@@ -110,6 +147,39 @@ def test_train_with_te_backend_but_no_transformer_engine(tmp_path, corpus):
 
 
 # --- run-directory entries -------------------------------------------------------------------
+def test_entry_check_names_each_wrong_entry(tmp_path):
+    run = RunDir(tmp_path / "run")
+    check_run_dir_entries(run)  # no directory yet: nothing to check
+    run.root.mkdir()
+    check_run_dir_entries(run)
+    run.tb.write_text("x")
+    run.metrics.mkdir()
+    run.checkpoints.symlink_to(tmp_path / "elsewhere")
+    run.lock_file.symlink_to(tmp_path / "victim")
+    with pytest.raises(UserError) as caught:
+        check_run_dir_entries(run)
+    assert [p.render() for p in caught.value.problems] == [
+        f"{run.lock_file}: is a symbolic link, expected a regular file (move it away, or pass "
+        "another --run-dir)",
+        f"{run.metrics}: is a directory, expected a regular file (move it away, or pass another "
+        "--run-dir)",
+        f"{run.tb}: is a regular file, expected a directory (move it away, or pass another "
+        "--run-dir)",
+        f"{run.checkpoints}: is a symbolic link, expected a directory (move it away, or pass "
+        "another --run-dir)",
+    ]
+
+
+def test_entry_check_finds_an_unwritable_directory(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    with read_only_directory(run.checkpoints), pytest.raises(UserError) as caught:
+        check_run_dir_entries(run)
+    assert [p.render() for p in caught.value.problems] == [
+        f"{run.checkpoints}: is not writable (move it away, or pass another --run-dir)"]
+
+
+@pytest.mark.slow
 def test_run_dir_entries_of_the_wrong_type(tmp_path, corpus):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -129,26 +199,7 @@ def test_run_dir_entries_of_the_wrong_type(tmp_path, corpus):
     assert tree(run_dir) == before
 
 
-@contextlib.contextmanager
-def read_only_directory(path: Path) -> Iterator[None]:
-    """`path` made unwritable: mode 0555, and for root (whom modes do not stop) the immutable
-    attribute; skips the test where neither takes effect."""
-    os.chmod(path, 0o555)
-    immutable = False
-    try:
-        if os.access(path, os.W_OK):
-            chattr = shutil.which("chattr")
-            if chattr is None or subprocess.run([chattr, "+i", str(path)],
-                                                capture_output=True).returncode:
-                pytest.skip("cannot make a directory unwritable for this user")
-            immutable = True
-        yield
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-        os.chmod(path, 0o755)
-
-
+@pytest.mark.slow
 def test_unwritable_checkpoints_directory(tmp_path, corpus):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)

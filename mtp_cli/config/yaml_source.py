@@ -230,10 +230,27 @@ def _index_positions(
     return problems
 
 
+def _check_nesting(text: str, source: str) -> None:
+    """Refuse nesting past `MAX_DEPTH` from the event stream (an iterative pass), before the
+    recursive composer would exhaust Python's stack on a `[[[[...` file."""
+    depth = 0
+    for event in yaml.parse(text, Loader=StrictSafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                mark = event.start_mark
+                raise SpecError(problems=[Problem(
+                    f"lists and mappings nested more than {MAX_DEPTH} deep", file=source,
+                    line=mark.line + 1, column=mark.column + 1)])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def parse_yaml_text(text: str, source: str) -> YamlDocument:
     """Parse one YAML document that must be a mapping; every failure is a located SpecError."""
     loader = StrictSafeLoader(text)
     try:
+        _check_nesting(text, source)
         node = loader.get_single_node()
         if node is None:
             raise SpecError(problems=[Problem("the spec is empty: expected a mapping with a "
