@@ -31,7 +31,7 @@ CASES = {
     "alias_bomb_top": (alias_bomb() + MODEL, "expands to more than 100,000 values"),
     "recursive_alias": (MODEL + "mtp: &m {loss_scaling_factor: [*m]}\n", "recursive"),
     "deep_nesting": (MODEL + "mtp: " + "[" * 100_000 + "]" * 100_000 + "\n",
-                     "nested too deeply"),
+                     "nested more than 64 deep"),
 }
 
 
