@@ -137,6 +137,7 @@ def test_every_message_of_a_broken_spec_is_plain(tmp_path):
     assert all(re.match(rf"{re.escape(str(spec))}:\d+:\d+: \w", line) for line in lines), lines
 
 
+@pytest.mark.slow
 def test_cli_reports_the_override_typo(tmp_path):
     result = run_mtp("build", "specs/tiny.yaml", "modle.hidden_size=128")
     assert result.returncode == 2 and "Traceback" not in result.stderr
