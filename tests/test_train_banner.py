@@ -28,7 +28,8 @@ def test_banner_names_model_world_run_and_data(tmp_path):
     ]
     resumed = start_banner(spec, dims, RunDir(tmp_path / "run"), parameters=1, nproc=2,
                            nnodes=2, resume_step=100, data=data)
-    assert f"{tmp_path / 'run'}: resuming from step_0000100 (step 100 of 300)" in resumed
+    assert f"{tmp_path / 'run'}: resuming from step 100 of 300 (checkpoint step_0000100)" in \
+        resumed
 
 
 def test_overwrite_summary_lists_what_goes(tmp_path):
@@ -60,7 +61,8 @@ def test_banner_before_step_1_then_resume_then_overwrite(tmp_path):
     assert all(not line.startswith("step ") for line in lines[:3])
     again = run_train(run_dir, corpus, "train.steps=6")
     assert again.returncode == 0, again.stderr
-    assert f"run directory {run_dir}: resuming from step_0000004 (step 4 of 6)" in again.stdout
+    assert f"run directory {run_dir}: resuming from step 4 of 6 (checkpoint step_0000004)" in \
+        again.stdout
     logged = len((run_dir / "metrics.jsonl").read_text().splitlines())  # train and val lines
     fresh = run_train(run_dir, corpus, "train.steps=2", flags=("--overwrite",))
     assert fresh.returncode == 0, fresh.stderr
