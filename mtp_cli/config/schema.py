@@ -16,6 +16,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from mtp_cli.config.attention_fields import AttentionFields, attention_problems
+from mtp_cli.config.moe_fields import MoEFields, moe_problems
+
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
 
@@ -33,8 +36,9 @@ class StrictModel(BaseModel):
     )
 
 
-class ModelConfig(StrictModel):
-    """The GPT decoder. Defaults are Megatron-Core's."""
+class ModelConfig(StrictModel, AttentionFields, MoEFields):
+    """The GPT decoder. Defaults are Megatron-Core's. MoE and attention keys: moe_fields.py,
+    attention_fields.py."""
 
     vocab_size: PositiveInt = Field(description="Vocabulary size (rows of the embedding).")
     hidden_size: PositiveInt = Field(description="Model width h.")
@@ -84,6 +88,10 @@ class ModelConfig(StrictModel):
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
+        if self.moe_ffn_hidden_size is None and self.num_moe_experts is not None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+        if self.kv_channels is None and self.multi_latent_attention:
+            self.kv_channels = self.qk_head_dim + self.qk_pos_emb_head_dim
         if self.kv_channels is None:
             if self.hidden_size % self.num_attention_heads:
                 raise rule_error(
@@ -98,8 +106,8 @@ class ModelConfig(StrictModel):
                 f"num_query_groups ({self.num_query_groups}) must divide num_attention_heads "
                 f"({self.num_attention_heads})",
             )
-        if self.position_embedding == "rope" and self.kv_channels % 2:
-            raise rule_error("kv_channels", f"RoPE needs an even head width, got {self.kv_channels}")
+        for field, message in [*attention_problems(self), *moe_problems(self)]:
+            raise rule_error(field, message)
         if (
             self.position_embedding == "learned_absolute"
             and self.max_position_embeddings < self.seq_length
@@ -181,6 +189,9 @@ class ParallelConfig(StrictModel):
         "step mod it is 0 or at least pipeline.",
     )
     context: PositiveInt = Field(default=1, description="Context-parallel size.")
+    expert: PositiveInt = Field(
+        default=1, description="Expert-parallel size: routed experts split over this many ranks "
+        "of data x context parallel (declared and validated; training with it arrives later).")
     layout: str | None = Field(
         default=None,
         description="pipeline_model_parallel_layout: E, t, m, L, '|' between stages, x*n, "
@@ -352,6 +363,9 @@ class RunSpec(StrictModel):
                 raise rule_error(
                     "parallel.tensor", f"tensor parallel size {tp} must divide model.{name} ({value})"
                 )
+        if par.expert > 1 and (model.num_moe_experts or 1) % par.expert:
+            raise rule_error("parallel.expert", f"expert parallel size {par.expert} must divide "
+                             f"model.num_moe_experts ({model.num_moe_experts or 'unset: no MoE'})")
         if par.context > 1 and model.seq_length % (2 * par.context):
             raise rule_error(
                 "parallel.context",
