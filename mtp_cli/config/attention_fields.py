@@ -62,9 +62,9 @@ def rotary_dim(model: Any) -> int:
     return int(model.kv_channels * model.rotary_percent)
 
 
-def attention_problems(model: Any) -> list[tuple[str, str]]:
-    """Rules linking the attention keys (after kv_channels and query groups are filled in)."""
-    given = model.model_fields_set
+def attention_problems(model: Any, given: set[str]) -> list[tuple[str, str]]:
+    """Rules linking the attention keys (after kv_channels and query groups are filled in);
+    `given`: the keys the spec sets."""
     if not model.multi_latent_attention:
         stray = [k for k in (*MLA_KEYS, "rope_type", *YARN_KEYS) if k in given]
         if stray:

@@ -64,11 +64,12 @@ def is_moe_layer(freq: int | list[int], layer_index: int) -> bool:
     return bool(freq[layer_index])
 
 
-def moe_problems(model: Any) -> list[tuple[str, str]]:
-    """Cross-field rules of the MoE keys: `(key, message)` for each violation, in key order."""
+def moe_problems(model: Any, given: set[str]) -> list[tuple[str, str]]:
+    """Cross-field rules of the MoE keys: `(key, message)` for each violation, in key order;
+    `given`: the keys the spec sets."""
     experts = model.num_moe_experts
     if experts is None:
-        set_keys = sorted(k for k in model.model_fields_set if k.startswith("moe_"))
+        set_keys = sorted(k for k in given if k.startswith("moe_"))
         return [(set_keys[0], f"{set_keys[0]} needs num_moe_experts")] if set_keys else []
     problems: list[tuple[str, str]] = []
     freq = model.moe_layer_freq

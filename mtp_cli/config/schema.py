@@ -82,6 +82,7 @@ class ModelConfig(StrictModel, AttentionFields, MoEFields):
 
     @model_validator(mode="after")
     def _fill_defaults_and_check(self) -> ModelConfig:
+        given = set(self.model_fields_set)  # before the defaults below join it
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.ffn_hidden_size is None:
@@ -106,7 +107,7 @@ class ModelConfig(StrictModel, AttentionFields, MoEFields):
                 f"num_query_groups ({self.num_query_groups}) must divide num_attention_heads "
                 f"({self.num_attention_heads})",
             )
-        for field, message in [*attention_problems(self), *moe_problems(self)]:
+        for field, message in [*attention_problems(self, given), *moe_problems(self, given)]:
             raise rule_error(field, message)
         if (
             self.position_embedding == "learned_absolute"
