@@ -47,9 +47,11 @@ def _moe_keys(config: Any, num_layers: int) -> dict[str, Any]:
         "moe_layer_freq": [0] * first_dense + [1] * (num_layers - first_dense),
         "moe_router_score_function": "sigmoid",
         "moe_router_enable_expert_bias": True,
-        "moe_router_topk_scaling_factor": float(_get(config, "routed_scaling_factor", 1.0)),
         "moe_router_load_balancing_type": "none",
     }
+    scaling = float(_get(config, "routed_scaling_factor", 1.0))
+    if scaling != 1.0:
+        keys["moe_router_topk_scaling_factor"] = scaling
     shared = _get(config, "n_shared_experts") or 0
     if shared:
         keys["moe_shared_expert_intermediate_size"] = shared * keys["moe_ffn_hidden_size"]
