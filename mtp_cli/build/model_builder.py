@@ -7,6 +7,7 @@ import torch
 from mtp_cli.build.init import initialize_parameters
 from mtp_cli.build.module_trees import build_specs
 from mtp_cli.models.gpt import GPTModel
+from mtp_cli.models.moe.run_state import configure_moe_routers
 from mtp_cli.plan.stages import Stage
 from mtp_cli.mtp.layer import get_mtp_block_spec
 from mtp_cli.config.schema import RunSpec
@@ -26,6 +27,9 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu", *,
     mtp_block_spec = get_mtp_block_spec(mtp_layer_spec, stage.mtp_layers)
     with torch.device(device):
         model = GPTModel(spec, layer_spec, final_norm_spec, mtp_block_spec, stage=stage)
+    if spec.model.num_moe_experts is not None:
+        configure_moe_routers(model, mtp_repeats=spec.mtp.num_layers
+                              if spec.mtp.use_repeated_layer else 1)
     if initialize and torch.device(device).type != "meta":
         initialize_parameters(model, spec)
     return model

@@ -64,6 +64,15 @@ def is_moe_layer(freq: int | list[int], layer_index: int) -> bool:
     return bool(freq[layer_index])
 
 
+def count_moe_layers(model: Any, mtp_layers: int) -> int:
+    """MoE layers Megatron-Core averages its logged aux losses over: the MoE decoder layers
+    plus every MTP layer."""
+    if model.num_moe_experts is None:
+        return 0
+    moe = sum(is_moe_layer(model.moe_layer_freq, i) for i in range(model.num_layers))
+    return moe + mtp_layers
+
+
 def moe_problems(model: Any, given: set[str]) -> list[tuple[str, str]]:
     """Cross-field rules of the MoE keys: `(key, message)` for each violation, in key order;
     `given`: the keys the spec sets."""
