@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mtp_cli import load_spec
+from mtp_cli.models.moe.router import TopKRouter
 from mtp_cli.models.moe.routing import topk_routing
 from mtp_cli.models.moe.run_state import (
     clear_moe_metrics,
@@ -18,7 +19,6 @@ from mtp_cli.models.moe.run_state import (
     summarize_moe_metrics,
     update_expert_bias,
 )
-from mtp_cli.models.moe.router import TopKRouter
 
 E, H = 8, 6
 
