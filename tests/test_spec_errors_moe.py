@@ -49,7 +49,8 @@ CASES = [
     ("expert_parallel_without_moe", MOE.replace("  num_moe_experts: 8\n  moe_router_topk: 2\n",
                                                 "") + "parallel:\n  expert: 2\n",
      [":8:3:", "parallel.expert", "no MoE"]),
-    ("moe_key_without_experts", MOE.replace("  num_moe_experts: 8\n", ""),
+    ("moe_key_without_experts", MOE.replace("  num_moe_experts: 8\n", "").replace(
+        "moe_router_topk: 2", "moe_router_topk: 4"),
      [":7:3:", "model.moe_router_topk", "needs num_moe_experts"]),
     ("layer_freq_list_length", MOE + "  moe_layer_freq: [0, 1, 1]\n",
      [":9:3:", "model.moe_layer_freq", "lists 3 layers, num_layers is 2"]),
@@ -59,7 +60,7 @@ CASES = [
      [":11:3:", "model.qk_pos_emb_head_dim", "even"]),
     ("mla_with_query_groups", MLA + "  num_query_groups: 2\n",
      [":13:3:", "model.num_query_groups", "one key/value head per query head"]),
-    ("mla_with_kv_channels", MLA + "  kv_channels: 16\n",
+    ("mla_with_kv_channels", MLA + "  kv_channels: 32\n",
      [":13:3:", "model.kv_channels", "qk_head_dim + qk_pos_emb_head_dim"]),
     ("mla_without_rope", MLA.replace("position_embedding: rope", "position_embedding: none"),
      [":7:3:", "model.position_embedding", "set position_embedding: rope"]),

@@ -55,6 +55,12 @@ class AttentionFields(BaseModel):
         "(DeepSeek-V3: 1.0).")
 
 
+def changed_keys(model: Any, given: set[str], keys: tuple[str, ...]) -> list[str]:
+    """The `keys` the spec sets to something other than their default (a spec dumped with
+    every default filled in loads again)."""
+    return [k for k in keys if k in given and getattr(model, k) != type(model).model_fields[k].default]
+
+
 def rotary_dim(model: Any) -> int:
     """Channels of each head RoPE rotates: MLA's decoupled key, or a share of a GQA head."""
     if model.multi_latent_attention:
@@ -66,7 +72,7 @@ def attention_problems(model: Any, given: set[str]) -> list[tuple[str, str]]:
     """Rules linking the attention keys (after kv_channels and query groups are filled in);
     `given`: the keys the spec sets."""
     if not model.multi_latent_attention:
-        stray = [k for k in (*MLA_KEYS, "rope_type", *YARN_KEYS) if k in given]
+        stray = changed_keys(model, given, (*MLA_KEYS, "rope_type", *YARN_KEYS))
         if stray:
             return [(stray[0], f"{stray[0]} is a multi-latent attention key; set "
                                "multi_latent_attention: true")]
@@ -82,7 +88,8 @@ def attention_problems(model: Any, given: set[str]) -> list[tuple[str, str]]:
     if model.position_embedding != "rope":
         problems.append(("position_embedding", "multi-latent attention rotates its decoupled key "
                          "itself: set position_embedding: rope"))
-    if "kv_channels" in given:
+    if "kv_channels" in given and model.kv_channels != model.qk_head_dim + \
+            model.qk_pos_emb_head_dim:
         problems.append(("kv_channels", "multi-latent attention has no kv_channels: its heads are "
                          "qk_head_dim + qk_pos_emb_head_dim (query, key) and v_head_dim (value)"))
     if "num_query_groups" in given and model.num_query_groups != model.num_attention_heads:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from mtp_cli.config.attention_fields import changed_keys
+
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 Bit = Literal[0, 1]
 
@@ -78,7 +80,8 @@ def moe_problems(model: Any, given: set[str]) -> list[tuple[str, str]]:
     `given`: the keys the spec sets."""
     experts = model.num_moe_experts
     if experts is None:
-        set_keys = sorted(k for k in given if k.startswith("moe_"))
+        set_keys = changed_keys(model, given, tuple(sorted(
+            k for k in MoEFields.model_fields if k.startswith("moe_"))))
         return [(set_keys[0], f"{set_keys[0]} needs num_moe_experts")] if set_keys else []
     problems: list[tuple[str, str]] = []
     freq = model.moe_layer_freq
