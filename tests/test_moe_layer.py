@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from mtp_cli import build_model, load_spec
+from mtp_cli.build.module_trees import resolved_module_trees
 from mtp_cli.models.moe.dispatcher import LocalTokenDispatcher
 from mtp_cli.models.moe.layer import MoELayer
+from tests.cli_helpers import SPECS
 
 MODEL = {"vocab_size": 32, "hidden_size": 8, "num_layers": 2, "num_attention_heads": 2,
          "seq_length": 6, "normalization": "RMSNorm", "activation": "swiglu",
@@ -70,3 +73,21 @@ def test_experts_are_named_by_global_index_and_the_dispatcher_is_the_seam():
             halves.append(dispatcher.combine(torch.cat(outputs), sent, flat.shape[0]))
         routed = layer(hidden) - layer.shared_experts(hidden)
     torch.testing.assert_close(halves[0] + halves[1], routed.reshape(-1, 8), atol=1e-6, rtol=0)
+
+
+def test_moe_mla_tree_round_trips_and_the_mtp_layer_follows_the_last_decoder_layer():
+    data = yaml.safe_load((SPECS / "tiny_moe.yaml").read_text())
+    spec = load_spec(data)
+    fed_back = load_spec({**data, "modules": resolved_module_trees(spec)})
+    assert resolved_module_trees(fed_back) == resolved_module_trees(spec)
+    shapes = {n: t.shape for n, t in build_model(spec, "meta").state_dict().items()}
+    assert shapes == {n: t.shape for n, t in build_model(fed_back, "meta").state_dict().items()}
+    model = build_model(spec, "meta")
+    assert isinstance(model.mtp.layers["0"].transformer_layer.mlp, MoELayer)
+    assert not isinstance(model.decoder.layers["0"].mlp, MoELayer)
+    data["model"]["moe_layer_freq"] = [1, 1, 1, 0]  # last decoder layer dense: so are the MTP's
+    model = build_model(load_spec(data), "meta")
+    assert isinstance(model.decoder.layers["0"].mlp, MoELayer)
+    assert not isinstance(model.mtp.layers["1"].transformer_layer.mlp, MoELayer)
+    router = build_model(spec, "meta").mtp.layers["1"].transformer_layer.mlp.router
+    assert router.is_mtp_layer and router.layer_number == 4 + 2
