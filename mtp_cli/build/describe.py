@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtp_cli.build.model_builder import build_model
-from mtp_cli.plan.placement import build_stage_plan
-from mtp_cli.plan.stages import Stage, StagePlan
 from mtp_cli.build.counts import ParameterCounts, count_parameters, routed_expert_parameters
+from mtp_cli.build.model_builder import build_model
+from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
-from mtp_cli.config.schema import RunSpec
+from mtp_cli.plan.placement import build_stage_plan
+from mtp_cli.plan.stages import Stage, StagePlan
 
 
 @dataclass

@@ -267,6 +267,12 @@ class TrainConfig(StrictModel):
         description="skip_step: the most consecutive steps skipped; one more non-finite step "
         "in a row stops the run.",
     )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Parameters kept fixed (no gradient, no optimizer state): parts "
+        "(embedding, decoder, output_layer, mtp), dotted prefixes (decoder.layers.0) or glob "
+        "patterns on parameter names (decoder.layers.*.mlp.*).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -393,6 +399,12 @@ class RunSpec(StrictModel):
             )
         if self.mtp.use_repeated_layer and self.mtp.num_layers == 0:
             raise rule_error("mtp.use_repeated_layer", "use_repeated_layer needs mtp.num_layers >= 1")
+        from mtp_cli.config.freeze_rules import freeze_problem
+
+        problem = freeze_problem(self.train.freeze, tied=model.share_embeddings_and_output_weights,
+                                 mtp_layers=self.mtp.num_layers)
+        if problem is not None:
+            raise rule_error("train.freeze", problem)
         self._check_placement()
         self._check_group_size()
         return self

@@ -1,4 +1,5 @@
-"""A Hugging Face config (DeepSeek-V3, GLM-4.5) as a run spec's `model` and `mtp` sections.
+"""A Hugging Face config (DeepSeek-V3, GLM-4.5, Llama, Qwen2) as a run spec's `model` and `mtp`
+sections.
 
 `spec_sections(hf_config)` reads a transformers config (object or `config.json` mapping) and
 returns the Megatron-named keys that build the same model, plus the `LayoutContext` the weight
@@ -93,14 +94,39 @@ def _attention_keys(model_type: str, config: Any, rope: dict[str, Any]) -> dict[
             "qk_layernorm": bool(_get(config, "use_qk_norm", False))}
 
 
+def _dense_keys(model_type: str, config: Any, rope: dict[str, Any]) -> dict[str, Any]:
+    """Llama / Qwen2: GQA with full RoPE; biases on every linear (Llama's attention_bias and
+    mlp_bias together, Megatron's add_bias_linear) or on q/k/v only (Qwen2, add_qkv_bias)."""
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"rope_type {rope['rope_type']!r}: mtp-cli's GQA RoPE is unscaled")
+    if _get(config, "hidden_act", "silu") != "silu":
+        raise UserError(f"hidden_act {_get(config, 'hidden_act')!r}: SwiGLU needs silu")
+    if model_type == "qwen2" and _get(config, "use_sliding_window", False):
+        raise UserError("use_sliding_window: true has no Megatron-Core equivalent here")
+    biases = (bool(_get(config, "attention_bias", False)), bool(_get(config, "mlp_bias", False)))
+    if model_type == "llama" and biases[0] != biases[1]:
+        raise UserError(f"attention_bias {biases[0]} with mlp_bias {biases[1]}: Megatron-Core's "
+                        "add_bias_linear puts biases on every linear layer or on none")
+    heads = _get(config, "num_attention_heads")
+    return {"num_query_groups": _get(config, "num_key_value_heads") or heads,
+            "kv_channels": _get(config, "head_dim") or _get(config, "hidden_size") // heads,
+            "add_bias_linear": model_type == "llama" and biases[0],
+            "add_qkv_bias": model_type == "qwen2"}
+
+
 def spec_sections(config: Any, *, seq_length: int | None = None
                   ) -> tuple[dict[str, Any], LayoutContext]:
-    """`({model: ..., mtp: ...}, layout context)` for a DeepSeek-V3 or GLM-4.5 config."""
+    """`({model: ..., mtp: ...}, layout context)` for a DeepSeek-V3, GLM-4.5, Llama or Qwen2
+    config."""
     model_type = _get(config, "model_type")
-    if model_type not in ("deepseek_v3", "glm4_moe"):
-        raise UserError(f"no mapping for model_type {model_type!r} (deepseek_v3, glm4_moe)")
+    if model_type not in ("deepseek_v3", "glm4_moe", "llama", "qwen2"):
+        raise UserError(f"no mapping for model_type {model_type!r} (deepseek_v3, glm4_moe, "
+                        "llama, qwen2)")
     num_layers = _get(config, "num_hidden_layers")
     rope = _rope(config)
+    dense = model_type in ("llama", "qwen2")
+    kinds = _dense_keys(model_type, config, rope) if dense else {
+        **_attention_keys(model_type, config, rope), **_moe_keys(config, num_layers)}
     model = {
         "vocab_size": _get(config, "vocab_size"),
         "hidden_size": _get(config, "hidden_size"),
@@ -117,12 +143,11 @@ def spec_sections(config: Any, *, seq_length: int | None = None
         "add_bias_linear": False,
         "share_embeddings_and_output_weights": bool(_get(config, "tie_word_embeddings", False)),
         "init_method_std": float(_get(config, "initializer_range", 0.02)),
-        **_attention_keys(model_type, config, rope),
-        **_moe_keys(config, num_layers),
+        **kinds,
     }
     depths = _get(config, "num_nextn_predict_layers", _get(config, "num_mtp_layers", 0)) or 0
     context = LayoutContext(
-        num_layers=num_layers, mtp_layers=depths, num_experts=model["num_moe_experts"],
+        num_layers=num_layers, mtp_layers=depths, num_experts=model.get("num_moe_experts") or 0,
         heads=model["num_attention_heads"], query_groups=model.get("num_query_groups", 1),
         head_dim=model.get("kv_channels", 1), qk_head_dim=model.get("qk_head_dim", 0),
         rope_dim=model.get("qk_pos_emb_head_dim", 0),

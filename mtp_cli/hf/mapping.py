@@ -25,7 +25,7 @@ Not mapped: HF's `MtpModel.embed_tokens` / `shared_head` (the main model's, shar
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -120,12 +120,57 @@ MTP_DEPTH = (
     rule("final_layernorm.weight", "post_norm.weight"),
 )
 
+# Dense models: Llama (biases on every linear with `attention_bias` / `mlp_bias`, Megatron's
+# `add_bias_linear`) and Qwen2 (q/k/v biases only, Megatron's `add_qkv_bias`).
+LLAMA_ATTENTION = (
+    rule("self_attention.linear_qkv.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+         "self_attn.v_proj.weight", layout="qkv"),
+    rule("self_attention.linear_qkv.bias", "self_attn.q_proj.bias", "self_attn.k_proj.bias",
+         "self_attn.v_proj.bias", layout="qkv"),
+    rule("self_attention.linear_proj.weight", "self_attn.o_proj.weight"),
+    rule("self_attention.linear_proj.bias", "self_attn.o_proj.bias"),
+)
+QWEN2_ATTENTION = LLAMA_ATTENTION[:3]
+DENSE_MLP = (
+    rule("mlp.linear_fc1.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", layout="rows"),
+    rule("mlp.linear_fc2.weight", "mlp.down_proj.weight"),
+)
+DENSE_MLP_BIASES = (
+    rule("mlp.linear_fc1.bias", "mlp.gate_proj.bias", "mlp.up_proj.bias", layout="rows"),
+    rule("mlp.linear_fc2.bias", "mlp.down_proj.bias"),
+)
+
 DEEPSEEK_V3 = Architecture("deepseek_v3", MODEL_RULES, NORMS + MLA_ATTENTION + MLP_AND_MOE,
                            MTP_DEPTH)
 GLM4_MOE = Architecture("glm4_moe", MODEL_RULES, NORMS + GQA_ATTENTION + MLP_AND_MOE, MTP_DEPTH)
-ARCHITECTURES = {arch.name: arch for arch in (DEEPSEEK_V3, GLM4_MOE)}
+LLAMA = Architecture("llama", MODEL_RULES, NORMS + LLAMA_ATTENTION + DENSE_MLP + DENSE_MLP_BIASES,
+                     MTP_DEPTH)
+QWEN2 = Architecture("qwen2", MODEL_RULES, NORMS + QWEN2_ATTENTION + DENSE_MLP, MTP_DEPTH)
+ARCHITECTURES = {arch.name: arch for arch in (DEEPSEEK_V3, GLM4_MOE, LLAMA, QWEN2)}
 
 MTP_LAYER = ("transformer_layer.", "mtp_block.")  # the depth's decoder layer, both sides
+
+# --- Hugging Face checkpoint files ------------------------------------------------------------
+# What `save_pretrained` writes, DeepSeek's released checkpoints hold and serving engines read,
+# where it differs from the in-memory names above (transformers converts these on load):
+# routed experts one tensor set per expert, and MTP depth k of a model with N decoder layers as
+# `model.layers.{N+k}.` - its decoder layer's tensors directly under that prefix - with copies of
+# the main embedding and head.
+FILE_EXPERTS = (
+    rule("mlp.experts.local_experts.{e}.linear_fc1.weight", "mlp.experts.{e}.gate_proj.weight",
+         "mlp.experts.{e}.up_proj.weight", layout="rows"),
+    rule("mlp.experts.local_experts.{e}.linear_fc2.weight", "mlp.experts.{e}.down_proj.weight"),
+)
+FILE_MTP_DEPTH = (  # Megatron `mtp.layers.{k}.` <-> HF `model.layers.{N+k}.`
+    rule("enorm.weight", "enorm.weight"),
+    rule("hnorm.weight", "hnorm.weight"),
+    rule("eh_proj.weight", "eh_proj.weight"),
+    rule("final_layernorm.weight", "shared_head.norm.weight"),
+)
+FILE_MTP_COPIES = (  # main-model tensors every depth repeats (written on export, checked on import)
+    rule("embedding.word_embeddings.weight", "embed_tokens.weight"),
+    rule("output_layer.weight", "shared_head.head.weight"),
+)
 
 
 # --- layouts ---------------------------------------------------------------------------------
@@ -260,3 +305,61 @@ def _shared_by_mtp(name: str) -> bool:
     """HF MtpModel's references to the main model's embedding and head (not its own)."""
     return name.startswith("mtp.") and name.endswith(("embed_tokens.weight",
                                                       "shared_head.weight"))
+
+
+# --- checkpoint files, one tensor at a time --------------------------------------------------
+@dataclass(frozen=True)
+class FileTensor:
+    """One Megatron tensor and the Hugging Face checkpoint tensors it is written as.
+
+    `copy`: the HF tensors repeat a main-model tensor (an MTP depth's `embed_tokens` and
+    `shared_head.head`, or a tied `lm_head`): written on export, compared with it on import.
+    """
+
+    megatron: str
+    hf: tuple[str, ...]
+    layout: str = "copy"
+    copy: bool = False
+
+
+def _file_layer_rules(arch: Architecture) -> tuple[Rule, ...]:
+    return tuple(r for r in arch.layer if r.layout != "expert") + FILE_EXPERTS
+
+
+def _expand(rules: tuple[Rule, ...], meg_prefix: str, hf_prefix: str, num_experts: int
+            ) -> list[FileTensor]:
+    out = []
+    for item in rules:
+        for e in range(num_experts) if "{e}" in item.megatron else [None]:
+            meg = meg_prefix + (item.megatron.format(e=e) if e is not None else item.megatron)
+            hf = tuple(hf_prefix + (h.format(e=e) if e is not None else h) for h in item.hf)
+            out.append(FileTensor(meg, hf, item.layout))
+    return out
+
+
+def file_tensors(arch: Architecture, ctx: LayoutContext, megatron_names: Iterable[str], *,
+                 tied: bool, repeated_mtp: bool = False) -> list[FileTensor]:
+    """Every tensor of a Hugging Face checkpoint of the model whose Megatron tensors are
+    `megatron_names`, in file order: the embedding, decoder layers, MTP depths (at
+    `model.layers.{N+k}`, each with its copies), final norm and head. `tied`: no `lm_head`
+    (the embedding serves); `repeated_mtp`: every depth is Megatron's `mtp.layers.0`.
+    A Megatron tensor no row maps is an error (`UserError`)."""
+    names = set(megatron_names)
+    head = "embedding.word_embeddings.weight" if tied else "output_layer.weight"
+    layer_rules, experts = _file_layer_rules(arch), ctx.num_experts
+    planned = [FileTensor("embedding.word_embeddings.weight", ("model.embed_tokens.weight",))]
+    for i in range(ctx.num_layers):
+        planned += _expand(layer_rules, f"decoder.layers.{i}.", f"model.layers.{i}.", experts)
+    for k in range(ctx.mtp_layers):
+        meg, hf = f"mtp.layers.{0 if repeated_mtp else k}.", f"model.layers.{ctx.num_layers + k}."
+        planned += _expand(FILE_MTP_DEPTH, meg, hf, experts)
+        planned += _expand(layer_rules, meg + MTP_LAYER[0], hf, experts)
+        planned += [FileTensor("embedding.word_embeddings.weight", (hf + "embed_tokens.weight",),
+                               copy=True),
+                    FileTensor(head, (hf + "shared_head.head.weight",), copy=True)]
+    planned += [FileTensor("decoder.final_layernorm.weight", ("model.norm.weight",))]
+    if not tied:
+        planned += [FileTensor("output_layer.weight", ("lm_head.weight",))]
+    chosen = [t for t in planned if t.megatron in names]
+    _leftovers(names - {t.megatron for t in chosen}, "Megatron")
+    return chosen

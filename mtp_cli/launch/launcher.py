@@ -107,6 +107,10 @@ def plan_launch(spec: RunSpec, options: LaunchOptions) -> LaunchPlan:
     check_options(options)
     dims = ParallelDims.from_spec(spec, options.world_size)
     dims.check_supported(spec)
+    if spec.train.freeze:  # every entry names a parameter (a meta-device build: no memory)
+        from mtp_cli.build.model_builder import build_model
+
+        build_model(spec, "meta", allow_imports=options.allow_imports)
     _, val_set = build_datasets(spec)
     if spec.train.eval_interval and len(val_set) == 0:
         raise UserError(problems=[Problem(

@@ -58,7 +58,14 @@ def update_expert_bias(chunks: Chunks,
                        reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
                        ) -> None:
     """DeepSeek-V3's auxiliary-loss-free balancing step for every router in training mode."""
-    routers = [r for r in moe_routers(chunks) if r.expert_bias is not None and r.training]
+    routers = []
+    for router in moe_routers(chunks):
+        if router.expert_bias is None or not router.training:
+            continue
+        if router.weight.requires_grad:
+            routers.append(router)
+        else:  # frozen (train.freeze): keeps its bias
+            router.local_tokens_per_expert.zero_()
     if not routers:
         return
     counts = torch.stack([r.local_tokens_per_expert for r in routers])

@@ -1,0 +1,102 @@
+"""A step-0 checkpoint in exactly the format `mtp train` writes, written one tensor at a time.
+
+`mtp train` resumes from `checkpoints/latest` -> `step_0000000/`: DCP entries `model.<name>`
+(one tensor per logical weight, canonical names), `scheduler` at its first step, `trainer`
+(step 0, no tokens, zero MTP acceptance counts), the data position `data.rank0` at the first
+micro-batch, and `meta.json` (the resolved spec, layout, losses). No optimizer state exists yet
+(the trainer loads only what is stored), and no RNG state (every rank keeps its fresh seed).
+
+DCP plans a save from the state dict's shapes alone, so the model's entries are meta-device
+placeholders; `LazySavePlanner.resolve_data` produces each tensor when the writer reaches it and
+the writer releases it before the next: never more than one tensor in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+from mtp_cli import __version__
+from mtp_cli.config.schema import RunSpec
+from mtp_cli.run_dir import checkpoint_name
+
+MODEL_KEY = "model."
+Producer = Callable[[], torch.Tensor]
+
+
+class LazySavePlanner(DefaultSavePlanner):
+    """Produces `model.*` tensors on demand (checked against their planned shape and dtype)."""
+
+    def __init__(self, producers: dict[str, Producer]) -> None:
+        super().__init__()
+        self.producers = producers
+
+    def resolve_data(self, write_item: Any) -> Any:
+        fqn = write_item.index.fqn
+        producer = self.producers.get(fqn)
+        if producer is None:
+            return super().resolve_data(write_item)
+        tensor = producer()
+        planned = write_item.tensor_data
+        if tuple(tensor.shape) != tuple(planned.size) or \
+                tensor.dtype != planned.properties.dtype:
+            raise RuntimeError(f"{fqn}: produced {tuple(tensor.shape)} {tensor.dtype}, planned "
+                               f"{tuple(planned.size)} {planned.properties.dtype}")
+        return tensor.contiguous()
+
+
+def training_state(spec: RunSpec) -> dict[str, Any]:
+    """What a fresh `mtp train` at step 0 would save besides the model and optimizer."""
+    train, depths = spec.train, spec.mtp.num_layers
+    trainer: dict[str, Any] = {"step": 0, "tokens": 0}
+    if depths:
+        trainer["mtp_correct"] = torch.zeros(depths, dtype=torch.float64)
+        trainer["mtp_total"] = torch.zeros(depths, dtype=torch.float64)
+    data = {"micro_batches": 0, "epoch": 0, "position": 0,
+            "micro_batch_size": train.micro_batch_size, "dp_size": 1,
+            "global_batch_size": train.global_batch_size}
+    return {"scheduler": {"last_epoch": 0}, "trainer": trainer, "data.rank0": data}
+
+
+def meta_json(spec: RunSpec, extra: dict[str, Any]) -> dict[str, Any]:
+    """meta.json of a step-0 checkpoint (the keys `Checkpointer` writes, plus `extra`)."""
+    from mtp_cli.train.checkpoint import META_FORMAT
+
+    depths = spec.mtp.num_layers
+    return {
+        "format": META_FORMAT, "step": 0, "tokens": 0,
+        "spec": spec.model_dump(mode="json"), "losses": {}, "world_size": 1,
+        "parallel": {"data": 1, "tensor": 1, "pipeline": 1, "context": 1},
+        "mtp_cumulative": {"correct": [0] * depths, "total": [0] * depths},
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "mtp_cli_version": __version__, **extra,
+    }
+
+
+def write_step0_checkpoint(run_dir: Path, spec: RunSpec,
+                           tensors: dict[str, tuple[tuple[int, ...], torch.dtype, Producer]],
+                           extra_meta: dict[str, Any]) -> Path:
+    """`run_dir/checkpoints/step_0000000` from `{name: (shape, dtype, producer)}`, then
+    `latest`; returns the checkpoint directory. `run_dir` is itself a staging directory."""
+    checkpoints = run_dir / "checkpoints"
+    directory = checkpoints / checkpoint_name(0)
+    directory.mkdir(parents=True)
+    placeholders = {name: torch.empty(shape, dtype=dtype, device="meta")
+                    for name, (shape, dtype, _) in tensors.items()}
+    producers = {MODEL_KEY + name: producer for name, (_, _, producer) in tensors.items()}
+    state = {"model": placeholders, **training_state(spec)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no_dist: "assuming the intent is ... single process"
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(directory),
+                 planner=LazySavePlanner(producers), no_dist=True)
+    (directory / "meta.json").write_text(json.dumps(meta_json(spec, extra_meta), indent=2) + "\n")
+    (checkpoints / "latest").write_text(directory.name + "\n")
+    return directory
