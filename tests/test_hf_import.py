@@ -22,10 +22,20 @@ from mtp_cli.hf.export import export_checkpoint
 from mtp_cli.hf.importer import import_model
 from mtp_cli.inspect.checkpoint import open_checkpoint
 from tests.cli_helpers import run_mtp
-from tests.hf_models import llama_config, qwen2_config, read_safetensors_dir, transformers_pair, \
-    write_mtp_layers
-from tests.hf_parity import ParityPair, deepseek_config, glm_config, hf_depth_logits, \
-    our_depth_logits
+from tests.hf_models import (
+    llama_config,
+    qwen2_config,
+    read_safetensors_dir,
+    transformers_pair,
+    write_mtp_layers,
+)
+from tests.hf_parity import (
+    ParityPair,
+    deepseek_config,
+    glm_config,
+    hf_depth_logits,
+    our_depth_logits,
+)
 
 pytest.importorskip("transformers")
 SEED = 4
@@ -112,7 +122,7 @@ def test_bf16_import_keeps_the_dtype_and_exports_back_bit_for_bit(tmp_path):
 
 
 def test_extra_depths_start_from_megatron_init_by_name(tmp_path):
-    hf_dir, main, mtp = saved_model(tmp_path, llama_config(num_mtp_layers=1))
+    hf_dir, _, mtp = saved_model(tmp_path, llama_config(num_mtp_layers=1))
     result = import_model(hf_dir, tmp_path / "run", ["mtp.num_layers=3", "train.seed=7"])
     assert len({name.split(".")[2] for name in result.fresh}) == 2  # depths 2 and 3
     assert any("initialised fresh" in note for note in result.notes)
@@ -127,7 +137,7 @@ def test_extra_depths_start_from_megatron_init_by_name(tmp_path):
 
 
 def test_fewer_depths_import_the_first_and_say_so(tmp_path):
-    hf_dir, main, mtp = saved_model(tmp_path, llama_config(num_mtp_layers=2))
+    hf_dir, _, mtp = saved_model(tmp_path, llama_config(num_mtp_layers=2))
     result = import_model(hf_dir, tmp_path / "run", ["mtp.num_layers=1"])
     assert any("not imported" in note for note in result.notes)
     _, ours = imported_model(tmp_path / "run")
