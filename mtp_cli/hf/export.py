@@ -35,6 +35,7 @@ from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.hf.export_config import HFTarget, generation_config, hf_target, layout_context
 from mtp_cli.hf.mapping import ARCHITECTURES, FileTensor, LayoutContext, file_tensors, to_hf_tensors
+from mtp_cli.hf.memory import release_freed_memory
 from mtp_cli.hf.output_dir import StagedDirectory, check_output
 from mtp_cli.hf.tokenizer_files import write_tokenizer
 
@@ -226,6 +227,7 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
             name = shard_name(index, len(shards))
             for hf_name in _write_shard(shard, checkpoint.read, ctx, dtype_of, temp / name):
                 weight_map[hf_name] = name
+            release_freed_memory()
             if echo is not None:
                 echo(f"wrote {name} ({shard.nbytes / 1e6:.1f} MB)")
         total = sum(s.nbytes for s in shards)

@@ -104,8 +104,10 @@ def _check_copies(hf: HFDirectory, plan: ImportPlan) -> None:
     main tensor: mtp-cli shares one embedding and head between the model and its depths."""
     for name, main in plan.copies:
         values = hf.read([name, main])
-        if values[name].dtype != values[main].dtype or not torch.equal(values[name],
-                                                                       values[main]):
+        same = values[name].dtype == values[main].dtype and torch.equal(values[name],
+                                                                        values[main])
+        del values
+        if not same:
             raise UserError(problems=[Problem(
                 f"{name} differs from {main}: mtp-cli's MTP depths share the main model's "
                 "embedding and output head, so a checkpoint whose copies differ cannot be "
@@ -172,7 +174,8 @@ def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...]
         header = SPEC_HEADER.format(source=Path(hf_dir).resolve(), architecture=architecture,
                                     spec=out / "spec.yaml", run_dir=out)
         (temp / "spec.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
+        largest_file = max(path.stat().st_size for path in hf.files())
         write_step0_checkpoint(temp, spec, sources, {"imported_from": {
             "path": str(Path(hf_dir).resolve()), "architecture": architecture,
-            "fresh": plan.fresh}})
+            "fresh": plan.fresh}}, file_bytes=largest_file)
     return ImportResult(out, architecture, len(plan.imported), plan.fresh, plan.notes)

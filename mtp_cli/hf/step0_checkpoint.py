@@ -7,13 +7,17 @@ micro-batch, and `meta.json` (the resolved spec, layout, losses). No optimizer s
 (the trainer loads only what is stored), and no RNG state (every rank keeps its fresh seed).
 
 DCP plans a save from the state dict's shapes alone, so the model's entries are meta-device
-placeholders; `LazySavePlanner.resolve_data` produces each tensor when the writer reaches it and
-the writer releases it before the next: never more than one tensor in memory.
+placeholders; `LazySavePlanner.resolve_data` produces each tensor when the writer reaches it.
+DCP's writer keeps every tensor of a file until the file is complete, so `BoundedFileWriter`
+cuts the rank's items, in order, into files of at most `file_bytes` (`__0_0.distcp`,
+`__0_1.distcp`, ...; DCP's metadata names each item's file): memory holds one file's tensors.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import queue
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -26,6 +30,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from mtp_cli import __version__
 from mtp_cli.config.schema import RunSpec
+from mtp_cli.hf.memory import release_freed_memory
 from mtp_cli.run_dir import checkpoint_name
 
 MODEL_KEY = "model."
@@ -35,22 +40,60 @@ Producer = Callable[[], torch.Tensor]
 class LazySavePlanner(DefaultSavePlanner):
     """Produces `model.*` tensors on demand (checked against their planned shape and dtype)."""
 
-    def __init__(self, producers: dict[str, Producer]) -> None:
+    def __init__(self, producers: dict[str, Producer], trim_every: int) -> None:
         super().__init__()
-        self.producers = producers
+        self.producers, self.trim_every, self.produced = producers, trim_every, 0
 
     def resolve_data(self, write_item: Any) -> Any:
         fqn = write_item.index.fqn
         producer = self.producers.get(fqn)
         if producer is None:
             return super().resolve_data(write_item)
+        if self.produced >= self.trim_every:  # a file's worth written and released
+            release_freed_memory()
+            self.produced = 0
         tensor = producer()
+        self.produced += tensor.numel() * tensor.element_size()
         planned = write_item.tensor_data
         if tuple(tensor.shape) != tuple(planned.size) or \
                 tensor.dtype != planned.properties.dtype:
             raise RuntimeError(f"{fqn}: produced {tuple(tensor.shape)} {tensor.dtype}, planned "
                                f"{tuple(planned.size)} {planned.properties.dtype}")
         return tensor.contiguous()
+
+
+def _item_bytes(item: Any) -> int:
+    if item.tensor_data is None:
+        return 0
+    return math.prod(item.tensor_data.size) * item.tensor_data.properties.dtype.itemsize
+
+
+class BoundedFileWriter(dcp.FileSystemWriter):
+    """`FileSystemWriter` whose files hold consecutive items of at most `file_bytes` (one item
+    larger than that gets a file of its own), written one file after another."""
+
+    def __init__(self, path: Path, file_bytes: int) -> None:
+        super().__init__(path, single_file_per_rank=True, thread_count=1)
+        self.file_bytes = file_bytes
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        if not hasattr(self, "_write_data"):  # a DCP without the hook: one file per item
+            self.single_file_per_rank = False
+            return super().write_data(plan, planner)
+        buckets: list[list[Any]] = [[]]
+        size = 0
+        for item in plan.items:
+            nbytes = _item_bytes(item)
+            if buckets[-1] and size + nbytes > self.file_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(item)
+            size += nbytes
+        files: queue.Queue = queue.Queue()
+        for index, bucket in enumerate(buckets):
+            name = f"{plan.storage_data.prefix}{index}.distcp"
+            files.put((self.fs.concat_path(self.path, name), name, bucket))
+        return self._write_data(planner, files)
 
 
 def training_state(spec: RunSpec) -> dict[str, Any]:
@@ -83,9 +126,10 @@ def meta_json(spec: RunSpec, extra: dict[str, Any]) -> dict[str, Any]:
 
 def write_step0_checkpoint(run_dir: Path, spec: RunSpec,
                            tensors: dict[str, tuple[tuple[int, ...], torch.dtype, Producer]],
-                           extra_meta: dict[str, Any]) -> Path:
-    """`run_dir/checkpoints/step_0000000` from `{name: (shape, dtype, producer)}`, then
-    `latest`; returns the checkpoint directory. `run_dir` is itself a staging directory."""
+                           extra_meta: dict[str, Any], *, file_bytes: int = 2**30) -> Path:
+    """`run_dir/checkpoints/step_0000000` from `{name: (shape, dtype, producer)}` in DCP files
+    of at most `file_bytes`, then `latest`; returns the checkpoint directory. `run_dir` is
+    itself a staging directory."""
     checkpoints = run_dir / "checkpoints"
     directory = checkpoints / checkpoint_name(0)
     directory.mkdir(parents=True)
@@ -95,8 +139,8 @@ def write_step0_checkpoint(run_dir: Path, spec: RunSpec,
     state = {"model": placeholders, **training_state(spec)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no_dist: "assuming the intent is ... single process"
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(directory),
-                 planner=LazySavePlanner(producers), no_dist=True)
+        dcp.save(state, storage_writer=BoundedFileWriter(directory, file_bytes),
+                 planner=LazySavePlanner(producers, trim_every=file_bytes), no_dist=True)
     (directory / "meta.json").write_text(json.dumps(meta_json(spec, extra_meta), indent=2) + "\n")
     (checkpoints / "latest").write_text(directory.name + "\n")
     return directory
