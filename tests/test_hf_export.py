@@ -61,7 +61,11 @@ def _assert_same_logits(theirs, ours):
                                    msg=f"depth {depth}")
 
 
-@pytest.mark.parametrize("case", list(DENSE))
+SLOW_CASES = {"llama_tied", "llama_all_biases"}  # the fast tier keeps one case of each class
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES
+                                  else c for c in DENSE])
 def test_dense_export_loads_with_the_same_main_and_depth_logits(case, tmp_path):
     model_keys, architecture = DENSE[case]
     spec, ours = random_model(dense_sections(**model_keys), SEED)
@@ -83,7 +87,9 @@ def test_dense_export_loads_with_the_same_main_and_depth_logits(case, tmp_path):
     assert ("lm_head.weight" in files) == ("tied" not in case)
 
 
-@pytest.mark.parametrize("make_config", [deepseek_config, glm_config], ids=["deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("make_config", [
+    deepseek_config, pytest.param(glm_config, marks=pytest.mark.slow)], ids=["deepseek_v3",
+                                                                             "glm4_moe"])
 def test_moe_export_loads_with_the_same_experts_and_logits(make_config, tmp_path):
     config = make_config(num_mtp_layers=2)
     sections, _ = spec_sections(config, seq_length=SEQ)
@@ -244,3 +250,25 @@ def test_shard_size_parsing():
     assert parse_size("500mb") == 5 * 10**8 and parse_size("1024") == 1024
     with pytest.raises(UserError, match="--shard-size"):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("sections", [
+    dense_sections(), dense_sections(add_qkv_bias=True, share_embeddings_and_output_weights=True),
+    dense_sections(add_bias_linear=True, kv_channels=16),
+    spec_sections(deepseek_config(), seq_length=SEQ)[0], spec_sections(glm_config(), seq_length=SEQ)[0],
+], ids=["llama", "qwen2_tied", "llama_biases_head_dim", "deepseek_v3", "glm4_moe"])
+def test_config_json_translates_back_to_the_same_model(sections):
+    """Export's config.json read by import's translation gives the same `model` section (the
+    keys a run spec would state)."""
+    from mtp_cli import load_spec
+
+    spec = load_spec(sections)
+    target = hf_target(spec, dtype=torch.float32)
+    back, _ = spec_sections(target.config, seq_length=spec.model.seq_length)
+    again = load_spec(back)
+    inference_only = {"moe_router_load_balancing_type", "moe_aux_loss_coeff",
+                      "moe_router_bias_update_rate", "moe_router_pre_softmax"}
+    ours, theirs = spec.model.model_dump(), again.model.model_dump()
+    assert {k: v for k, v in ours.items() if k not in inference_only} == \
+        {k: v for k, v in theirs.items() if k not in inference_only}
+    assert again.mtp.num_layers == spec.mtp.num_layers

@@ -27,11 +27,14 @@ from mtp_cli.hf.export import export_checkpoint
 from mtp_cli.hf.importer import import_model
 from mtp_cli.inspect.checkpoint import open_checkpoint
 from tests.cli_helpers import REPO_ROOT
-from tests.hf_models import llama_config, read_safetensors_dir, transformers_pair, \
-    write_mtp_layers
+from tests.hf_models import (
+    llama_config,
+    read_safetensors_dir,
+    transformers_pair,
+    write_mtp_layers,
+)
 from tests.hf_parity import ParityPair, hf_depth_logits, roll_left
-from tests.train_helpers import corpus  # noqa: F401  (fixture)
-from tests.train_helpers import TIMEOUT, metrics
+from tests.train_helpers import TIMEOUT, corpus, metrics  # noqa: F401  (corpus: a fixture)
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -39,14 +42,14 @@ BATCH = ["model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_
          "train.eval_interval=0", "checkpoint.interval=0", "train.warmup_steps=2"]
 
 
-def _imported(tmp_path: Path, corpus: Path, depths: int, *overrides: str) -> tuple[Path, ...]:
+def _imported(tmp_path: Path, text: Path, depths: int, *overrides: str) -> tuple[Path, ...]:
     main, mtp = transformers_pair(llama_config(num_mtp_layers=depths), 4)
     hf_dir = tmp_path / "hf"
     main.save_pretrained(hf_dir, max_shard_size="40KB")
     if depths:
         write_mtp_layers(hf_dir, main, mtp)
     run = tmp_path / "run"
-    import_model(hf_dir, run, [*BATCH, f"data.path={corpus}", *overrides])
+    import_model(hf_dir, run, [*BATCH, f"data.path={text}", *overrides])
     return run, main, mtp
 
 
