@@ -18,7 +18,7 @@ from mtp_cli.hf.configs import spec_sections
 from mtp_cli.hf.export import export_checkpoint, parse_size
 from mtp_cli.hf.export_config import hf_target
 from tests.ckpt_helpers import write_dcp_checkpoint
-from tests.cli_helpers import SPECS, run_mtp
+from tests.cli_helpers import SPECS
 from tests.hf_models import dense_sections, load_mtp_depths, random_model, read_safetensors_dir
 from tests.hf_parity import (
     SEQ,
@@ -214,11 +214,14 @@ def test_moe_export_refusals_name_the_key():
     from mtp_cli import load_spec
 
     sections, _ = spec_sections(deepseek_config(), seq_length=SEQ)
-    for key, value, reason in (("moe_router_score_function", "softmax", "softmax"),
-                               ("moe_router_group_topk", 1, "top 4 scores"),
-                               ("moe_layer_freq", [1, 0], "moe_layer_freq")):
+    for changes, reason, key in (
+            ({"moe_router_score_function": "softmax"}, "softmax", "moe_router_score_function"),
+            ({"moe_router_topk": 2}, "top 1 scores", "moe_router_group_topk"),
+            ({"moe_layer_freq": [1, 0]}, "moe_layer_freq", "moe_layer_freq"),
+            ({"moe_router_enable_expert_bias": False}, "no expert bias",
+             "moe_router_enable_expert_bias")):
         changed = json.loads(json.dumps(sections))
-        changed["model"][key] = value
+        changed["model"].update(changes)
         with pytest.raises(UserError, match=reason) as error:
             hf_target(load_spec(changed), dtype=torch.float32)
         assert error.value.problems[0].key == f"model.{key}"
@@ -239,9 +242,9 @@ def test_export_bad_input_exits_2_and_writes_nothing(tmp_path):
         export_checkpoint(state_dict, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "run"]
     out.mkdir()
-    exists = run_mtp("export", str(run), "--out", str(out))  # the CLI: exit 2, no traceback
-    assert exists.returncode == 2 and "Traceback" not in exists.stderr
-    assert str(out) in exists.stderr and "--overwrite" in exists.stderr
+    with pytest.raises(UserError, match="already exists") as error:
+        export_checkpoint(run, out)
+    assert error.value.problems[0].file == str(out) and "--overwrite" in error.value.render()
     assert list(out.iterdir()) == []
 
 

@@ -21,7 +21,6 @@ from mtp_cli.errors import UserError
 from mtp_cli.hf.export import export_checkpoint
 from mtp_cli.hf.importer import import_model
 from mtp_cli.inspect.checkpoint import open_checkpoint
-from tests.cli_helpers import run_mtp
 from tests.hf_models import (
     llama_config,
     qwen2_config,
@@ -205,9 +204,9 @@ def test_bad_input_names_the_file_and_writes_nothing(tmp_path):
     _assert_nothing_written(tmp_path, out)
     shards[1].write_bytes(data)
     out.mkdir()
-    result = run_mtp("import", str(hf_dir), "--out", str(out))  # the CLI: exit 2, no traceback
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert str(out) in result.stderr and "--overwrite" in result.stderr
+    with pytest.raises(UserError, match="already exists") as error:
+        import_model(hf_dir, out)
+    assert error.value.problems[0].file == str(out) and "--overwrite" in error.value.render()
     assert list(out.iterdir()) == []
 
 

@@ -12,15 +12,14 @@ the file. Values are read with `pread` (no memory map lingers), one tensor at a 
 
 from __future__ import annotations
 
-import json
-import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mtp_cli.checkpoint_io.files import is_regular_file, read_json_object
 from mtp_cli.errors import Problem, UserError
 
 CONFIG = "config.json"
@@ -43,28 +42,16 @@ def file_error(path: Path | str, message: str, hint: str | None = None) -> UserE
 
 
 def _plain_file(path: Path, what: str) -> None:
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise file_error(path, f"{what} is missing") from None
-    if not stat.S_ISREG(mode):
+    if not path.exists():
+        raise file_error(path, f"{what} is missing")
+    if not is_regular_file(path):
         raise file_error(path, f"{what} is not a regular file")
 
 
-def read_json(path: Path, what: str, limit: int = JSON_LIMIT) -> dict[str, Any]:
-    """A JSON object from a plain file of at most `limit` bytes; `UserError` naming it."""
-    _plain_file(path, what)
-    size = path.stat().st_size
-    if size > limit:
-        raise file_error(path, f"{what} is {size} bytes, more than the {limit} expected")
-    try:
-        with open(path, "rb") as handle:
-            data = json.loads(handle.read(limit + 1).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise file_error(path, f"{what} is not JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise file_error(path, f"{what} holds {type(data).__name__}, not a JSON object")
-    return data
+def read_json(path: Path, limit: int = JSON_LIMIT) -> dict[str, Any]:
+    """A JSON object from a plain file of at most `limit` bytes (the checkpoint readers'
+    bounded read: never a FIFO, never past the limit); `UserError` naming the file."""
+    return read_json_object(path, limit)
 
 
 @dataclass(frozen=True)
@@ -162,7 +149,7 @@ def _shard_path(root: Path, index_path: Path, name: Any) -> Path:
 def _index(root: Path, index_name: str) -> dict[str, Path]:
     """{tensor name: shard path} from an index file."""
     index_path = root / index_name
-    weight_map = read_json(index_path, "the weight index").get("weight_map")
+    weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise file_error(index_path, "has no 'weight_map' object")
     return {str(k): _shard_path(root, index_path, v) for k, v in weight_map.items()}
@@ -203,14 +190,21 @@ def _bin_entries(root: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def open_hf_directory(root: Path) -> HFDirectory:
-    """Open model directory `root` (config.json and weights); `UserError` naming the file at
-    fault for anything missing, damaged or not what it claims to be."""
+def open_hf_directory(root: Path, model_types: Collection[str]) -> HFDirectory:
+    """Open model directory `root` (config.json of one of `model_types`, and weights);
+    `UserError` naming the file at fault for anything missing, damaged or not what it claims
+    to be (the architecture first: nothing else is read for a model we cannot map)."""
     root = Path(root)
     if not root.is_dir():
         raise file_error(root, "is not a directory (a Hugging Face model directory with "
                                "config.json and safetensors files)")
-    config = read_json(root / CONFIG, "config.json")
+    config = read_json(root / CONFIG)
+    model_type = config.get("model_type")
+    if model_type not in model_types:
+        shown = config.get("architectures") or model_type
+        raise file_error(root / CONFIG, f"unknown architecture {shown} (model_type "
+                                        f"{model_type!r}): mtp import reads "
+                                        f"{', '.join(sorted(model_types))}")
     if (root / SAFETENSORS_INDEX).exists():
         tensors = _safetensors_entries(root, _index(root, SAFETENSORS_INDEX),
                                        root / SAFETENSORS_INDEX)

@@ -66,12 +66,7 @@ def _config_error(hf: HFDirectory, error: UserError) -> UserError:
 
 def _sections(hf: HFDirectory, overrides: list[str]) -> tuple[dict[str, Any], LayoutContext]:
     """The spec as a mapping (config.json's model and mtp sections, the overrides applied)."""
-    model_type = hf.config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        shown = hf.config.get("architectures") or model_type
-        raise UserError(problems=[Problem(
-            f"unknown architecture {shown} (model_type {model_type!r}): mtp import reads "
-            f"{', '.join(sorted(ARCHITECTURES))}", file=str(hf.config_path))])
+    model_type = hf.config["model_type"]
     max_positions = hf.config.get("max_position_embeddings")
     seq_length = min(max_positions, DEFAULT_SEQ_LENGTH) if isinstance(max_positions, int) \
         else DEFAULT_SEQ_LENGTH
@@ -156,7 +151,7 @@ def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...]
     """Write run directory `out` from Hugging Face model directory `hf_dir` (module doc)."""
     out = Path(out)
     check_output(out, overwrite=overwrite)
-    hf = open_hf_directory(Path(hf_dir))
+    hf = open_hf_directory(Path(hf_dir), ARCHITECTURES)
     data, ctx = _sections(hf, list(overrides))
     if (Path(hf_dir) / "tokenizer.json").is_file():
         data.setdefault("data", {}).setdefault(

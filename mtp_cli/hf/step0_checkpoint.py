@@ -29,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from mtp_cli import __version__
+from mtp_cli.checkpoint_io.checksums import directory_checksums
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.hf.memory import release_freed_memory
 from mtp_cli.run_dir import checkpoint_name
@@ -141,6 +142,9 @@ def write_step0_checkpoint(run_dir: Path, spec: RunSpec,
         warnings.simplefilter("ignore")  # no_dist: "assuming the intent is ... single process"
         dcp.save(state, storage_writer=BoundedFileWriter(directory, file_bytes),
                  planner=LazySavePlanner(producers, trim_every=file_bytes), no_dist=True)
-    (directory / "meta.json").write_text(json.dumps(meta_json(spec, extra_meta), indent=2) + "\n")
+    meta = meta_json(spec, extra_meta)
+    if spec.checkpoint.checksums:  # as `mtp train` records them, verified on resume
+        meta["checksums"] = directory_checksums(directory)
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     (checkpoints / "latest").write_text(directory.name + "\n")
     return directory
