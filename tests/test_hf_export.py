@@ -275,3 +275,17 @@ def test_config_json_translates_back_to_the_same_model(sections):
     assert {k: v for k, v in ours.items() if k not in inference_only} == \
         {k: v for k, v in theirs.items() if k not in inference_only}
     assert again.mtp.num_layers == spec.mtp.num_layers
+
+
+def test_a_repeated_mtp_layer_is_written_at_every_depth(tmp_path):
+    sections = dense_sections()
+    sections["mtp"]["use_repeated_layer"] = True
+    spec, ours = random_model(sections, SEED)
+    out = _export(tmp_path, spec, ours)
+    files = read_safetensors_dir(out)
+    assert torch.equal(files["model.layers.2.eh_proj.weight"], files["model.layers.3.eh_proj.weight"])
+    main = _load(out)
+    mtp = load_mtp_depths(main, out, 2)
+    ids = torch.randint(0, spec.model.vocab_size, (1, 16), generator=torch.Generator().manual_seed(6))
+    _assert_same_logits(hf_depth_logits(ParityPair(main, mtp, ours), ids),
+                        our_depth_logits(ours, ids))

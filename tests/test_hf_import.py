@@ -147,13 +147,21 @@ def test_fewer_depths_import_the_first_and_say_so(tmp_path):
     assert torch.equal(ours.state_dict()["mtp.layers.0.hnorm.weight"], mtp.layers[0].hnorm.weight)
 
 
-def test_tied_model_stays_tied(tmp_path):
+def test_tied_model_stays_tied_in_a_checkpoint_mtp_train_resolves(tmp_path):
+    from mtp_cli.inspect import inspect_checkpoint
+    from mtp_cli.run_dir import RunDir
+
     hf_dir, _, _ = saved_model(tmp_path, qwen2_config(num_mtp_layers=1))
     assert "lm_head.weight" not in read_safetensors_dir(hf_dir)
-    import_model(hf_dir, tmp_path / "run")
+    import_model(hf_dir, tmp_path / "run", ["checkpoint.checksums=true"])
     checkpoint = open_checkpoint(tmp_path / "run")
     assert "output_layer.weight" not in checkpoint.tensors
     assert load_spec(tmp_path / "run" / "spec.yaml").model.share_embeddings_and_output_weights
+    resolution = RunDir(tmp_path / "run").resolve()  # what a resume validates (checksums too)
+    assert resolution.step == 0 and not resolution.warnings
+    assert "checksums" in resolution.checkpoint.meta
+    report = inspect_checkpoint(tmp_path / "run")
+    assert report.passed, [c.as_dict() for c in report.checks if not c.passed]
 
 
 def _assert_nothing_written(tmp_path: Path, out: Path) -> None:

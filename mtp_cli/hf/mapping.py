@@ -21,6 +21,10 @@ Layouts (how a Megatron tensor is made of its HF tensors):
 Megatron's routed experts are stored one tensor per expert by global index, HF's stacked: the
 `expert` layout slices and stacks. Shared experts and dense MLPs have no stacking.
 Not mapped: HF's `MtpModel.embed_tokens` / `shared_head` (the main model's, shared).
+
+Checkpoint files (`mtp export` / `mtp import`) name a few tensors differently from the in-memory
+state dict: `FILE_*` below, expanded tensor by tensor by `file_tensors` (experts one per expert,
+MTP depth k at `model.layers.{N+k}` with its copies of the embedding and head).
 """
 
 from __future__ import annotations
@@ -354,9 +358,8 @@ def file_tensors(arch: Architecture, ctx: LayoutContext, megatron_names: Iterabl
         meg, hf = f"mtp.layers.{0 if repeated_mtp else k}.", f"model.layers.{ctx.num_layers + k}."
         planned += _expand(FILE_MTP_DEPTH, meg, hf, experts)
         planned += _expand(layer_rules, meg + MTP_LAYER[0], hf, experts)
-        planned += [FileTensor("embedding.word_embeddings.weight", (hf + "embed_tokens.weight",),
-                               copy=True),
-                    FileTensor(head, (hf + "shared_head.head.weight",), copy=True)]
+        planned += [FileTensor(head if item.megatron == "output_layer.weight" else item.megatron,
+                               (hf + item.hf[0],), copy=True) for item in FILE_MTP_COPIES]
     planned += [FileTensor("decoder.final_layernorm.weight", ("model.norm.weight",))]
     if not tied:
         planned += [FileTensor("output_layer.weight", ("lm_head.weight",))]
