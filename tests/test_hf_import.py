@@ -216,6 +216,10 @@ def test_bad_input_names_the_file_and_writes_nothing(tmp_path):
         import_model(hf_dir, out)
     assert error.value.problems[0].file == str(out) and "--overwrite" in error.value.render()
     assert list(out.iterdir()) == []
+    for target in (hf_dir, tmp_path):  # --overwrite never replaces the input
+        with pytest.raises(UserError, match="is or holds the input"):
+            import_model(hf_dir, target, overwrite=True)
+    assert (hf_dir / "config.json").read_text() == original
 
 
 def test_differing_mtp_copy_is_refused_naming_the_tensor(tmp_path):

@@ -193,7 +193,7 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
     from mtp_cli.inspect.checkpoint import open_checkpoint
 
     limit = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
-    check_output(Path(out), overwrite=overwrite)
+    check_output(Path(out), overwrite=overwrite, source=Path(path))
     checkpoint = open_checkpoint(Path(path))
     spec = _spec_of(checkpoint, spec_path)
     notes = list(checkpoint.notes)
@@ -222,7 +222,7 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
                          repeated_mtp=spec.mtp.use_repeated_layer)
     shards = plan_shards(items, expected, dtype_of, ctx, limit)
     weight_map: dict[str, str] = {}
-    with StagedDirectory(Path(out), overwrite=overwrite) as temp:
+    with StagedDirectory(Path(out), overwrite=overwrite, source=Path(path)) as temp:
         for index, shard in enumerate(shards):
             name = shard_name(index, len(shards))
             for hf_name in _write_shard(shard, checkpoint.read, ctx, dtype_of, temp / name):

@@ -150,7 +150,7 @@ def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...]
                  overwrite: bool = False) -> ImportResult:
     """Write run directory `out` from Hugging Face model directory `hf_dir` (module doc)."""
     out = Path(out)
-    check_output(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, source=Path(hf_dir))
     hf = open_hf_directory(Path(hf_dir), ARCHITECTURES)
     data, ctx = _sections(hf, list(overrides))
     if (Path(hf_dir) / "tokenizer.json").is_file():
@@ -164,7 +164,7 @@ def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...]
     _check_copies(hf, plan)
     sources = _tensor_sources(hf, plan, spec, ctx, shapes, scaled)
     architecture = (hf.config.get("architectures") or [arch.name])[0]
-    with StagedDirectory(out, overwrite=overwrite) as temp:
+    with StagedDirectory(out, overwrite=overwrite, source=Path(hf_dir)) as temp:
         keep_tokenizer(Path(hf_dir), temp)
         header = SPEC_HEADER.format(source=Path(hf_dir).resolve(), architecture=architecture,
                                     spec=out / "spec.yaml", run_dir=out)

@@ -27,8 +27,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def check_output(final: Path, *, overwrite: bool, option: str = "--out") -> None:
-    """`UserError` when `final` exists and may not be replaced, or cannot be created."""
+def check_output(final: Path, *, overwrite: bool, option: str = "--out",
+                 source: Path | None = None) -> None:
+    """`UserError` when `final` exists and may not be replaced, cannot be created, or is (or
+    holds) `source`, the input that `--overwrite` would otherwise delete."""
+    if source is not None:
+        out, given = Path(final).resolve(), Path(source).resolve()
+        if out == given or out in given.parents:
+            raise UserError(problems=[Problem(f"{option} is or holds the input {source}",
+                                              file=str(final), hint="write somewhere else")])
     if os.path.lexists(final) and not overwrite:
         raise UserError(problems=[Problem(f"{option} already exists", file=str(final),
                                           hint="pass --overwrite to replace it")])
@@ -47,9 +54,10 @@ class StagedDirectory:
     """`with StagedDirectory(final, overwrite=...) as temp:` write into `temp`; on a clean exit
     it becomes `final`, on an exception it is deleted."""
 
-    def __init__(self, final: Path, *, overwrite: bool, option: str = "--out") -> None:
+    def __init__(self, final: Path, *, overwrite: bool, option: str = "--out",
+                 source: Path | None = None) -> None:
         self.final = Path(final)
-        check_output(self.final, overwrite=overwrite, option=option)
+        check_output(self.final, overwrite=overwrite, option=option, source=source)
         self.temp = self.final.with_name(f"{self.final.name}{TEMP_MARKER}{secrets.token_hex(4)}")
 
     def __enter__(self) -> Path:
