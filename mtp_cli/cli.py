@@ -18,7 +18,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from mtp_cli.errors import UserError
+from mtp_cli.errors import Problem, UserError
 
 app = typer.Typer(
     name="mtp",
@@ -217,6 +217,76 @@ def train(
         raise typer.Exit(130) from None
     if code:
         raise typer.Exit(code)
+
+
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace --out if it exists (the new one is renamed into place whole).")]
+
+
+@app.command()
+@user_errors_exit_2
+def export(
+    checkpoint: Annotated[Path, typer.Argument(
+        help="A run directory (the checkpoint a resume would use), a DCP checkpoint written at "
+             "any layout, or a torch.save state-dict file.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="The Hugging Face model directory to write.",
+                                      show_default=False)],
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", help="bf16, fp16 or fp32 (default: each tensor's dtype in the checkpoint).",
+    )] = None,
+    shard_size: Annotated[str, typer.Option(
+        "--shard-size", help="Largest safetensors file, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
+    spec: Annotated[Path | None, typer.Option(
+        "--spec", help="The run spec, for a checkpoint that stores none (a state-dict file).",
+    )] = None,
+    overwrite: OverwriteOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Write CHECKPOINT as a Hugging Face model (config.json, sharded safetensors with the MTP
+    depths at model.layers.{N+k}, tokenizer) that transformers, vLLM and SGLang load."""
+    from mtp_cli.hf.export import DTYPES, export_checkpoint
+
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(problems=[Problem(f"{dtype!r} is not one of {', '.join(DTYPES)}",
+                                          key="--dtype")])
+    echo = None if as_json else (lambda text: console.print(text, highlight=False, markup=False))
+    result = export_checkpoint(checkpoint, out, spec_path=spec, dtype=dtype,
+                               shard_size=shard_size, overwrite=overwrite, echo=echo)
+    if as_json:
+        print_json(result.as_dict())
+        return
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
+    console.print(f"exported {result.tensors} tensors ({result.nbytes / 1e6:.1f} MB) in "
+                  f"{result.shards} shards as {result.architecture} to {result.out}",
+                  highlight=False, markup=False)
+
+
+@app.command("import")
+@user_errors_exit_2
+def import_(
+    hf_dir: Annotated[Path, typer.Argument(
+        help="A Hugging Face model directory (config.json and safetensors files).",
+        show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="The run directory to create.",
+                                      show_default=False)],
+    overrides: OverridesArg = None,
+    overwrite: OverwriteOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Make a run directory (spec.yaml and a step-0 checkpoint) from a pretrained DeepSeek-V3,
+    GLM-4.5, Llama or Qwen2 model; `mtp train OUT/spec.yaml --run-dir OUT` trains it."""
+    from mtp_cli.hf.importer import import_model
+
+    result = import_model(hf_dir, out, overrides or (), overwrite=overwrite)
+    if as_json:
+        print_json(result.as_dict())
+        return
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
+    console.print(f"imported {result.imported} tensors of {result.architecture} into "
+                  f"{result.run_dir}; train with: mtp train {result.run_dir / 'spec.yaml'} "
+                  f"--run-dir {result.run_dir}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

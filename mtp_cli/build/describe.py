@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
+from mtp_cli.build.counts import ParameterCounts, count_parameters, routed_expert_parameters
 from mtp_cli.build.model_builder import build_model
-from mtp_cli.plan.placement import build_stage_plan
-from mtp_cli.plan.stages import StagePlan
-from mtp_cli.build.counts import ParameterCounts, count_parameters
+from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
-from mtp_cli.config.schema import RunSpec
+from mtp_cli.plan.placement import build_stage_plan
+from mtp_cli.plan.stages import Stage, StagePlan
 
 
 @dataclass
@@ -46,24 +47,51 @@ def describe_build(spec: RunSpec, *, allow_imports: bool = False) -> BuildDescri
     model = build_model(spec, "meta", allow_imports=allow_imports)
     plan = build_stage_plan(spec)
     held = stage_parameters(spec, plan, model, allow_imports=allow_imports)
+    counts = count_parameters(model)
     seconds = time.perf_counter() - start
-    stages = [{**entry.as_dict(), "parameters": n} for entry, n in zip(plan.stages, held, strict=True)]
-    return BuildDescription(spec=spec, model=model, counts=count_parameters(model),
-                       build_seconds=seconds, extra={"stages": stages})
+    stages = [{**entry.as_dict(), **n} for entry, n in zip(plan.stages, held, strict=True)]
+    return BuildDescription(spec=spec, model=model, counts=counts,
+                            build_seconds=seconds, extra={"stages": stages})
 
 
 def stage_parameters(spec: RunSpec, plan: StagePlan, whole: GPTModel, *,
-                     allow_imports: bool = False) -> list[int]:
-    """Parameters each stage holds, tied copies included (each tensor once per stage): what a
-    user checks against a device's memory. Stages are built on the meta device."""
-    if len(plan.stages) == 1:
-        return [sum(p.numel() for p in whole.parameters())]
+                     allow_imports: bool = False) -> list[dict[str, int]]:
+    """Per stage: `parameters` it holds, tied copies included (each tensor once per stage),
+    what a user checks against a device's memory; its `routed_experts`; and
+    `parameters_per_expert_rank`, what one rank holds when `parallel.expert` ranks split the
+    routed experts. Counted on the whole meta model's modules a stage builds (`stage_modules`),
+    so a 600B model is compiled once, not once per stage."""
+    expert_parallel = spec.parallel.expert
     counts = []
-    for entry in plan.stages:
-        stage = build_model(spec, "meta", stage=entry,
-                            allow_imports=allow_imports)
-        counts.append(sum(p.numel() for p in stage.parameters()))
+    for stage in plan.stages:
+        modules, output_copy = stage_modules(whole, stage)
+        tensors = {id(p): p for m in modules for p in m.parameters()}
+        total = sum(p.numel() for p in tensors.values()) + output_copy
+        experts = sum(routed_expert_parameters(m)[0] for m in modules)
+        counts.append({"parameters": total, "routed_experts": experts,
+                       "parameters_per_expert_rank": total - experts + experts // expert_parallel})
     return counts
+
+
+def stage_modules(whole: GPTModel, stage: Stage) -> tuple[list[nn.Module], int]:
+    """The whole model's modules `build_model(spec, stage=stage)` builds copies of, and the
+    parameters of an output weight that is the stage's own copy of the tied word embedding."""
+    modules: list[nn.Module] = []
+    if stage.needs_embedding:
+        modules.append(whole.embedding)
+    modules += [whole.decoder.layers[str(n - 1)] for n in stage.decoder_layers]
+    if stage.final_layernorm and whole.decoder.final_layernorm is not None:
+        modules.append(whole.decoder.final_layernorm)
+    if stage.mtp_layers and whole.mtp is not None:
+        depths = 1 if whole.mtp.use_repeated_layer else stage.mtp_layers
+        modules += [whole.mtp.layer_for_depth(stage.mtp_layer_offset + d) for d in range(depths)]
+    output_copy = 0
+    if stage.loss:
+        if whole.output_layer is not None:
+            modules.append(whole.output_layer)
+        elif not stage.needs_embedding:  # tied: the loss stage keeps a copy of the embedding
+            output_copy = whole.output_weight().numel()
+    return modules, output_copy
 
 
 def materialize_check(spec: RunSpec, *, allow_imports: bool = False, batch_size: int = 2,

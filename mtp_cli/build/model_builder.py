@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from mtp_cli.build.freeze import apply_freeze, check_freeze
 from mtp_cli.build.init import initialize_parameters
 from mtp_cli.build.module_trees import build_specs
-from mtp_cli.models.gpt import GPTModel
-from mtp_cli.plan.stages import Stage
-from mtp_cli.mtp.layer import get_mtp_block_spec
 from mtp_cli.config.schema import RunSpec
+from mtp_cli.models.gpt import GPTModel
+from mtp_cli.models.moe.run_state import configure_moe_routers
+from mtp_cli.mtp.layer import get_mtp_block_spec
+from mtp_cli.plan.stages import Stage
 
 
 def build_model(spec: RunSpec, device: str | torch.device = "cpu", *,
@@ -19,15 +21,23 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu", *,
 
     On the meta device nothing is allocated (a 600B-parameter spec builds in seconds) and no
     initialisation runs; elsewhere parameters are initialised from `train.seed` and their global
-    names, identically whatever the parallel layout.
+    names, identically whatever the parallel layout. Parameters `train.freeze` names are built
+    with `requires_grad = False`.
     """
+    whole = stage is None
     stage = stage or Stage.whole_model(spec.model.num_layers, spec.mtp.num_layers)
     layer_spec, mtp_layer_spec, final_norm_spec = build_specs(spec, allow_imports=allow_imports)
     mtp_block_spec = get_mtp_block_spec(mtp_layer_spec, stage.mtp_layers)
     with torch.device(device):
         model = GPTModel(spec, layer_spec, final_norm_spec, mtp_block_spec, stage=stage)
+    if spec.model.num_moe_experts is not None:
+        configure_moe_routers(model, mtp_repeats=spec.mtp.num_layers
+                              if spec.mtp.use_repeated_layer else 1)
     if initialize and torch.device(device).type != "meta":
         initialize_parameters(model, spec)
+    if whole and spec.train.freeze:
+        check_freeze(spec, [name for name, _ in model.named_parameters()])
+    apply_freeze(model, spec)  # train.freeze: requires_grad False, so no optimizer state
     return model
 
 

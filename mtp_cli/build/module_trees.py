@@ -14,6 +14,11 @@ from typing import Any
 
 import mtp_cli.models  # noqa: F401  (registers the modules)
 from mtp_cli.build.backends import BackendSpecProvider, LocalSpecProvider, TESpecProvider
+from mtp_cli.config.schema import RunSpec
+from mtp_cli.errors import Problem
+from mtp_cli.models.layer_specs import decoder_layer_spec
+from mtp_cli.models.transformer_layer import transformer_layer_spec
+from mtp_cli.mtp.layer import get_mtp_layer_spec_for_backend
 from mtp_cli.nn.module_spec import (
     IMPORT_PREFIX,
     MODULE_REGISTRY,
@@ -24,15 +29,11 @@ from mtp_cli.nn.module_spec import (
     parse_module_tree,
     submodule_items,
 )
-from mtp_cli.errors import Problem
-from mtp_cli.models.transformer_layer import transformer_layer_spec
-from mtp_cli.mtp.layer import get_mtp_layer_spec_for_backend
-from mtp_cli.config.schema import RunSpec
 
 
 def resolved_module_trees(spec: RunSpec) -> dict[str, dict[str, Any]]:
     """`{decoder_layer: tree, mtp_layer: tree}` with defaults filled in (plain dicts)."""
-    decoder = copy.deepcopy(spec.modules.decoder_layer) or transformer_layer_spec().to_dict()
+    decoder = copy.deepcopy(spec.modules.decoder_layer) or decoder_layer_spec(spec.model).to_dict()
     if spec.modules.mtp_layer:
         mtp = copy.deepcopy(spec.modules.mtp_layer)
     else:
@@ -52,7 +53,7 @@ def _check_complete(spec: ModuleSpec, path: str) -> None:
     children = submodule_items(spec.submodules)
     if registered and registered.submodules_type:
         for item in dataclasses.fields(registered.submodules_type):
-            if children.get(item.name) is None:
+            if children.get(item.name) is None and not item.metadata.get("optional"):
                 raise SpecTreeError(problems=[Problem(
                     f"{spec.module} needs submodule '{item.name}'", key=f"{path}.submodules",
                     hint="name IdentityOp to leave it out")])

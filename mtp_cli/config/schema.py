@@ -16,6 +16,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from mtp_cli.config.attention_fields import AttentionFields, attention_problems
+from mtp_cli.config.moe_fields import MoEFields, moe_problems
+
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
 
@@ -33,8 +36,11 @@ class StrictModel(BaseModel):
     )
 
 
-class ModelConfig(StrictModel):
-    """The GPT decoder. Defaults are Megatron-Core's."""
+class ModelConfig(StrictModel, AttentionFields, MoEFields):
+    """The GPT decoder: dense or mixture-of-experts layers, GQA or multi-latent attention.
+    Defaults are Megatron-Core's."""
+
+    # the attention and MoE keys are declared in config/attention_fields.py and moe_fields.py
 
     vocab_size: PositiveInt = Field(description="Vocabulary size (rows of the embedding).")
     hidden_size: PositiveInt = Field(description="Model width h.")
@@ -90,12 +96,17 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _fill_defaults_and_check(self) -> ModelConfig:
+        given = set(self.model_fields_set)  # before the defaults below join it
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
+        if self.moe_ffn_hidden_size is None and self.num_moe_experts is not None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+        if self.kv_channels is None and self.multi_latent_attention:
+            self.kv_channels = self.qk_head_dim + self.qk_pos_emb_head_dim
         if self.kv_channels is None:
             if self.hidden_size % self.num_attention_heads:
                 raise rule_error(
@@ -110,8 +121,8 @@ class ModelConfig(StrictModel):
                 f"num_query_groups ({self.num_query_groups}) must divide num_attention_heads "
                 f"({self.num_attention_heads})",
             )
-        if self.position_embedding == "rope" and self.kv_channels % 2:
-            raise rule_error("kv_channels", f"RoPE needs an even head width, got {self.kv_channels}")
+        for field, message in [*attention_problems(self, given), *moe_problems(self, given)]:
+            raise rule_error(field, message)
         if (
             self.position_embedding == "learned_absolute"
             and self.max_position_embeddings < self.seq_length
@@ -193,6 +204,9 @@ class ParallelConfig(StrictModel):
         "step mod it is 0 or at least pipeline.",
     )
     context: PositiveInt = Field(default=1, description="Context-parallel size.")
+    expert: PositiveInt = Field(
+        default=1, description="Expert-parallel size: routed experts split over this many ranks "
+        "of data x context parallel (declared and validated; training with it arrives later).")
     layout: str | None = Field(
         default=None,
         description="pipeline_model_parallel_layout: E, t, m, L, '|' between stages, x*n, "
@@ -284,6 +298,12 @@ class TrainConfig(StrictModel):
         default=5,
         description="skip_step: the most consecutive steps skipped; one more non-finite step "
         "in a row stops the run.",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Parameters kept fixed (no gradient, no optimizer state): parts "
+        "(embedding, decoder, output_layer, mtp), dotted prefixes (decoder.layers.0) or glob "
+        "patterns on parameter names (decoder.layers.*.mlp.*).",
     )
 
     @model_validator(mode="after")
@@ -397,6 +417,9 @@ class RunSpec(StrictModel):
                 raise rule_error(
                     "parallel.tensor", f"tensor parallel size {tp} must divide model.{name} ({value})"
                 )
+        if par.expert > 1 and (model.num_moe_experts or 1) % par.expert:
+            raise rule_error("parallel.expert", f"expert parallel size {par.expert} must divide "
+                             f"model.num_moe_experts ({model.num_moe_experts or 'unset: no MoE'})")
         if par.context > 1 and model.seq_length % (2 * par.context):
             raise rule_error(
                 "parallel.context",
@@ -423,6 +446,12 @@ class RunSpec(StrictModel):
             )
         if self.mtp.use_repeated_layer and self.mtp.num_layers == 0:
             raise rule_error("mtp.use_repeated_layer", "use_repeated_layer needs mtp.num_layers >= 1")
+        from mtp_cli.config.freeze_rules import freeze_problem
+
+        problem = freeze_problem(self.train.freeze, tied=model.share_embeddings_and_output_weights,
+                                 mtp_layers=self.mtp.num_layers)
+        if problem is not None:
+            raise rule_error("train.freeze", problem)
         self._check_placement()
         self._check_group_size()
         return self

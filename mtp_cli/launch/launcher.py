@@ -121,6 +121,7 @@ def plan_launch(spec: RunSpec, options: LaunchOptions, *,
     dims = ParallelDims.from_spec(spec, options.world_size)
     dims.check_supported(spec)
     check_backend(spec)
+    # the meta build also checks every train.freeze entry names a parameter
     parameters = count_parameters(spec, allow_imports=options.allow_imports)
     train_set, val_set = build_datasets(spec, warn=warn)
     data = data_summary(spec, train_set.stream.num_documents, train_set.num_tokens,

@@ -7,7 +7,7 @@ when the rows are split over tensor-parallel ranks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp_cli.config.schema import ModelConfig
+from mtp_cli.errors import Problem
 from mtp_cli.models.embedding import apply_rotary_pos_emb
-from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
+from mtp_cli.nn.module_spec import ModuleSpec, SpecTreeError, build_module, register_module
 from mtp_cli.nn.packed import PackedSeqParams
 
 
@@ -39,16 +40,19 @@ class DotProductAttention(nn.Module):
     """softmax(QK^T / sqrt(d)) V through `scaled_dot_product_attention`. No parameters."""
 
     def __init__(self, config: ModelConfig, layer_number: int = 1,
-                 attn_mask_type: str = "causal") -> None:
+                 attn_mask_type: str = "causal", softmax_scale: float | None = None,
+                 k_channels: int | None = None, v_channels: int | None = None) -> None:
+        """`softmax_scale` defaults to 1/sqrt(query width); MLA passes its own (YaRN)."""
         super().__init__()
         self.dropout = config.attention_dropout
         self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
                 packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
-        """`[s, b, heads, d]` query, `[s, b, groups, d]` key/value -> `[s, b, heads * d]`."""
-        seq_len, batch, heads, head_dim = query.shape
+        """`[s, b, heads, d]` query, `[s, b, groups, d]` key/value -> `[s, b, heads * d_v]`."""
+        seq_len, batch, heads, _ = query.shape
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, n, s, d]
         if k.shape[1] != heads:  # grouped-query attention: head i reads group i // (np/ng)
             repeats = heads // k.shape[1]
@@ -59,11 +63,14 @@ class DotProductAttention(nn.Module):
         if attention_mask is not None:
             mask = attention_mask if mask is None else (mask | attention_mask)
         dropout = self.dropout if self.training else 0.0
+        scale = self.softmax_scale
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                                 scale=scale)
         else:  # Megatron's polarity: True = masked; SDPA wants True = attend
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask, dropout_p=dropout)
-        return out.permute(2, 0, 1, 3).reshape(seq_len, batch, heads * head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask, dropout_p=dropout,
+                                                 scale=scale)
+        return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)
 
 
 @dataclass
@@ -71,6 +78,9 @@ class SelfAttentionSubmodules:
     linear_qkv: Any = None
     core_attention: Any = None
     linear_proj: Any = None
+    # model.qk_layernorm: a norm over each query / key head (optional slots: omitted = none)
+    q_layernorm: Any = field(default=None, metadata={"optional": True})
+    k_layernorm: Any = field(default=None, metadata={"optional": True})
 
 
 @register_module(submodules=SelfAttentionSubmodules)
@@ -95,6 +105,7 @@ class SelfAttention(nn.Module):
             submodules.linear_proj, config.num_attention_heads * self.head_dim,
             config.hidden_size, config=config, bias=config.add_bias_linear,
         )
+        self.q_layernorm, self.k_layernorm = qk_norms(config, submodules, self.head_dim)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None,
@@ -105,6 +116,8 @@ class SelfAttention(nn.Module):
         qkv = qkv.view(seq_len, batch, -1, (per_group + 2) * d)  # [s, b, local groups, ...]
         query, key, value = qkv.split([per_group * d, d, d], dim=-1)  # per query group
         query = query.reshape(seq_len, batch, -1, d)
+        if self.q_layernorm is not None:
+            query, key = self.q_layernorm(query), self.k_layernorm(key)
         if rotary_pos_emb is not None:
             query = apply_rotary_pos_emb(query, rotary_pos_emb)
             key = apply_rotary_pos_emb(key, rotary_pos_emb)
@@ -112,13 +125,28 @@ class SelfAttention(nn.Module):
         return self.linear_proj(context)
 
 
-def self_attention_spec() -> ModuleSpec:
-    return ModuleSpec(
-        module="SelfAttention",
-        params={"attn_mask_type": "causal"},
-        submodules={
-            "linear_qkv": ModuleSpec("backend.column_parallel_linear"),
-            "core_attention": ModuleSpec("backend.core_attention"),
-            "linear_proj": ModuleSpec("backend.row_parallel_linear"),
-        },
-    )
+def qk_norms(config: ModelConfig, submodules: SelfAttentionSubmodules, head_dim: int
+             ) -> tuple[nn.Module | None, nn.Module | None]:
+    """The per-head query and key norms when `model.qk_layernorm` is on (Megatron's)."""
+    if not config.qk_layernorm:
+        return None, None
+    if submodules.q_layernorm is None or submodules.k_layernorm is None:
+        raise SpecTreeError(problems=[Problem(
+            "model.qk_layernorm is true but the self_attention spec has no q_layernorm / "
+            "k_layernorm", key="modules.decoder_layer", hint="add q_layernorm: "
+            "backend.layer_norm and k_layernorm: backend.layer_norm")])
+    return (build_module(submodules.q_layernorm, config=config, hidden_size=head_dim),
+            build_module(submodules.k_layernorm, config=config, hidden_size=head_dim))
+
+
+def self_attention_spec(qk_layernorm: bool = False) -> ModuleSpec:
+    submodules = {
+        "linear_qkv": ModuleSpec("backend.column_parallel_linear"),
+        "core_attention": ModuleSpec("backend.core_attention"),
+        "linear_proj": ModuleSpec("backend.row_parallel_linear"),
+    }
+    if qk_layernorm:
+        submodules["q_layernorm"] = ModuleSpec("backend.layer_norm")
+        submodules["k_layernorm"] = ModuleSpec("backend.layer_norm")
+    return ModuleSpec(module="SelfAttention", params={"attn_mask_type": "causal"},
+                      submodules=submodules)

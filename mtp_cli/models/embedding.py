@@ -38,6 +38,7 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(self, kv_channels: int, rotary_base: float) -> None:
+        """`kv_channels`: the rotated channels of a head (all of it, or a share: partial RoPE)."""
         super().__init__()
         exponents = torch.arange(0, kv_channels, 2, dtype=torch.float32) / kv_channels
         self.register_buffer("inv_freq", 1.0 / (rotary_base**exponents), persistent=False)
@@ -48,9 +49,22 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
 
 
-def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate `[s, b, heads, d]` by `[s, b, 1, d]` angles (Megatron's non-interleaved form)."""
+def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, *,
+                         interleaved_pairs: bool = False, mscale: float = 1.0) -> torch.Tensor:
+    """Rotate `[s, b, heads, d]` by `[s, b, 1, r]` angles (Megatron's non-interleaved form).
+
+    Only the first `r` channels rotate (partial RoPE); the rest pass through. With
+    `interleaved_pairs` (Megatron's `mla_rotary_interleaved`) the rotated channels are read as
+    pairs `(x0, x1), (x2, x3), ...` and come out as `[x0', x2', ..., x1', x3', ...]`. `mscale`
+    multiplies cos and sin (YaRN's concentration factor).
+    """
+    rotary = freqs.shape[-1]
+    t, passed = t[..., :rotary], t[..., rotary:]
+    if interleaved_pairs:
+        t = torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
     first, second = t.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
-    cos, sin = freqs.cos().to(t.dtype), freqs.sin().to(t.dtype)
-    return t * cos + rotated * sin
+    cos = (freqs.cos() * mscale).to(t.dtype)
+    sin = (freqs.sin() * mscale).to(t.dtype)
+    out = t * cos + rotated * sin
+    return torch.cat([out, passed], dim=-1) if passed.shape[-1] else out

@@ -21,9 +21,10 @@ from mtp_cli.models.chunked_ce import (
     chunked_enabled,
     grads_in_forward_fits,
 )
-from mtp_cli.models.embedding import LanguageModelEmbedding, RotaryEmbedding
+from mtp_cli.models.embedding import LanguageModelEmbedding
 from mtp_cli.models.linear import ColumnParallelLinear
 from mtp_cli.models.output import OutputHead
+from mtp_cli.models.rope import rotary_embedding_for
 from mtp_cli.models.transformer_layer import TransformerBlock
 from mtp_cli.mtp.layer import MultiTokenPredictionBlock, MultiTokenPredictionBlockSubmodules
 from mtp_cli.mtp.loss import MTPLossSettings, labels_from_input_ids, process_mtp_loss
@@ -72,10 +73,7 @@ class GPTModel(nn.Module):
         self.output_head = OutputHead()  # tensor parallel swaps in a vocab-parallel head
 
         self.embedding = LanguageModelEmbedding(config) if stage.needs_embedding else None
-        self.rotary_pos_emb = (
-            RotaryEmbedding(config.kv_channels, config.rotary_base)
-            if config.position_embedding == "rope" else None
-        )
+        self.rotary_pos_emb = rotary_embedding_for(config)
         self.decoder = TransformerBlock(config, layer_spec, stage.decoder_layers,
                                         stage.final_layernorm, final_norm_spec)
         self.mtp = (

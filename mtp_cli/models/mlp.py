@@ -21,26 +21,38 @@ class MLPSubmodules:
 
 @register_module(submodules=MLPSubmodules)
 class MLP(nn.Module):
-    """With SwiGLU, linear_fc1 holds `[gate; up]`: the first half goes through SiLU."""
+    """With SwiGLU, linear_fc1 holds `[gate; up]`: the first half goes through SiLU.
 
-    def __init__(self, config: ModelConfig, submodules: MLPSubmodules) -> None:
+    `ffn_hidden_size` overrides the config's (MoE experts and shared experts have their own).
+    """
+
+    def __init__(self, config: ModelConfig, submodules: MLPSubmodules,
+                 ffn_hidden_size: int | None = None) -> None:
         super().__init__()
         self.gated = config.activation == "swiglu"
-        fc1_rows = config.ffn_hidden_size * (2 if self.gated else 1)
+        ffn = ffn_hidden_size or config.ffn_hidden_size
+        fc1_rows = ffn * (2 if self.gated else 1)
         self.linear_fc1 = build_module(submodules.linear_fc1, config.hidden_size, fc1_rows,
                                        config=config, bias=config.add_bias_linear)
-        self.linear_fc2 = build_module(submodules.linear_fc2, config.ffn_hidden_size,
-                                       config.hidden_size, config=config,
-                                       bias=config.add_bias_linear)
+        self.linear_fc2 = build_module(submodules.linear_fc2, ffn, config.hidden_size,
+                                       config=config, bias=config.add_bias_linear)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor,
+                per_token_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """`per_token_scale [tokens]` (an expert's routing weights) scales each token's output,
+        applied after the activation as Megatron-Core does (a bias of linear_fc2 scaled too)."""
         intermediate = self.linear_fc1(hidden_states)
         if self.gated:
             gate, up = intermediate.chunk(2, dim=-1)
             intermediate = F.silu(gate) * up
         else:
             intermediate = F.gelu(intermediate)
-        return self.linear_fc2(intermediate)
+        if per_token_scale is None:
+            return self.linear_fc2(intermediate)
+        scale = per_token_scale.unsqueeze(-1)
+        output = self.linear_fc2((intermediate * scale).to(intermediate.dtype))
+        bias = getattr(self.linear_fc2, "bias", None)
+        return output if bias is None else output + ((scale - 1) * bias).to(output.dtype)
 
 
 def mlp_spec() -> ModuleSpec:

@@ -38,7 +38,9 @@ class TransformerLayer(nn.Module):
                                            layer_number=layer_number)
         self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config,
                                               hidden_size=h)
-        self.mlp = build_module(submodules.mlp, config=config)
+        # MoE layers need their number (Megatron: MoE modules get layer_number / is_mtp_layer)
+        mlp_kwargs = {"layer_number": layer_number} if _takes_layer_number(submodules.mlp) else {}
+        self.mlp = build_module(submodules.mlp, config=config, **mlp_kwargs)
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -49,6 +51,11 @@ class TransformerLayer(nn.Module):
         hidden_states = hidden_states + self.hidden_dropout(attention)
         mlp = self.mlp(self.pre_mlp_layernorm(hidden_states))
         return hidden_states + self.hidden_dropout(mlp)
+
+
+def _takes_layer_number(spec: Any) -> bool:
+    factory = spec.module if isinstance(spec, ModuleSpec) else spec
+    return bool(getattr(factory, "takes_layer_number", False))
 
 
 def transformer_layer_spec() -> ModuleSpec:

@@ -38,8 +38,10 @@ def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, *, fsdp: bool,
         if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
         else {"broadcast_buffers": False}  # torch < 2.13
     )
+    # A routed expert that no token of a micro-batch chose gets no gradient in it.
+    has_experts = any(name.endswith("local_experts") for name, _ in model.named_modules())
     return DistributedDataParallel(model, device_ids=device_ids, process_group=mesh.dp_cp_group,
-                                   **no_buffer_sync)
+                                   find_unused_parameters=has_experts, **no_buffer_sync)
 
 
 def _own_output(module: nn.Module, args: object, output: object) -> object:

@@ -144,7 +144,8 @@ class PipelineSchedule:
             flight.output.backward()
         else:
             grad = state.received.pop(Message(stage, work.micro_batch, gradient=True))
-            torch.autograd.backward(flight.output, grad.to(flight.output.dtype))
+            if flight.output.requires_grad:  # else a first stage train.freeze froze whole
+                torch.autograd.backward(flight.output, grad.to(flight.output.dtype))
         state.record.computations.append(("B", stage, work.micro_batch))
         if flight.received is not None:  # stage > 0: its input's gradient goes back
             state.to_send[Message(stage - 1, work.micro_batch, gradient=True)] = \

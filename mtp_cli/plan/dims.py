@@ -87,8 +87,26 @@ class ParallelDims:
             problems.append(Problem(
                 "tensor, pipeline and context parallel run the local backend only",
                 key="model.backend", hint="set model.backend=local"))
+        problems += self._moe_mla_unsupported(spec, model_parallel)
         if problems:
             raise UserError(problems=problems)
+
+    @staticmethod
+    def _moe_mla_unsupported(spec: RunSpec, model_parallel: bool) -> list[Problem]:
+        """MoE and MLA train data-parallel for now; expert parallel is declared, not run."""
+        problems = []
+        if spec.parallel.expert > 1:
+            problems.append(Problem(
+                "expert parallel is declared and validated but mtp train does not run it yet",
+                key="parallel.expert", hint="set parallel.expert=1"))
+        model = spec.model
+        if model_parallel and (model.num_moe_experts is not None
+                               or model.multi_latent_attention):
+            problems.append(Problem(
+                "MoE and multi-latent attention models train with data parallel only for now "
+                "(tensor, pipeline and context parallel arrive with expert parallel)",
+                key="parallel", hint="set parallel.tensor, pipeline and context to 1"))
+        return problems
 
     @property
     def dp_cp(self) -> int:

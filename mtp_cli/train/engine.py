@@ -15,6 +15,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -82,6 +83,9 @@ class DataParallelEngine:
         return self.state_dicts()
 
     def load_state_dicts(self, model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> None:
+        if not optim_sd:  # a checkpoint with no optimizer state yet (`mtp import`, step 0)
+            set_model_state_dict(self.model, model_sd, options=STATE_DICT_OPTIONS)
+            return
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd,
                        optim_state_dict=optim_sd, options=STATE_DICT_OPTIONS)
 

@@ -131,6 +131,8 @@ def full_optimizer_state(chunks: Sequence[GPTModel], optimizer: torch.optim.Opti
     flat: dict[str, Any] = {}
     for chunk in chunks:
         for name, param in chunk.named_parameters():
+            if id(param) not in groups:  # frozen (train.freeze): no optimizer state
+                continue
             key = stored_key(chunk, name)
             for item, value in optimizer.state.get(param, {}).items():
                 if torch.is_tensor(value) and value.dim() > 0:

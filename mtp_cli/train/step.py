@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from mtp_cli.models.moe.run_state import set_moe_aux_loss_scale, update_expert_bias
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.parallel.data_parallel import gradient_sync
@@ -71,7 +72,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
     """Forward/backward every micro-batch of this rank, then clip and take the optimizer step
     (not when the loss or the gradient norm is non-finite: `StepOutput.applied`).
 
-    The MTP losses land in `MTPLossLoggingHelper.tracker`; the caller reports them.
+    The MTP losses land in `MTPLossLoggingHelper.tracker`; the caller reports them. MoE
+    routers' auxiliary losses get the MTP losses' backward scale, and after the step every
+    expert bias moves by the step's token counts, summed over the data x context replicas.
     """
     num_micro = settings.num_microbatches
     totals = torch.zeros(2, dtype=torch.float64, device=settings.device)
@@ -82,9 +85,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
             if settings.per_token_loss:
                 objective = loss_sum
                 MTPLossAutoScaler.set_loss_scale(1.0)
+                set_moe_aux_loss_scale(model, 1.0, per_token=True)
             else:
                 objective = loss_sum / tokens.clamp(min=1) / num_micro
                 MTPLossAutoScaler.set_loss_scale(1.0 / num_micro)
+                set_moe_aux_loss_scale(model, 1.0 / num_micro)
             objective.backward()
         totals += torch.stack([loss_sum.detach(), tokens.detach()]).double()
     totals = _sum_over_replicas(totals, settings)
@@ -99,6 +104,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if applied:  # a skipped step's token counts do not move the expert biases either
+        update_expert_bias(model,
+                           reduce_counts=lambda counts: _sum_over_replicas(counts, settings))
     return StepOutput(lm_loss=lm_loss, loss_tokens=int(totals[1]), grad_norm=grad_norm,
                       applied=applied)
 

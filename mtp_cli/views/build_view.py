@@ -24,6 +24,10 @@ def parameter_table(report: BuildDescription) -> Table:
     table.add_row("[bold]total[/] (each part counted)", f"[bold]{counts.total:,}[/]")
     table.add_row("unique tensors", f"{counts.unique:,}")
     table.add_row("shared (tied or repeated)", f"{counts.total - counts.unique:,}")
+    if counts.experts:
+        table.add_section()
+        table.add_row("routed experts (decoder)", f"{counts.experts:,}")
+        table.add_row("activated per token (MTP excluded)", f"{counts.activated:,}")
     return table
 
 
@@ -51,6 +55,9 @@ def stage_table(report: BuildDescription) -> Table:
                           ("mtp", "right"), ("mtp offset", "right"), ("holds", "left")):
         table.add_column(name, justify=justify)
     table.add_column("parameters", justify="right", no_wrap=True)
+    expert = spec.parallel.expert
+    if expert > 1:
+        table.add_column(f"per rank (expert {expert})", justify="right", no_wrap=True)
     for stage in report.extra["stages"]:
         holds = [name for name in ("embedding", "loss") if stage[name]]
         if stage["standalone_mtp"]:
@@ -63,6 +70,7 @@ def stage_table(report: BuildDescription) -> Table:
             str(stage["mtp_layer_offset"]),
             ", ".join(holds) or "-",
             f"{stage['parameters']:,}",
+            *([f"{stage['parameters_per_expert_rank']:,}"] if expert > 1 else []),
         )
     return table
 

@@ -1,0 +1,249 @@
+"""`mtp export`: an mtp-cli checkpoint as a Hugging Face model directory.
+
+CHECKPOINT is a run directory (the checkpoint a resume would use), a DCP checkpoint written at
+any layout, or a `torch.save` state dict; it is read by tensor name through the inspect reader
+(the allow-listed DCP metadata, no process group). The output:
+
+```
+DIR/config.json                       the transformers class that computes the same function
+DIR/generation_config.json
+DIR/model-0000k-of-0000n.safetensors  MTP depth k at model.layers.{N+k} (DeepSeek-V3 layout)
+DIR/model.safetensors.index.json
+DIR/tokenizer.json, tokenizer_config.json
+```
+
+Streaming: the file tensors are grouped into output shards of at most `--shard-size` bytes
+first (from the checkpoint's shapes alone), then each shard is one DCP read of the Megatron
+tensors it needs (DCP re-reads `.metadata` on every call: reading tensor by tensor would cost
+~10^5 reads for DeepSeek-V3), converted one tensor at a time while the source is released. Peak
+memory is about the checkpoint bytes of one shard plus the largest tensor. The default dtype of
+each tensor is the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtp_cli.config.loader import load_spec
+from mtp_cli.config.schema import RunSpec
+from mtp_cli.errors import Problem, UserError
+from mtp_cli.hf.export_config import HFTarget, generation_config, hf_target, layout_context
+from mtp_cli.hf.mapping import ARCHITECTURES, FileTensor, LayoutContext, file_tensors, to_hf_tensors
+from mtp_cli.hf.memory import release_freed_memory
+from mtp_cli.hf.output_dir import StagedDirectory, check_output
+from mtp_cli.hf.tokenizer_files import write_tokenizer
+
+INDEX = "model.safetensors.index.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """`5GB` -> 5 * 10**9 bytes (KB/MB/GB decimal, KiB/MiB/GiB binary, plain bytes)."""
+    stripped = text.strip().upper()
+    number = stripped.rstrip("KMGTIB")
+    unit = stripped[len(number):]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise UserError(problems=[Problem(f"{text!r} is not a size like 5GB, 500MB or 2GiB",
+                                          key="--shard-size")]) from None
+    if value < 1:
+        raise UserError(problems=[Problem("must be at least 1 byte", key="--shard-size")])
+    return int(value)
+
+
+@dataclass
+class Shard:
+    """The file tensors of one output file, and the bytes they take there."""
+
+    tensors: list[FileTensor] = field(default_factory=list)
+    nbytes: int = 0
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    architecture: str
+    shards: int
+    tensors: int
+    nbytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "architecture": self.architecture, "shards": self.shards,
+                "tensors": self.tensors, "bytes": self.nbytes, "notes": self.notes}
+
+
+def _spec_of(checkpoint: Any, spec_path: Path | None) -> RunSpec:
+    if spec_path is not None:
+        return load_spec(spec_path)
+    stored = (checkpoint.meta or {}).get("spec")
+    if not isinstance(stored, dict):
+        raise UserError(problems=[Problem("stores no spec (no meta.json with one)",
+                                          file=str(checkpoint.path),
+                                          hint="pass --spec SPEC.yaml")])
+    try:
+        return load_spec(stored)
+    except UserError as error:
+        raise UserError(problems=[Problem(f"its stored spec does not load: {p.render()}",
+                                          file=str(checkpoint.path / "meta.json"))
+                                  for p in error.problems]) from None
+
+
+def _expected_shapes(spec: RunSpec) -> dict[str, tuple[int, ...]]:
+    from mtp_cli.build.model_builder import build_model
+
+    return {k: tuple(v.shape) for k, v in build_model(spec, "meta").state_dict().items()}
+
+
+def _check_tensors(checkpoint: Any, expected: dict[str, tuple[int, ...]]) -> None:
+    """The checkpoint holds every tensor of the spec's model with its shape."""
+    stored = {name: info.shape for name, info in checkpoint.tensors.items()}
+    missing = sorted(set(expected) - set(stored))
+    changed = [f"{n} {list(stored[n])} (the spec: {list(s)})" for n, s in expected.items()
+               if n in stored and stored[n] != s]
+    problems = []
+    if missing:
+        problems.append(Problem(f"lacks {len(missing)} tensors of the spec's model: "
+                                f"{', '.join(missing[:6])}", file=str(checkpoint.path)))
+    if changed:
+        problems.append(Problem(f"tensor shapes differ from the spec's model: "
+                                f"{', '.join(changed[:6])}", file=str(checkpoint.path)))
+    if problems:
+        raise UserError(problems=problems)
+
+
+def _hf_shapes(item: FileTensor, shape: tuple[int, ...], ctx: LayoutContext
+               ) -> list[tuple[int, ...]]:
+    meta = torch.empty(shape, device="meta")
+    return [tuple(t.shape) for t in to_hf_tensors(item.layout, meta, ctx, len(item.hf))]
+
+
+def plan_shards(items: list[FileTensor], shapes: dict[str, tuple[int, ...]],
+                dtype_of: Callable[[str], torch.dtype], ctx: LayoutContext, limit: int
+                ) -> list[Shard]:
+    """File tensors in order, cut into shards of at most `limit` bytes (a Megatron tensor's HF
+    tensors stay together; one larger than `limit` gets a shard of its own)."""
+    shards = [Shard()]
+    for item in items:
+        itemsize = dtype_of(item.megatron).itemsize
+        size = sum(_numel(s) * itemsize for s in _hf_shapes(item, shapes[item.megatron], ctx))
+        if shards[-1].tensors and shards[-1].nbytes + size > limit:
+            shards.append(Shard())
+        shards[-1].tensors.append(item)
+        shards[-1].nbytes += size
+    return shards
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def _write_shard(shard: Shard, read: Callable[[list[str]], dict[str, torch.Tensor]],
+                 ctx: LayoutContext, dtype_of: Callable[[str], torch.dtype], path: Path
+                 ) -> list[str]:
+    """One DCP read, conversion tensor by tensor (each source released after its last use),
+    one safetensors file; returns the HF names written."""
+    from safetensors.torch import save_file
+
+    names = list(dict.fromkeys(item.megatron for item in shard.tensors))
+    last_use = {item.megatron: i for i, item in enumerate(shard.tensors)}
+    sources = read(names)
+    out: dict[str, torch.Tensor] = {}
+    written: set[int] = set()  # storages in `out`: safetensors refuses tensors sharing memory
+    for i, item in enumerate(shard.tensors):
+        source = sources[item.megatron]
+        own = source.untyped_storage().data_ptr()
+        parts = to_hf_tensors(item.layout, source, ctx, len(item.hf))
+        for hf_name, part in zip(item.hf, parts, strict=True):
+            tensor = part.to(dtype_of(item.megatron)) if part.is_floating_point() else part
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in written or (item.layout != "copy" and storage == own):
+                tensor = tensor.clone(memory_format=torch.contiguous_format)
+            out[hf_name] = tensor.contiguous()
+            written.add(out[hf_name].untyped_storage().data_ptr())
+        del parts
+        if last_use[item.megatron] == i:
+            del sources[item.megatron], source
+    save_file(out, str(path), metadata={"format": "pt"})
+    return list(out)
+
+
+def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
+                      dtype: str | None = None, shard_size: str | int = "5GB",
+                      overwrite: bool = False, echo: Callable[[str], None] | None = None
+                      ) -> ExportResult:
+    """Write the Hugging Face model directory `out` of checkpoint `path` (see module doc)."""
+    from mtp_cli.data.tokenizer import load_tokenizer
+    from mtp_cli.inspect.checkpoint import open_checkpoint
+
+    limit = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
+    check_output(Path(out), overwrite=overwrite, source=Path(path))
+    checkpoint = open_checkpoint(Path(path))
+    spec = _spec_of(checkpoint, spec_path)
+    notes = list(checkpoint.notes)
+    try:
+        eod: int | None = load_tokenizer(spec.data.tokenizer, spec.model.vocab_size).eod
+    except UserError as error:  # a model that never trained on its spec's data
+        eod = None
+        notes.append(f"no tokenizer written: {error}")
+    expected = _expected_shapes(spec)
+    _check_tensors(checkpoint, expected)
+    stored_dtype = {n: getattr(torch, checkpoint.tensors[n].dtype) for n in expected}
+    forced = DTYPES[dtype] if dtype is not None else None
+
+    def dtype_of(name: str) -> torch.dtype:
+        own = stored_dtype[name]
+        return forced if forced is not None and own.is_floating_point else own
+
+    by_bytes: dict[torch.dtype, int] = {}
+    for name, shape in expected.items():
+        by_bytes[dtype_of(name)] = by_bytes.get(dtype_of(name), 0) + _numel(shape)
+    main_dtype = max(by_bytes, key=lambda d: by_bytes[d])
+    target = hf_target(spec, dtype=main_dtype, eos_token_id=eod, bos_token_id=eod)
+    ctx = layout_context(spec)
+    items = file_tensors(ARCHITECTURES[target.model_type], ctx, expected,
+                         tied=spec.model.share_embeddings_and_output_weights,
+                         repeated_mtp=spec.mtp.use_repeated_layer)
+    shards = plan_shards(items, expected, dtype_of, ctx, limit)
+    weight_map: dict[str, str] = {}
+    with StagedDirectory(Path(out), overwrite=overwrite, source=Path(path)) as temp:
+        for index, shard in enumerate(shards):
+            name = shard_name(index, len(shards))
+            for hf_name in _write_shard(shard, checkpoint.read, ctx, dtype_of, temp / name):
+                weight_map[hf_name] = name
+            release_freed_memory()
+            if echo is not None:
+                echo(f"wrote {name} ({shard.nbytes / 1e6:.1f} MB)")
+        total = sum(s.nbytes for s in shards)
+        _write_json(temp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_metadata(temp, target, spec if eod is not None else None)
+    return ExportResult(Path(out), target.architecture, len(shards), len(weight_map), total,
+                        notes=notes)
+
+
+def _write_metadata(directory: Path, target: HFTarget, spec: RunSpec | None) -> None:
+    """config.json, generation_config.json and (given the spec) the tokenizer files."""
+    _write_json(directory / "config.json", target.config)
+    _write_json(directory / "generation_config.json", generation_config(target))
+    if spec is not None:
+        write_tokenizer(directory, spec.data.tokenizer)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

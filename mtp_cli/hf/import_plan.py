@@ -1,0 +1,125 @@
+"""Which file tensors make which Megatron tensor of an import, checked before anything is read.
+
+From the spec's model (built on the meta device) and the weight files' headers: every Megatron
+tensor comes from its Hugging Face tensors (`mtp_cli.hf.mapping.file_tensors`) with the shapes
+the layout predicts, or - an MTP depth the checkpoint does not have - is initialised fresh by
+name. Each problem names the file at fault: a tensor config.json implies but no file holds, a
+shape the config does not give, a tensor nothing in config.json accounts for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from mtp_cli.errors import Problem, UserError
+from mtp_cli.hf.hf_files import HFDirectory
+from mtp_cli.hf.mapping import Architecture, FileTensor, LayoutContext, file_tensors, to_hf_tensors
+
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # old checkpoints stored RoPE tables
+SHOWN = 6
+
+
+@dataclass
+class ImportPlan:
+    """What the import reads, initialises fresh, and checks."""
+
+    imported: list[FileTensor] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)  # Megatron names of new MTP depths
+    copies: list[tuple[str, str]] = field(default_factory=list)  # (HF copy, HF main) to compare
+    skipped: list[str] = field(default_factory=list)  # HF tensors of depths beyond mtp.num_layers
+    notes: list[str] = field(default_factory=list)
+
+
+def _names(items: list[str]) -> str:
+    more = f" and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
+    return ", ".join(items[:SHOWN]) + more
+
+
+def _depth_of(name: str) -> int | None:
+    match = re.match(r"mtp\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def expected_hf_shapes(item: FileTensor, shape: tuple[int, ...], ctx: LayoutContext
+                       ) -> list[tuple[int, ...]]:
+    meta = torch.empty(shape, device="meta")
+    return [tuple(t.shape) for t in to_hf_tensors(item.layout, meta, ctx, len(item.hf))]
+
+
+def plan_import(arch: Architecture, ctx: LayoutContext, hf: HFDirectory,
+                shapes: dict[str, tuple[int, ...]], *, tied: bool, depths: int) -> ImportPlan:
+    """Match the spec's Megatron tensors (`shapes`) to the files; `depths` MTP depths wanted,
+    `ctx.mtp_layers` present in the checkpoint."""
+    wanted = dataclasses.replace(ctx, mtp_layers=depths)
+    plan, missing = ImportPlan(), []
+    main_of = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
+               "output_layer.weight": "lm_head.weight"}
+    for item in file_tensors(arch, wanted, shapes, tied=tied):
+        present = [name in hf.tensors for name in item.hf]
+        if item.copy:
+            if all(present):
+                plan.copies.append((item.hf[0], main_of[item.megatron]))
+        elif all(present):
+            plan.imported.append(item)
+        elif (_depth_of(item.megatron) or 0) >= ctx.mtp_layers and \
+                _depth_of(item.megatron) is not None:
+            plan.fresh.append(item.megatron)
+        else:
+            missing += [name for name, found in zip(item.hf, present, strict=True) if not found]
+    if tied and "lm_head.weight" in hf.tensors:
+        plan.copies.append(("lm_head.weight", "model.embed_tokens.weight"))
+    if missing:
+        raise UserError(problems=[Problem(
+            f"config.json describes tensors no weight file holds: {_names(missing)}",
+            file=str(hf.config_path), hint="is config.json the one these weights were saved with?")])
+    _check_shapes(plan, hf, shapes, ctx)
+    _account_for_every_tensor(plan, hf, ctx, depths)
+    if plan.fresh:
+        new = sorted({_depth_of(n) for n in plan.fresh})
+        plan.notes.append(f"MTP depths {', '.join(str(d + 1) for d in new)} are not in the "
+                          "checkpoint: initialised fresh (Megatron's init, by name)")
+    return plan
+
+
+def _check_shapes(plan: ImportPlan, hf: HFDirectory, shapes: dict[str, tuple[int, ...]],
+                  ctx: LayoutContext) -> None:
+    for item in plan.imported:
+        expected = expected_hf_shapes(item, shapes[item.megatron], ctx)
+        entries = [hf.tensors[name] for name in item.hf]
+        for entry, shape in zip(entries, expected, strict=True):
+            if entry.shape != shape:
+                raise UserError(problems=[Problem(
+                    f"{entry.name} is {list(entry.shape)}, but config.json gives {list(shape)}",
+                    file=str(entry.file), hint=f"check {hf.config_path}")])
+        if len({entry.dtype for entry in entries}) > 1:
+            raise UserError(problems=[Problem(
+                f"{', '.join(item.hf)} have different dtypes; they form one tensor",
+                file=str(entries[0].file))])
+
+
+def _account_for_every_tensor(plan: ImportPlan, hf: HFDirectory, ctx: LayoutContext,
+                              depths: int) -> None:
+    used = {name for item in plan.imported for name in item.hf}
+    used |= {name for pair in plan.copies for name in pair}
+    beyond = tuple(f"model.layers.{ctx.num_layers + k}." for k in range(depths, ctx.mtp_layers))
+    leftover = []
+    for name in hf.tensors:
+        if name in used or IGNORED.match(name):
+            continue
+        if beyond and name.startswith(beyond):
+            plan.skipped.append(name)
+        else:
+            leftover.append(name)
+    if leftover:
+        entry = hf.tensors[sorted(leftover)[0]]
+        raise UserError(problems=[Problem(
+            f"holds tensors config.json does not account for: {_names(sorted(leftover))}",
+            file=str(entry.file), hint=f"check {hf.config_path} (model_type, layer counts, "
+                                       "num_nextn_predict_layers)")])
+    if plan.skipped:
+        plan.notes.append(f"MTP depths {depths + 1}..{ctx.mtp_layers} of the checkpoint are not "
+                          f"imported (mtp.num_layers is {depths})")

@@ -1,0 +1,135 @@
+"""Multi-latent attention (DeepSeek-V2/V3), with Megatron-Core's names and layout.
+
+    q        = linear_q_up_proj(q_layernorm(linear_q_down_proj(x)))   or linear_q_proj(x)
+    kv, k_pe = split(linear_kv_down_proj(x), [kv_lora_rank, rope])    k_pe: ONE head, shared
+    kv       = linear_kv_up_proj(kv_layernorm(kv))                    per head [k_nope; v]
+    q        = per head [q_nope; q_pe]
+    query    = [q_nope; rope(q_pe)], key = [k_nope; rope(k_pe)] (k_pe broadcast to every head)
+    out      = linear_proj(softmax(query key^T * scale) v)
+
+Rotary layout: Megatron-Core's `mla_rotary_interleaved` (which is how MLA always rotates;
+Megatron's config-level `rotary_interleaved` must stay false with MLA): the rotary channels of
+`q_pe` and `k_pe` are taken as adjacent pairs `(x0, x1), (x2, x3), ...`, each pair turned by one
+frequency. Hugging Face's DeepSeek-V3 with `rope_interleave: true` (its default) reads the
+weights the same way, so the name mapping copies those rows unchanged; a checkpoint with
+`rope_interleave: false` has its rotary rows permuted by the mapping (`mtp_cli.hf.mapping`).
+The scale is `mla_softmax_scale` (YaRN's mscale_all_dim correction) and cos/sin carry YaRN's
+concentration factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtp_cli.config.schema import ModelConfig
+from mtp_cli.models.embedding import apply_rotary_pos_emb
+from mtp_cli.models.rope import mla_softmax_scale, yarn_concentration_factor
+from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
+from mtp_cli.nn.packed import PackedSeqParams
+
+
+@dataclass
+class MLASelfAttentionSubmodules:
+    linear_q_proj: Any = None
+    linear_q_down_proj: Any = None
+    linear_q_up_proj: Any = None
+    linear_kv_down_proj: Any = None
+    linear_kv_up_proj: Any = None
+    core_attention: Any = None
+    linear_proj: Any = None
+    q_layernorm: Any = None
+    kv_layernorm: Any = None
+
+
+@register_module(submodules=MLASelfAttentionSubmodules)
+class MLASelfAttention(nn.Module):
+    """Low-rank query and key/value projections with a decoupled, shared RoPE key."""
+
+    def __init__(self, config: ModelConfig, submodules: MLASelfAttentionSubmodules,
+                 layer_number: int = 1, attn_mask_type: str = "causal") -> None:
+        super().__init__()
+        heads, h = config.num_attention_heads, config.hidden_size
+        self.heads = heads
+        self.qk_head_dim, self.rope_dim = config.qk_head_dim, config.qk_pos_emb_head_dim
+        self.v_head_dim, self.kv_lora_rank = config.v_head_dim, config.kv_lora_rank
+        q_head_dim = self.qk_head_dim + self.rope_dim
+
+        def linear(spec: Any, rows_in: int, rows_out: int, bias: bool = False) -> nn.Module:
+            return build_module(spec, rows_in, rows_out, config=config, bias=bias)
+
+        self.compress_query = config.q_lora_rank is not None
+        if self.compress_query:
+            self.linear_q_down_proj = linear(submodules.linear_q_down_proj, h, config.q_lora_rank)
+            self.linear_q_up_proj = linear(submodules.linear_q_up_proj, config.q_lora_rank,
+                                           heads * q_head_dim)
+            self.q_layernorm = build_module(submodules.q_layernorm, config=config,
+                                            hidden_size=config.q_lora_rank)
+        else:
+            self.linear_q_proj = linear(submodules.linear_q_proj, h, heads * q_head_dim)
+        self.linear_kv_down_proj = linear(submodules.linear_kv_down_proj, h,
+                                          self.kv_lora_rank + self.rope_dim)
+        self.linear_kv_up_proj = linear(submodules.linear_kv_up_proj, self.kv_lora_rank,
+                                        heads * (self.qk_head_dim + self.v_head_dim))
+        self.kv_layernorm = build_module(submodules.kv_layernorm, config=config,
+                                         hidden_size=self.kv_lora_rank)
+        self.core_attention = build_module(
+            submodules.core_attention, config=config, layer_number=layer_number,
+            attn_mask_type=attn_mask_type, softmax_scale=mla_softmax_scale(config),
+            k_channels=q_head_dim, v_channels=self.v_head_dim,
+        )
+        self.linear_proj = linear(submodules.linear_proj, heads * self.v_head_dim, h,
+                                  bias=config.add_bias_linear)
+        self.rotary_mscale = yarn_concentration_factor(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary_pos_emb: torch.Tensor | None = None,
+                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+        """`[s, b, h]` -> `[s, b, h]`; `rotary_pos_emb` `[s, b, 1, rope]` angles."""
+        seq_len, batch, _ = hidden_states.shape
+        if self.compress_query:
+            q = self.linear_q_up_proj(self.q_layernorm(self.linear_q_down_proj(hidden_states)))
+        else:
+            q = self.linear_q_proj(hidden_states)
+        q = q.view(seq_len, batch, self.heads, self.qk_head_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.qk_head_dim, self.rope_dim], dim=-1)
+        kv_latent, k_pe = self.linear_kv_down_proj(hidden_states).split(
+            [self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.linear_kv_up_proj(self.kv_layernorm(kv_latent))
+        kv = kv.view(seq_len, batch, self.heads, self.qk_head_dim + self.v_head_dim)
+        k_nope, value = kv.split([self.qk_head_dim, self.v_head_dim], dim=-1)
+        k_pe = k_pe.unsqueeze(-2)  # [s, b, 1, rope]: one key head shared by all query heads
+        if rotary_pos_emb is not None:
+            q_pe = apply_rotary_pos_emb(q_pe, rotary_pos_emb, interleaved_pairs=True,
+                                        mscale=self.rotary_mscale)
+            k_pe = apply_rotary_pos_emb(k_pe, rotary_pos_emb, interleaved_pairs=True,
+                                        mscale=self.rotary_mscale)
+        query = torch.cat([q_nope, q_pe], dim=-1)
+        key = torch.cat([k_nope, k_pe.expand(-1, -1, self.heads, -1)], dim=-1)
+        context = self.core_attention(query, key, value.contiguous(), attention_mask,
+                                      packed_seq_params)
+        return self.linear_proj(context)
+
+
+def mla_self_attention_spec(qk_layernorm: bool) -> ModuleSpec:
+    """Megatron's local MLA spec; the latent norms are `backend.layer_norm` with qk_layernorm."""
+    norm = ModuleSpec("backend.layer_norm" if qk_layernorm else "IdentityOp")
+    column = ModuleSpec("backend.column_parallel_linear")
+    return ModuleSpec(
+        module="MLASelfAttention",
+        params={"attn_mask_type": "causal"},
+        submodules={
+            "linear_q_proj": column,
+            "linear_q_down_proj": column,
+            "linear_q_up_proj": column,
+            "linear_kv_down_proj": column,
+            "linear_kv_up_proj": column,
+            "core_attention": ModuleSpec("backend.core_attention"),
+            "linear_proj": ModuleSpec("backend.row_parallel_linear"),
+            "q_layernorm": norm,
+            "kv_layernorm": norm,
+        },
+    )

@@ -1,0 +1,1 @@
+"""Mixture-of-experts layers: router, routed experts, shared experts, token dispatch."""
