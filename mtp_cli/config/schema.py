@@ -255,6 +255,11 @@ class TrainConfig(StrictModel):
         description="skip_step: the most consecutive steps skipped; one more non-finite step "
         "in a row stops the run.",
     )
+    recompute: Literal["none", "full", "selective"] = Field(
+        default="none",
+        description="Activation recomputation: full = every decoder and MTP layer, "
+        "selective = the attention core; losses and gradients unchanged.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

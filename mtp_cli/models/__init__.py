@@ -1,7 +1,12 @@
-"""Plain PyTorch modules. Importing this package registers them for ModuleSpecs."""
+"""Plain PyTorch modules. Importing this package registers them for ModuleSpecs.
+
+`GPTModel` is imported on first use: it stands on the MTP package (`mtp_cli.mtp`), which itself
+uses this package's single-device pieces (`comm`), so importing it here would close a cycle.
+"""
+
+from typing import Any
 
 from mtp_cli.models import attention, embedding, linear, mlp, norms, te, transformer_layer
-from mtp_cli.models.gpt import GPTModel
 
 __all__ = [
     "GPTModel",
@@ -13,3 +18,11 @@ __all__ = [
     "te",
     "transformer_layer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GPTModel":
+        from mtp_cli.models.gpt import GPTModel
+
+        return GPTModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
