@@ -105,6 +105,26 @@ def test_overriding_concat_embeddings_is_used_in_forward(recompute):
     assert not torch.allclose(run(stock)[1], custom_mtp)
 
 
+def test_a_spec_file_can_name_the_subclass():
+    """`modules.mtp_layer: import:...` (with --allow-imports) builds the subclass in place of
+    the stock layer, with the same submodules."""
+    slots = {"enorm": "backend.layer_norm", "hnorm": "backend.layer_norm",
+             "eh_proj": "backend.column_parallel_linear", "layer_norm": "backend.layer_norm"}
+    mapping = {"model": make_spec().model.model_dump(), "mtp": {"num_layers": DEPTHS},
+               "modules": {"mtp_layer": {
+                   "module": "import:tests.test_mtp_layer_surface:HiddenFirstMTPLayer",
+                   "submodules": slots}}}
+    spec = load_spec(mapping, allow_imports=True)
+    model = build_model(spec, allow_imports=True)
+    assert [type(layer) for layer in model.mtp_layers()] == [HiddenFirstMTPLayer] * DEPTHS
+    model.mtp_state = MTPRunState()
+    HiddenFirstMTPLayer.calls = 0
+    run(model)
+    assert HiddenFirstMTPLayer.calls == DEPTHS
+    stock = build_model(make_spec())
+    assert model.state_dict().keys() == stock.state_dict().keys()
+
+
 def test_mtp_block_submodules_from_either_form():
     layer = ModuleSpec(MultiTokenPredictionLayer)
     submodules = MultiTokenPredictionBlockSubmodules(layer_specs=[layer, layer])

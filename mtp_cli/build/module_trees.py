@@ -106,6 +106,7 @@ def resolve_spec(spec: ModuleSpec, backend: BackendSpecProvider, *,
         elif name.startswith(IMPORT_PREFIX):
             check_module_name(name, "module", allow_imports=allow_imports)
             factory = import_module_target(name)
+            registered = _registered_ancestor(factory)
         else:
             registered = MODULE_REGISTRY[name]
             factory = registered.factory
@@ -120,6 +121,17 @@ def resolve_spec(spec: ModuleSpec, backend: BackendSpecProvider, *,
     else:
         submodules = children or None
     return ModuleSpec(module=factory, params=dict(spec.params), submodules=submodules)
+
+
+def _registered_ancestor(factory: Any) -> Any:
+    """The registered module an imported class extends, if any: a subclass of
+    `MultiTokenPredictionLayer` (overriding, say, `_concat_embeddings`) gets its submodules
+    dataclass, so it is built exactly like the class it extends."""
+    for cls in getattr(factory, "__mro__", ()):
+        entry = MODULE_REGISTRY.get(getattr(cls, "spec_name", ""))
+        if entry is not None and entry.factory is cls:
+            return entry
+    return None
 
 
 def backend_for(spec: RunSpec) -> BackendSpecProvider:
