@@ -82,6 +82,7 @@ def measure(config: Config) -> dict:
 
     spec = load_spec(_spec(config))
     model = build_model(spec, config.device)
+    torch.manual_seed(0)  # the same dropout draws in every mode: the first losses must agree
     model.mtp_state = MTPRunState()
     apply_activation_checkpointing(model, spec.train.recompute)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

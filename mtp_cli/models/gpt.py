@@ -24,11 +24,8 @@ from mtp_cli.models.embedding import LanguageModelEmbedding, RotaryEmbedding
 from mtp_cli.models.linear import ColumnParallelLinear
 from mtp_cli.models.output import OutputHead
 from mtp_cli.models.transformer_layer import TransformerBlock
-from mtp_cli.mtp.layer import (
-    MultiTokenPredictionBlock,
-    MultiTokenPredictionBlockSubmodules,
-    MultiTokenPredictionLayer,
-)
+from mtp_cli.mtp.block import MultiTokenPredictionBlock
+from mtp_cli.mtp.layer import MultiTokenPredictionBlockSubmodules, MultiTokenPredictionLayer
 from mtp_cli.mtp.loss import (
     LossSettings,
     MTPLossSettings,

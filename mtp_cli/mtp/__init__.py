@@ -1,13 +1,12 @@
 """Multi-token prediction, with the public names of Megatron-Core's module."""
 
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
+from mtp_cli.mtp.block import MultiTokenPredictionBlock, _get_mtp_block_submodules
 from mtp_cli.mtp.layer import (
     SUPPORTED_ATTN_MASK,
-    MultiTokenPredictionBlock,
     MultiTokenPredictionBlockSubmodules,
     MultiTokenPredictionLayer,
     MultiTokenPredictionLayerSubmodules,
-    _get_mtp_block_submodules,
     get_mtp_block_spec,
     get_mtp_layer_spec,
     get_mtp_layer_spec_for_backend,
