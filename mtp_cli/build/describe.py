@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from mtp_cli.build.model_builder import build_model
-from mtp_cli.plan.placement import build_stage_plan
-from mtp_cli.plan.stages import StagePlan
 from mtp_cli.build.counts import ParameterCounts, count_parameters
+from mtp_cli.build.model_builder import build_model
+from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.mtp.run_state import MTPRunState
-from mtp_cli.config.schema import RunSpec
+from mtp_cli.plan.placement import build_stage_plan
+from mtp_cli.plan.stages import StagePlan
 
 
 @dataclass

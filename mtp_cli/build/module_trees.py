@@ -14,6 +14,14 @@ from typing import Any
 
 import mtp_cli.models  # noqa: F401  (registers the modules)
 from mtp_cli.build.backends import BackendSpecProvider, LocalSpecProvider, TESpecProvider
+from mtp_cli.config.schema import RunSpec
+from mtp_cli.errors import Problem
+from mtp_cli.models.transformer_layer import transformer_layer_spec
+from mtp_cli.mtp.layer import (
+    SUPPORTED_ATTN_MASK,
+    attn_mask_type_of,
+    get_mtp_layer_spec_for_backend,
+)
 from mtp_cli.nn.module_spec import (
     IMPORT_PREFIX,
     MODULE_REGISTRY,
@@ -24,14 +32,6 @@ from mtp_cli.nn.module_spec import (
     parse_module_tree,
     submodule_items,
 )
-from mtp_cli.errors import Problem
-from mtp_cli.models.transformer_layer import transformer_layer_spec
-from mtp_cli.mtp.layer import (
-    SUPPORTED_ATTN_MASK,
-    attn_mask_type_of,
-    get_mtp_layer_spec_for_backend,
-)
-from mtp_cli.config.schema import RunSpec
 
 
 def resolved_module_trees(spec: RunSpec) -> dict[str, dict[str, Any]]:
