@@ -113,7 +113,8 @@ def measure(config: Config) -> dict:
     from mtp_cli.mtp import MTPLossAutoScaler, MTPLossLoggingHelper
 
     model = build_model(load_spec(_spec(config)), config.device)
-    model.chunked_grads_in_forward = {"chunked": True, "recompute": False}.get(config.mode)
+    model.loss_settings.chunked_grads_in_forward = {"chunked": True,
+                                                    "recompute": False}.get(config.mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab, (BATCH, config.seq + 1), generator=gen)

@@ -36,7 +36,7 @@ def batch(seed: int = 0, mask: torch.Tensor | None = None):
 
 def step(model, chunked, inputs, *, per_token=False, upstream=None, labels_given=True):
     """One micro-batch as a trainer runs it: forward, reduce, backward. Returns what it saw."""
-    model.chunked_loss = chunked
+    model.loss_settings.chunked = chunked
     model.zero_grad(set_to_none=True)
     MTPLossLoggingHelper.reset()
     input_ids, labels, mask = inputs
@@ -78,7 +78,7 @@ def assert_same(got, expected):
 def test_model_losses_gradients_and_acceptance_equal_plain(depths, tied, grads_in_forward,
                                                            monkeypatch):
     model = tiny_model(depths, f"model.share_embeddings_and_output_weights={str(tied).lower()}")
-    model.chunked_grads_in_forward = grads_in_forward
+    model.loss_settings.chunked_grads_in_forward = grads_in_forward
     recomputed = []
     original = chunked_ce._recompute_grads
     monkeypatch.setattr(chunked_ce, "_recompute_grads",
@@ -92,7 +92,7 @@ def test_model_losses_gradients_and_acceptance_equal_plain(depths, tied, grads_i
 @pytest.mark.parametrize("grads_in_forward", [True, False])
 def test_per_token_loss_mode_equals_plain(grads_in_forward):
     model = tiny_model(3, "train.calculate_per_token_loss=true")
-    model.chunked_grads_in_forward = grads_in_forward
+    model.loss_settings.chunked_grads_in_forward = grads_in_forward
     MTPLossAutoScaler.set_loss_scale(torch.tensor(0.5))
     inputs = batch(seed=11)
     assert_same(step(model, True, inputs, per_token=True),
@@ -104,7 +104,7 @@ def test_all_masked_depths_equal_plain():
     mask = torch.zeros(BATCH, SEQ)
     mask[:, :2] = 1
     model = tiny_model(3)
-    model.chunked_grads_in_forward = True
+    model.loss_settings.chunked_grads_in_forward = True
     inputs = batch(seed=12, mask=mask)
     expected = step(model, False, inputs)
     assert expected[2]["total"].tolist() == [2.0, 0.0, 0.0]
@@ -113,7 +113,7 @@ def test_all_masked_depths_equal_plain():
 
 def test_arbitrary_upstream_gradient_of_main_loss_equals_plain():
     model = tiny_model(2)
-    model.chunked_grads_in_forward = True
+    model.loss_settings.chunked_grads_in_forward = True
     inputs = batch(seed=13)
     upstream = torch.randn(BATCH, SEQ, generator=torch.Generator().manual_seed(1))
     assert_same(step(model, True, inputs, upstream=upstream),
@@ -130,7 +130,7 @@ def test_logits_path_still_trains_mtp_depths_chunked():
 
 def test_detached_heads_equal_plain():
     model = tiny_model(2, "mtp.detach_heads=true")
-    model.chunked_grads_in_forward = True
+    model.loss_settings.chunked_grads_in_forward = True
     inputs = batch(seed=15)
     assert_same(step(model, True, inputs), step(model, False, inputs))
 
@@ -169,7 +169,7 @@ def test_trainer_step_equals_plain_and_uses_forward_gradients(per_token, monkeyp
     for chunked in (False, True):
         model = tiny_model(2, f"train.calculate_per_token_loss={str(per_token).lower()}",
                            f"train.loss.chunked={str(chunked).lower()}")
-        model.chunked_grads_in_forward = True
+        model.loss_settings.chunked_grads_in_forward = True
         train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), micro_batches, settings)
         params[chunked] = dict(model.named_parameters())
     for name, param in params[False].items():

@@ -99,8 +99,8 @@ def _tensor_parallel_worker(rank: int, world_size: int) -> None:
         def plain_reference(spec, group, sequence_parallel, in_forward=grads_in_forward):
             reference, parallel, plan = tp_cases.reference_and_parallel(spec, group,
                                                                         sequence_parallel)
-            reference.chunked_loss = False
-            parallel.chunked_grads_in_forward = in_forward
+            reference.loss_settings.chunked = False
+            parallel.loss_settings.chunked_grads_in_forward = in_forward
             return reference, parallel, plan
 
         suite.reference_and_parallel = plain_reference

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mtp_cli.mtp import PackedSeqParams, roll_tensor
+from mtp_cli.mtp import PackedSeqParams, _roll_tensor_packed_seq, roll_tensor
 from tests.dist_utils import run_distributed
 
 
@@ -92,6 +92,9 @@ def _check_cp_roll(rank: int, world: int, sequence: torch.Tensor, boundaries: li
     expected = zigzag_shard(expected_full, spans, rank, world)
     assert torch.equal(rolled, expected), (rank, rolled, expected)
     assert int(total) == int(expected.sum())
+    if params is not None:  # Megatron-Core's packed helper agrees
+        packed_rolled, _ = _roll_tensor_packed_seq(local, -1, -1, params, group)
+        assert torch.equal(packed_rolled, expected), (rank, packed_rolled, expected)
     # and again: rolls accumulate across ranks as they do unsharded
     twice, _ = roll_tensor(rolled, cp_group=group, packed_seq_params=params)
     expected_twice, _ = roll_tensor(expected_full, packed_seq_params=params)

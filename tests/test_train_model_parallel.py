@@ -41,6 +41,11 @@ LAYOUTS = {  # name: (nproc, overrides)
     "cp4": (4, ["parallel.context=4"]),
     "cp2_dp2": (4, ["parallel.context=2"]),
     "cp2_tp2": (4, ["parallel.context=2", "parallel.tensor=2"]),
+    # activation recomputation changes no loss and no parameter
+    "tp2_recompute_full": (2, ["parallel.tensor=2", "train.recompute=full"]),
+    "pp2_recompute_full": (2, ["parallel.pipeline=2", "train.recompute=full"]),
+    "fsdp2_recompute_full": (2, ["parallel.fsdp=true", "train.recompute=full"]),
+    "cp2_recompute_selective": (2, ["parallel.context=2", "train.recompute=selective"]),
 }
 PACKED_LAYOUTS = {"packed_cp2": (2, ["parallel.context=2"]),
                   "packed_cp4": (4, ["parallel.context=4"])}

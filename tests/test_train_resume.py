@@ -70,6 +70,10 @@ def test_sigkill_of_the_whole_job_resumes_with_the_same_losses(tmp_path, corpus,
     assert result.returncode == 0, result.stderr
     assert "resuming from step 4" in result.stdout
     assert_same_losses(uninterrupted, run_dir, 1e-6)  # also: steps 5, 6 appear once
+    # the run's cumulative acceptance counts came back from the checkpoint
+    key = "mtp_1_cumulative_acceptance_rate"
+    rates = [x[key] for x in metrics(uninterrupted)[0]]
+    assert [x[key] for x in metrics(run_dir)[0]] == rates and len(set(rates)) > 1
 
 
 def test_interrupted_checkpoint_is_never_latest(tmp_path, corpus, uninterrupted):

@@ -17,7 +17,7 @@ from mtp_cli.build.counts import ParameterCounts, count_parameters, routed_exper
 from mtp_cli.build.model_builder import build_model
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
-from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
+from mtp_cli.mtp.run_state import MTPRunState
 from mtp_cli.plan.placement import build_stage_plan
 from mtp_cli.plan.stages import Stage, StagePlan
 
@@ -105,16 +105,15 @@ def materialize_check(spec: RunSpec, *, allow_imports: bool = False, batch_size:
     tokens = torch.randint(0, spec.model.vocab_size, (batch_size, seq + 1), generator=generator)
     input_ids, labels = tokens[:, :-1], tokens[:, 1:]
     loss_mask = torch.ones_like(labels, dtype=torch.float32)
-    MTPLossLoggingHelper.clean_loss_in_tracker()
+    model.mtp_state = state = MTPRunState()
     per_token = model(input_ids, None, labels=labels, loss_mask=loss_mask)
     lm_loss = (per_token * loss_mask).sum() / loss_mask.sum()
     lm_loss.backward()
     finished = time.perf_counter()
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters()
                        if p.grad is not None)
-    mtp_values = MTPLossLoggingHelper.tracker.get("values")
+    mtp_values = state.tracker.get("values")
     mtp_losses = [float(v) for v in mtp_values] if mtp_values is not None else []
-    MTPLossLoggingHelper.clean_loss_in_tracker()
     return {
         "lm_loss": float(lm_loss.detach()),
         "mtp_losses": mtp_losses,

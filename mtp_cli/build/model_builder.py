@@ -11,7 +11,17 @@ from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.models.moe.run_state import configure_moe_routers
 from mtp_cli.mtp.layer import get_mtp_block_spec
+from mtp_cli.mtp.loss import LossSettings
 from mtp_cli.plan.stages import Stage
+
+
+def loss_settings_for(spec: RunSpec, tokens_seen: float = 0) -> LossSettings:
+    """The loss settings `spec` asks for (`train.*` and λ after `tokens_seen` tokens)."""
+    return LossSettings(
+        mtp_loss_scaling_factor=spec.mtp.loss_scale_at(tokens_seen),
+        calculate_per_token_loss=spec.train.calculate_per_token_loss,
+        chunked=spec.train.loss.chunked,
+    )
 
 
 def build_model(spec: RunSpec, device: str | torch.device = "cpu", *,
@@ -19,17 +29,20 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu", *,
                 initialize: bool = True) -> GPTModel:
     """Build the whole model (every stage) or one pipeline stage, on `device`.
 
-    On the meta device nothing is allocated (a 600B-parameter spec builds in seconds) and no
-    initialisation runs; elsewhere parameters are initialised from `train.seed` and their global
-    names, identically whatever the parallel layout. Parameters `train.freeze` names are built
-    with `requires_grad = False`.
+    The model is built from `spec.model` and `spec.mtp`'s architecture; it gets loss settings of
+    its own from `spec.train` (a training engine replaces them with the ones it owns, shared by
+    all its chunks). On the meta device nothing is allocated (a 600B-parameter spec builds in
+    seconds) and no initialisation runs; elsewhere parameters are initialised from `train.seed`
+    and their global names, identically whatever the parallel layout. Parameters `train.freeze`
+    names are built with `requires_grad = False`.
     """
     whole = stage is None
     stage = stage or Stage.whole_model(spec.model.num_layers, spec.mtp.num_layers)
     layer_spec, mtp_layer_spec, final_norm_spec = build_specs(spec, allow_imports=allow_imports)
     mtp_block_spec = get_mtp_block_spec(mtp_layer_spec, stage.mtp_layers)
     with torch.device(device):
-        model = GPTModel(spec, layer_spec, final_norm_spec, mtp_block_spec, stage=stage)
+        model = GPTModel(spec.model, layer_spec, final_norm_spec, mtp_block_spec, stage=stage,
+                         mtp=spec.mtp, loss_settings=loss_settings_for(spec))
     if spec.model.num_moe_experts is not None:
         configure_moe_routers(model, mtp_repeats=spec.mtp.num_layers
                               if spec.mtp.use_repeated_layer else 1)

@@ -18,7 +18,11 @@ from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem
 from mtp_cli.models.layer_specs import decoder_layer_spec
 from mtp_cli.models.transformer_layer import transformer_layer_spec
-from mtp_cli.mtp.layer import get_mtp_layer_spec_for_backend
+from mtp_cli.mtp.layer import (
+    SUPPORTED_ATTN_MASK,
+    attn_mask_type_of,
+    get_mtp_layer_spec_for_backend,
+)
 from mtp_cli.nn.module_spec import (
     IMPORT_PREFIX,
     MODULE_REGISTRY,
@@ -72,7 +76,24 @@ def parse_module_trees(spec: RunSpec, *, allow_imports: bool) -> dict[str, Modul
     if parsed["mtp_layer"].module != "MultiTokenPredictionLayer" and spec.mtp.num_layers:
         check_module_name(str(parsed["mtp_layer"].module), "modules.mtp_layer.module",
                           allow_imports=allow_imports)
+    if spec.mtp.num_layers:
+        _check_mtp_attention_mask(spec, parsed["mtp_layer"])
     return parsed
+
+
+def _check_mtp_attention_mask(spec: RunSpec, mtp_layer: ModuleSpec) -> None:
+    """An MTP layer's transformer layer must use a mask MTP supports (`SUPPORTED_ATTN_MASK`)."""
+    layer = submodule_items(mtp_layer.submodules).get("transformer_layer")
+    mask = attn_mask_type_of(layer)
+    if mask is None or mask in SUPPORTED_ATTN_MASK:
+        return
+    own = (spec.modules.mtp_layer or {}).get("submodules", {}) or {}
+    where = ("modules.mtp_layer.submodules.transformer_layer" if "transformer_layer" in own
+             else "modules.decoder_layer")
+    raise SpecTreeError(problems=[Problem(
+        f"Multi-Token Prediction does not support the {mask!r} attention mask",
+        key=f"{where}.submodules.self_attention.params.attn_mask_type",
+        hint=f"use one of {', '.join(SUPPORTED_ATTN_MASK)}")])
 
 
 def resolve_spec(spec: ModuleSpec, backend: BackendSpecProvider, *,
@@ -86,6 +107,7 @@ def resolve_spec(spec: ModuleSpec, backend: BackendSpecProvider, *,
         elif name.startswith(IMPORT_PREFIX):
             check_module_name(name, "module", allow_imports=allow_imports)
             factory = import_module_target(name)
+            registered = _registered_ancestor(factory)
         else:
             registered = MODULE_REGISTRY[name]
             factory = registered.factory
@@ -100,6 +122,17 @@ def resolve_spec(spec: ModuleSpec, backend: BackendSpecProvider, *,
     else:
         submodules = children or None
     return ModuleSpec(module=factory, params=dict(spec.params), submodules=submodules)
+
+
+def _registered_ancestor(factory: Any) -> Any:
+    """The registered module an imported class extends, if any: a subclass of
+    `MultiTokenPredictionLayer` (overriding, say, `_concat_embeddings`) gets its submodules
+    dataclass, so it is built exactly like the class it extends."""
+    for cls in getattr(factory, "__mro__", ()):
+        entry = MODULE_REGISTRY.get(getattr(cls, "spec_name", ""))
+        if entry is not None and entry.factory is cls:
+            return entry
+    return None
 
 
 def backend_for(spec: RunSpec) -> BackendSpecProvider:

@@ -305,6 +305,11 @@ class TrainConfig(StrictModel):
         "(embedding, decoder, output_layer, mtp), dotted prefixes (decoder.layers.0) or glob "
         "patterns on parameter names (decoder.layers.*.mlp.*).",
     )
+    recompute: Literal["none", "full", "selective"] = Field(
+        default="none",
+        description="Activation recomputation: full = every decoder and MTP layer, "
+        "selective = the attention core; losses and gradients unchanged.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

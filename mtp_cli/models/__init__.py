@@ -1,4 +1,10 @@
-"""Plain PyTorch modules. Importing this package registers them for ModuleSpecs."""
+"""Plain PyTorch modules. Importing this package registers them for ModuleSpecs.
+
+`GPTModel` is imported on first use: it stands on the MTP package (`mtp_cli.mtp`), which itself
+uses this package's single-device pieces (`comm`), so importing it here would close a cycle.
+"""
+
+from typing import Any
 
 from mtp_cli.models import (
     attention,
@@ -10,7 +16,6 @@ from mtp_cli.models import (
     te,
     transformer_layer,
 )
-from mtp_cli.models.gpt import GPTModel
 from mtp_cli.models.moe import experts, layer, router, shared_experts
 
 __all__ = [
@@ -28,3 +33,11 @@ __all__ = [
     "te",
     "transformer_layer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GPTModel":
+        from mtp_cli.models.gpt import GPTModel
+
+        return GPTModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
+from mtp_cli.models.comm import Group, ModelComm
 from mtp_cli.models.output import OutputHead
 from mtp_cli.models.vocab_shard_stats import (
     IGNORE_INDEX,
@@ -72,9 +72,11 @@ def grads_in_forward_fits(tokens: int, hidden_size: int, heads: int) -> bool:
 
 @dataclass(frozen=True)
 class ChunkedCEOptions:
-    """How the chunked head runs: tensor-parallel group, gradient mode, chunk size."""
+    """How the chunked head runs: tensor-parallel group (and the comm that reduces over it),
+    gradient mode, chunk size."""
 
-    tp_group: dist.ProcessGroup | None = None
+    tp_group: Group = None
+    comm: ModelComm | None = None  # None: `comm_for(tp_group)`
     grads_in_forward: bool = True
     chunk_tokens: int | None = None  # None: CHUNK_LOGITS // local vocab rows
 
@@ -102,7 +104,7 @@ class _Inputs:
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
             else hidden.dtype
-        shard = VocabShard.of(weight.shape[0], options.tp_group)
+        shard = VocabShard.of(weight.shape[0], options.tp_group, options.comm)
         local_labels, here = shard.local_labels(labels)
         chunk = min(options.chunk_tokens or max(1, CHUNK_LOGITS // shard.size), len(labels))
         return cls(hidden.to(dtype), weight.to(dtype), local_labels, here,

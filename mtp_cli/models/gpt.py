@@ -7,67 +7,75 @@ interchangeable: `embedding.*`, `decoder.layers.{i}.*`, `decoder.final_layernorm
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from mtp_cli.config.schema import RunSpec
+from mtp_cli.config.schema import ModelConfig, MTPConfig
 from mtp_cli.models.chunked_ce import (
     ChunkedCEOptions,
     ChunkedOutputHead,
     chunked_enabled,
     grads_in_forward_fits,
 )
+from mtp_cli.models.comm import ParallelGroups
 from mtp_cli.models.embedding import LanguageModelEmbedding
 from mtp_cli.models.linear import ColumnParallelLinear
 from mtp_cli.models.output import OutputHead
 from mtp_cli.models.rope import rotary_embedding_for
 from mtp_cli.models.transformer_layer import TransformerBlock
-from mtp_cli.mtp.layer import MultiTokenPredictionBlock, MultiTokenPredictionBlockSubmodules
-from mtp_cli.mtp.loss import MTPLossSettings, labels_from_input_ids, process_mtp_loss
+from mtp_cli.mtp.block import MultiTokenPredictionBlock
+from mtp_cli.mtp.layer import MultiTokenPredictionBlockSubmodules, MultiTokenPredictionLayer
+from mtp_cli.mtp.loss import (
+    LossSettings,
+    MTPLossSettings,
+    labels_from_input_ids,
+    process_mtp_loss,
+)
+from mtp_cli.mtp.run_state import MTPRunState, using_run_state
 from mtp_cli.nn.module_spec import ModuleSpec
 from mtp_cli.nn.packed import PackedSeqParams
 from mtp_cli.plan.stages import Stage
 
-
-@dataclass
-class ParallelGroups:
-    """Process groups the model's forward needs (None = not parallel along that axis)."""
-
-    cp_group: dist.ProcessGroup | None = None
-    pp_group: dist.ProcessGroup | None = None
-    dp_cp_group: dist.ProcessGroup | None = None
+__all__ = ["GPTModel", "ParallelGroups"]
 
 
 class GPTModel(nn.Module):
     """Embedding -> decoder layers -> final norm -> [MTP block] -> output head and losses.
+
+    Built from the model settings (`config`) and the MTP architecture (`mtp`: its `num_layers`,
+    `use_repeated_layer` and `detach_heads`; λ is a loss setting). What a run decides is set
+    from outside, by the run that owns it:
+
+    * `loss_settings` (`LossSettings`): per-token mode, chunked heads, λ - read at every forward;
+    * `mtp_state` (`MTPRunState`): the MTP tracker and the autoscaler's scale (None: the
+      current run's, `mtp_cli.mtp.run_state`); the forward runs with it active;
+    * `groups` (`ParallelGroups`, shared with the MTP layers) and `output_head`: the
+      process-group handles and their comm, and the vocab-parallel head, set by `mtp_cli.parallel`.
 
     Forward contract: `model(input_ids, position_ids, attention_mask=None, *, labels=None,
     loss_mask=None, packed_seq_params=None)`. `attention_mask=None` means causal; a boolean mask
     is True where attention is masked (Megatron's polarity). With labels it returns the
     per-token main loss `[b, s]` (unmasked); without, the logits `[b, s, V]`. The MTP losses go
     into the backward pass through `MTPLossAutoScaler` and into `MTPLossLoggingHelper.tracker`.
-    With `train.loss.chunked` the heads never materialise `[tokens, V]` logits
+    With chunked losses the heads never materialise `[tokens, V]` logits
     (`mtp_cli.models.chunked_ce`); the returned loss and every gradient are the same.
     """
 
-    def __init__(self, spec: RunSpec, layer_spec: ModuleSpec, final_norm_spec: ModuleSpec,
-                 mtp_block_spec: MultiTokenPredictionBlockSubmodules | None,
-                 stage: Stage | None = None) -> None:
+    def __init__(self, config: ModelConfig, layer_spec: ModuleSpec, final_norm_spec: ModuleSpec,
+                 mtp_block_spec: MultiTokenPredictionBlockSubmodules | ModuleSpec | None,
+                 stage: Stage | None = None, *, mtp: MTPConfig | None = None,
+                 loss_settings: LossSettings | None = None) -> None:
         super().__init__()
-        config = spec.model
-        stage = stage or Stage.whole_model(config.num_layers, spec.mtp.num_layers)
+        mtp = mtp or MTPConfig(num_layers=0)
+        stage = stage or Stage.whole_model(config.num_layers, mtp.num_layers)
         self.config, self.stage = config, stage
         self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
-        self.calculate_per_token_loss = spec.train.calculate_per_token_loss
-        self.chunked_loss = spec.train.loss.chunked
-        self.chunked_grads_in_forward: bool | None = None  # None: grads_in_forward_fits decides
-        self.mtp_loss_scaling_factor = spec.mtp.loss_scale_at(0)
-        self.detach_heads = spec.mtp.detach_heads
-        self.groups = ParallelGroups()
+        self.detach_heads = mtp.detach_heads
+        self.loss_settings = loss_settings or LossSettings()
+        self.mtp_state: MTPRunState | None = None
+        self._groups = ParallelGroups()
         # Validation sets this to log per-depth MTP losses outside training mode.
         self.track_mtp_in_eval = False
         self.output_head = OutputHead()  # tensor parallel swaps in a vocab-parallel head
@@ -79,8 +87,8 @@ class GPTModel(nn.Module):
         self.mtp = (
             MultiTokenPredictionBlock(
                 config, mtp_block_spec, num_depths=stage.mtp_layers,
-                layer_offset=stage.mtp_layer_offset,
-                use_repeated_layer=spec.mtp.use_repeated_layer, detach_heads=self.detach_heads,
+                layer_offset=stage.mtp_layer_offset, use_repeated_layer=mtp.use_repeated_layer,
+                detach_heads=self.detach_heads, groups=self._groups,
             )
             if mtp_block_spec is not None and stage.mtp_layers > 0 else None
         )
@@ -92,16 +100,27 @@ class GPTModel(nn.Module):
             if owns_output_weight else None
         )
 
-    # --- weights shared between heads -------------------------------------------------------
+    # --- what the run and the parallel layout set ---------------------------------------------
+    @property
+    def groups(self) -> ParallelGroups:
+        """Process-group handles and their comm, shared with every MTP layer."""
+        return self._groups
+
+    @groups.setter
+    def groups(self, value: ParallelGroups) -> None:
+        self._groups = value
+        if self.mtp is not None:
+            self.mtp.share_groups(value)
+
     def output_weight(self) -> torch.Tensor:
         """The output projection `[V, h]`: the word embedding when tied."""
         if self.output_layer is not None:
             return self.output_layer.weight
         return self.embedding.word_embeddings.weight
 
-    def set_mtp_loss_scaling_factor(self, value: float) -> None:
-        """λ for the coming steps (the trainer follows `mtp.loss_scaling_factor`'s schedule)."""
-        self.mtp_loss_scaling_factor = float(value)
+    def mtp_layers(self) -> list[MultiTokenPredictionLayer]:
+        """This stage's MTP layers (each once, also under `use_repeated_layer`)."""
+        return [] if self.mtp is None else list(self.mtp.layers.values())
 
     # --- forward ------------------------------------------------------------------------------
     def forward(
@@ -117,6 +136,14 @@ class GPTModel(nn.Module):
     ) -> torch.Tensor:
         """`hidden_states` is the previous pipeline stage's output on stages after the first;
         a stage without the loss returns its output hidden states for the next stage."""
+        with using_run_state(self.mtp_state):
+            return self._forward(input_ids, position_ids, attention_mask, labels, loss_mask,
+                                 packed_seq_params, hidden_states)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                 attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                 loss_mask: torch.Tensor | None, packed_seq_params: PackedSeqParams | None,
+                 hidden_states: torch.Tensor | None) -> torch.Tensor:
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
             position_ids = position_ids.expand_as(input_ids)
@@ -129,7 +156,6 @@ class GPTModel(nn.Module):
             hidden_states = self.mtp(
                 input_ids, position_ids, hidden_states, attention_mask, embedding=self.embedding,
                 rotary_pos_emb=rotary, packed_seq_params=packed_seq_params,
-                cp_group=self.groups.cp_group,
             )
         if not self.stage.loss:
             return hidden_states
@@ -144,7 +170,8 @@ class GPTModel(nn.Module):
         if run_mtp:
             if labels is None:
                 mtp_labels, mtp_mask = labels_from_input_ids(
-                    input_ids, loss_mask, self.groups.cp_group, packed_seq_params)
+                    input_ids, loss_mask, self.groups.cp_group, packed_seq_params,
+                    comm=self.groups.comm)
             else:
                 mtp_labels = labels
                 mtp_mask = torch.ones_like(labels, dtype=torch.float32) \
@@ -167,25 +194,28 @@ class GPTModel(nn.Module):
                    ) -> OutputHead | ChunkedOutputHead:
         """`output_head`, or a chunked head around it for `tokens` (b x s) per micro-batch.
 
-        `train.loss.chunked: auto` chunks when one head's logits exceed
+        `loss_settings.chunked == "auto"` chunks when one head's logits exceed
         `CHUNKED_AUTO_MIN_LOGITS` elements. Gradients are computed in the forward pass while the
         stored `[V, h]` weight gradients of all heads stay below one `[tokens, V]` logits tensor.
         """
-        if not chunked_enabled(self.chunked_loss, tokens, self.config.vocab_size):
+        settings = self.loss_settings
+        if not chunked_enabled(settings.chunked, tokens, self.config.vocab_size):
             return self.output_head
-        in_forward = self.chunked_grads_in_forward
+        in_forward = settings.chunked_grads_in_forward
         if in_forward is None:
             heads = 1 + self.stage.mtp_depths_in_loss
             in_forward = grads_in_forward_fits(tokens, self.config.hidden_size, heads)
-        options = ChunkedCEOptions(tp_group=self.output_head.group, grads_in_forward=in_forward)
-        return ChunkedOutputHead(self.output_head, options, loss_mask)
+        head = self.output_head
+        options = ChunkedCEOptions(tp_group=head.group, comm=head.comm,
+                                   grads_in_forward=in_forward)
+        return ChunkedOutputHead(head, options, loss_mask)
 
     def _mtp_settings(self) -> MTPLossSettings:
+        groups = self.groups
         return MTPLossSettings(
             num_depths=self.stage.mtp_depths_in_loss,
-            loss_scaling_factor=self.mtp_loss_scaling_factor,
-            calculate_per_token_loss=self.calculate_per_token_loss,
-            cp_group=self.groups.cp_group,
-            reduce_group=self.groups.pp_group,
-            avg_group=self.groups.dp_cp_group,
+            loss_scaling_factor=self.loss_settings.mtp_loss_scaling_factor,
+            calculate_per_token_loss=self.loss_settings.calculate_per_token_loss,
+            cp_group=groups.cp_group, reduce_group=groups.pp_group,
+            avg_group=groups.dp_cp_group, comm=groups.comm,
         )

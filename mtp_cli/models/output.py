@@ -7,8 +7,9 @@ does. The MTP depths reuse the main model's output weight (or the word embedding
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from mtp_cli.models.comm import Group, ModelComm
 
 
 def logits_from_hidden(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -44,11 +45,12 @@ class OutputHead:
 
     `GPTModel.output_head` holds one; tensor parallel swaps in a vocab-parallel head with the
     same four methods (`mtp_cli.parallel.vocab_parallel.VocabParallelOutputHead`), so the model
-    code stays single-device. `group` and `head_input` let the chunked head
+    code stays single-device. `group`, `comm` and `head_input` let the chunked head
     (`mtp_cli.models.chunked_ce.ChunkedOutputHead`) wrap either.
     """
 
-    group: dist.ProcessGroup | None = None  # the output weight's vocab shards (None: all here)
+    group: Group = None  # the output weight's vocab shards (None: all here)
+    comm: ModelComm | None = None  # what reduces over `group` (None: `comm_for(group)`)
 
     def head_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The `[s, b, h]` the output weight multiplies (the full sequence, replicated)."""

@@ -6,7 +6,8 @@ log-sum-exp, local max and the argmax's global index, the target logit if the la
 slice) and one all-gather combines the summaries: the global log-sum-exp is the log-sum-exp of the
 local ones, the target logit is the sum (exactly one rank holds it), and the global argmax is the
 lowest index reaching the global max (`torch.argmax`'s first-occurrence rule over full logits).
-Without a group every statistic is already global and nothing is communicated.
+Without a group every statistic is already global and nothing is communicated. The collectives go
+through the shard's `ModelComm` (`mtp_cli.models.comm`): this module stays single-device code.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from mtp_cli.models.comm import LOCAL_COMM, Group, ModelComm, comm_for
 
 IGNORE_INDEX = -100  # labels equal to it get zero loss and zero gradient (F.cross_entropy's rule)
 
@@ -25,14 +27,16 @@ class VocabShard:
 
     start: int
     size: int
-    group: dist.ProcessGroup | None = None
+    group: Group = None
+    comm: ModelComm = LOCAL_COMM
 
     @classmethod
-    def of(cls, local_rows: int, group: dist.ProcessGroup | None) -> VocabShard:
+    def of(cls, local_rows: int, group: Group, comm: ModelComm | None = None) -> VocabShard:
         """Equal contiguous shards in rank order (Megatron's vocab-parallel layout)."""
-        if group is None or dist.get_world_size(group) == 1:
+        comm = comm_for(group, comm)
+        if group is None or comm.size(group) == 1:
             return cls(0, local_rows, None)
-        return cls(dist.get_rank(group) * local_rows, local_rows, group)
+        return cls(comm.rank(group) * local_rows, local_rows, group, comm)
 
     def local_labels(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels as row indices of this shard (clamped) and where they are really here."""
@@ -69,9 +73,7 @@ def combine_stats(lse: torch.Tensor, top: torch.Tensor, index: torch.Tensor,
         return ChunkStats(lse, target, index)
     # float64 carries fp32 values and int indices (< 2**53) exactly, so one collective suffices.
     mine = torch.stack([lse.double(), top.double(), index.double(), target.double()])
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(shard.group))]
-    dist.all_gather(gathered, mine, group=shard.group)
-    every = torch.stack(gathered)  # [tp, 4, C]
+    every = torch.stack(shard.comm.all_gather(mine, shard.group))  # [tp, 4, C]
     winner = every[:, 1].argmax(dim=0, keepdim=True)  # first max = lowest rank = lowest index
     return ChunkStats(
         lse=torch.logsumexp(every[:, 0], dim=0).float(),
@@ -85,5 +87,4 @@ def all_ranks_agree(flag: bool, shard: VocabShard, device: torch.device) -> bool
     if shard.group is None:
         return flag
     value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=shard.group)
-    return bool(value.item())
+    return bool(shard.comm.all_reduce(value, shard.group, "min").item())

@@ -7,6 +7,14 @@ position `i`:
     e  = enorm(embedding(roll(ids), roll(positions)))     the main model's embedding, shared
     x  = eh_proj(cat([e, hnorm(h_{k-1})]))                embedding first, hidden second
     h_k = final_layernorm(transformer_layer(x))           main attention mask, unshifted RoPE
+
+The block of D depths is in `mtp_cli.mtp.block`. The layer keeps Megatron-Core's decomposition and signatures - `_get_embeddings` (the rolls and
+the embedding), `_concat_embeddings` (norms, concatenation, `eh_proj`),
+`_proj_and_transformer_layer` (that, the transformer layer and `_postprocess`), `_postprocess`
+(the final norm) and `_checkpointed_forward` (the same under activation recomputation) - so a
+subclass overriding one of them works as it does in Megatron-Core. Process groups reach the
+layer as opaque handles in `groups` (shared with `GPTModel.groups`), with the `ModelComm` that
+understands them; the layer calls no collective itself.
 """
 
 from __future__ import annotations
@@ -15,18 +23,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mtp_cli.config.schema import ModelConfig
+from mtp_cli.models.comm import Group, ModelComm, ParallelGroups
 from mtp_cli.mtp.roll import roll_tensor
 from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
 from mtp_cli.nn.packed import PackedSeqParams
 
 # Megatron-Core 0.19 names the MTP transformer layer `mtp_model_layer` in memory.
 LEGACY_TRANSFORMER_LAYER_NAME = "mtp_model_layer"
-
-
+# Attention masks an MTP layer's transformer layer may use (Megatron-Core's AttnMaskType names).
+SUPPORTED_ATTN_MASK = ["padding", "causal", "no_mask", "padding_causal"]
 @dataclass
 class MultiTokenPredictionLayerSubmodules:
     enorm: Any = None
@@ -48,15 +57,48 @@ def _accept_legacy_layer_name(state_dict: dict[str, Any], prefix: str, *args: An
         state_dict[f"{prefix}transformer_layer.{key[len(legacy):]}"] = state_dict.pop(key)
 
 
+def attn_mask_type_of(transformer_layer_spec: Any) -> str | None:
+    """The `attn_mask_type` a transformer-layer spec gives its self-attention, if it says."""
+    submodules = getattr(transformer_layer_spec, "submodules", None)
+    if isinstance(submodules, dict):
+        attention = submodules.get("self_attention")
+    else:
+        attention = getattr(submodules, "self_attention", None)
+    params = getattr(attention, "params", None) or {}
+    mask = params.get("attn_mask_type")
+    return getattr(mask, "name", mask)  # an enum member or its name
+
+
+def _reject_unsupported(**arguments: Any) -> None:
+    """Reference arguments this implementation does not use must not be silently dropped."""
+    given = sorted(name for name, value in arguments.items() if value is not None)
+    if given:
+        raise NotImplementedError(f"MultiTokenPredictionLayer does not support {', '.join(given)}")
+
+
 @register_module(submodules=MultiTokenPredictionLayerSubmodules)
 class MultiTokenPredictionLayer(nn.Module):
-    """One MTP depth. `layer_number` is the 1-based global MTP index."""
+    """One MTP depth. `layer_number` is the 1-based global MTP index.
+
+    Set from outside: `groups` (the model's process-group handles and their comm),
+    `mtp_detach_heads` (by the block) and `recompute_granularity` ("full": `forward` goes through
+    `_checkpointed_forward` in training; `mtp_cli.parallel.recompute` sets it).
+    """
 
     def __init__(self, config: ModelConfig, submodules: MultiTokenPredictionLayerSubmodules,
                  layer_number: int = 1) -> None:
         super().__init__()
+        mask = attn_mask_type_of(submodules.transformer_layer)
+        if mask is not None and mask not in SUPPORTED_ATTN_MASK:
+            raise ValueError(f"Multi-Token Prediction does not support the {mask!r} attention "
+                             f"mask; supported: {SUPPORTED_ATTN_MASK}")
         h = config.hidden_size
+        self.config = config
+        self.submodules = submodules
         self.layer_number = layer_number
+        self.groups = ParallelGroups()
+        self.mtp_detach_heads = False
+        self.recompute_granularity: str | None = None
         self.enorm = build_module(submodules.enorm, config=config, hidden_size=h)
         self.hnorm = build_module(submodules.hnorm, config=config, hidden_size=h)
         self.eh_proj = build_module(submodules.eh_proj, 2 * h, h, config=config, bias=False)
@@ -67,87 +109,151 @@ class MultiTokenPredictionLayer(nn.Module):
         self.final_layernorm = build_module(submodules.layer_norm, config=config, hidden_size=h)
         self._register_load_state_dict_pre_hook(_accept_legacy_layer_name)
 
+    @property
+    def cp_group(self) -> Group:
+        """The context-parallel group handle (None: the whole sequence is here)."""
+        return self.groups.cp_group
+
+    @property
+    def comm(self) -> ModelComm | None:
+        return self.groups.comm
+
+    def _get_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        embedding: nn.Module,
+        hidden_states: torch.Tensor,
+        packed_seq_params: PackedSeqParams | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Roll ids, positions (and padding mask) one more token ahead and embed them.
+
+        Returns `(input_ids, position_ids, padding_mask, decoder_input, hidden_states)`.
+        """
+        def roll(tensor: torch.Tensor) -> torch.Tensor:
+            return roll_tensor(tensor, -1, -1, self.cp_group, packed_seq_params,
+                               comm=self.comm)[0]
+
+        input_ids, position_ids = roll(input_ids), roll(position_ids)
+        if padding_mask is not None:
+            padding_mask = roll(padding_mask)
+        decoder_input = embedding(input_ids, position_ids)  # [s, b, h]
+        if self.mtp_detach_heads:
+            decoder_input = decoder_input.detach()
+        return input_ids, position_ids, padding_mask, decoder_input, hidden_states
+
+    def _concat_embeddings(self, hidden_states: torch.Tensor, decoder_input: torch.Tensor
+                           ) -> torch.Tensor:
+        """`eh_proj(cat([enorm(e), hnorm(h)]))`: embedding first, hidden second."""
+        decoder_input = self.enorm(decoder_input)
+        hidden_states = self.hnorm(hidden_states)
+        return self.eh_proj(torch.cat((decoder_input, hidden_states), -1))
+
+    def _proj_and_transformer_layer(
+        self,
+        hidden_states: torch.Tensor,
+        decoder_input: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        rotary_pos_emb: torch.Tensor | None = None,
+        rotary_pos_cos: torch.Tensor | None = None,
+        rotary_pos_sin: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
+        inference_params: Any = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        sequence_len_offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`_concat_embeddings`, the transformer layer, then `_postprocess`."""
+        _reject_unsupported(context=context, context_mask=context_mask,
+                            rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                            attention_bias=attention_bias, inference_params=inference_params,
+                            sequence_len_offset=sequence_len_offset)
+        hidden_states = self._concat_embeddings(hidden_states, decoder_input)
+        hidden_states = self.transformer_layer(hidden_states, attention_mask, rotary_pos_emb,
+                                               packed_seq_params)
+        return self._postprocess(hidden_states)
+
+    def _postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The final norm before the shared output head."""
+        return self.final_layernorm(hidden_states)
+
+    def _checkpointed_forward(
+        self,
+        hidden_states: torch.Tensor,
+        decoder_input: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        rotary_pos_emb: torch.Tensor | None = None,
+        rotary_pos_cos: torch.Tensor | None = None,
+        rotary_pos_sin: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
+        inference_params: Any = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        sequence_len_offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`_proj_and_transformer_layer` under activation recomputation: only its inputs are
+        kept, and backward runs it again (torch.utils.checkpoint, non-reentrant, RNG restored).
+        Non-tensor arguments travel in the closure, tensors positionally, as in Megatron-Core."""
+
+        def custom_forward(hidden_states, decoder_input, attention_mask, padding_mask, context,
+                           context_mask, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
+                           sequence_len_offset):
+            return self._proj_and_transformer_layer(
+                hidden_states=hidden_states, decoder_input=decoder_input,
+                attention_mask=attention_mask, padding_mask=padding_mask, context=context,
+                context_mask=context_mask, rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                attention_bias=attention_bias, inference_params=inference_params,
+                packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
+            )
+
+        return checkpoint(custom_forward, hidden_states, decoder_input, attention_mask,
+                          padding_mask, context, context_mask, rotary_pos_emb, rotary_pos_cos,
+                          rotary_pos_sin, sequence_len_offset, use_reentrant=False)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        *,
-        embedding: nn.Module,
-        rotary_pos_emb: torch.Tensor | None = None,
-        packed_seq_params: PackedSeqParams | None = None,
-        cp_group: dist.ProcessGroup | None = None,
         padding_mask: torch.Tensor | None = None,
-        detach_embedding: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        rotary_pos_emb: torch.Tensor | None = None,
+        rotary_pos_cos: torch.Tensor | None = None,
+        rotary_pos_sin: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
+        inference_params: Any = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        sequence_len_offset: torch.Tensor | None = None,
+        embedding: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Returns `(h_k, rolled ids, rolled positions, rolled padding mask)` for depth k+1."""
-        input_ids, _ = roll_tensor(input_ids, -1, -1, cp_group, packed_seq_params)
-        position_ids, _ = roll_tensor(position_ids, -1, -1, cp_group, packed_seq_params)
-        if padding_mask is not None:
-            padding_mask, _ = roll_tensor(padding_mask, -1, -1, cp_group, packed_seq_params)
-        decoder_input = embedding(input_ids, position_ids)  # [s, b, h]
-        if detach_embedding:
-            decoder_input = decoder_input.detach()
-        x = torch.cat([self.enorm(decoder_input), self.hnorm(hidden_states)], dim=-1)
-        x = self.eh_proj(x)
-        x = self.transformer_layer(x, attention_mask, rotary_pos_emb, packed_seq_params)
-        return self.final_layernorm(x), input_ids, position_ids, padding_mask
-
-
-class MultiTokenPredictionBlock(nn.Module):
-    """This stage's MTP depths, keyed by global 0-based index (`mtp.layers.{k}`).
-
-    `use_repeated_layer` builds one layer and applies it at every depth; `detach_heads` trains
-    the depths without sending gradients into the main model (h0 and embeddings detached).
-    """
-
-    def __init__(self, config: ModelConfig, spec: MultiTokenPredictionBlockSubmodules, *,
-                 num_depths: int, layer_offset: int = 0, use_repeated_layer: bool = False,
-                 detach_heads: bool = False) -> None:
-        super().__init__()
-        self.num_depths = num_depths
-        self.layer_offset = layer_offset
-        self.use_repeated_layer = use_repeated_layer
-        self.detach_heads = detach_heads
-        specs = spec.layer_specs[:1] if use_repeated_layer else spec.layer_specs
-        self.layers = nn.ModuleDict({
-            str(layer_offset + i): build_module(s, config=config,
-                                                layer_number=layer_offset + i + 1)
-            for i, s in enumerate(specs)
-        })
-
-    def layer_for_depth(self, depth: int) -> nn.Module:
-        """The module computing local depth `depth` (0-based)."""
-        if self.use_repeated_layer:
-            return next(iter(self.layers.values()))
-        return self.layers[str(self.layer_offset + depth)]
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        *,
-        embedding: nn.Module,
-        rotary_pos_emb: torch.Tensor | None = None,
-        packed_seq_params: PackedSeqParams | None = None,
-        cp_group: dist.ProcessGroup | None = None,
-        padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`h0 [s, b, h]` -> `cat([h0, h1, ..., hD]) [(1+D)*s, b, h]`."""
-        outputs = [hidden_states]
-        hidden = hidden_states.detach() if self.detach_heads else hidden_states
-        for depth in range(self.num_depths):
-            hidden, input_ids, position_ids, padding_mask = self.layer_for_depth(depth)(
-                input_ids, position_ids, hidden, attention_mask, embedding=embedding,
-                rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params,
-                cp_group=cp_group, padding_mask=padding_mask,
-                detach_embedding=self.detach_heads,
-            )
-            outputs.append(hidden)
-        return torch.cat(outputs, dim=0)
+        if context is not None:
+            raise NotImplementedError("multi token prediction + cross attention is not supported")
+        input_ids, position_ids, padding_mask, decoder_input, hidden_states = self._get_embeddings(
+            input_ids=input_ids, position_ids=position_ids, embedding=embedding,
+            hidden_states=hidden_states, packed_seq_params=packed_seq_params,
+            padding_mask=padding_mask,
+        )
+        step = (self._checkpointed_forward
+                if self.recompute_granularity == "full" and self.training
+                else self._proj_and_transformer_layer)
+        hidden_states = step(
+            hidden_states=hidden_states, decoder_input=decoder_input,
+            attention_mask=attention_mask, padding_mask=padding_mask, context=context,
+            context_mask=context_mask, rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+            attention_bias=attention_bias, inference_params=inference_params,
+            packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
+        )
+        return hidden_states, input_ids, position_ids, padding_mask
 
 
 def get_mtp_layer_spec_for_backend(transformer_layer_spec: ModuleSpec,

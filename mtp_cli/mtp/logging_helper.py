@@ -6,21 +6,44 @@ values, average over data x context parallel), writes `mtp_{i} loss` and accepta
 the losses into the console's log-interval totals (accumulating, never overwriting) and cleans
 the tracker. The logged loss is the mean over micro-batches of each micro-batch's normalised
 loss, averaged over data x context parallel ranks: it is not token-weighted.
+
+Megatron keeps the tracker on the class; here `MTPLossLoggingHelper.tracker` (and `cumulative`)
+is the current run's (`mtp_cli.mtp.run_state`), so a second model in the process - with its own
+`MTPRunState` - cannot disturb it. The reductions go through the `ModelComm` of their groups.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from mtp_cli.models.comm import Group, comm_for
+from mtp_cli.mtp.run_state import current_run_state
 
 
-class MTPLossLoggingHelper:
-    """Class-level tracker: `values`, `count`, `correct`, `total` (tensors of length D)."""
+class _CurrentRunTracker(type):
+    """`MTPLossLoggingHelper.tracker` / `.cumulative` read and write the current run's state."""
 
-    tracker: ClassVar[dict[str, Any]] = {}
-    cumulative: ClassVar[dict[str, torch.Tensor]] = {}
+    @property
+    def tracker(cls) -> dict[str, Any]:
+        return current_run_state().tracker
+
+    @tracker.setter
+    def tracker(cls, value: dict[str, Any]) -> None:
+        current_run_state().tracker = value
+
+    @property
+    def cumulative(cls) -> dict[str, torch.Tensor]:
+        return current_run_state().cumulative
+
+    @cumulative.setter
+    def cumulative(cls, value: dict[str, torch.Tensor]) -> None:
+        current_run_state().cumulative = value
+
+
+class MTPLossLoggingHelper(metaclass=_CurrentRunTracker):
+    """The current run's tracker: `values`, `count`, `correct`, `total` (tensors of length D)."""
 
     @staticmethod
     def _slot(name: str, num_layers: int, device: torch.device) -> torch.Tensor:
@@ -31,8 +54,7 @@ class MTPLossLoggingHelper:
 
     @staticmethod
     def save_loss_to_tracker(loss: torch.Tensor, layer_number: int | None, num_layers: int,
-                             reduce_group: dist.ProcessGroup | None = None,
-                             avg_group: dist.ProcessGroup | None = None) -> None:
+                             reduce_group: Group = None, avg_group: Group = None) -> None:
         """Add one micro-batch's normalised loss of depth `layer_number` (0-based)."""
         if layer_number is None:
             return
@@ -56,9 +78,8 @@ class MTPLossLoggingHelper:
         )
 
     @staticmethod
-    def ensure_tracker(num_layers: int, device: torch.device,
-                       reduce_group: dist.ProcessGroup | None = None,
-                       avg_group: dist.ProcessGroup | None = None) -> None:
+    def ensure_tracker(num_layers: int, device: torch.device, reduce_group: Group = None,
+                       avg_group: Group = None) -> None:
         """Create zeroed slots and set the groups on every rank, including pipeline stages
         that compute no MTP loss, so that `reduce_loss_in_tracker`'s collectives match."""
         if num_layers <= 0:
@@ -91,12 +112,11 @@ class MTPLossLoggingHelper:
         reduce_group, avg_group = tracker.get("reduce_group"), tracker.get("avg_group")
         stats = torch.stack([tracker[n] if n in tracker else torch.zeros_like(tracker["values"])
                              for n in ("values", "count", "correct", "total")])
-        if dist.is_available() and dist.is_initialized() and reduce_group is not None:
-            dist.all_reduce(stats, group=reduce_group)
+        comm_for(reduce_group).all_reduce(stats, reduce_group)
         values = stats[0] / stats[1].clamp(min=1)
-        if dist.is_available() and dist.is_initialized() and avg_group is not None:
-            dist.all_reduce(values, op=dist.ReduceOp.AVG, group=avg_group)
-            dist.all_reduce(stats[2:], group=avg_group)
+        avg_comm = comm_for(avg_group)
+        avg_comm.all_reduce(values, avg_group, "avg")
+        avg_comm.all_reduce(stats[2:], avg_group)
         tracker["values"], tracker["count"] = values, torch.ones_like(values)
         tracker["correct"], tracker["total"] = stats[2].clone(), stats[3].clone()
 
@@ -146,6 +166,5 @@ class MTPLossLoggingHelper:
 
     @staticmethod
     def reset() -> None:
-        """Forget everything (a new training run in the same process)."""
-        MTPLossLoggingHelper.tracker = {}
-        MTPLossLoggingHelper.cumulative = {}
+        """Forget the current run's tracker and cumulative counts (a new run)."""
+        current_run_state().reset()

@@ -10,17 +10,19 @@ the objective of a micro-batch is
 
 Under context parallel the sums and counts are all-reduced over the CP group before dividing,
 so the losses do not depend on how a sequence is sharded (a deliberate departure from the
-reference, which divides by rank-local counts).
+reference, which divides by rank-local counts). Those sums, and the rolls' boundary exchange, go
+through the settings' `ModelComm` (`mtp_cli.models.comm`); this module calls no collective itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-import torch.distributed as dist
 
+from mtp_cli.models.comm import Group, ModelComm, comm_for
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.mtp.roll import roll_tensor
@@ -31,35 +33,53 @@ TokenLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.T
 
 
 @dataclass
+class LossSettings:
+    """How a run computes its losses: owned by the run (the engine), read by the model at every
+    forward, so the model is built from model settings only.
+
+    `mtp_loss_scaling_factor` is λ in force (the engine follows `mtp.loss_scaling_factor`'s
+    schedule by updating this object, shared by all its model chunks);
+    `calculate_per_token_loss` is Megatron's per-token mode; `chunked` is `train.loss.chunked`
+    and `chunked_grads_in_forward` the chunked head's gradient mode (None: by size).
+    """
+
+    mtp_loss_scaling_factor: float = 0.1
+    calculate_per_token_loss: bool = False
+    chunked: Literal["auto"] | bool = "auto"
+    chunked_grads_in_forward: bool | None = None
+
+
+@dataclass
 class MTPLossSettings:
     """What the loss step needs to know besides the tensors."""
 
     num_depths: int
     loss_scaling_factor: float
     calculate_per_token_loss: bool = False
-    cp_group: dist.ProcessGroup | None = None
-    reduce_group: dist.ProcessGroup | None = None  # pipeline group, for the tracker
-    avg_group: dist.ProcessGroup | None = None  # data x context parallel group
+    cp_group: Group = None
+    reduce_group: Group = None  # pipeline group, for the tracker
+    avg_group: Group = None  # data x context parallel group
+    comm: ModelComm | None = None  # reduces over cp_group (None: `comm_for(cp_group)`)
 
 
-def _cp_sum(value: torch.Tensor, cp_group: dist.ProcessGroup | None) -> torch.Tensor:
+def _cp_sum(value: torch.Tensor, cp_group: Group, comm: ModelComm | None) -> torch.Tensor:
     """Sum a (detached) statistic over the context-parallel group."""
-    if cp_group is None or dist.get_world_size(cp_group) == 1:
+    comm = comm_for(cp_group, comm)
+    if comm.size(cp_group) == 1:
         return value
-    value = value.detach().clone()
-    dist.all_reduce(value, group=cp_group)
-    return value
+    return comm.all_reduce(value.detach().clone(), cp_group)
 
 
 def labels_from_input_ids(input_ids: torch.Tensor, loss_mask: torch.Tensor | None,
-                          cp_group: dist.ProcessGroup | None = None,
+                          cp_group: Group = None,
                           packed_seq_params: PackedSeqParams | None = None,
+                          *, comm: ModelComm | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token labels and their loss mask when the caller gave none (both rolled once)."""
-    labels, _ = roll_tensor(input_ids, -1, -1, cp_group, packed_seq_params)
+    labels, _ = roll_tensor(input_ids, -1, -1, cp_group, packed_seq_params, comm=comm)
     if loss_mask is None:
         loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
-    loss_mask, _ = roll_tensor(loss_mask, -1, -1, cp_group, packed_seq_params)
+    loss_mask, _ = roll_tensor(loss_mask, -1, -1, cp_group, packed_seq_params, comm=comm)
     return labels, loss_mask
 
 
@@ -81,18 +101,19 @@ def process_mtp_loss(
     depths = settings.num_depths
     chunks = hidden_states.chunk(1 + depths, dim=0)
     main_hidden = chunks[0]
-    cp_group = settings.cp_group
-    num_tokens_main = _cp_sum(loss_mask.sum().float(), cp_group)
+    cp_group, comm = settings.cp_group, settings.comm
+    num_tokens_main = _cp_sum(loss_mask.sum().float(), cp_group, comm)
     mtp_labels, mtp_mask = labels, loss_mask.float()
     scale = settings.loss_scaling_factor / depths
     for depth in range(depths):
-        mtp_labels, _ = roll_tensor(mtp_labels, -1, -1, cp_group, packed_seq_params)
-        mtp_mask, num_tokens = roll_tensor(mtp_mask, -1, -1, cp_group, packed_seq_params)
+        mtp_labels, _ = roll_tensor(mtp_labels, -1, -1, cp_group, packed_seq_params, comm=comm)
+        mtp_mask, num_tokens = roll_tensor(mtp_mask, -1, -1, cp_group, packed_seq_params,
+                                           comm=comm)
         per_token, correct = token_loss_fn(chunks[depth + 1], mtp_labels, mtp_mask)
         per_token = mtp_mask * per_token
-        num_tokens = _cp_sum(num_tokens.float(), cp_group).clamp(min=1)
+        num_tokens = _cp_sum(num_tokens.float(), cp_group, comm).clamp(min=1)
         if training:
-            loss_sum = _cp_sum(per_token.detach().sum(), cp_group)
+            loss_sum = _cp_sum(per_token.detach().sum(), cp_group, comm)
             MTPLossLoggingHelper.save_loss_to_tracker(
                 loss_sum / num_tokens, depth, depths,
                 reduce_group=settings.reduce_group, avg_group=settings.avg_group,

@@ -16,8 +16,8 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.distributed as dist
 
+from mtp_cli.models.comm import Group, ModelComm, comm_for
 from mtp_cli.nn.packed import PackedSeqParams
 from mtp_cli.plan.zigzag import zigzag_chunks
 
@@ -44,46 +44,28 @@ def _segment_starts(length: int, cp_size: int, cp_rank: int,
             boundaries[-1] // cp_size)
 
 
-def _exchange_first_elements(
-    first_a: torch.Tensor, first_b: torch.Tensor, cp_group: dist.ProcessGroup, cp_rank: int,
-    cp_size: int,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Send A's firsts to rank r-1 and B's firsts to rank r+1; receive theirs."""
-    from_next = torch.empty_like(first_a) if cp_rank < cp_size - 1 else None
-    from_prev = torch.empty_like(first_b) if cp_rank > 0 else None
-    ops = []
-    if cp_rank > 0:
-        prev_peer = dist.get_global_rank(cp_group, cp_rank - 1)
-        ops.append(dist.P2POp(dist.isend, first_a, prev_peer, cp_group))
-        ops.append(dist.P2POp(dist.irecv, from_prev, prev_peer, cp_group))
-    if cp_rank < cp_size - 1:
-        next_peer = dist.get_global_rank(cp_group, cp_rank + 1)
-        ops.append(dist.P2POp(dist.irecv, from_next, next_peer, cp_group))
-        ops.append(dist.P2POp(dist.isend, first_b, next_peer, cp_group))
-    for request in dist.batch_isend_irecv(ops):
-        request.wait()
-    return from_next, from_prev
-
-
 def roll_tensor(
     tensor: torch.Tensor,
     shifts: int = -1,
     dims: int = -1,
-    cp_group: dist.ProcessGroup | None = None,
+    cp_group: Group = None,
     packed_seq_params: PackedSeqParams | None = None,
+    *,
+    comm: ModelComm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Roll `tensor` left by one along `dims`; returns `(rolled, rolled.sum())`.
 
     Examples: `[10,20,30,40,50] -> [20,30,40,50,0]`; packed with `cu_seqlens=[0,3,5]`:
     `[1,2,3,4,5] -> [2,3,0,5,0]`. With `cp_group`, `tensor` is this rank's zigzag shard and the
-    result is the matching shard of the rolled global sequence; the sum is the local sum.
+    result is the matching shard of the rolled global sequence; the sum is the local sum. The
+    boundary exchange goes through `comm` (default: `comm_for(cp_group)`).
     """
     if shifts != -1:
         raise ValueError(f"roll_tensor only supports shifts=-1 (the MTP roll), got {shifts}")
     dim = dims % tensor.dim()
     length = tensor.shape[dim]
-    cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
-    cp_rank = dist.get_rank(cp_group) if cp_group is not None else 0
+    comm = comm_for(cp_group, comm)
+    cp_size, cp_rank = comm.size(cp_group), comm.rank(cp_group)
     if cp_size > 1 and packed_seq_params is None and length % 2:
         raise ValueError(
             f"a context-parallel shard must hold two equal chunks; got local length {length}"
@@ -107,16 +89,30 @@ def roll_tensor(
         firsts = tensor.index_select(dim, starts_t)  # first element of every half-chunk
         first_a = firsts.index_select(dim, torch.arange(0, len(starts), 2, device=device))
         first_b = firsts.index_select(dim, torch.arange(1, len(starts), 2, device=device))
-        from_next, from_prev = _exchange_first_elements(
-            first_a.contiguous(), first_b.contiguous(), cp_group, cp_rank, cp_size
-        )
+        # A's firsts go to rank r-1, B's to rank r+1
+        from_next, from_prev = comm.exchange_with_neighbours(first_a, first_b, cp_group)
         fill_a = from_next if from_next is not None else first_b  # last rank: its own B
         fill_b = from_prev if from_prev is not None else torch.zeros_like(first_b)
         fill.index_copy_(dim, torch.arange(0, len(starts), 2, device=device), fill_a)
         fill.index_copy_(dim, torch.arange(1, len(starts), 2, device=device), fill_b)
     elif cp_size > 1:
-        _exchange_first_elements(  # keep the collective symmetric for empty shards
-            fill.clone(), fill.clone(), cp_group, cp_rank, cp_size
-        )
+        # keep the exchange symmetric for empty shards
+        comm.exchange_with_neighbours(fill.clone(), fill.clone(), cp_group)
     rolled.index_copy_(dim, ends_t, fill)
     return rolled, rolled.sum()
+
+
+def _roll_tensor_packed_seq(tensor: torch.Tensor, shifts: int, dims: int,
+                            packed_seq_params: PackedSeqParams, cp_group: Group = None,
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Megatron-Core's packed-sequence roll: each document of `packed_seq_params` rolls on its
+    own along the last dimension (with `cp_group`, on this rank's zigzag shard of it).
+
+    Same result as `roll_tensor(tensor, shifts, dims, cp_group, packed_seq_params)`, which it
+    calls; kept for code written against the reference's private helper.
+    """
+    if dims not in (-1, tensor.dim() - 1):
+        raise ValueError(f"the packed-sequence roll only supports the last dimension, got {dims}")
+    if packed_seq_params is None or packed_seq_params.cu_seqlens_q is None:
+        raise ValueError("the packed-sequence roll needs packed_seq_params with cu_seqlens_q")
+    return roll_tensor(tensor, shifts, dims, cp_group, packed_seq_params)

@@ -6,7 +6,7 @@ the logical weight once, under the main key, so that every holder - at any later
 the same tensor. DCP keeps one value per key silently, so these functions first assert that the
 copy really equals the main weight (and that data/context-parallel replicas agree), then rewrite
 the state dict in place. Megatron-Core's names; the state dicts here hold full (unsharded)
-tensors.
+tensors. The replica check broadcasts through the `ModelComm` of `dp_cp_group`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from mtp_cli.models.comm import Group, ModelComm, comm_for
 
 WORD_EMBEDDING_KEY = "embedding.word_embeddings.weight"
 OUTPUT_LAYER_KEY = "output_layer.weight"
@@ -32,22 +33,22 @@ def _assert_equal(copy: torch.Tensor, main: torch.Tensor, what: str) -> None:
             f"{what} differs from the main weight (max |diff| {float(diff):.3g})")
 
 
-def _assert_replicas_equal(tensor: torch.Tensor, group: dist.ProcessGroup | None,
+def _assert_replicas_equal(tensor: torch.Tensor, group: Group, comm: ModelComm | None,
                            what: str) -> None:
     """Every rank of `group` (data x context parallel replicas) holds the same values."""
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+    comm = comm_for(group, comm)
+    if comm.size(group) == 1:
         return
-    reference = tensor.detach().clone()
-    dist.broadcast(reference, src=dist.get_global_rank(group, 0), group=group)
+    reference = comm.broadcast(tensor.detach().clone(), group, src=0)
     _assert_equal(tensor, reference, f"{what} on this replica")
 
 
 def _store_once(state_dict: dict[str, Any], copy_key: str, main: torch.Tensor, main_key: str,
-                dp_cp_group: dist.ProcessGroup | None, what: str) -> None:
+                dp_cp_group: Group, comm: ModelComm | None, what: str) -> None:
     copy = state_dict.pop(copy_key, None)
     if copy is not None:
         _assert_equal(copy, main, f"{what} '{copy_key}'")
-    _assert_replicas_equal(main, dp_cp_group, main_key)
+    _assert_replicas_equal(main, dp_cp_group, comm, main_key)
     state_dict[main_key] = main
 
 
@@ -55,17 +56,18 @@ def tie_word_embeddings_state_dict(
     state_dict: dict[str, Any],
     word_emb_weight: torch.Tensor,
     word_emb_weight_key: str = WORD_EMBEDDING_KEY,
-    tp_group: dist.ProcessGroup | None = None,
-    dp_cp_group: dist.ProcessGroup | None = None,
+    tp_group: Group = None,
+    dp_cp_group: Group = None,
     *,
     copy_key: str = WORD_EMBEDDING_KEY,
+    comm: ModelComm | None = None,
 ) -> None:
     """Store an MTP stage's embedding copy (`copy_key`) as the main weight, checked equal.
 
     `word_emb_weight` is the first stage's weight (full tensor; gathered over `tp_group` by the
     caller when sharded). After the call `state_dict` holds it under `word_emb_weight_key` only.
     """
-    _store_once(state_dict, copy_key, word_emb_weight, word_emb_weight_key, dp_cp_group,
+    _store_once(state_dict, copy_key, word_emb_weight, word_emb_weight_key, dp_cp_group, comm,
                 "the MTP stage's copy")
 
 
@@ -73,11 +75,12 @@ def tie_output_layer_state_dict(
     state_dict: dict[str, Any],
     word_emb_weight: torch.Tensor,
     word_emb_weight_key: str = WORD_EMBEDDING_KEY,
-    tp_group: dist.ProcessGroup | None = None,
-    dp_cp_group: dist.ProcessGroup | None = None,
+    tp_group: Group = None,
+    dp_cp_group: Group = None,
     *,
     output_layer_key: str = OUTPUT_LAYER_KEY,
+    comm: ModelComm | None = None,
 ) -> None:
     """Store a tied loss stage's output weight (`output_layer_key`) as the word embedding."""
     _store_once(state_dict, output_layer_key, word_emb_weight, word_emb_weight_key, dp_cp_group,
-                "the tied output weight")
+                comm, "the tied output weight")

@@ -19,6 +19,7 @@ from torch import nn
 
 from mtp_cli.models.attention import DotProductAttention
 from mtp_cli.nn.packed import PackedSeqParams
+from mtp_cli.parallel.comm import DIST_COMM
 from mtp_cli.plan.zigzag import zigzag_positions as zigzag_index
 
 
@@ -104,5 +105,6 @@ def apply_context_parallel(model: nn.Module, cp_group: dist.ProcessGroup) -> Non
         for name, child in list(module.named_children()):
             if isinstance(child, DotProductAttention):
                 setattr(module, name, ContextParallelAttention(child, cp_group))
-    if hasattr(model, "groups"):
+    if hasattr(model, "groups"):  # the MTP rolls and loss sums exchange over it
         model.groups.cp_group = cp_group
+        model.groups.comm = DIST_COMM

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from mtp_cli.models.gpt import ParallelGroups
+from mtp_cli.models.comm import ParallelGroups
+from mtp_cli.parallel.comm import DIST_COMM
 from mtp_cli.plan.dims import ParallelDims
 
 MESH_DIM_NAMES = ("pp", "dp", "cp", "tp")
@@ -43,12 +44,14 @@ class ParallelMesh:
         return self.dp_cp_mesh.get_group()
 
     def model_groups(self) -> ParallelGroups:
-        """The groups the model's forward uses (None where that dimension has size 1)."""
+        """The groups the model's forward uses (None where that dimension has size 1), with the
+        torch.distributed comm that reduces over them."""
         dims = self.dims
         return ParallelGroups(
             cp_group=self.group("cp") if dims.cp > 1 else None,
             pp_group=self.group("pp") if dims.pp > 1 else None,
             dp_cp_group=self.dp_cp_group if dims.dp_cp > 1 else None,
+            comm=DIST_COMM,
         )
 
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mtp_cli.parallel.comm import DIST_COMM
 from mtp_cli.parallel.tp_mappings import (
     all_reduce,
     copy_to_tensor_parallel_region,
@@ -147,8 +148,10 @@ class VocabParallelOutputHead:
 
     Same interface as `mtp_cli.models.output.OutputHead`; `weight` is this rank's `[V/tp, h]`.
     Hidden states come in replicated or, with sequence parallel, split along the sequence (they
-    are all-gathered here, once per head call).
+    are all-gathered here, once per head call). `comm` is what the chunked head reduces with.
     """
+
+    comm = DIST_COMM
 
     def __init__(self, group: dist.ProcessGroup, sequence_parallel: bool = False) -> None:
         self.group, self.sequence_parallel = group, sequence_parallel

@@ -19,11 +19,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from mtp_cli.build.model_builder import build_model
+from mtp_cli.build.model_builder import build_model, loss_settings_for
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
+from mtp_cli.mtp.loss import LossSettings
+from mtp_cli.mtp.run_state import MTPRunState
 from mtp_cli.parallel.data_parallel import apply_data_parallel, unwrap_model
 from mtp_cli.parallel.mesh import ParallelMesh
+from mtp_cli.parallel.recompute import apply_activation_checkpointing
 from mtp_cli.train.optim import build_optimizer
 from mtp_cli.train.step import StepOutput, StepSettings, evaluate, train_step
 
@@ -35,6 +38,8 @@ class Engine(Protocol):
 
     chunks: list[GPTModel]  # this rank's model parts (one, or its pipeline stages)
     optimizer: torch.optim.Optimizer
+    loss_settings: LossSettings  # the run's, shared by every chunk (λ is updated here)
+    mtp_state: MTPRunState  # the run's MTP tracker and loss scale, shared by every chunk
 
     def train_step(self, batches: list[Any]) -> StepOutput: ...
     def evaluate(self, loader: Any, num_batches: int) -> dict[str, float]: ...
@@ -44,8 +49,14 @@ class Engine(Protocol):
 
 
 def set_mtp_loss_scaling_factor(engine: Engine, value: float) -> None:
-    for chunk in engine.chunks:
-        chunk.set_mtp_loss_scaling_factor(value)
+    """λ for the coming steps, in the run's loss settings (every chunk reads them)."""
+    engine.loss_settings.mtp_loss_scaling_factor = float(value)
+
+
+def attach_run(chunk: GPTModel, loss_settings: LossSettings, mtp_state: MTPRunState) -> None:
+    """Give a model chunk the run's loss settings and MTP state (shared by all chunks)."""
+    chunk.loss_settings = loss_settings
+    chunk.mtp_state = mtp_state
 
 
 class DataParallelEngine:
@@ -54,15 +65,19 @@ class DataParallelEngine:
     def __init__(self, spec: RunSpec, mesh: ParallelMesh, settings: StepSettings, *,
                  allow_imports: bool = False) -> None:
         self.spec, self.settings = spec, settings
+        self.loss_settings, self.mtp_state = loss_settings_for(spec), MTPRunState()
         gpt = build_model(spec, settings.device, allow_imports=allow_imports)
         gpt.groups = mesh.model_groups()
+        attach_run(gpt, self.loss_settings, self.mtp_state)
+        apply_activation_checkpointing(gpt, spec.train.recompute)
         self.chunks = [gpt]
         self.model = apply_data_parallel(gpt, mesh, fsdp=spec.parallel.fsdp,
                                          device=settings.device)
         self.optimizer = build_optimizer(self.model, spec.train)
 
     def train_step(self, batches: list[Any]) -> StepOutput:
-        return train_step(self.model, self.optimizer, batches, self.settings)
+        with self.mtp_state.activate():
+            return train_step(self.model, self.optimizer, batches, self.settings)
 
     def evaluate(self, loader: Any, num_batches: int) -> dict[str, float]:
         model = unwrap_model(self.model)
@@ -70,7 +85,9 @@ class DataParallelEngine:
         gpt.track_mtp_in_eval = True
         model.eval()
         try:
-            return evaluate(model, loader, num_batches, self.settings, self.spec.mtp.num_layers)
+            with self.mtp_state.activate():
+                return evaluate(model, loader, num_batches, self.settings,
+                                self.spec.mtp.num_layers)
         finally:
             model.train()
             gpt.track_mtp_in_eval = False

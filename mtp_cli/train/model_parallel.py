@@ -25,16 +25,18 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from mtp_cli.build.model_builder import build_model
+from mtp_cli.build.model_builder import build_model, loss_settings_for
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
+from mtp_cli.mtp.run_state import MTPRunState
 from mtp_cli.parallel.context_parallel import apply_context_parallel
 from mtp_cli.parallel.mesh import ParallelMesh
 from mtp_cli.parallel.pipeline_p2p import TorchP2P
 from mtp_cli.parallel.pipeline_position import PipelinePosition
 from mtp_cli.parallel.pipeline_schedule import PipelineSchedule
+from mtp_cli.parallel.recompute import apply_activation_checkpointing
 from mtp_cli.parallel.tensor_parallel import parallelize_tensor
 from mtp_cli.parallel.tied_embeddings import allreduce_embedding_grads
 from mtp_cli.parallel.tp_grads import grad_square_sum, sync_sequence_parallel_grads
@@ -89,6 +91,7 @@ class ModelParallelEngine:
         self.pp_group = _group_if_parallel(mesh.group("pp"), dims.pp)
         self.cp_group = _group_if_parallel(mesh.group("cp"), dims.cp)
         self.dp_cp_group = _group_if_parallel(mesh.dp_cp_group, dims.dp_cp)
+        self.loss_settings, self.mtp_state = loss_settings_for(spec), MTPRunState()
         self.chunks = [self._build_chunk(vp, allow_imports) for vp in self._virtual_stages()]
         self.embedding = build_embedding_group(self.plan, spec, mesh)
         self.optimizer = build_optimizer(nn.ModuleList(self.chunks), spec.train)
@@ -110,6 +113,8 @@ class ModelParallelEngine:
         if self.cp_group is not None:
             apply_context_parallel(chunk, self.cp_group)
         chunk.groups = self.mesh.model_groups()
+        chunk.loss_settings, chunk.mtp_state = self.loss_settings, self.mtp_state
+        apply_activation_checkpointing(chunk, self.spec.train.recompute)
         return chunk
 
     def _schedule(self) -> PipelineSchedule:
@@ -200,6 +205,10 @@ class ModelParallelEngine:
         return float(norm)
 
     def train_step(self, batches: list[Any]) -> StepOutput:
+        with self.mtp_state.activate():
+            return self._train_step(batches)
+
+    def _train_step(self, batches: list[Any]) -> StepOutput:
         count = len(batches)
         MTPLossAutoScaler.set_loss_scale(1.0 if self.settings.per_token_loss else 1.0 / count)
         totals = torch.zeros(2, dtype=torch.float64, device=self.settings.device)
@@ -218,8 +227,12 @@ class ModelParallelEngine:
         return StepOutput(lm_loss=lm_loss, loss_tokens=int(totals[1]), grad_norm=grad_norm,
                           applied=applied)
 
-    @torch.no_grad()
     def evaluate(self, loader: Any, num_batches: int) -> dict[str, float]:
+        with self.mtp_state.activate():
+            return self._evaluate(loader, num_batches)
+
+    @torch.no_grad()
+    def _evaluate(self, loader: Any, num_batches: int) -> dict[str, float]:
         for chunk in self.chunks:
             chunk.eval()
             chunk.track_mtp_in_eval = True

@@ -88,6 +88,12 @@ class Trainer:
 
     # --- the whole run -------------------------------------------------------------------------
     def run(self) -> None:
+        """The run, with the engine's MTP state current (tracker, cumulative acceptance in
+        checkpoints, loss scale: what `MTPLossLoggingHelper`'s class-level calls act on)."""
+        with self.engine.mtp_state.activate():
+            self._run()
+
+    def _run(self) -> None:
         train = self.spec.train
         with stop_on_disk_full("starting the run"):
             self._resume()
