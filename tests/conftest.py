@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# One thread per process: the distributed tests run several processes on a 2-core machine, and
+# oversubscribed intra-op threads make them many times slower. Set before torch is imported so
+# that in-process tests and every spawned worker inherit it; a caller's own setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))

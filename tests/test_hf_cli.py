@@ -43,7 +43,7 @@ def test_bad_input_exits_2_naming_the_file(tmp_path):
         (("export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")), "nowhere"),
         (("export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--dtype",
           "int8"), "--dtype"),
-        (("import", str(tmp_path / "hf"), "--out", str(tmp_path / "hf")), "--overwrite"),
+        (("import", str(tmp_path / "hf"), "--out", str(tmp_path / "hf")), "--out is or holds the input"),
     ]
     for args, named in cases:
         result = run_mtp(*args)

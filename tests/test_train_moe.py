@@ -39,7 +39,7 @@ def checkpoint(tmp_path_factory):
 def test_strict_passes_and_expert_biases_moved(checkpoint):
     code, out = invoke_json("inspect-ckpt", checkpoint, "--strict")
     assert code == 0, out
-    assert [c["name"] for c in out["checks"]] == ["mtp_depths", "shapes", "mtp_ties"]
+    assert [c["name"] for c in out["checks"]] == ["mtp_depths", "shapes", "mtp_ties", "finite"]
     model = load_whole_dcp(checkpoint)["model"]
     biases = [n for n in model if n.endswith("router.expert_bias")]
     assert biases == ["decoder.layers.1.mlp.router.expert_bias",
