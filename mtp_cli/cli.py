@@ -95,7 +95,8 @@ def build(
         return
     report = describe_build(run_spec, allow_imports=allow_imports)
     if materialize:
-        report.extra["materialize"] = materialize_check(run_spec, allow_imports=allow_imports)
+        report.extra["materialize"] = materialize_check(
+            run_spec, allow_imports=allow_imports, parameters=report.counts.unique)
     if as_json:
         print_json({"spec": str(spec), **report.as_dict()})
         return

@@ -62,6 +62,33 @@ def test_materialize_runs_forward_and_backward():
         assert 5.0 < loss < 6.5
 
 
+def test_materialize_beyond_memory_exits_2_before_allocating():
+    """`hidden_size=2**24` is within the spec's size limits (a meta build works), but each
+    attention projection alone holds 2^48 parameters (a petabyte in fp32): refused from the meta
+    build's count, before one byte is allocated."""
+    from tests.inspect_fixtures import invoke
+
+    result = invoke("build", "specs/tiny.yaml", "model.hidden_size=16777216",
+                    "model.ffn_hidden_size=64", "--materialize")
+    assert result.exit_code == 2, result.output
+    assert "--materialize needs at least" in result.output and "GiB available" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_materialize_fits_against_a_stated_memory():
+    from mtp_cli.build.describe import check_materialize_fits
+    from mtp_cli.errors import UserError
+
+    spec = load_spec("specs/tiny.yaml")
+    check_materialize_fits(spec, 1000, available=8000)  # exactly 8 bytes a parameter: fits
+    try:
+        check_materialize_fits(spec, 1001, available=8000)
+    except UserError as error:
+        assert "1,001 parameters" in str(error)
+    else:
+        raise AssertionError("1001 parameters x 8 bytes do not fit in 8000 bytes")
+
+
 def test_schema_is_json_schema_of_the_spec():
     result = run_mtp("schema")
     assert result.returncode == 0

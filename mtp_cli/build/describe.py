@@ -16,6 +16,7 @@ from torch import nn
 from mtp_cli.build.counts import ParameterCounts, count_parameters, routed_expert_parameters
 from mtp_cli.build.model_builder import build_model
 from mtp_cli.config.schema import RunSpec
+from mtp_cli.errors import UserError
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.mtp.run_state import MTPRunState
 from mtp_cli.plan.placement import build_stage_plan
@@ -94,9 +95,41 @@ def stage_modules(whole: GPTModel, stage: Stage) -> tuple[list[nn.Module], int]:
     return modules, output_copy
 
 
+def available_memory_bytes() -> int | None:
+    """The kernel's estimate of memory available without swapping (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_materialize_fits(spec: RunSpec, parameters: int,
+                           available: int | None = None) -> None:
+    """Refuse, before allocating, a materialisation whose weights and gradients (fp32, 8 bytes a
+    parameter) exceed the memory this machine has available: a typo such as
+    `hidden_size=10**9` passes the spec's size limits but would otherwise end in the allocator's
+    out-of-memory traceback, or in the kernel's OOM killer, after minutes of swapping."""
+    available = available_memory_bytes() if available is None else available
+    needed = 8 * parameters
+    if available is not None and needed > available:
+        raise UserError(
+            f"--materialize needs at least {needed / 2**30:,.1f} GiB for the weights and "
+            f"gradients of {parameters:,} parameters (fp32); this machine has "
+            f"{available / 2**30:,.1f} GiB available (the meta-device build needs none: "
+            "drop --materialize)")
+
+
 def materialize_check(spec: RunSpec, *, allow_imports: bool = False, batch_size: int = 2,
-                      seed: int = 0) -> dict[str, Any]:
-    """Build real weights on the CPU and run one forward and backward on random tokens."""
+                      seed: int = 0, parameters: int | None = None) -> dict[str, Any]:
+    """Build real weights on the CPU and run one forward and backward on random tokens.
+
+    `parameters` (the meta build's total) is checked against the available memory first."""
+    if parameters is not None:
+        check_materialize_fits(spec, parameters)
     start = time.perf_counter()
     model = build_model(spec, "cpu", allow_imports=allow_imports)
     built = time.perf_counter()
