@@ -22,6 +22,14 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that spawns torch.distributed processes is in the slow tier too: a launch
+    costs seconds, and `-m "not slow"` must stay a quick check."""
+    for item in items:
+        if item.get_closest_marker("distributed") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_mtp_tracker():
     """MTPLossLoggingHelper and MTPLossAutoScaler keep class-level state: reset per test."""

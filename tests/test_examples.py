@@ -40,7 +40,7 @@ def test_lambda_schedule_example_switches_within_its_run(tmp_path):
     """The example trains as written and its λ drops from 0.3 to 0.1 halfway (step 51)."""
     run_dir = tmp_path / "lambda"
     result = run_mtp("train", "examples/deepseek_lambda_schedule.yaml", "--run-dir",
-                     str(run_dir), timeout=900)
+                     str(run_dir), timeout=900, real_process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     scales = {line["step"]: line["mtp_loss_scale"] for line in lines if "split" not in line}

@@ -16,6 +16,8 @@ from tests.ckpt_helpers import rewrite_dcp
 from tests.cli_helpers import SPECS, run_mtp
 from tests.inspect_fixtures import check, invoke, invoke_json
 
+pytestmark = pytest.mark.slow  # four real `mtp train` launches
+
 TINY = ["model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64",
         "model.seq_length=32", "train.steps=3", "train.micro_batch_size=2",
         "train.global_batch_size=2", "train.warmup_steps=1", "train.eval_interval=2",
@@ -35,7 +37,7 @@ def trained(tmp_path_factory):
     for name, overrides in CONFIGS.items():
         run_dir = root / name
         done = run_mtp("train", str(SPECS / "tiny.yaml"), *TINY, *overrides,
-                       "--run-dir", str(run_dir), timeout=600)
+                       "--run-dir", str(run_dir), timeout=600, real_process=True)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[name] = run_dir
     return runs

@@ -25,7 +25,7 @@ SHORT = ["model.num_layers=2", "model.moe_layer_freq=[0, 1]", "model.seq_length=
 def checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("moe") / "run"
     done = run_mtp("train", str(SPECS / "tiny_moe.yaml"), *SHORT, "--run-dir", str(run_dir),
-                   timeout=900)
+                   timeout=900, real_process=True)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "split" not in r]
