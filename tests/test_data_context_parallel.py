@@ -192,6 +192,7 @@ def _roll_worker(rank: int, world_size: int, store_path: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_cp_roll_of_a_shard_equals_the_shard_of_the_full_roll(tmp_path):
     mp.spawn(_roll_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
 
