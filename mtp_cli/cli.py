@@ -315,7 +315,8 @@ def generate(
                        ] = False,
 ) -> None:
     """Decode prompts with a KV cache; with MTP layers, exact self-speculative decoding."""
-    from mtp_cli.generate import GenerateOptions, generate as run_generate, load_for_generation
+    from mtp_cli.generate import GenerateOptions, load_for_generation
+    from mtp_cli.generate import generate as run_generate
     from mtp_cli.generate.run import collect_prompts
     from mtp_cli.views.generate_view import TextPrinter, render_generate
 
