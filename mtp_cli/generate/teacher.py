@@ -26,6 +26,7 @@ def depth_hidden(model: GPTModel, input_ids: torch.Tensor) -> list[torch.Tensor]
     return list(stacked.chunk(1 + model.mtp.num_depths, dim=0))
 
 
+@torch.no_grad()
 def depth_logits(model: GPTModel, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """`[b, s, V]` logits of the main model and of each depth: row i of depth k predicts token
     `i + k + 1`."""
