@@ -17,6 +17,8 @@ from mtp_cli.generate.speculative import SpeculativeDecoder
 from mtp_cli.models.gpt import GPTModel
 from tests.cli_helpers import SPECS
 
+GREEDY = SamplingSettings()
+
 
 def tiny_spec(*, depths: int = 2, vocab: int = 8, position: str = "rope", layers: int = 2,
               hidden: int = 32, seq_length: int = 64, spec_file: str = "tiny.yaml",
@@ -50,7 +52,7 @@ def prompts_of(lengths: list[int], vocab: int, seed: int = 0) -> list[torch.Tens
 
 
 def decode(model: GPTModel, prompts: list[torch.Tensor], new: int, draft_depths: int = 0, *,
-           settings: SamplingSettings = SamplingSettings(), seed: int = 0, eod: int | None = None,
+           settings: SamplingSettings = GREEDY, seed: int = 0, eod: int | None = None,
            record: bool = False) -> tuple[list[list[int]], Any]:
     """(generated ids per prompt, the speculative decoder or None)."""
     limit = int(model.config.max_position_embeddings)

@@ -60,7 +60,12 @@ def _p_value(counts: dict[tuple[int, ...], int], exact: dict[tuple[int, ...], fl
                                          torch.tensor(chi2 / 2, dtype=torch.float64)))
 
 
-@pytest.mark.parametrize(("draft_depths", "top_p"), [(0, 1.0), (2, 1.0), (1, 1.0), (2, 0.8)])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(("draft_depths", "top_p"), [
+    (2, 1.0), pytest.param(0, 1.0, marks=SLOW), pytest.param(1, 1.0, marks=SLOW),
+    pytest.param(2, 0.8, marks=SLOW), pytest.param(0, 0.8, marks=SLOW)])
 def test_sampled_joint_distribution_matches_the_main_model(draft_depths, top_p):
     model = _model()
     settings = SamplingSettings(temperature=1.0, top_p=top_p)
@@ -81,6 +86,7 @@ def test_sampled_joint_distribution_matches_the_main_model(draft_depths, top_p):
     assert _p_value(counts, exact) > 0.01
 
 
+@pytest.mark.slow
 def test_chi_square_detects_a_wrong_distribution():
     """The test has power: the same samples with 300 extra draws of one sequence (a few
     percent of the total) fail it."""

@@ -12,8 +12,13 @@ from tests.generate_helpers import decode, prompts_of, random_model
 LENGTHS = [3, 9, 1, 6]  # a batch of prompts of different lengths
 
 
-@pytest.mark.parametrize("position", ["rope", "learned_absolute"])
-@pytest.mark.parametrize("depths", [1, 2, 3])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(("position", "depths"), [
+    ("rope", 3), ("learned_absolute", 2), pytest.param("rope", 1, marks=SLOW),
+    pytest.param("rope", 2, marks=SLOW), pytest.param("learned_absolute", 1, marks=SLOW),
+    pytest.param("learned_absolute", 3, marks=SLOW)])
 def test_greedy_speculative_equals_plain_random_weights(position, depths):
     model = random_model(depths=depths, position=position, vocab=6)
     prompts = prompts_of(LENGTHS, 6)
@@ -30,13 +35,13 @@ def _sequence(final: list[int], prompt: torch.Tensor) -> torch.Tensor:
     return torch.cat([prompt, torch.tensor(final, dtype=torch.long)])
 
 
-@pytest.mark.parametrize("position", ["rope", "learned_absolute"])
+@pytest.mark.parametrize("position", ["rope", pytest.param("learned_absolute", marks=SLOW)])
 def test_draft_logits_equal_full_recomputation(position):
     """Each round's draft logits of every depth equal one forward over the committed tokens
     with the round's drafts substituted, with no cache (float32, 1e-5)."""
     model = random_model(depths=3, position=position, vocab=6, dtype=torch.float32)
     prompts = prompts_of([4, 7], 6, seed=1)
-    out, decoder = decode(model, prompts, 14, 3, record=True)
+    out, decoder = decode(model, prompts, 10, 3, record=True)
     checked = 0
     for rnd in decoder.rounds:
         for row in range(len(prompts)):
@@ -55,7 +60,7 @@ def test_draft_logits_equal_full_recomputation(position):
     assert decoder.counts.drafts_accepted > 0  # caches kept rows computed from accepted drafts
 
 
-@pytest.mark.parametrize("depths", [2, 3])
+@pytest.mark.parametrize("depths", [pytest.param(2, marks=SLOW), 3])
 def test_accepted_drafts_equal_teacher_forced_joint_prefix(depths):
     model = random_model(depths=depths, vocab=5, seed=3)
     prompts = prompts_of([5, 2, 8], 5, seed=2)

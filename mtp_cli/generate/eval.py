@@ -29,8 +29,8 @@ from mtp_cli.errors import Problem, UserError
 from mtp_cli.generate.load import LoadedModel
 from mtp_cli.generate.run import GenerateOptions, decode_ids
 from mtp_cli.generate.teacher import depth_logits, prefix_counts, shifted
+from mtp_cli.report.evals import EVAL_DIR
 
-EVAL_DIR = "eval"
 BATCH = 8
 PROMPTS = 8
 

@@ -153,8 +153,12 @@ class _TextStream:
 
 
 def decode_text(loaded: LoadedModel, ids: list[int]) -> str:
-    decoded = loaded.tokenizer.decode(ids)
-    return decoded.decode("utf-8", "replace") if isinstance(decoded, bytes) else decoded
+    """Text of generated ids. Byte ids become UTF-8 text (invalid sequences replaced); ids a
+    byte tokenizer never emits (past 255: the vocabulary's padding) and the end-of-document
+    token are left out."""
+    if isinstance(loaded.tokenizer, ByteTokenizer):
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+    return loaded.tokenizer.decode(ids)
 
 
 def _sync(device: torch.device) -> None:

@@ -65,11 +65,12 @@ def _num(value: Any, digits: int = 4) -> str:
 
 def eval_table(result: dict[str, Any]) -> Table:
     """Per depth: loss, the three teacher-forced proxies, real decoding acceptance."""
-    table = Table(title=f"eval of step {result.get('step')} on {result['split']} "
-                        f"({result['tokens']:,} tokens): lm loss {_num(result['lm_loss'])}",
+    title = (f"eval of step {result.get('step')} on {result['split']} "
+             f"({result['tokens']:,} tokens): lm loss {_num(result['lm_loss'])}")
+    table = Table(title=escape(title),
                   header_style="bold", title_justify="left")
-    for column in ("depth", "loss", "top-1 vs labels", "top-1 vs main greedy",
-                   "joint prefix", "speculative accept", "speculative cond."):
+    for column in ("depth", "loss", "top1=label", "top1=main", "joint prefix", "spec. accept",
+                   "spec. cond."):
         table.add_column(column, justify="right")
     for row in result["depths"]:
         table.add_row(str(row["depth"]), _num(row["loss"]), _rate(row["top1_vs_labels"]),
@@ -79,11 +80,22 @@ def eval_table(result: dict[str, Any]) -> Table:
     return table
 
 
-def render_eval(console: Console, result: dict[str, Any]) -> None:
-    console.print(eval_table(result))
-    accept = result["acceptance_length"]
+def render_eval_summary(console: Console, result: dict[str, Any]) -> None:
+    """The eval table and the acceptance lengths (`mtp eval`, and `mtp report` when a run has
+    been evaluated); tolerant of a hand-edited file (missing keys show as "-")."""
+    try:
+        console.print(eval_table(result))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        console.print("eval result unreadable (not as mtp eval writes it)")
+        return
+    accept = result.get("acceptance_length") or {}
     console.print(f"acceptance length (tokens per round): teacher-forced "
-                  f"{_num(accept['teacher_forced'], 3)}, speculative decoding "
-                  f"{_num(accept['speculative'], 3)}", highlight=False)
+                  f"{_num(accept.get('teacher_forced'), 3)}, speculative decoding "
+                  f"{_num(accept.get('speculative'), 3)}", highlight=False)
+
+
+def render_eval(console: Console, result: dict[str, Any]) -> None:
+    render_eval_summary(console, result)
     if result.get("written"):
         console.print(f"wrote {result['written']}", highlight=False, markup=False)
+
