@@ -30,6 +30,7 @@ class KVCache:
         self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._slots: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
+        self._start: int | None = None
         self._used = 0
 
     def positions(self, s: int) -> torch.Tensor:
@@ -41,9 +42,14 @@ class KVCache:
         slots = self.positions(s)
         self._used = min(int(slots.max()) + 1, self.capacity)
         self._slots = slots.clamp(max=self.capacity - 1)
+        # every row at the same length (batch 1, or a batch in step): slices, one mask row
+        first = int(self.lengths[0])
+        uniform = bool((self.lengths == first).all()) and first + s <= self.capacity
+        self._start = first if uniform else None
         keys = torch.arange(self._used, device=self.device)
+        rows = slots[:1] if uniform else slots
         # query i of row b sees slots 0 .. lengths[b] + i (True = masked)
-        self._mask = (keys[None, None, :] > slots[:, :, None])[:, None]  # [b, 1, s, S]
+        self._mask = (keys[None, None, :] > rows[:, :, None])[:, None]  # [b or 1, 1, s, S]
         return slots
 
     def update_kv(self, layer_number: int, key: torch.Tensor, value: torch.Tensor
@@ -57,10 +63,14 @@ class KVCache:
                 torch.zeros(shape_k, dtype=key.dtype, device=key.device),
                 torch.zeros(shape_v, dtype=value.dtype, device=value.device))
         keys, values = self._layers[layer_number]
-        slot_index = self._slots.transpose(0, 1)  # [s, b]
-        rows = torch.arange(self.batch, device=key.device)[None, :]
-        keys[slot_index, rows] = key
-        values[slot_index, rows] = value
+        if self._start is not None:
+            keys[self._start:self._start + key.shape[0]] = key
+            values[self._start:self._start + key.shape[0]] = value
+        else:
+            slot_index = self._slots.transpose(0, 1)  # [s, b]
+            rows = torch.arange(self.batch, device=key.device)[None, :]
+            keys[slot_index, rows] = key
+            values[slot_index, rows] = value
         used = self._used
         return keys[:used], values[:used], self._mask
 

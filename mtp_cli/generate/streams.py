@@ -44,6 +44,10 @@ def depth_forward(model: GPTModel, depth: int, cache: KVCache, hidden_in: torch.
 
 def gather_rows(buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`buffer [b, cap, ...]` at `rows [b, s]` (clamped into the buffer) -> `[b, s, ...]`."""
+    if rows.shape[0] == 1:  # one row: its positions are consecutive, a slice will do
+        start = int(rows[0, 0])
+        if start + rows.shape[1] <= buffer.shape[1]:
+            return buffer[:, start:start + rows.shape[1]]
     rows = rows.clamp(max=buffer.shape[1] - 1)
     index = rows.view(*rows.shape, *([1] * (buffer.dim() - 2))).expand(
         *rows.shape, *buffer.shape[2:])
@@ -53,5 +57,9 @@ def gather_rows(buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def scatter_rows(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
                  valid: torch.Tensor) -> None:
     """Write `values [b, s, ...]` into `buffer [b, cap, ...]` at `rows [b, s]` where `valid`."""
+    if rows.shape[0] == 1:  # one row: a leading run of valid, consecutive positions
+        start, count = int(rows[0, 0]), int(valid.sum())
+        buffer[0, start:start + count] = values[0, :count]
+        return
     b_index, s_index = valid.nonzero(as_tuple=True)
     buffer[b_index, rows[b_index, s_index]] = values[b_index, s_index]
