@@ -153,11 +153,7 @@ def compare_transformers(run_dir: Path, work: Path) -> dict[str, Any]:
     """Plain greedy decoding: ours against transformers' generate() on the exported model."""
     from transformers import AutoModelForCausalLM
 
-    out = work / "hf_export"
-    if not out.exists():
-        subprocess.run([sys.executable, "-m", "mtp_cli", "export", str(run_dir), "--out",
-                        str(out)], cwd=ROOT, check=True, capture_output=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = _export(run_dir, work / "hf_export")
     loaded = load_for_generation(run_dir, device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     prompts = prompts_of(loaded)
@@ -182,6 +178,71 @@ def compare_transformers(run_dir: Path, work: Path) -> dict[str, Any]:
             "ratio": theirs_best / ours_best}
 
 
+def deepseek_v3_run(work: Path) -> Path:
+    """A DeepSeek-V3-shaped tiny model (MLA, MoE from layer 4, 61 layers: transformers finds
+    the MTP depth at `model.layers.61`, the released layer count; D = 1), random weights."""
+    import yaml
+
+    from mtp_cli.build.model_builder import build_model
+    from mtp_cli.config.loader import load_spec
+    from mtp_cli.hf.step0_checkpoint import write_step0_checkpoint
+
+    run = work / "dsv3"
+    if (run / "checkpoints" / "latest").exists():
+        return run
+    data = yaml.safe_load((ROOT / "specs" / "tiny_moe.yaml").read_text())
+    data["model"].update(num_layers=61, moe_layer_freq=[0] * 3 + [1] * 58,
+                         layernorm_epsilon=1e-6)
+    data["mtp"]["num_layers"] = 1
+    spec = load_spec(data)
+    state = build_model(spec).state_dict()
+    write_step0_checkpoint(run, spec, {n: (tuple(t.shape), t.dtype, (lambda t=t: t))
+                                       for n, t in state.items()}, {})
+    return run
+
+
+def _export(run_dir: Path, out: Path) -> Path:
+    if not out.exists():
+        subprocess.run([sys.executable, "-m", "mtp_cli", "export", str(run_dir), "--out",
+                        str(out)], cwd=ROOT, check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return out
+
+
+def compare_transformers_mtp(run_dir: Path, work: Path, prompts: int = 4, new: int = 32,
+                             repeats: int = 2) -> dict[str, Any]:
+    """Plain and MTP-speculative greedy decoding, batch 1, D = 1: mtp-cli against
+    transformers' generate() and generate(use_mtp=True) on the exported model."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(_export(run_dir, work / "dsv3_hf"),
+                                              dtype=torch.float32).eval()
+    model = load_for_generation(run_dir, device="cpu").model
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, 256, (PROMPT_TOKENS,), generator=g) for _ in range(prompts)]
+    best = {name: float("inf") for name in ("ours_plain", "ours_mtp", "hf_plain", "hf_mtp")}
+    same = True
+    with torch.no_grad():
+        for _ in range(repeats):
+            took = dict.fromkeys(best, 0.0)
+            for prompt in inputs:
+                plain, seconds = _plain(model, prompt, new)
+                took["ours_plain"] += seconds
+                spec, seconds, _ = _speculative(model, prompt, new, 1)
+                took["ours_mtp"] += seconds
+                for name, extra in (("hf_plain", {}), ("hf_mtp", {"use_mtp": True})):
+                    start = CLOCK()
+                    out = hf.generate(prompt[None], max_new_tokens=new, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0, **extra)
+                    took[name] += CLOCK() - start
+                    same &= out[0, len(prompt):].tolist() == plain
+                same &= spec == plain
+            best = {k: min(best[k], took[k]) for k in best}
+    tokens = prompts * new
+    return {"architecture": type(hf).__name__, "same_tokens": same,
+            **{f"{k}_tok_s": tokens / v for k, v in best.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny-run", type=Path)
@@ -197,8 +258,10 @@ def main() -> None:
     for label, run in (("tiny (4 layers, D=2)", tiny), ("deep (12 layers, D=2)", deep)):
         rows += measure(load_for_generation(run, device="cpu"), label)
     hf = compare_transformers(tiny, work)
+    mtp = compare_transformers_mtp(deepseek_v3_run(work), work)
     if args.json:
-        print(json.dumps({"speculative": rows, "transformers": hf}, indent=2))
+        print(json.dumps({"speculative": rows, "transformers": hf,
+                          "transformers_mtp": mtp}, indent=2))
         return
     print(f"{'model':24} K  identical  accept (cond)            len   plain tok/s  spec tok/s"
           "  plain/draft/verify ms  speed-up  ideal  ratio")
@@ -213,6 +276,10 @@ def main() -> None:
     print(f"plain decoding vs transformers generate() ({hf['architecture']}, same tokens: "
           f"{hf['same_tokens']}): mtp-cli {hf['mtp_cli_tok_s']:.1f} tok/s, transformers "
           f"{hf['transformers_tok_s']:.1f} tok/s, mtp-cli {hf['ratio']:.2f}x as fast")
+    print(f"{mtp['architecture']} (61 layers, MLA + MoE, D=1, random weights; same tokens: "
+          f"{mtp['same_tokens']}): plain mtp-cli {mtp['ours_plain_tok_s']:.1f} vs transformers "
+          f"{mtp['hf_plain_tok_s']:.1f} tok/s; MTP mtp-cli {mtp['ours_mtp_tok_s']:.1f} vs "
+          f"transformers use_mtp {mtp['hf_mtp_tok_s']:.1f} tok/s")
 
 
 if __name__ == "__main__":

@@ -120,3 +120,14 @@ def test_mla_moe_model_speculative_equals_plain(spec_file):
     plain, _ = decode(model, prompts, 16)
     for k in (1, 2):
         assert decode(model, prompts, 16, k)[0] == plain
+
+
+def test_single_prompt_speculative_equals_plain():
+    """Batch 1 takes the cache's and buffers' slice paths."""
+    model = random_model(depths=3, vocab=5, seed=11)
+    prompt = prompts_of([6], 5, seed=5)
+    plain, _ = decode(model, prompt, 30)
+    for k in (1, 3):
+        out, decoder = decode(model, prompt, 30, k)
+        assert out == plain
+    assert decoder.counts.drafts_accepted > 0
