@@ -69,7 +69,7 @@ def test_float32_divergence_only_at_near_ties(trained):
         for row, prompt in enumerate(_prompts()):
             if out[row] == plain[row]:
                 continue
-            at = next(i for i, (a, b) in enumerate(zip(out[row], plain[row])) if a != b)
+            at = next(i for i, (a, b) in enumerate(zip(out[row], plain[row], strict=True)) if a != b)
             prefix = torch.cat([prompt, torch.tensor(plain[row][:at])])
             logits = depth_logits(model, prefix[None])[0][0, -1]
             top2 = logits.topk(2).values
