@@ -141,3 +141,24 @@ def test_generate_from_an_exported_directory_matches_the_run(runs, tmp_path):
     theirs = json.loads(theirs.stdout)
     assert [c["text"] for c in theirs["completions"]] == [c["text"] for c in ours["completions"]]
     assert theirs["speculative"]["draft_depths"] == 2
+
+
+@pytest.mark.slow
+def test_generate_and_eval_a_pipeline_parallel_training_run(tmp_path):
+    """A checkpoint `mtp train` wrote at pipeline 2 (two processes) decodes on one device."""
+    from tests.train_helpers import run_train
+
+    corpus = make_corpus(tmp_path / "corpus")
+    run = tmp_path / "pp2"
+    trained = run_train(run, corpus, "parallel.pipeline=2", nproc=2)
+    assert trained.returncode == 0, trained.stderr
+    result = invoke("generate", run, "--prompt", "def ", "--prompt", "import json\n",
+                    "--max-new-tokens", "16", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["identical_to_plain"] is True
+    assert payload["speculative"]["draft_depths"] == 2
+    evaluated = invoke("eval", run, "--tokens", "128", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert (run / "eval" / "step_0000010.json").is_file()
+    assert json.loads(evaluated.stdout)["step"] == 10
