@@ -131,3 +131,24 @@ def test_single_prompt_speculative_equals_plain():
         out, decoder = decode(model, prompt, 30, k)
         assert out == plain
     assert decoder.counts.drafts_accepted > 0
+
+
+def test_repeated_mtp_layer_drafts_at_every_depth():
+    """`mtp.use_repeated_layer`: one layer applied at each depth, each depth its own cache."""
+    from mtp_cli.build.model_builder import build_model
+    from mtp_cli.config.loader import load_spec
+    from tests.generate_helpers import tiny_spec
+
+    data = tiny_spec(depths=3, vocab=5, extra={"init_method_std": 0.3}).model_dump(mode="json")
+    data["mtp"]["use_repeated_layer"] = True
+    model = build_model(load_spec(data)).double().eval()
+    assert len(model.mtp_layers()) == 1
+    prompts = prompts_of([5, 2], 5, seed=8)
+    plain, _ = decode(model, prompts, 20)
+    out, decoder = decode(model, prompts, 20, 3, record=True)
+    assert out == plain
+    rnd = decoder.rounds[2]
+    committed = torch.cat([prompts[0], torch.tensor(out[0])])[:int(rnd.committed[0])]
+    reference = depth_logits(model, torch.cat([committed, rnd.drafts[0]])[None])
+    for k, logits in enumerate(rnd.draft_logits, start=1):
+        torch.testing.assert_close(logits[0], reference[k][0, len(committed) - 2])
