@@ -19,34 +19,37 @@ def _prompts() -> list[torch.Tensor]:
     return [torch.tensor(list(p), dtype=torch.long) for p in PROMPTS]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A D=3 model trained 250 steps on the embedded corpus, saved as a run directory."""
+@pytest.fixture(scope="module", params=[("rope", 3), ("learned_absolute", 2)],
+                ids=["rope-D3", "learned-D2"])
+def trained(request, tmp_path_factory):
+    """A model trained 250 steps on the embedded corpus, saved as a run directory."""
+    position, depths = request.param
     torch.manual_seed(0)
-    model = random_model(depths=3, vocab=320, std=0.02, dtype=torch.float32, seq_length=64)
+    kwargs = {"depths": depths, "vocab": 320, "seq_length": 64, "position": position}
+    model = random_model(std=0.02, dtype=torch.float32, **kwargs)
     train_in_process(model, 320, steps=250, seq_length=48)
-    spec = tiny_spec(depths=3, vocab=320, seq_length=64, extra={"init_method_std": 0.02})
+    spec = tiny_spec(**kwargs, extra={"init_method_std": 0.02})
     run = save_run_dir(model, spec, tmp_path_factory.mktemp("trained") / "run")
-    return model, run
+    return model, run, kwargs
 
 
 def test_trained_checkpoint_loads_and_its_heads_draft_well(trained):
-    model, run = trained
+    model, run, kwargs = trained
     loaded = load_for_generation(run, device="cpu")
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
-    _, decoder = decode(loaded.model.double(), _prompts(), 40, 3)
+    _, decoder = decode(loaded.model.double(), _prompts(), 40, kwargs["depths"])
     stats = decoder.counts.as_dict()
     assert stats["per_depth"][0]["acceptance_rate"] > 0.3
     assert stats["mean_accepted_length"] > 1.4
 
 
 def test_float64_speculative_equals_plain_for_every_draft_depth(trained):
-    model = trained[0]
-    model64 = random_model(depths=3, vocab=320, seq_length=64)
+    model, _, kwargs = trained
+    model64 = random_model(**kwargs)
     model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     plain, _ = decode(model64, _prompts(), 40)
-    for k in (1, 2, 3):
+    for k in range(1, kwargs["depths"] + 1):
         out, decoder = decode(model64, _prompts(), 40, k, record=True)
         assert out == plain, k
         assert decoder.counts.drafts_accepted > 0
@@ -62,9 +65,9 @@ def test_float64_speculative_equals_plain_for_every_draft_depth(trained):
 
 
 def test_float32_divergence_only_at_near_ties(trained):
-    model = trained[0].float()
+    model, _, kwargs = trained
     plain, _ = decode(model, _prompts(), 40)
-    for k in (1, 2, 3):
+    for k in range(1, kwargs["depths"] + 1):
         out, _ = decode(model, _prompts(), 40, k)
         for row, prompt in enumerate(_prompts()):
             if out[row] == plain[row]:
