@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mtp_cli.build.model_builder import build_model
@@ -141,6 +142,19 @@ def test_generate_from_an_exported_directory_matches_the_run(runs, tmp_path):
     theirs = json.loads(theirs.stdout)
     assert [c["text"] for c in theirs["completions"]] == [c["text"] for c in ours["completions"]]
     assert theirs["speculative"]["draft_depths"] == 2
+    # transformers' own greedy generate() on the exported model: the same tokens
+    from transformers import AutoModelForCausalLM
+
+    from mtp_cli.generate.load import load_for_generation
+    from mtp_cli.generate.run import GenerateOptions, decode_ids
+
+    loaded = load_for_generation(runs[2], device="cpu")
+    prompt = loaded.tokenizer.encode("def g(")
+    ids, _, _ = decode_ids(loaded, [prompt], GenerateOptions(max_new_tokens=10), 2)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    generated = hf.generate(prompt[None], max_new_tokens=len(ids[0]), do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+    assert generated[0, len(prompt):].tolist() == ids[0]
 
 
 @pytest.mark.slow
