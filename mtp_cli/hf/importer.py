@@ -174,3 +174,19 @@ def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...]
             "path": str(Path(hf_dir).resolve()), "architecture": architecture,
             "fresh": plan.fresh}}, file_bytes=largest_file)
     return ImportResult(out, architecture, len(plan.imported), plan.fresh, plan.notes)
+
+
+def load_hf_model_state(hf_dir: Path) -> tuple[RunSpec, dict[str, torch.Tensor], list[str]]:
+    """The spec and the Megatron-named state dict of Hugging Face model directory `hf_dir`
+    (e.g. one `mtp export` wrote), in memory: `mtp import`'s checks and name mapping without
+    writing a run directory (`mtp generate` and `mtp eval` read exported models this way)."""
+    hf = open_hf_directory(Path(hf_dir), ARCHITECTURES)
+    data, ctx = _sections(hf, [])
+    spec = load_spec(data)
+    shapes, scaled = _shapes_and_init(spec)
+    arch = ARCHITECTURES[hf.config["model_type"]]
+    plan = plan_import(arch, ctx, hf, shapes, tied=spec.model.share_embeddings_and_output_weights,
+                       depths=spec.mtp.num_layers)
+    _check_copies(hf, plan)
+    sources = _tensor_sources(hf, plan, spec, ctx, shapes, scaled)
+    return spec, {name: produce() for name, (_, _, produce) in sources.items()}, plan.notes

@@ -17,6 +17,7 @@ from torch import nn
 from mtp_cli.config.schema import ModelConfig
 from mtp_cli.errors import Problem
 from mtp_cli.models.embedding import apply_rotary_pos_emb
+from mtp_cli.models.inference import InferenceContext
 from mtp_cli.nn.module_spec import ModuleSpec, SpecTreeError, build_module, register_module
 from mtp_cli.nn.packed import PackedSeqParams
 
@@ -90,6 +91,7 @@ class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, submodules: SelfAttentionSubmodules,
                  layer_number: int = 1, attn_mask_type: str = "causal") -> None:
         super().__init__()
+        self.layer_number = layer_number  # the key of this layer's entries in a KV cache
         self.head_dim = config.kv_channels
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
         qkv_rows = (config.num_attention_heads + 2 * config.num_query_groups) * self.head_dim
@@ -109,7 +111,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None,
-                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+                packed_seq_params: PackedSeqParams | None = None,
+                inference_context: InferenceContext | None = None) -> torch.Tensor:
+        """`inference_context` (decoding): keys and values go through the KV cache, which
+        returns all cached positions and their mask (`mtp_cli.models.inference`)."""
         d, per_group = self.head_dim, self.heads_per_group
         qkv = self.linear_qkv(hidden_states)
         seq_len, batch = qkv.shape[:2]  # the whole sequence (sequence parallel gathers it)
@@ -121,6 +126,9 @@ class SelfAttention(nn.Module):
         if rotary_pos_emb is not None:
             query = apply_rotary_pos_emb(query, rotary_pos_emb)
             key = apply_rotary_pos_emb(key, rotary_pos_emb)
+        if inference_context is not None:
+            key, value, attention_mask = inference_context.update_kv(self.layer_number, key,
+                                                                     value)
         context = self.core_attention(query, key, value, attention_mask, packed_seq_params)
         return self.linear_proj(context)
 

@@ -64,7 +64,9 @@ def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, *,
         t = torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
     first, second = t.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
-    cos = (freqs.cos() * mscale).to(t.dtype)
-    sin = (freqs.sin() * mscale).to(t.dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    if mscale != 1.0:  # (multiplying by 1.0 changes nothing but costs two ops per call)
+        cos, sin = cos * mscale, sin * mscale
+    cos, sin = cos.to(t.dtype), sin.to(t.dtype)
     out = t * cos + rotated * sin
     return torch.cat([out, passed], dim=-1) if passed.shape[-1] else out

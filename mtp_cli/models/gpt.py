@@ -21,6 +21,7 @@ from mtp_cli.models.chunked_ce import (
 )
 from mtp_cli.models.comm import ParallelGroups
 from mtp_cli.models.embedding import LanguageModelEmbedding
+from mtp_cli.models.inference import InferenceContext
 from mtp_cli.models.linear import ColumnParallelLinear
 from mtp_cli.models.output import OutputHead
 from mtp_cli.models.rope import rotary_embedding_for
@@ -133,12 +134,31 @@ class GPTModel(nn.Module):
         loss_mask: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
         hidden_states: torch.Tensor | None = None,
+        inference_context: InferenceContext | None = None,
     ) -> torch.Tensor:
         """`hidden_states` is the previous pipeline stage's output on stages after the first;
-        a stage without the loss returns its output hidden states for the next stage."""
+        a stage without the loss returns its output hidden states for the next stage.
+        `inference_context` (decoding, `mtp_cli.generate`): the KV cache the decoder layers
+        read and extend; `position_ids` are then the new tokens' positions."""
+        if inference_context is not None:
+            hidden = self.decode_hidden(input_ids, position_ids, inference_context)
+            return self.logits(hidden)
         with using_run_state(self.mtp_state):
             return self._forward(input_ids, position_ids, attention_mask, labels, loss_mask,
                                  packed_seq_params, hidden_states)
+
+    def decode_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      inference_context: InferenceContext | None) -> torch.Tensor:
+        """The main decoder's output `h0 [s, b, h]` (after the final norm) for new tokens
+        `[b, s]` at `position_ids`, attending over the KV cache (None: causal, no cache)."""
+        rotary = self.rotary_pos_emb(position_ids) if self.rotary_pos_emb is not None else None
+        hidden = self.embedding(input_ids, position_ids)
+        return self.decoder(hidden, None, rotary, None, inference_context=inference_context)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[s, b, h]` hidden states (the main model's or a depth's) -> `[b, s, V]` logits
+        through the shared output head."""
+        return self.output_head.logits(hidden, self.output_weight()).transpose(0, 1)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
                  attention_mask: torch.Tensor | None, labels: torch.Tensor | None,

@@ -27,6 +27,7 @@ from torch import nn
 
 from mtp_cli.config.schema import ModelConfig
 from mtp_cli.models.embedding import apply_rotary_pos_emb
+from mtp_cli.models.inference import InferenceContext
 from mtp_cli.models.rope import mla_softmax_scale, yarn_concentration_factor
 from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
 from mtp_cli.nn.packed import PackedSeqParams
@@ -53,6 +54,7 @@ class MLASelfAttention(nn.Module):
                  layer_number: int = 1, attn_mask_type: str = "causal") -> None:
         super().__init__()
         heads, h = config.num_attention_heads, config.hidden_size
+        self.layer_number = layer_number  # the key of this layer's entries in a KV cache
         self.heads = heads
         self.qk_head_dim, self.rope_dim = config.qk_head_dim, config.qk_pos_emb_head_dim
         self.v_head_dim, self.kv_lora_rank = config.v_head_dim, config.kv_lora_rank
@@ -87,8 +89,10 @@ class MLASelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None,
-                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
-        """`[s, b, h]` -> `[s, b, h]`; `rotary_pos_emb` `[s, b, 1, rope]` angles."""
+                packed_seq_params: PackedSeqParams | None = None,
+                inference_context: InferenceContext | None = None) -> torch.Tensor:
+        """`[s, b, h]` -> `[s, b, h]`; `rotary_pos_emb` `[s, b, 1, rope]` angles. With an
+        `inference_context` the per-head keys and values go through its KV cache."""
         seq_len, batch, _ = hidden_states.shape
         if self.compress_query:
             q = self.linear_q_up_proj(self.q_layernorm(self.linear_q_down_proj(hidden_states)))
@@ -109,8 +113,11 @@ class MLASelfAttention(nn.Module):
                                         mscale=self.rotary_mscale)
         query = torch.cat([q_nope, q_pe], dim=-1)
         key = torch.cat([k_nope, k_pe.expand(-1, -1, self.heads, -1)], dim=-1)
-        context = self.core_attention(query, key, value.contiguous(), attention_mask,
-                                      packed_seq_params)
+        value = value.contiguous()
+        if inference_context is not None:
+            key, value, attention_mask = inference_context.update_kv(self.layer_number, key,
+                                                                     value)
+        context = self.core_attention(query, key, value, attention_mask, packed_seq_params)
         return self.linear_proj(context)
 
 

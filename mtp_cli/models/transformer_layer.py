@@ -10,6 +10,7 @@ from torch import nn
 
 from mtp_cli.config.schema import ModelConfig
 from mtp_cli.models.attention import self_attention_spec
+from mtp_cli.models.inference import InferenceContext
 from mtp_cli.models.mlp import mlp_spec
 from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
 from mtp_cli.nn.packed import PackedSeqParams
@@ -45,9 +46,13 @@ class TransformerLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None,
-                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+                packed_seq_params: PackedSeqParams | None = None,
+                inference_context: InferenceContext | None = None) -> torch.Tensor:
+        """`inference_context`: the KV cache of decoding, handed to the attention only when
+        given (attention modules of other specs need not know the argument)."""
+        extra = {} if inference_context is None else {"inference_context": inference_context}
         attention = self.self_attention(self.input_layernorm(hidden_states), attention_mask,
-                                        rotary_pos_emb, packed_seq_params)
+                                        rotary_pos_emb, packed_seq_params, **extra)
         hidden_states = hidden_states + self.hidden_dropout(attention)
         mlp = self.mlp(self.pre_mlp_layernorm(hidden_states))
         return hidden_states + self.hidden_dropout(mlp)
@@ -93,10 +98,12 @@ class TransformerBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None,
-                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+                packed_seq_params: PackedSeqParams | None = None,
+                inference_context: InferenceContext | None = None) -> torch.Tensor:
+        extra = {} if inference_context is None else {"inference_context": inference_context}
         for layer in self.layers.values():
             hidden_states = layer(hidden_states, attention_mask, rotary_pos_emb,
-                                  packed_seq_params)
+                                  packed_seq_params, **extra)
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
         return hidden_states

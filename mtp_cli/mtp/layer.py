@@ -166,14 +166,19 @@ class MultiTokenPredictionLayer(nn.Module):
         packed_seq_params: PackedSeqParams | None = None,
         sequence_len_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`_concat_embeddings`, the transformer layer, then `_postprocess`."""
+        """`_concat_embeddings`, the transformer layer, then `_postprocess`.
+
+        `inference_params` is a KV cache (`mtp_cli.models.inference.InferenceContext`): as in
+        Megatron-Core it reaches the transformer layer as its `inference_context`, so a depth
+        attends over its own cached positions while decoding."""
         _reject_unsupported(context=context, context_mask=context_mask,
                             rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
-                            attention_bias=attention_bias, inference_params=inference_params,
+                            attention_bias=attention_bias,
                             sequence_len_offset=sequence_len_offset)
         hidden_states = self._concat_embeddings(hidden_states, decoder_input)
+        extra = {} if inference_params is None else {"inference_context": inference_params}
         hidden_states = self.transformer_layer(hidden_states, attention_mask, rotary_pos_emb,
-                                               packed_seq_params)
+                                               packed_seq_params, **extra)
         return self._postprocess(hidden_states)
 
     def _postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:

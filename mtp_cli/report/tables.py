@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from mtp_cli.report.evals import latest_eval
 from mtp_cli.report.metrics import RunMetrics
 
 TAIL_FRACTION = 0.1
@@ -61,6 +62,7 @@ class RunSummary:
             "lines": {"train": len(m.train), "val": len(m.val), "broken": m.broken_lines},
             "steps": last.get("step"), "tokens": last.get("tokens"),
             "train": train, "validation": val,
+            "eval": latest_eval(m.run_dir, m.warnings),
             "throughput": {
                 "tokens_per_s_mean_last_10pct": speed_stats["mean_last_10pct"]
                 if speed_stats else None,

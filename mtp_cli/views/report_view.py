@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mtp_cli.report import Report
+from mtp_cli.views.generate_view import render_eval_summary
 
 _STATS = ("first", "last", "min", "mean_last_10pct")
 
@@ -98,6 +99,8 @@ def render_report(console: Console, report: Report) -> None:
         if speed["peak_memory_mb"] is not None:
             facts.append(f"peak memory {_num(speed['peak_memory_mb'], 1)} MB")
         console.print("  " + " · ".join(facts), highlight=False)
+        if run.get("eval"):
+            render_eval_summary(console, run["eval"])
     if payload["comparison"]:
         console.print(comparison_table(payload["comparison"]))
     for path in payload["plots"]:

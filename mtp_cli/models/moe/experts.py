@@ -48,11 +48,16 @@ class SequentialMLP(nn.Module):
 
     def forward(self, tokens: torch.Tensor, tokens_per_expert: list[int],
                 probs: torch.Tensor) -> torch.Tensor:
-        """`tokens [N, h]` grouped by expert (`tokens_per_expert` rows each, in index order)."""
+        """`tokens [N, h]` grouped by expert (`tokens_per_expert` rows each, in index order).
+
+        Without autograd (decoding: a token or a few reach only top-k experts) an expert with no
+        tokens is skipped; with it every expert runs, so each takes part in backward."""
+        skip_idle = not torch.is_grad_enabled()
         outputs = [
             expert(chunk, per_token_scale=weights)
-            for expert, chunk, weights in zip(self.local_experts.values(),
-                                              tokens.split(tokens_per_expert),
-                                              probs.split(tokens_per_expert), strict=True)
+            for expert, chunk, weights, count in zip(
+                self.local_experts.values(), tokens.split(tokens_per_expert),
+                probs.split(tokens_per_expert), tokens_per_expert, strict=True)
+            if count or not skip_idle
         ]
         return torch.cat(outputs, dim=0) if outputs else tokens.new_zeros(0, tokens.shape[-1])

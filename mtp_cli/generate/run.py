@@ -1,0 +1,235 @@
+"""`mtp generate` as a function: prompts in, text and statistics out.
+
+    from mtp_cli.generate import load_for_generation, generate
+    loaded = load_for_generation(Path("runs/tiny"))
+    result = generate(loaded, ["def main("], GenerateOptions(max_new_tokens=64))
+
+With speculation (the model's MTP depths draft, the main model verifies) the same prompts are
+then decoded plainly in the same process, so the speed-up is measured, not estimated; with
+greedy decoding the two outputs must be identical, and `identical_to_plain` says whether they
+were.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from mtp_cli.data.tokenizer import ByteTokenizer
+from mtp_cli.errors import Problem, UserError
+from mtp_cli.generate.decode import decode_plain
+from mtp_cli.generate.load import LoadedModel
+from mtp_cli.generate.sampling import SamplingSettings
+from mtp_cli.generate.sequences import Sequences
+from mtp_cli.generate.speculative import SpeculativeDecoder
+from mtp_cli.generate.streams import max_positions
+
+Speculative = Literal["auto", "on", "off"]
+OnText = Callable[[int, str], None]  # (prompt index, new text)
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    speculative: Speculative = "auto"
+    draft_depths: int | None = None  # None: every depth the model has
+    baseline: bool = True  # also decode plainly, to measure the speed-up
+
+
+@dataclass
+class GenerateResult:
+    prompts: list[str]
+    texts: list[str]
+    token_ids: list[list[int]]
+    seconds: float
+    speculative: dict[str, Any] | None = None
+    plain_seconds: float | None = None
+    identical_to_plain: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.token_ids)
+
+    def as_dict(self) -> dict[str, Any]:
+        tps = self.tokens / self.seconds if self.seconds > 0 else None
+        out: dict[str, Any] = {
+            "completions": [{"prompt": p, "text": t, "tokens": len(ids)}
+                            for p, t, ids in zip(self.prompts, self.texts, self.token_ids,
+                                                 strict=True)],
+            "tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": tps,
+            "speculative": self.speculative,
+        }
+        if self.plain_seconds is not None:
+            plain_tps = self.tokens / self.plain_seconds if self.plain_seconds > 0 else None
+            out["plain"] = {"seconds": self.plain_seconds, "tokens_per_s": plain_tps}
+            out["speedup"] = self.plain_seconds / self.seconds if self.seconds > 0 else None
+            out["identical_to_plain"] = self.identical_to_plain
+        out["notes"] = self.notes
+        return out
+
+
+def _check_options(options: GenerateOptions, depths: int) -> int:
+    """The number of draft depths to use (0: plain decoding); UserError for bad options."""
+    if options.max_new_tokens < 1:
+        raise UserError(problems=[Problem("must be at least 1", key="--max-new-tokens")])
+    if options.temperature < 0:
+        raise UserError(problems=[Problem("must be >= 0 (0 = greedy)", key="--temperature")])
+    if not 0 < options.top_p <= 1:
+        raise UserError(problems=[Problem("must be in (0, 1]", key="--top-p")])
+    if options.speculative not in ("auto", "on", "off"):
+        raise UserError(problems=[Problem("must be auto, on or off", key="--speculative")])
+    wanted = options.draft_depths
+    if wanted is not None and wanted < 1:
+        raise UserError(problems=[Problem("must be at least 1", key="--draft-depths")])
+    if options.speculative == "on" and depths == 0:
+        raise UserError(problems=[Problem(
+            "the checkpoint has no MTP layers to draft with", key="--speculative on",
+            hint="use --speculative off (or auto) for plain decoding")])
+    if wanted is not None and wanted > depths and options.speculative != "off":
+        raise UserError(problems=[Problem(
+            f"{wanted} is more than the checkpoint's {depths} MTP depths", key="--draft-depths")])
+    if options.speculative == "off" or depths == 0:
+        return 0
+    return depths if wanted is None else wanted
+
+
+def encode_prompts(loaded: LoadedModel, prompts: list[str],
+                   where: list[str] | None = None) -> list[torch.Tensor]:
+    """Token ids of each prompt; UserError for an empty one or one past the maximum positions.
+    `where` names each prompt in messages (`--prompt 2`, `prompts.txt:3`)."""
+    if loaded.tokenizer is None:
+        raise UserError("the checkpoint's tokenizer is not available, so text cannot be encoded "
+                        f"({'; '.join(loaded.notes)})")
+    if not prompts:
+        raise UserError(problems=[Problem("give at least one prompt", key="--prompt")])
+    where = where or [f"--prompt {i + 1}" for i in range(len(prompts))]
+    limit = max_positions(loaded.model)
+    encoded = []
+    for text, name in zip(prompts, where, strict=True):
+        ids = loaded.tokenizer.encode(text)
+        if len(ids) == 0:
+            raise UserError(problems=[Problem("is empty: a prompt needs at least one token",
+                                              key=name)])
+        if len(ids) > limit:
+            raise UserError(problems=[Problem(
+                f"is {len(ids)} tokens, longer than the model's maximum positions ({limit})",
+                key=name)])
+        encoded.append(ids)
+    return encoded
+
+
+class _TextStream:
+    """Decodes each row's new ids incrementally (a UTF-8 character may span byte tokens)."""
+
+    def __init__(self, loaded: LoadedModel, batch: int, on_text: OnText | None) -> None:
+        self.tokenizer, self.on_text = loaded.tokenizer, on_text
+        self.byte_decoders = [codecs.getincrementaldecoder("utf-8")("replace")
+                              for _ in range(batch)]
+        self.ids: list[list[int]] = [[] for _ in range(batch)]
+        self.sent = [""] * batch
+
+    def __call__(self, row: int, ids: list[int]) -> None:
+        if self.on_text is None:
+            return
+        eod = getattr(self.tokenizer, "eod", None)
+        ids = [i for i in ids if i != eod]
+        if isinstance(self.tokenizer, ByteTokenizer):
+            text = self.byte_decoders[row].decode(bytes(i for i in ids if i < 256))
+        else:
+            self.ids[row].extend(ids)
+            full = self.tokenizer.decode(self.ids[row])
+            text, self.sent[row] = full[len(self.sent[row]):], full
+        if text:
+            self.on_text(row, text)
+
+
+def decode_text(loaded: LoadedModel, ids: list[int]) -> str:
+    """Text of generated ids. Byte ids become UTF-8 text (invalid sequences replaced); ids a
+    byte tokenizer never emits (past 255: the vocabulary's padding) and the end-of-document
+    token are left out."""
+    if isinstance(loaded.tokenizer, ByteTokenizer):
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+    return loaded.tokenizer.decode(ids)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_ids(loaded: LoadedModel, prompt_ids: list[torch.Tensor], options: GenerateOptions,
+               draft_depths: int, on_tokens: Callable[[int, list[int]], None] | None = None,
+               ) -> tuple[list[list[int]], float, dict[str, Any] | None]:
+    """One decoding of `prompt_ids`: (generated ids per prompt, seconds, speculative stats)."""
+    model = loaded.model
+    device = model.output_weight().device
+    eod = getattr(loaded.tokenizer, "eod", None)
+    settings = SamplingSettings(options.temperature, options.top_p)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(options.seed)
+    seqs = Sequences(prompt_ids, options.max_new_tokens, max_positions(model), eod, device,
+                     scratch=draft_depths + 1, on_tokens=on_tokens)
+    _sync(device)
+    start = time.perf_counter()
+    stats = None
+    if draft_depths:
+        stats = SpeculativeDecoder(model, seqs, settings, draft_depths, generator).run().as_dict()
+    else:
+        decode_plain(model, seqs, settings, generator)
+    _sync(device)
+    return seqs.generated(), time.perf_counter() - start, stats
+
+
+def generate(loaded: LoadedModel, prompts: list[str], options: GenerateOptions, *,
+             where: list[str] | None = None, on_text: OnText | None = None) -> GenerateResult:
+    """Decode `prompts` with the loaded model (see the module doc)."""
+    depths = _check_options(options, loaded.mtp_depths)
+    prompt_ids = encode_prompts(loaded, prompts, where)
+    stream = _TextStream(loaded, len(prompts), on_text)
+    ids, seconds, stats = decode_ids(loaded, prompt_ids, options, depths, stream)
+    result = GenerateResult(prompts, [decode_text(loaded, x) for x in ids], ids, seconds, stats,
+                            notes=list(loaded.notes))
+    if depths and options.baseline:
+        plain_ids, result.plain_seconds, _ = decode_ids(loaded, prompt_ids, options, 0)
+        if options.temperature == 0:
+            result.identical_to_plain = plain_ids == ids
+    return result
+
+
+PROMPT_FILE_LIMIT = 16 * 2**20
+
+
+def collect_prompts(prompts: list[str], prompt_file: Any = None) -> tuple[list[str], list[str]]:
+    """The prompts of `--prompt` (repeated) or `--prompt-file` (one per line), and where each
+    came from for messages. UserError for both or neither, or an unreadable file."""
+    from pathlib import Path
+
+    from mtp_cli.checkpoint_io.files import read_text
+
+    if prompts and prompt_file is not None:
+        raise UserError(problems=[Problem("give --prompt or --prompt-file, not both",
+                                          key="--prompt-file")])
+    if prompt_file is None:
+        if not prompts:
+            raise UserError(problems=[Problem("give at least one prompt", key="--prompt",
+                                              hint="or --prompt-file FILE, one per line")])
+        return list(prompts), [f"--prompt {i + 1}" for i in range(len(prompts))]
+    path = Path(prompt_file)
+    try:
+        text = read_text(path, PROMPT_FILE_LIMIT)
+    except OSError as error:
+        raise UserError(problems=[Problem(f"cannot be read ({error.strerror or error})",
+                                          file=str(path))]) from None
+    lines = text.splitlines()
+    if not lines:
+        raise UserError(problems=[Problem("holds no prompt (one per line)", file=str(path))])
+    return lines, [f"{path}:{i + 1}" for i in range(len(lines))]
