@@ -206,7 +206,7 @@ class ParallelConfig(StrictModel):
     context: PositiveInt = Field(default=1, description="Context-parallel size.")
     expert: PositiveInt = Field(
         default=1, description="Expert-parallel size: routed experts split over this many ranks "
-        "of data x context parallel (declared and validated; training with it arrives later).")
+        "of data x context parallel (all-to-all token dispatch); must divide num_moe_experts.")
     layout: str | None = Field(
         default=None,
         description="pipeline_model_parallel_layout: E, t, m, L, '|' between stages, x*n, "

@@ -37,6 +37,12 @@ class ParallelDims:
             )])
         dims = cls(world_size=world_size, dp=world_size // model_parallel, tp=par.tensor,
                    pp=par.pipeline, cp=par.context)
+        if dims.dp_cp % par.expert:
+            raise UserError(problems=[Problem(
+                f"expert parallel size {par.expert} must divide data x context = {dims.dp} x "
+                f"{dims.cp} = {dims.dp_cp} (the expert group is carved from those ranks)",
+                key="parallel.expert",
+                hint="world size = tensor x pipeline x context x data; raise --nproc")])
         dims.check_batch(spec)
         return dims
 
@@ -93,12 +99,14 @@ class ParallelDims:
 
     @staticmethod
     def _moe_mla_unsupported(spec: RunSpec, model_parallel: bool) -> list[Problem]:
-        """MoE and MLA train data-parallel for now; expert parallel is declared, not run."""
+        """MoE and MLA train with data and expert parallel for now (expert parallel over the
+        data-parallel ranks, with DDP)."""
         problems = []
-        if spec.parallel.expert > 1:
+        if spec.parallel.expert > 1 and spec.parallel.fsdp:
             problems.append(Problem(
-                "expert parallel is declared and validated but mtp train does not run it yet",
-                key="parallel.expert", hint="set parallel.expert=1"))
+                "expert parallel runs with DDP; FSDP2 would average the experts' gradients over "
+                "ranks that hold other experts", key="parallel.fsdp",
+                hint="set parallel.fsdp=false"))
         model = spec.model
         if model_parallel and (model.num_moe_experts is not None
                                or model.multi_latent_attention):
