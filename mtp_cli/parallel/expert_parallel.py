@@ -98,18 +98,28 @@ def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> lis
 
 
 class ExpertGradients:
-    """The expert parameters' gradient reduction and the gradient norm under expert parallel."""
+    """The expert parameters' gradient reduction and the gradient norm under expert parallel.
+
+    `model`: the whole model, or an `nn.ModuleList` of a rank's pipeline chunks. Routed experts
+    are never tensor-parallel here (`parallel.expert_tensor` 1, DeepSeek-V3's layout): a tensor
+    rank holds its experts whole and computes the same gradients as its tensor peers.
+    """
 
     def __init__(self, model: nn.Module, groups: ExpertParallelGroups) -> None:
         self.groups = groups
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.expert = [p for n, p in named if is_expert_parameter(n)]
         self.dense = [p for n, p in named if not is_expert_parameter(n)]
+        self._ids = {id(p) for p in self.expert}
+
+    def owns(self, param: torch.Tensor) -> bool:
+        """Whether `param` is a routed expert's (reduced here, not with the dense ones)."""
+        return id(param) in self._ids
 
     @torch.no_grad()
-    def finalize(self) -> None:
-        """Sum the expert gradients over the expert-data-parallel group, divide by the data x
-        context size (an expert no token chose gets a zero gradient, so every rank joins)."""
+    def reduce(self, scale: float) -> None:
+        """Sum the expert gradients over the expert-data-parallel group, times `scale` (an
+        expert no token chose gets a zero gradient, so every rank joins)."""
         for param in self.expert:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
@@ -118,34 +128,44 @@ class ExpertGradients:
         flat = torch.cat([p.grad.reshape(-1) for p in self.expert])
         if self.groups.edp_group is not None:
             dist.all_reduce(flat, group=self.groups.edp_group)
-        flat /= self.groups.dp_cp_size
+        flat *= scale
         offset = 0
         for param in self.expert:
             count = param.numel()
             param.grad.copy_(flat[offset:offset + count].view_as(param))
             offset += count
 
+    def finalize(self) -> None:
+        """Data parallel under DDP: the experts' average over the data x context replicas."""
+        self.reduce(1.0 / self.groups.dp_cp_size)
+
+    @torch.no_grad()
+    def square_sum(self, device: torch.device | None = None) -> torch.Tensor:
+        """Σ ||grad||² over every expert of the expert-parallel group (each counted once)."""
+        grads = [p.grad for p in self.expert if p.grad is not None]
+        device = grads[0].device if grads else device
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for grad in grads:
+            total = total + grad.float().pow(2).sum()
+        if self.groups.ep_group is not None:
+            dist.all_reduce(total, group=self.groups.ep_group)
+        return total
+
     @torch.no_grad()
     def clip(self, max_norm: float) -> float:
         """The global gradient norm (each expert counted once) and clipping to `max_norm`
-        (0 = no clipping), the same on every rank."""
+        (0 = no clipping), the same on every rank (data parallel engine: no tensor or
+        pipeline parallel)."""
         dense = [p.grad for p in self.dense if p.grad is not None]
-        expert = [p.grad for p in self.expert if p.grad is not None]
-        device = (dense + expert)[0].device if dense or expert else None
-        squares = torch.zeros(2, dtype=torch.float64, device=device)
+        device = dense[0].device if dense else None
+        square = self.square_sum(device).double()
         if dense:
-            squares[0] = torch.nn.utils.get_total_norm(dense).double() ** 2
-        if expert:
-            squares[1] = torch.nn.utils.get_total_norm(expert).double() ** 2
-        if self.groups.ep_group is not None:
-            expert_squares = squares[1:].clone()
-            dist.all_reduce(expert_squares, group=self.groups.ep_group)
-            squares[1] = expert_squares[0]
-        norm = float(squares.sum().sqrt())
+            square = square + torch.nn.utils.get_total_norm(dense).double() ** 2
+        norm = float(square.sqrt())
         if max_norm > 0:
             params = [p for p in self.dense + self.expert if p.grad is not None]
             torch.nn.utils.clip_grads_with_norm_(params, max_norm,
-                                                 torch.tensor(norm, device=device))
+                                                 torch.tensor(norm, device=square.device))
         return norm
 
 
@@ -159,3 +179,15 @@ def setup_expert_parallel(model: nn.Module, dims: ParallelDims, ep: int) -> Expe
     names = apply_expert_parallel(model, groups)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     return ExpertGradients(model, groups)
+
+
+def setup_model_parallel_experts(chunks: list[nn.Module], dims: ParallelDims, ep: int
+                                 ) -> ExpertGradients | None:
+    """Expert parallel on a rank's pipeline chunks (tensor parallel already applied, experts
+    left whole); None when `ep` is 1."""
+    if ep == 1:
+        return None
+    groups = build_expert_groups(dims, ep)
+    for chunk in chunks:
+        apply_expert_parallel(chunk, groups)
+    return ExpertGradients(nn.ModuleList(chunks), groups)

@@ -192,7 +192,8 @@ class _Converter:
             if isinstance(module, SelfAttention):
                 self.column(module, path, "linear_qkv", COLUMN)
                 self.row(module, path, "linear_proj")
-            elif isinstance(module, MLP):
+            elif isinstance(module, MLP) and ".local_experts." not in f".{path}.":
+                # routed experts stay whole (expert tensor parallel 1, DeepSeek-V3's layout)
                 self.column(module, path, "linear_fc1", GATED_COLUMN if module.gated else COLUMN)
                 self.row(module, path, "linear_fc2")
             elif isinstance(module, MultiTokenPredictionLayer):
