@@ -1,7 +1,8 @@
 """The all-to-all token dispatcher of expert parallel against hand references: the regrouping
 of received rows, each rank's expert block, the rows every expert receives (listed by hand from
 all ranks' tokens and routing), and an MoE layer split over two gloo processes giving each
-rank's single-device outputs and, summed over ranks, the single-device gradients."""
+rank's single-device outputs and, summed over ranks, the single-device gradients; what
+`mtp build` quotes per expert-parallel rank is what a rank then holds."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from mtp_cli import build_model, load_spec
+from mtp_cli.build.describe import describe_build
 from mtp_cli.parallel.expert_dispatch import expert_block, regroup_index
 from mtp_cli.parallel.expert_parallel import ExpertParallelGroups, apply_expert_parallel
 from tests.dist_utils import run_distributed
@@ -82,6 +84,19 @@ def _check_dispatch(rank: int, world: int) -> None:
             torch.testing.assert_close(param.grad, summed, rtol=1e-4, atol=1e-5)
         else:  # replicated: this rank's tokens only
             torch.testing.assert_close(param.grad, ref_grads[name].grad, rtol=1e-4, atol=1e-5)
+    _check_per_rank_count(rank, world)
+
+
+def _check_per_rank_count(rank: int, world: int) -> None:
+    """What `mtp build` quotes per expert-parallel rank is what a rank holds."""
+    spec = load_spec({**SPEC, "mtp": {"num_layers": 1}, "parallel": {"expert": world}})
+    model = build_model(spec)
+    groups = ExpertParallelGroups(ep_size=world, ep_rank=rank, ep_group=dist.group.WORLD,
+                                  edp_group=None, dp_cp_size=world)
+    apply_expert_parallel(model, groups)
+    held = sum(p.numel() for p in model.parameters())
+    (stage,) = describe_build(spec).extra["stages"]
+    assert held == stage["parameters_per_expert_rank"] < stage["parameters"]
 
 
 def test_two_rank_dispatch_and_combine_match_one_device():

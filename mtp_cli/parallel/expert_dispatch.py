@@ -48,13 +48,16 @@ def expert_block(num_experts: int, ep_size: int, ep_rank: int) -> list[int]:
 
 def regroup_index(counts: torch.Tensor) -> torch.Tensor:
     """For rows arriving as `counts [P, L]` blocks (source-rank major, local expert inside),
-    the order that makes them local-expert major (source rank inside): `rows[index]`."""
-    sources, local = counts.shape
-    starts = torch.cumsum(counts.reshape(-1), 0) - counts.reshape(-1)
-    starts = starts.reshape(sources, local)
-    pieces = [torch.arange(int(starts[s, e]), int(starts[s, e] + counts[s, e]))
-              for e in range(local) for s in range(sources)]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    the order that makes them local-expert major (source rank inside): `rows[index]`.
+    Vectorised (no loop over blocks), on the device of `counts`."""
+    flat = counts.reshape(-1)
+    starts = (torch.cumsum(flat, 0) - flat).reshape(counts.shape)
+    block_starts, block_counts = starts.t().reshape(-1), counts.t().reshape(-1)
+    total = int(flat.sum())
+    offsets = torch.cumsum(block_counts, 0) - block_counts
+    within = torch.arange(total, device=counts.device) - torch.repeat_interleave(
+        offsets, block_counts, output_size=total)
+    return torch.repeat_interleave(block_starts, block_counts, output_size=total) + within
 
 
 class AllToAllTokenDispatcher:
@@ -85,7 +88,7 @@ class AllToAllTokenDispatcher:
                                             send_splits, self.group)
         received_probs = all_to_all_single_autograd(weights.unsqueeze(1).contiguous(),
                                                     recv_splits, send_splits, self.group)
-        regroup = regroup_index(recv_counts.cpu()).to(hidden.device)
+        regroup = regroup_index(recv_counts)
         handle = AllToAllHandle(token_index, send_splits, recv_splits, regroup)
         return DispatchedTokens(tokens[regroup], received_probs.squeeze(1)[regroup],
                                 recv_counts.sum(dim=0).tolist(), handle)

@@ -102,6 +102,10 @@ class ParallelDims:
         """What MoE and MLA models do not run yet: context parallel, MLA under tensor parallel,
         MoE under sequence parallel, expert parallel under FSDP2."""
         problems = []
+        if spec.parallel.expert_tensor > 1:
+            problems.append(Problem(
+                "expert tensor parallel (routed experts split over tensor ranks) is not run yet",
+                key="parallel.expert_tensor", hint="set parallel.expert_tensor=1"))
         if spec.parallel.expert > 1 and spec.parallel.fsdp:
             problems.append(Problem(
                 "expert parallel runs with DDP; FSDP2 would average the experts' gradients over "
