@@ -6,6 +6,7 @@ rank's single-device outputs and, summed over ranks, the single-device gradients
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -99,5 +100,7 @@ def _check_per_rank_count(rank: int, world: int) -> None:
     assert held == stage["parameters_per_expert_rank"] < stage["parameters"]
 
 
+@pytest.mark.slow  # two spawned processes: ~5 s idle, ~20 s on a loaded 2-core machine
+@pytest.mark.distributed
 def test_two_rank_dispatch_and_combine_match_one_device():
     run_distributed(_check_dispatch, 2)
