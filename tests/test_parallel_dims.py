@@ -74,3 +74,32 @@ def test_interleaved_group_size_must_fit_the_micro_batches_of_a_step():
         # dp 8: M = 1 < pp
         ParallelDims.from_spec(interleaved(), 16)
     ParallelDims.from_spec(spec("parallel.pipeline=2"), 16)  # no virtual stages: no rule
+
+
+def moe_spec(*overrides: str):
+    return load_spec("specs/tiny_moe.yaml", ["train.micro_batch_size=2",
+                                             "train.global_batch_size=16", *overrides])
+
+
+def test_expert_parallel_is_carved_from_data_x_context_ranks():
+    ParallelDims.from_spec(moe_spec("parallel.expert=2"), 2).check_supported(
+        moe_spec("parallel.expert=2"))
+    with pytest.raises(UserError, match=r"expert parallel size 4 must divide data x context = "
+                                        r"2 x 1 = 2") as error:
+        ParallelDims.from_spec(moe_spec("parallel.expert=4"), 2)
+    assert error.value.problems[0].key == "parallel.expert"
+    dims = ParallelDims.from_spec(moe_spec("parallel.expert=2", "parallel.pipeline=2"), 4)
+    dims.check_supported(moe_spec("parallel.expert=2", "parallel.pipeline=2"))
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["parallel.expert=2", "parallel.fsdp=true"], "parallel.fsdp"),
+    (["parallel.expert_tensor=2"], "parallel.expert_tensor"),
+    (["parallel.context=2"], "parallel.context"),
+    (["parallel.tensor=2"], "parallel.tensor"),  # tiny_moe's attention is MLA
+])
+def test_what_moe_and_mla_models_do_not_run_yet_is_refused_by_key(overrides, key):
+    spec_ = moe_spec(*overrides)
+    with pytest.raises(UserError) as error:
+        ParallelDims.from_spec(spec_, 4).check_supported(spec_)
+    assert [p.key for p in error.value.problems] == [key]

@@ -166,3 +166,18 @@ def test_out_that_is_a_file_exits_2(tmp_path):
     (tmp_path / "file").write_text("x")
     result = invoke("report", tmp_path / "run", "--out", tmp_path / "file")
     assert result.exit_code == 2 and "not a directory" in result.stderr
+
+
+def test_moe_metrics_get_their_own_plot(tmp_path):
+    run_dir = tmp_path / "moe"
+    run_dir.mkdir()
+    lines = [{"step": s, "tokens": 64 * s, "lm_loss": 5.0 - 0.01 * s,
+              "seq_load_balancing_loss": 1.2 - 0.001 * s, "load_imbalance": 2.0 - 0.01 * s}
+             for s in range(1, 31)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = build_report([run_dir])
+    names = [p.name for p in report.plots]
+    assert names == ["report_loss_vs_steps.png", "report_loss_vs_tokens.png",
+                     "report_moe_vs_steps.png"]
+    image = imread(run_dir / "report_moe_vs_steps.png")
+    assert image.shape[1] > 400 and image.std() > 0.01

@@ -32,6 +32,15 @@ def test_banner_names_model_world_run_and_data(tmp_path):
         resumed
 
 
+def test_banner_names_the_expert_parallel_size(tmp_path):
+    spec = load_spec(SPECS / "tiny_moe.yaml", ["parallel.expert=2"])
+    text = start_banner(spec, ParallelDims.from_spec(spec, 4), RunDir(tmp_path / "run"),
+                        parameters=1, nproc=4, nnodes=1, resume_step=None,
+                        data=DataSummary("x", 1, 1, 1))
+    assert "world size 4 = data 4 x tensor 1 x pipeline 1 x context 1, expert 2 of data x " \
+        "context (1 node x 4 processes)" in text
+
+
 def test_overwrite_summary_lists_what_goes(tmp_path):
     run = RunDir(tmp_path)
     assert overwrite_summary(run) is None

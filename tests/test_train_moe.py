@@ -32,6 +32,9 @@ def checkpoint(tmp_path_factory):
     assert [r["step"] for r in train] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor([r["lm_loss"], r["mtp_1_loss"], r["mtp_2_loss"]])).all()
                for r in train)
+    for row in train:  # the MoE metrics: tiny_moe's seq_aux_loss and the load imbalance
+        assert row["seq_load_balancing_loss"] > 0 and row["load_imbalance"] >= 1.0
+        assert "z_loss" not in row and "load_balancing_loss" not in row
     checkpoints = run_dir / "checkpoints"
     return checkpoints / (checkpoints / "latest").read_text().strip()
 

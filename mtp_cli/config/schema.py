@@ -206,7 +206,11 @@ class ParallelConfig(StrictModel):
     context: PositiveInt = Field(default=1, description="Context-parallel size.")
     expert: PositiveInt = Field(
         default=1, description="Expert-parallel size: routed experts split over this many ranks "
-        "of data x context parallel (declared and validated; training with it arrives later).")
+        "of data x context parallel (all-to-all token dispatch); must divide num_moe_experts.")
+    expert_tensor: PositiveInt = Field(
+        default=1, description="Expert tensor-parallel size (Megatron's "
+        "expert_tensor_parallel_size): 1 keeps every routed expert whole under tensor parallel, "
+        "as DeepSeek-V3 trained; larger sizes are not run yet.")
     layout: str | None = Field(
         default=None,
         description="pipeline_model_parallel_layout: E, t, m, L, '|' between stages, x*n, "

@@ -58,6 +58,8 @@ def start_banner(spec: RunSpec, dims: ParallelDims, run_dir: RunDir, *, paramete
     resumed from: `resume_checkpoint`, default the step's name), the data."""
     depths = spec.mtp.num_layers
     layout = f"data {dims.dp} x tensor {dims.tp} x pipeline {dims.pp} x context {dims.cp}"
+    if spec.parallel.expert > 1:  # carved from data x context, not a factor of the world
+        layout += f", expert {spec.parallel.expert} of data x context"
     nodes = f"{nnodes} node{'s' if nnodes > 1 else ''} x {nproc} process" \
             f"{'es' if nproc > 1 else ''}"
     start = (f"resuming from step {resume_step} of {spec.train.steps} (checkpoint "

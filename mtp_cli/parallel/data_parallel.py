@@ -38,8 +38,11 @@ def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, *, fsdp: bool,
         if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
         else {"broadcast_buffers": False}  # torch < 2.13
     )
-    # A routed expert that no token of a micro-batch chose gets no gradient in it.
-    has_experts = any(name.endswith("local_experts") for name, _ in model.named_modules())
+    # A routed expert that no token of a micro-batch chose gets no gradient in it (under expert
+    # parallel DDP skips the experts: `parallel.expert_parallel` reduces their gradients).
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    has_experts = any(".local_experts." in name and name not in ignored
+                      for name, _ in model.named_parameters())
     return DistributedDataParallel(model, device_ids=device_ids, process_group=mesh.dp_cp_group,
                                    find_unused_parameters=has_experts, **no_buffer_sync)
 

@@ -158,6 +158,12 @@ def _expect(module: nn.Module, expected: type, path: str) -> None:
         )
 
 
+def _is_routed_expert(path: str) -> bool:
+    """Routed experts stay whole under tensor parallel (expert tensor parallel 1, as DeepSeek-V3
+    trained); expert parallel splits them by expert instead."""
+    return ".local_experts." in f".{path}."
+
+
 class _Converter:
     """Replaces submodules by their sharded versions and records the rules by global name."""
 
@@ -192,7 +198,8 @@ class _Converter:
             if isinstance(module, SelfAttention):
                 self.column(module, path, "linear_qkv", COLUMN)
                 self.row(module, path, "linear_proj")
-            elif isinstance(module, MLP):
+            elif isinstance(module, MLP) and not _is_routed_expert(path):
+                # routed experts stay whole (expert tensor parallel 1, DeepSeek-V3's layout)
                 self.column(module, path, "linear_fc1", GATED_COLUMN if module.gated else COLUMN)
                 self.row(module, path, "linear_fc2")
             elif isinstance(module, MultiTokenPredictionLayer):
@@ -212,7 +219,7 @@ class _Converter:
     def reject_leftovers(self) -> None:
         """Fail loudly on linears this converter does not know how to split."""
         for path, module in self.model.named_modules():
-            if path == "output_layer":
+            if path == "output_layer" or _is_routed_expert(path):
                 continue
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or \
                     type(module).__module__.startswith("transformer_engine"):

@@ -37,6 +37,12 @@ class ParallelDims:
             )])
         dims = cls(world_size=world_size, dp=world_size // model_parallel, tp=par.tensor,
                    pp=par.pipeline, cp=par.context)
+        if dims.dp_cp % par.expert:
+            raise UserError(problems=[Problem(
+                f"expert parallel size {par.expert} must divide data x context = {dims.dp} x "
+                f"{dims.cp} = {dims.dp_cp} (the expert group is carved from those ranks)",
+                key="parallel.expert",
+                hint="world size = tensor x pipeline x context x data; raise --nproc")])
         dims.check_batch(spec)
         return dims
 
@@ -87,25 +93,40 @@ class ParallelDims:
             problems.append(Problem(
                 "tensor, pipeline and context parallel run the local backend only",
                 key="model.backend", hint="set model.backend=local"))
-        problems += self._moe_mla_unsupported(spec, model_parallel)
+        problems += self._moe_mla_unsupported(spec)
         if problems:
             raise UserError(problems=problems)
 
     @staticmethod
-    def _moe_mla_unsupported(spec: RunSpec, model_parallel: bool) -> list[Problem]:
-        """MoE and MLA train data-parallel for now; expert parallel is declared, not run."""
+    def _moe_mla_unsupported(spec: RunSpec) -> list[Problem]:
+        """What MoE and MLA models do not run yet: context parallel, MLA under tensor parallel,
+        MoE under sequence parallel, expert parallel under FSDP2."""
         problems = []
-        if spec.parallel.expert > 1:
+        if spec.parallel.expert_tensor > 1:
             problems.append(Problem(
-                "expert parallel is declared and validated but mtp train does not run it yet",
-                key="parallel.expert", hint="set parallel.expert=1"))
-        model = spec.model
-        if model_parallel and (model.num_moe_experts is not None
-                               or model.multi_latent_attention):
+                "expert tensor parallel (routed experts split over tensor ranks) is not run yet",
+                key="parallel.expert_tensor", hint="set parallel.expert_tensor=1"))
+        if spec.parallel.expert > 1 and spec.parallel.fsdp:
             problems.append(Problem(
-                "MoE and multi-latent attention models train with data parallel only for now "
-                "(tensor, pipeline and context parallel arrive with expert parallel)",
-                key="parallel", hint="set parallel.tensor, pipeline and context to 1"))
+                "expert parallel runs with DDP; FSDP2 would average the experts' gradients over "
+                "ranks that hold other experts", key="parallel.fsdp",
+                hint="set parallel.fsdp=false"))
+        model, par = spec.model, spec.parallel
+        moe, mla = model.num_moe_experts is not None, model.multi_latent_attention
+        if (moe or mla) and par.context > 1:
+            problems.append(Problem(
+                "MoE and multi-latent attention models do not run context parallel yet",
+                key="parallel.context", hint="set parallel.context=1"))
+        if mla and par.tensor > 1:
+            problems.append(Problem(
+                "multi-latent attention does not run tensor parallel yet",
+                key="parallel.tensor", hint="set parallel.tensor=1 (DeepSeek-V3 trained "
+                "without it: pipeline and expert parallel)"))
+        if moe and par.sequence_parallel:
+            problems.append(Problem(
+                "MoE layers under sequence parallel would route each rank's slice of the "
+                "sequence with its own balancing statistics; not supported yet",
+                key="parallel.sequence_parallel", hint="set parallel.sequence_parallel=false"))
         return problems
 
     @property

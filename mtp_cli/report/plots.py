@@ -26,7 +26,10 @@ PLOT_NAMES = {
     "step": "report_loss_vs_steps.png",
     "tokens": "report_loss_vs_tokens.png",
     "acceptance": "report_acceptance_vs_steps.png",
+    "moe": "report_moe_vs_steps.png",
 }
+# MoE metrics (mtp_cli.train.moe_metrics): Megatron's aux-loss names and the load imbalance
+MOE_KEYS = ("load_balancing_loss", "seq_load_balancing_loss", "z_loss", "load_imbalance")
 SMOOTH_ABOVE = 40  # points; longer series get a moving average
 
 
@@ -162,6 +165,28 @@ def acceptance_figure(runs: list[RunMetrics], labels: list[str]) -> Figure | Non
     return figure
 
 
+def moe_figure(runs: list[RunMetrics], labels: list[str]) -> Figure | None:
+    """One panel per MoE metric any run logged: the aux losses (divided by their coefficients,
+    as Megatron logs them) and the load imbalance (max tokens on an expert / mean)."""
+    keys = [key for key in MOE_KEYS if any(run.series(key)[0] for run in runs)]
+    if not keys:
+        return None
+    figure, axes = _grid(len(keys))
+    for key, ax in zip(keys, axes, strict=True):
+        for run, label, color in zip(runs, labels, _colors(len(runs)), strict=True):
+            _draw(ax, *run.series(key), color, label)
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("step")
+        ax.set_ylabel("max / mean tokens per expert" if key == "load_imbalance"
+                      else "loss / coefficient")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    caption = SMOOTHED.caption(figure)
+    figure.suptitle("MoE router metrics" + caption, fontsize=9)
+    return figure
+
+
 def _save(figure: Figure, path: Path) -> None:
     """Atomically, with the mode a plain `open` would give (mkstemp's is 0600)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
@@ -179,7 +204,8 @@ def write_plots(runs: list[RunMetrics], labels: list[str], out_dir: Path) -> lis
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {"step": loss_figure(runs, labels, "step"),
                "tokens": loss_figure(runs, labels, "tokens"),
-               "acceptance": acceptance_figure(runs, labels)}
+               "acceptance": acceptance_figure(runs, labels),
+               "moe": moe_figure(runs, labels)}
     written = []
     for key, figure in figures.items():
         if figure is not None:

@@ -9,6 +9,7 @@ so a checkpoint written by either loads into the other at any layout.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import torch
@@ -69,6 +70,11 @@ class DataParallelEngine:
         gpt = build_model(spec, settings.device, allow_imports=allow_imports)
         gpt.groups = mesh.model_groups()
         attach_run(gpt, self.loss_settings, self.mtp_state)
+        if spec.parallel.expert > 1:  # before DDP: it must skip the expert parameters
+            from mtp_cli.parallel.expert_parallel import setup_expert_parallel
+
+            self.settings = dataclasses.replace(settings, expert_grads=setup_expert_parallel(
+                gpt, mesh.dims, spec.parallel.expert))
         apply_activation_checkpointing(gpt, spec.train.recompute)
         self.chunks = [gpt]
         self.model = apply_data_parallel(gpt, mesh, fsdp=spec.parallel.fsdp,

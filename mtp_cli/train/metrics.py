@@ -62,6 +62,12 @@ class IntervalMetrics:
     lm_loss: float = 0.0
     mtp_losses: dict[str, float] = field(default_factory=dict)
     acceptance: dict[str, float] = field(default_factory=dict)
+    moe: dict[str, float] = field(default_factory=dict)  # MoE metrics (train/moe_metrics.py)
+
+    def add_moe(self, values: dict[str, float]) -> None:
+        """One finite step's MoE metrics (aux losses, load imbalance), averaged per line."""
+        for name, value in values.items():
+            self.moe[name] = self.moe.get(name, 0.0) + value
 
     def add(self, lm_loss: float, seconds: float, mtp_metrics: dict[str, float]) -> None:
         """One step (after track_mtp_metrics filled `mtp_losses` for it)."""
@@ -83,6 +89,7 @@ class IntervalMetrics:
                 f"mtp_{k}_acceptance_rate", 0.0) / n
             out[f"mtp_{k}_cumulative_acceptance_rate"] = mtp_metrics.get(
                 f"mtp_{k}_cumulative_acceptance_rate", 0.0)
+        out.update({name: value / n for name, value in self.moe.items()})
         return out
 
 

@@ -28,10 +28,12 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from mtp_cli.build.model_builder import build_model, loss_settings_for
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
+from mtp_cli.models.moe.run_state import set_moe_aux_loss_scale, update_expert_bias
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.mtp.run_state import MTPRunState
 from mtp_cli.parallel.context_parallel import apply_context_parallel
+from mtp_cli.parallel.expert_parallel import is_expert_parameter, setup_model_parallel_experts
 from mtp_cli.parallel.mesh import ParallelMesh
 from mtp_cli.parallel.pipeline_p2p import TorchP2P
 from mtp_cli.parallel.pipeline_position import PipelinePosition
@@ -93,6 +95,8 @@ class ModelParallelEngine:
         self.dp_cp_group = _group_if_parallel(mesh.dp_cp_group, dims.dp_cp)
         self.loss_settings, self.mtp_state = loss_settings_for(spec), MTPRunState()
         self.chunks = [self._build_chunk(vp, allow_imports) for vp in self._virtual_stages()]
+        # expert parallel: this rank's experts, the all-to-all dispatcher, their gradients
+        self.expert_grads = setup_model_parallel_experts(self.chunks, dims, spec.parallel.expert)
         self.embedding = build_embedding_group(self.plan, spec, mesh)
         self.optimizer = build_optimizer(nn.ModuleList(self.chunks), spec.train)
         self.schedule = self._schedule() if dims.pp > 1 else None
@@ -165,6 +169,11 @@ class ModelParallelEngine:
                     if train:
                         loss.backward()
 
+    def _dp_cp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.dp_cp_group is not None:
+            dist.all_reduce(value, group=self.dp_cp_group)
+        return value
+
     def _reduce_totals(self, totals: torch.Tensor) -> torch.Tensor:
         """(loss sum, tokens) of the global batch, on every rank (the loss stage computed it)."""
         for group in (self.pp_group, self.dp_cp_group):
@@ -174,7 +183,8 @@ class ModelParallelEngine:
 
     def _reduce_gradients(self, tokens: float) -> None:
         """Sum over data x context ranks, then average over data ranks (or per token)."""
-        params = [p for chunk in self.chunks for p in chunk.parameters()]
+        params = [p for chunk in self.chunks for p in chunk.parameters()
+                  if self.expert_grads is None or not self.expert_grads.owns(p)]
         for param in params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
@@ -187,13 +197,19 @@ class ModelParallelEngine:
         flat.mul_(scale)
         for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
             grad.copy_(reduced)
+        if self.expert_grads is not None:  # over the ranks holding the same experts
+            self.expert_grads.reduce(scale)
 
     def _clip(self) -> float:
         """Clip to `train.grad_clip` (0 = off); returns the norm before clipping."""
         square = torch.zeros((), dtype=torch.float32, device=self.settings.device)
+        experts = self.expert_grads
         for chunk in self.chunks:
-            square = square + grad_square_sum(chunk, self.tp_group,
-                                              skip=lambda name, c=chunk: is_copy(c, name))
+            square = square + grad_square_sum(
+                chunk, self.tp_group, skip=lambda name, c=chunk: is_copy(c, name) or (
+                    experts is not None and is_expert_parameter(name)))
+        if experts is not None:  # whole on every tensor rank: summed over the expert group
+            square = square + experts.square_sum(self.settings.device)
         if self.pp_group is not None:
             dist.all_reduce(square, group=self.pp_group)
         norm = square.sqrt()
@@ -211,6 +227,8 @@ class ModelParallelEngine:
     def _train_step(self, batches: list[Any]) -> StepOutput:
         count = len(batches)
         MTPLossAutoScaler.set_loss_scale(1.0 if self.settings.per_token_loss else 1.0 / count)
+        set_moe_aux_loss_scale(self.chunks, 1.0 if self.settings.per_token_loss else 1.0 / count,
+                               per_token=self.settings.per_token_loss)
         totals = torch.zeros(2, dtype=torch.float64, device=self.settings.device)
         self._run(batches, totals, train=True)
         totals = self._reduce_totals(totals)
@@ -224,6 +242,8 @@ class ModelParallelEngine:
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if applied:  # MoE: expert biases move by the step's counts over data x context
+            update_expert_bias(self.chunks, reduce_counts=self._dp_cp_sum)
         return StepOutput(lm_loss=lm_loss, loss_tokens=int(totals[1]), grad_norm=grad_norm,
                           applied=applied)
 

@@ -43,6 +43,13 @@ def is_copy(chunk: GPTModel, name: str) -> bool:
     return name == OUTPUT_LAYER_KEY and chunk.share_embeddings_and_output_weights
 
 
+def saved_buffers(chunk: GPTModel) -> dict[str, torch.Tensor]:
+    """The persistent buffers a checkpoint carries (MoE routers' `expert_bias`), replicated
+    over tensor ranks, by their canonical names."""
+    keys = chunk.state_dict(keep_vars=True).keys()
+    return {name: buf for name, buf in chunk.named_buffers() if name in keys}
+
+
 def _plan(chunk: GPTModel) -> TensorParallelPlan | None:
     return tensor_parallel_plan(chunk)
 
@@ -107,6 +114,7 @@ def full_model_state(chunks: Sequence[GPTModel], embedding: EmbeddingGroup | Non
     for chunk in chunks:
         full = {name: _gather(chunk, name, param.detach())
                 for name, param in chunk.named_parameters()}
+        full.update({name: buf.detach() for name, buf in saved_buffers(chunk).items()})
         if chunk.share_embeddings_and_output_weights and OUTPUT_LAYER_KEY in full:
             tie_output_layer_state_dict(full, main_full[WORD_EMBEDDING_KEY],
                                         dp_cp_group=dp_cp_group)
@@ -157,6 +165,8 @@ def load_placeholders(chunks: Sequence[GPTModel], optimizer: torch.optim.Optimiz
             for moment in ("exp_avg", "exp_avg_sq"):
                 optim[f"state.{key}.{moment}"] = torch.zeros(shape, dtype=param.dtype,
                                                             device=param.device)
+        for name, buf in saved_buffers(chunk).items():
+            model[name] = torch.empty_like(buf)
     return model, optim
 
 
@@ -165,6 +175,8 @@ def load_full_state(chunks: Sequence[GPTModel], optimizer: torch.optim.Optimizer
                     model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> None:
     """Copy this rank's shards of full tensors into the parameters and the optimizer state."""
     for chunk in chunks:
+        for name, buf in saved_buffers(chunk).items():
+            buf.copy_(model_sd[name].to(buf.dtype))
         for name, param in chunk.named_parameters():
             key = stored_key(chunk, name)
             param.copy_(_shard(chunk, name, model_sd[key]).to(param.dtype))

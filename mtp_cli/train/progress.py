@@ -1,6 +1,6 @@
 """Training progress for people, on global rank 0: a rich live display on a terminal, plain log
-lines otherwise (files, CI logs, pipes), both showing step, lm loss, each mtp_k loss, tokens/s
-and the time left."""
+lines otherwise (files, CI logs, pipes), both showing step, lm loss, each mtp_k loss, the MoE
+aux losses and load imbalance (MoE models), tokens/s and the time left."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+# MoE metrics shown on the line when logged (mtp_cli.train.moe_metrics.MOE_METRIC_NAMES)
+PROGRESS_MOE_NAMES = ("load_balancing_loss", "seq_load_balancing_loss", "z_loss",
+                      "load_imbalance")
 
 
 def format_duration(seconds: float) -> str:
@@ -24,6 +28,7 @@ def summary_text(record: dict[str, Any], depths: int) -> str:
     parts = [f"lm {record['lm_loss']:.4f}"]
     parts += [f"mtp_{k} {record[f'mtp_{k}_loss']:.4f}" for k in range(1, depths + 1)
               if f"mtp_{k}_loss" in record]
+    parts += [f"{name} {record[name]:.4g}" for name in PROGRESS_MOE_NAMES if name in record]
     parts.append(f"{record['tokens_per_s'] / 1000:.1f}k tok/s")
     return " | ".join(parts)
 

@@ -38,6 +38,9 @@ class StepSettings:
     device: torch.device
     dp_cp_size: int
     dp_cp_group: dist.ProcessGroup | None  # None: a single replica
+    # expert parallel: the experts' gradient reduction and the global norm
+    # (mtp_cli.parallel.expert_parallel.ExpertGradients); None without it
+    expert_grads: Any = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -93,12 +96,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
             objective.backward()
         totals += torch.stack([loss_sum.detach(), tokens.detach()]).double()
     totals = _sum_over_replicas(totals, settings)
+    if settings.expert_grads is not None:  # averaged over replicas like DDP's, by hand
+        settings.expert_grads.finalize()
     if settings.per_token_loss:  # data parallel averaged; we want the sum over all tokens
         scale = settings.dp_cp_size / max(float(totals[1]), 1.0)
         for param in model.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale)
-    grad_norm = clip_gradients(model, settings.grad_clip)
+    grad_norm = (clip_gradients(model, settings.grad_clip) if settings.expert_grads is None
+                 else settings.expert_grads.clip(settings.grad_clip))
     lm_loss = float(totals[0] / totals[1].clamp(min=1))
     applied = update_is_finite(lm_loss, grad_norm)
     if applied:

@@ -24,6 +24,7 @@ from mtp_cli.run_dir import RunDir, truncate_metrics
 from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
 from mtp_cli.train.engine import build_engine, set_mtp_loss_scaling_factor
 from mtp_cli.train.metrics import IntervalMetrics, MetricsWriter, peak_memory_mb
+from mtp_cli.train.moe_metrics import MoEStepMetrics
 from mtp_cli.train.nonfinite import NonFiniteGuard
 from mtp_cli.train.optim import build_scheduler
 from mtp_cli.train.progress import ProgressReporter
@@ -74,6 +75,10 @@ class Trainer:
         self.mtp_loss_scale = spec.mtp.loss_scale_at(0)
         self.mtp_metrics: dict[str, float] = {}
         self.guard = NonFiniteGuard(spec.train.nonfinite, spec.train.nonfinite_max_skips)
+        self.moe_metrics = MoEStepMetrics(
+            spec, device=env.device,
+            pp_group=self.mesh.group("pp") if self.dims.pp > 1 else None,
+            dp_cp_group=self.mesh.dp_cp_group if self.dims.dp_cp > 1 else None)
 
     def _loader(self, dataset: Any, *, shuffle: bool) -> MicroBatchLoader:
         """This rank's stream; validation reads its windows in order, from the start each time."""
@@ -161,16 +166,18 @@ class Trainer:
         # a non-finite step's MTP losses stay out of the interval's averages
         self.mtp_metrics = MTPLossLoggingHelper.track_mtp_metrics(
             step, tb, wandb, totals.mtp_losses if output.applied else {})
+        moe = self.moe_metrics.collect(self.engine.chunks, self.num_microbatches)
         seconds = time.perf_counter() - started
         if not output.applied:
             self._nonfinite_step(totals, output)
         else:
             self.guard.check(step, output.lm_loss, output.grad_norm)
             totals.add(output.lm_loss, seconds, self.mtp_metrics)
+            totals.add_moe(moe)
         if self.writer is not None:
             self.writer.scalars(step, {"lm_loss": output.lm_loss, "lr": self.lr,
                                        "grad_norm": output.grad_norm,
-                                       "tokens_per_s": self.tokens_per_step / seconds})
+                                       "tokens_per_s": self.tokens_per_step / seconds, **moe})
         return output
 
     def _nonfinite_step(self, totals: IntervalMetrics, output: StepOutput) -> None:

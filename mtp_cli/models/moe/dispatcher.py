@@ -11,7 +11,7 @@ that exchanges tokens between the ranks of the expert group (all-to-all) in `dis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -23,7 +23,7 @@ class DispatchedTokens:
     tokens: torch.Tensor  # [N, h], N = routed (token, expert) pairs for the local experts
     probs: torch.Tensor  # [N] the routing weight of each pair
     tokens_per_expert: list[int]  # per local expert, in `local_expert_indices` order
-    handle: torch.Tensor  # what `combine` needs: the source token of each row
+    handle: Any  # what `combine` needs (local: the source token of each row)
 
 
 class TokenDispatcher(Protocol):

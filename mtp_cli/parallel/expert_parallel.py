@@ -1,0 +1,193 @@
+"""Expert parallel (`parallel.expert`): routed experts split over ranks of data x context parallel.
+
+Megatron-Core carves the expert-parallel group out of the data x context ranks: with EP = P and
+data x context size N, the N ranks that hold a model replica's dense weights form N / P
+expert-parallel groups of P consecutive ranks, and the ranks at the same position of every
+expert-parallel group form an expert-data-parallel group (they hold the same experts). Every
+rank still runs its own micro-batches; inside each MoE layer the all-to-all dispatcher
+(`expert_dispatch.py`) sends each token to the rank of its expert and back.
+
+`apply_expert_parallel` transforms a whole single-device model in place: each MoE layer keeps
+the experts of its rank's block (`local_experts.{e}` keep their GLOBAL index `e`, so state-dict
+names, and hence DCP checkpoints, are the same whatever the expert-parallel size: a checkpoint
+written at EP2 loads at EP1 or EP4 by name) and gets the all-to-all dispatcher. Gradients:
+- dense parameters (attention, router, shared experts, norms, embeddings) are replicated on all
+  N ranks and averaged over them by DDP, which is told to leave the expert parameters alone;
+- an expert's gradient on its rank already holds the contributions of every token of its
+  expert-parallel group; `ExpertGradients.finalize` sums it over the expert-data-parallel group
+  and divides by N, which is the same average over replicas that the dense parameters get;
+- the gradient norm adds the expert parameters' squares over the expert-parallel group once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtp_cli.models.moe.layer import MoELayer
+from mtp_cli.parallel.expert_dispatch import AllToAllTokenDispatcher, expert_block
+from mtp_cli.plan.dims import ParallelDims
+
+EXPERT_PARAM_MARK = ".local_experts."
+
+
+def is_expert_parameter(name: str) -> bool:
+    """Whether a parameter (by its model name) belongs to a routed expert."""
+    return EXPERT_PARAM_MARK in name
+
+
+@dataclass
+class ExpertParallelGroups:
+    """This rank's expert-parallel and expert-data-parallel groups (None: one member)."""
+
+    ep_size: int
+    ep_rank: int
+    ep_group: dist.ProcessGroup | None
+    edp_group: dist.ProcessGroup | None
+    dp_cp_size: int
+
+
+def dp_cp_rank_lists(dims: ParallelDims) -> list[list[int]]:
+    """The global ranks of every data x context group, in the (pp, dp, cp, tp) mesh's order
+    (row major; data x context flattened data-major)."""
+    lists = []
+    for p in range(dims.pp):
+        for t in range(dims.tp):
+            lists.append([((p * dims.dp + d) * dims.cp + c) * dims.tp + t
+                          for d in range(dims.dp) for c in range(dims.cp)])
+    return lists
+
+
+def build_expert_groups(dims: ParallelDims, ep: int) -> ExpertParallelGroups:
+    """Create every expert-parallel and expert-data-parallel group (collective: all ranks call
+    it in the same order) and return this rank's."""
+    rank = dist.get_rank()
+    mine: dict[str, dist.ProcessGroup | None] = {"ep": None, "edp": None}
+    ep_rank = 0
+    for ranks in dp_cp_rank_lists(dims):
+        blocks = [ranks[i:i + ep] for i in range(0, len(ranks), ep)]
+        strided = [ranks[j::ep] for j in range(ep)]
+        for kind, members_list in (("ep", blocks), ("edp", strided)):
+            for members in members_list:
+                group = dist.new_group(members) if len(members) > 1 else None
+                if rank in members:
+                    mine[kind] = group
+                    if kind == "ep":
+                        ep_rank = members.index(rank)
+    return ExpertParallelGroups(ep_size=ep, ep_rank=ep_rank, ep_group=mine["ep"],
+                                edp_group=mine["edp"], dp_cp_size=dims.dp_cp)
+
+
+def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> list[str]:
+    """Keep this rank's expert block in every MoE layer and inject the all-to-all dispatcher;
+    returns the names of the expert parameters kept (for DDP to ignore)."""
+    for module in model.modules():
+        if not isinstance(module, MoELayer):
+            continue
+        experts = module.experts.local_experts
+        keep = set(expert_block(module.router.config.num_moe_experts, groups.ep_size,
+                                groups.ep_rank))
+        for index in [e for e in experts if int(e) not in keep]:
+            del experts[index]
+        module.token_dispatcher = AllToAllTokenDispatcher(
+            module.router.config.num_moe_experts, groups.ep_group)
+    return [name for name, _ in model.named_parameters() if is_expert_parameter(name)]
+
+
+class ExpertGradients:
+    """The expert parameters' gradient reduction and the gradient norm under expert parallel.
+
+    `model`: the whole model, or an `nn.ModuleList` of a rank's pipeline chunks. Routed experts
+    are never tensor-parallel here (`parallel.expert_tensor` 1, DeepSeek-V3's layout): a tensor
+    rank holds its experts whole and computes the same gradients as its tensor peers.
+    """
+
+    def __init__(self, model: nn.Module, groups: ExpertParallelGroups) -> None:
+        self.groups = groups
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.expert = [p for n, p in named if is_expert_parameter(n)]
+        self.dense = [p for n, p in named if not is_expert_parameter(n)]
+        self._ids = {id(p) for p in self.expert}
+
+    def owns(self, param: torch.Tensor) -> bool:
+        """Whether `param` is a routed expert's (reduced here, not with the dense ones)."""
+        return id(param) in self._ids
+
+    @torch.no_grad()
+    def reduce(self, scale: float) -> None:
+        """Sum the expert gradients over the expert-data-parallel group, times `scale` (an
+        expert no token chose gets a zero gradient, so every rank joins)."""
+        for param in self.expert:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        if not self.expert:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in self.expert])
+        if self.groups.edp_group is not None:
+            dist.all_reduce(flat, group=self.groups.edp_group)
+        flat *= scale
+        offset = 0
+        for param in self.expert:
+            count = param.numel()
+            param.grad.copy_(flat[offset:offset + count].view_as(param))
+            offset += count
+
+    def finalize(self) -> None:
+        """Data parallel under DDP: the experts' average over the data x context replicas."""
+        self.reduce(1.0 / self.groups.dp_cp_size)
+
+    @torch.no_grad()
+    def square_sum(self, device: torch.device | None = None) -> torch.Tensor:
+        """Σ ||grad||² over every expert of the expert-parallel group (each counted once)."""
+        grads = [p.grad for p in self.expert if p.grad is not None]
+        device = grads[0].device if grads else device
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for grad in grads:
+            total = total + grad.float().pow(2).sum()
+        if self.groups.ep_group is not None:
+            dist.all_reduce(total, group=self.groups.ep_group)
+        return total
+
+    @torch.no_grad()
+    def clip(self, max_norm: float) -> float:
+        """The global gradient norm (each expert counted once) and clipping to `max_norm`
+        (0 = no clipping), the same on every rank (data parallel engine: no tensor or
+        pipeline parallel)."""
+        dense = [p.grad for p in self.dense if p.grad is not None]
+        device = dense[0].device if dense else None
+        square = self.square_sum(device).double()
+        if dense:
+            square = square + torch.nn.utils.get_total_norm(dense).double() ** 2
+        norm = float(square.sqrt())
+        if max_norm > 0:
+            params = [p for p in self.dense + self.expert if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm,
+                                                 torch.tensor(norm, device=square.device))
+        return norm
+
+
+def setup_expert_parallel(model: nn.Module, dims: ParallelDims, ep: int) -> ExpertGradients:
+    """Expert parallel on a whole model before data parallel wraps it: the groups, this rank's
+    experts and dispatcher, DDP told to skip the expert parameters; returns their gradients'
+    reduction (for `StepSettings.expert_grads`)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    groups = build_expert_groups(dims, ep)
+    names = apply_expert_parallel(model, groups)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return ExpertGradients(model, groups)
+
+
+def setup_model_parallel_experts(chunks: list[nn.Module], dims: ParallelDims, ep: int
+                                 ) -> ExpertGradients | None:
+    """Expert parallel on a rank's pipeline chunks (tensor parallel already applied, experts
+    left whole); None when `ep` is 1."""
+    if ep == 1:
+        return None
+    groups = build_expert_groups(dims, ep)
+    for chunk in chunks:
+        apply_expert_parallel(chunk, groups)
+    return ExpertGradients(nn.ModuleList(chunks), groups)
