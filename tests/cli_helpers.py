@@ -15,13 +15,17 @@ SPECS = REPO_ROOT / "specs"
 
 def run_mtp(*args: str, cwd: Path | None = None, timeout: float = 120,
             env: dict[str, str] | None = None,
-            real_process: bool = False) -> subprocess.CompletedProcess[str]:
+            real_process: bool | None = None) -> subprocess.CompletedProcess[str]:
     """`mtp ARGS`: the completed process (stdout, stderr, returncode).
 
     In this process by default, through the real typer app: a new interpreter costs a second or
     more of imports per call, and the fast tier makes hundreds. What a subprocess would show is
     kept: an exception that escapes the app is printed to stderr with its traceback and exits 1,
-    as the interpreter would. `real_process=True` (or `env`) runs `python -m mtp_cli` for real."""
+    as the interpreter would. `real_process=True` (or `env`) runs `python -m mtp_cli` for real;
+    so does `mtp train` unless `real_process=False`: a launch's workers write to the process's
+    file descriptors, which an in-process runner does not capture."""
+    if real_process is None:
+        real_process = bool(args) and args[0] == "train"
     if real_process or env is not None:
         return _subprocess_run(args, cwd, timeout, env)
     return _in_process(args, cwd)

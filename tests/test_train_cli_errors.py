@@ -11,7 +11,8 @@ from tests.train_helpers import TINY, make_corpus
 
 def refuse(run_dir, *args: str, data: str | None = None) -> str:
     extra = [f"data.path={data}"] if data is not None else []
-    result = run_mtp("train", "specs/tiny.yaml", *TINY, *extra, "--run-dir", str(run_dir), *args)
+    result = run_mtp("train", "specs/tiny.yaml", *TINY, *extra, "--run-dir", str(run_dir), *args,
+                     real_process=False)  # refused before any launch
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout
     assert not run_dir.exists()  # nothing left behind
@@ -59,7 +60,7 @@ def test_parallel_sizes_that_do_not_fit(tmp_path, args, message):
     overrides = [a for a in args if "=" in a]
     flags = [a for a in args if "=" not in a]
     result = run_mtp("train", "specs/tiny.yaml", *TINY, *overrides, "--run-dir",
-                     str(tmp_path / "run"), *flags)
+                     str(tmp_path / "run"), *flags, real_process=False)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert message in result.stderr.replace("\n", " ")
     assert "Traceback" not in result.stderr
@@ -74,7 +75,7 @@ def test_run_dir_in_use_by_another_job(tmp_path):
     run_dir.mkdir()
     with RunDirLock(RunDir(run_dir)):
         result = run_mtp("train", "specs/tiny.yaml", *TINY, f"data.path={corpus}",
-                         "--run-dir", str(run_dir))
+                         "--run-dir", str(run_dir), real_process=False)
     assert result.returncode == 2
     assert "in use by another `mtp train`" in result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]

@@ -27,6 +27,7 @@ STEPS = 5
 OVERRIDES = [
     "model.num_layers=2", "model.moe_layer_freq=[0, 1]", "model.seq_length=32",
     "model.moe_z_loss_coeff=1.0e-3", f"train.steps={STEPS}", "train.micro_batch_size=2",
+    "model.layernorm_epsilon=1.0e-6",  # DeepSeek-V3's: the EP2 checkpoint exports
     "train.global_batch_size=8", "train.warmup_steps=1", "train.eval_interval=0",
     "train.log_interval=1", "checkpoint.interval=3", "checkpoint.keep_last=2",
     "logging.tensorboard=false",
@@ -81,6 +82,25 @@ def test_ep2_gives_the_single_process_run(runs):
     first = _lines(runs / "ep2")[0]
     assert first["seq_load_balancing_loss"] > 0 and first["z_loss"] > 0
     assert first["load_imbalance"] >= 1.0
+
+
+def test_an_ep2_checkpoint_exports_like_the_single_process_one(runs, tmp_path):
+    """Issue 15 at EP2: `mtp export` of the expert-sharded checkpoint, with no process group,
+    writes the same files, names and shapes as the single-process run's (DeepseekV3ForCausalLM,
+    every routed expert under its global index), and values within the runs' parity tolerance."""
+    from mtp_cli.hf.export import export_checkpoint
+    from tests.hf_models import read_safetensors_dir
+
+    export_checkpoint(runs / "single", tmp_path / "single")
+    export_checkpoint(runs / "ep2", tmp_path / "ep2")
+    single, sharded = (read_safetensors_dir(tmp_path / name) for name in ("single", "ep2"))
+    assert sorted(single) == sorted(sharded)
+    assert any(".mlp.experts.3." in name for name in sharded)  # the second rank's experts
+    for name, value in single.items():
+        assert value.shape == sharded[name].shape and value.dtype == sharded[name].dtype, name
+        assert (value - sharded[name]).abs().max().item() <= 1e-5, name
+    assert (tmp_path / "single" / "config.json").read_text() == \
+        (tmp_path / "ep2" / "config.json").read_text()
 
 
 def test_ep2_dp2_gives_the_single_process_run(runs):
