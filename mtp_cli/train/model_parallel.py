@@ -46,11 +46,11 @@ from mtp_cli.plan.placement import build_stage_plan
 from mtp_cli.plan.stages import StagePlan
 from mtp_cli.train.model_parallel_state import (
     EmbeddingGroup,
-    full_model_state,
-    full_optimizer_state,
     is_copy,
-    load_full_state,
     load_placeholders,
+    load_sharded_state,
+    sharded_model_state,
+    sharded_optimizer_state,
 )
 from mtp_cli.train.nonfinite import update_is_finite
 from mtp_cli.train.optim import build_optimizer
@@ -275,11 +275,11 @@ class ModelParallelEngine:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        return (full_model_state(self.chunks, self.embedding, self.dp_cp_group),
-                full_optimizer_state(self.chunks, self.optimizer))
+        return (sharded_model_state(self.chunks, self.embedding, self.dp_cp_group),
+                sharded_optimizer_state(self.chunks, self.optimizer))
 
     def load_placeholders(self) -> tuple[dict[str, Any], dict[str, Any]]:
         return load_placeholders(self.chunks, self.optimizer)
 
     def load_state_dicts(self, model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> None:
-        load_full_state(self.chunks, self.optimizer, model_sd, optim_sd)
+        load_sharded_state(self.chunks, self.optimizer, model_sd, optim_sd)
