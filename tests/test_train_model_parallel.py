@@ -46,7 +46,12 @@ LAYOUTS = {  # name: (nproc, overrides)
     "pp2_recompute_full": (2, ["parallel.pipeline=2", "train.recompute=full"]),
     "fsdp2_recompute_full": (2, ["parallel.fsdp=true", "train.recompute=full"]),
     "cp2_recompute_selective": (2, ["parallel.context=2", "train.recompute=selective"]),
+    # FSDP2 over the data (x context) ranks with tensor / pipeline / context parallel inside
+    "fsdp2_tp2": (4, ["parallel.tensor=2", "parallel.fsdp=true"]),
+    "fsdp2_pp2": (4, ["parallel.pipeline=2", "parallel.fsdp=true"]),
+    "fsdp2_cp2": (2, ["parallel.context=2", "parallel.fsdp=true"]),
 }
+SLOW = {"fsdp2_tp2", "fsdp2_pp2", "fsdp2_cp2"}
 PACKED_LAYOUTS = {"packed_cp2": (2, ["parallel.context=2"]),
                   "packed_cp4": (4, ["parallel.context=4"])}
 
@@ -85,7 +90,8 @@ def reference_runs(tmp_path_factory, corpus):  # noqa: F811
     return runs
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in LAYOUTS])
 def test_layout_equals_single_process(name, tmp_path, corpus, reference_runs):  # noqa: F811
     nproc, extra = LAYOUTS[name]
     result = run_train(tmp_path / name, corpus, *BASE, *extra, nproc=nproc)

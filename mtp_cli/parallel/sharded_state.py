@@ -16,9 +16,15 @@ built without a process group (the chunk list is global metadata every rank comp
 and DCP only reads the local shards and the metadata): `LocalShards` takes the constructor of
 `ShardedTensorBase` and answers `size()` as a plain tensor wrapper, not through the deprecated
 sharded-op dispatch that wants a process group.
+
+Under FSDP2 (`parallel.fsdp` with tensor/pipeline/context parallel) a rank holds FSDP's rows of
+its TP-local tensor; `pieces` intersects the two splits, so the chunks still tile the canonical
+global tensor and each rank still offers only what it holds.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.distributed._shard.metadata import ShardMetadata
@@ -29,6 +35,8 @@ from torch.distributed._shard.sharding_spec._internals import (
     check_tensor,
     validate_non_overlapping_shards_metadata,
 )
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Shard as DTensorShard
 
 from mtp_cli.parallel.tp_sharding import ShardRule
 
@@ -37,42 +45,112 @@ class LocalShards(ShardedTensor):
     """A `ShardedTensor` for DCP only: global metadata and this rank's shards, no group."""
 
     __torch_function__ = torch._C._disabled_torch_function_impl  # size() is the global shape
+    held: torch.Tensor  # the rank's tensor the local shards are views of
 
 
-def _shard_metadata(rule: ShardRule, local_shape: torch.Size, rank: int, size: int,
-                    device: torch.device) -> list[ShardMetadata]:
-    metadata = []
-    for _, start, length in rule.local_blocks(local_shape, rank, size):
-        offsets, sizes = [0] * len(local_shape), list(local_shape)
-        offsets[rule.dim], sizes[rule.dim] = start, length
-        metadata.append(ShardMetadata(shard_offsets=offsets, shard_sizes=sizes,
-                                      placement=f"rank:{rank}/{device}"))
-    return metadata
+def held(value: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: an FSDP2 DTensor's local rows, or the tensor itself."""
+    return value.to_local() if isinstance(value, DTensor) else value
 
 
-def sharded_tensor(local: torch.Tensor, rule: ShardRule, rank: int, size: int) -> ShardedTensor:
-    """`local` (rank `rank` of `size`'s shard under `rule`) as a DCP-ready sharded tensor whose
-    local shards are views of `local` (writing into them on load writes into `local`)."""
-    shape = local.shape
-    everyone = [m for r in range(size) for m in _shard_metadata(rule, shape, r, size,
-                                                                 local.device)]
-    mine = _shard_metadata(rule, shape, rank, size, local.device)
-    shards = [Shard(tensor=local.narrow(rule.dim, start, length), metadata=meta)
-              for (start, _, length), meta in zip(rule.local_blocks(shape, rank, size), mine,
-                                                  strict=True)]
-    validate_non_overlapping_shards_metadata(everyone)
-    full_shape = rule.full_shape(shape, size)
-    check_tensor(everyone, list(full_shape))  # the chunks tile the global shape exactly
-    result = ShardedTensorBase.__new__(LocalShards, EnumerableShardingSpec(everyone),
-                                       *full_shape, dtype=local.dtype, layout=torch.strided,
-                                       pin_memory=False, requires_grad=False)
-    result._local_shards = shards
+def fsdp_coordinates(like: torch.Tensor) -> tuple[int, int]:
+    """(rank, size) of FSDP2's 1-D data(-and-context) mesh that `like` is sharded over."""
+    if not isinstance(like, DTensor):
+        return 0, 1
+    if like.device_mesh.ndim != 1 or like.placements != (DTensorShard(0),):
+        raise ValueError(f"unexpected FSDP2 layout {like.placements} over {like.device_mesh}")
+    return like.device_mesh.get_local_rank(), like.device_mesh.size()
+
+
+def like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """`local` (held rows) as a tensor laid out like `param` (a DTensor under FSDP2)."""
+    if not isinstance(param, DTensor):
+        return local
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
+def fsdp_rows(length: int, rank: int, size: int) -> tuple[int, int]:
+    """The rows [start, end) of a dimension of `length` that FSDP2's `Shard(0)` gives `rank`
+    of `size` (torch.chunk's split: ceil(length / size) rows each, the last ones short or
+    empty)."""
+    step = -(-length // size)
+    start = min(rank * step, length)
+    return start, min(start + step, length)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One chunk of a rank's held tensor: `length` entries from `start` along `dim` of the held
+    tensor, at `offsets` (size `sizes`) of the global tensor."""
+
+    dim: int
+    start: int
+    length: int
+    offsets: list[int]
+    sizes: list[int]
+
+
+def pieces(rule: ShardRule | None, tp_shape: torch.Size, tp_rank: int, tp_size: int,
+           dp_rank: int = 0, dp_size: int = 1) -> list[Piece]:
+    """Where the tensor held by (TP rank, FSDP rank) lies in the global tensor.
+
+    `tp_shape` is the TP-local shape (the global shape without tensor parallel); FSDP2 then
+    keeps rows `fsdp_rows(tp_shape[0], dp_rank, dp_size)` of it. A plain TP split is one block
+    per rank, SwiGLU's `[gate_r; up_r]` two; under FSDP each block is cut to the held rows.
+    """
+    shape = list(tp_shape)
+    row_start, row_end = fsdp_rows(shape[0], dp_rank, dp_size)
+    if rule is None:
+        dim, blocks = 0, [(0, 0, shape[0])]
+    else:
+        dim, blocks = rule.dim, rule.local_blocks(tp_shape, tp_rank, tp_size)
+    result = []
+    for local_start, global_start, length in blocks:
+        offsets, sizes = [0] * len(shape), list(shape)
+        if dim == 0:  # the TP blocks and FSDP's rows cut the same dimension
+            low, high = max(local_start, row_start), min(local_start + length, row_end)
+            if low >= high:
+                continue
+            offsets[0], sizes[0] = global_start + low - local_start, high - low
+            result.append(Piece(0, low - row_start, high - low, offsets, sizes))
+        elif row_end > row_start:
+            offsets[0], sizes[0] = row_start, row_end - row_start
+            offsets[dim], sizes[dim] = global_start, length
+            result.append(Piece(dim, local_start, length, offsets, sizes))
     return result
 
 
-def local_tensor(value: torch.Tensor | ShardedTensor, rule: ShardRule | None) -> torch.Tensor:
-    """The rank's local tensor back from what `sharded_tensor` made (or a plain tensor)."""
-    if not isinstance(value, ShardedTensor):
-        return value
-    assert rule is not None
-    return torch.cat([shard.tensor for shard in value.local_shards()], dim=rule.dim)
+def sharded_tensor(held: torch.Tensor, rule: ShardRule | None, tp_rank: int, tp_size: int, *,
+                   tp_shape: torch.Size | None = None, dp_rank: int = 0, dp_size: int = 1
+                   ) -> ShardedTensor:
+    """`held` (this rank's part under `rule` over `tp_size` ranks, and FSDP2's rows of that
+    over `dp_size` when `tp_shape`, the TP-local shape, is given) as a DCP-ready sharded tensor
+    whose local shards are views of `held` (DCP loading into them writes into `held`)."""
+    tp_shape = held.shape if tp_shape is None else torch.Size(tp_shape)
+    everyone: list[ShardMetadata] = []
+    shards: list[Shard] = []
+    for t in range(tp_size):
+        for d in range(dp_size):
+            for piece in pieces(rule, tp_shape, t, tp_size, d, dp_size):
+                meta = ShardMetadata(shard_offsets=piece.offsets, shard_sizes=piece.sizes,
+                                     placement=f"rank:{t * dp_size + d}/{held.device}")
+                everyone.append(meta)
+                if (t, d) == (tp_rank, dp_rank):
+                    shards.append(Shard(tensor=held.narrow(piece.dim, piece.start,
+                                                           piece.length), metadata=meta))
+    validate_non_overlapping_shards_metadata(everyone)
+    full_shape = tp_shape if rule is None else rule.full_shape(tp_shape, tp_size)
+    check_tensor(everyone, list(full_shape))  # the chunks tile the global shape exactly
+    result = ShardedTensorBase.__new__(LocalShards, EnumerableShardingSpec(everyone),
+                                       *full_shape, dtype=held.dtype, layout=torch.strided,
+                                       pin_memory=False, requires_grad=False)
+    result._local_shards = shards
+    result.held = held
+    return result
+
+
+def local_tensor(value: torch.Tensor | ShardedTensor, rule: ShardRule | None = None
+                 ) -> torch.Tensor:
+    """The rank's held tensor back from what `sharded_tensor` made (or a plain tensor)."""
+    return value.held if isinstance(value, LocalShards) else value

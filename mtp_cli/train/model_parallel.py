@@ -12,8 +12,11 @@ single-process weights), then applies tensor parallel and context parallel from 
 4. clipping with every logical parameter counted once (TP shards summed, copies skipped,
    stages summed), and the optimizer step (dropped when the loss or the norm is non-finite).
 
-Data parallel is an explicit coalesced all-reduce: DDP cannot drive a model whose stages run
-under a hand-written schedule, and FSDP2 would re-gather every layer per micro-batch.
+Data parallel is an explicit coalesced all-reduce (DDP cannot drive a model whose stages run
+under a hand-written schedule), or with `parallel.fsdp` FSDP2 over the data x context ranks with
+TP inside, as torchtitan composes them: each stage's layers and the stage itself are
+`fully_shard`ed over the 1-D data x context mesh, the backward reduce-scatters gradients, and
+parameters, gradients and Adam moments stay sharded, in checkpoints too.
 """
 
 from __future__ import annotations
@@ -24,21 +27,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.fsdp import FSDPModule
 
 from mtp_cli.build.model_builder import build_model, loss_settings_for
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
-from mtp_cli.models.moe.run_state import set_moe_aux_loss_scale, update_expert_bias
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.mtp.run_state import MTPRunState
 from mtp_cli.parallel.context_parallel import apply_context_parallel
-from mtp_cli.parallel.expert_parallel import is_expert_parameter, setup_model_parallel_experts
+from mtp_cli.parallel.data_parallel import shard_fully
 from mtp_cli.parallel.mesh import ParallelMesh
 from mtp_cli.parallel.pipeline_p2p import TorchP2P
 from mtp_cli.parallel.pipeline_position import PipelinePosition
 from mtp_cli.parallel.pipeline_schedule import PipelineSchedule
 from mtp_cli.parallel.recompute import apply_activation_checkpointing
+from mtp_cli.parallel.sharded_state import held
 from mtp_cli.parallel.tensor_parallel import parallelize_tensor
 from mtp_cli.parallel.tied_embeddings import allreduce_embedding_grads
 from mtp_cli.parallel.tp_grads import grad_square_sum, sync_sequence_parallel_grads
@@ -95,8 +99,6 @@ class ModelParallelEngine:
         self.dp_cp_group = _group_if_parallel(mesh.dp_cp_group, dims.dp_cp)
         self.loss_settings, self.mtp_state = loss_settings_for(spec), MTPRunState()
         self.chunks = [self._build_chunk(vp, allow_imports) for vp in self._virtual_stages()]
-        # expert parallel: this rank's experts, the all-to-all dispatcher, their gradients
-        self.expert_grads = setup_model_parallel_experts(self.chunks, dims, spec.parallel.expert)
         self.embedding = build_embedding_group(self.plan, spec, mesh)
         self.optimizer = build_optimizer(nn.ModuleList(self.chunks), spec.train)
         self.schedule = self._schedule() if dims.pp > 1 else None
@@ -119,6 +121,8 @@ class ModelParallelEngine:
         chunk.groups = self.mesh.model_groups()
         chunk.loss_settings, chunk.mtp_state = self.loss_settings, self.mtp_state
         apply_activation_checkpointing(chunk, self.spec.train.recompute)
+        if self.spec.parallel.fsdp:  # after TP and recompute, as torchtitan orders them
+            shard_fully(chunk, self.mesh.dp_cp_mesh)
         return chunk
 
     def _schedule(self) -> PipelineSchedule:
@@ -169,11 +173,6 @@ class ModelParallelEngine:
                     if train:
                         loss.backward()
 
-    def _dp_cp_sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.dp_cp_group is not None:
-            dist.all_reduce(value, group=self.dp_cp_group)
-        return value
-
     def _reduce_totals(self, totals: torch.Tensor) -> torch.Tensor:
         """(loss sum, tokens) of the global batch, on every rank (the loss stage computed it)."""
         for group in (self.pp_group, self.dp_cp_group):
@@ -182,9 +181,21 @@ class ModelParallelEngine:
         return totals
 
     def _reduce_gradients(self, tokens: float) -> None:
-        """Sum over data x context ranks, then average over data ranks (or per token)."""
-        params = [p for chunk in self.chunks for p in chunk.parameters()
-                  if self.expert_grads is None or not self.expert_grads.owns(p)]
+        """Sum over data x context ranks, then average over data ranks (or per token).
+
+        Under FSDP2 the backward already reduce-scattered each gradient as an average over
+        data x context ranks: only the scale is left (x cp, or x dp_cp / tokens).
+        """
+        dims = self.mesh.dims
+        if self.spec.parallel.fsdp:
+            scale = dims.dp_cp / max(tokens, 1.0) if self.settings.per_token_loss else \
+                float(dims.cp)
+            grads = [held(p.grad) for chunk in self.chunks for p in chunk.parameters()
+                     if p.grad is not None]
+            if grads and scale != 1.0:
+                torch._foreach_mul_(grads, scale)
+            return
+        params = [p for chunk in self.chunks for p in chunk.parameters()]
         for param in params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
@@ -197,25 +208,22 @@ class ModelParallelEngine:
         flat.mul_(scale)
         for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
             grad.copy_(reduced)
-        if self.expert_grads is not None:  # over the ranks holding the same experts
-            self.expert_grads.reduce(scale)
 
     def _clip(self) -> float:
         """Clip to `train.grad_clip` (0 = off); returns the norm before clipping."""
         square = torch.zeros((), dtype=torch.float32, device=self.settings.device)
-        experts = self.expert_grads
+        # FSDP2: each data x context rank holds rows of every gradient
+        shards = [self.mesh.dp_cp_group] if self.spec.parallel.fsdp and self.mesh.dims.dp_cp > 1 \
+            else []
         for chunk in self.chunks:
-            square = square + grad_square_sum(
-                chunk, self.tp_group, skip=lambda name, c=chunk: is_copy(c, name) or (
-                    experts is not None and is_expert_parameter(name)))
-        if experts is not None:  # whole on every tensor rank: summed over the expert group
-            square = square + experts.square_sum(self.settings.device)
+            square = square + grad_square_sum(chunk, self.tp_group, sum_groups=shards,
+                                              skip=lambda name, c=chunk: is_copy(c, name))
         if self.pp_group is not None:
             dist.all_reduce(square, group=self.pp_group)
         norm = square.sqrt()
         if self.settings.grad_clip > 0:
             coefficient = (self.settings.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            grads = [p.grad for chunk in self.chunks for p in chunk.parameters()
+            grads = [held(p.grad) for chunk in self.chunks for p in chunk.parameters()
                      if p.grad is not None]
             torch._foreach_mul_(grads, coefficient)
         return float(norm)
@@ -227,8 +235,6 @@ class ModelParallelEngine:
     def _train_step(self, batches: list[Any]) -> StepOutput:
         count = len(batches)
         MTPLossAutoScaler.set_loss_scale(1.0 if self.settings.per_token_loss else 1.0 / count)
-        set_moe_aux_loss_scale(self.chunks, 1.0 if self.settings.per_token_loss else 1.0 / count,
-                               per_token=self.settings.per_token_loss)
         totals = torch.zeros(2, dtype=torch.float64, device=self.settings.device)
         self._run(batches, totals, train=True)
         totals = self._reduce_totals(totals)
@@ -242,8 +248,6 @@ class ModelParallelEngine:
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if applied:  # MoE: expert biases move by the step's counts over data x context
-            update_expert_bias(self.chunks, reduce_counts=self._dp_cp_sum)
         return StepOutput(lm_loss=lm_loss, loss_tokens=int(totals[1]), grad_norm=grad_norm,
                           applied=applied)
 
@@ -274,11 +278,21 @@ class ModelParallelEngine:
         return result
 
     # --- checkpoints ---------------------------------------------------------------------------
+    def _resharded(self) -> None:
+        """FSDP2 keeps the root's parameters gathered after a forward without backward (a
+        validation pass): shard them again so checkpoints see, and fill, the sharded ones."""
+        for chunk in self.chunks:
+            for module in chunk.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
     def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        self._resharded()
         return (sharded_model_state(self.chunks, self.embedding, self.dp_cp_group),
                 sharded_optimizer_state(self.chunks, self.optimizer))
 
     def load_placeholders(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        self._resharded()
         return load_placeholders(self.chunks, self.optimizer)
 
     def load_state_dicts(self, model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> None:

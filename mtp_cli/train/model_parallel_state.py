@@ -25,7 +25,14 @@ from mtp_cli.mtp.tying import (
     tie_output_layer_state_dict,
     tie_word_embeddings_state_dict,
 )
-from mtp_cli.parallel.sharded_state import local_tensor, sharded_tensor
+from mtp_cli.parallel.sharded_state import (
+    fsdp_coordinates,
+    fsdp_rows,
+    held,
+    like,
+    local_tensor,
+    sharded_tensor,
+)
 from mtp_cli.parallel.tensor_parallel import tensor_parallel_plan
 from mtp_cli.parallel.tp_sharding import ShardRule
 
@@ -46,28 +53,31 @@ def is_copy(chunk: GPTModel, name: str) -> bool:
     return name == OUTPUT_LAYER_KEY and chunk.share_embeddings_and_output_weights
 
 
-def _rule(chunk: GPTModel, name: str) -> tuple[ShardRule, int, int] | None:
-    """(rule, TP rank, TP size) of a tensor-parallel-sharded parameter; None if replicated."""
+def _rule(chunk: GPTModel, name: str) -> tuple[ShardRule | None, int, int]:
+    """(rule, TP rank, TP size) of parameter `name`; rule None when replicated over TP."""
     plan = tensor_parallel_plan(chunk)
     if plan is None or plan.size == 1:
-        return None
-    rule = plan.rule(name)
-    return None if rule is None else (rule, plan.rank, plan.size)
+        return None, 0, 1
+    return plan.rule(name), plan.rank, plan.size
 
 
-def offer(chunk: GPTModel, name: str, local: torch.Tensor) -> torch.Tensor:
-    """What DCP gets for `local` (parameter `name`'s value or a tensor shaped like it): its
-    shards as they are when tensor-parallel-sharded (views, no copy), else the tensor."""
-    sharding = _rule(chunk, name)
-    if sharding is None or local.dim() == 0:
-        return local
-    return sharded_tensor(local, *sharding)
+def offer(chunk: GPTModel, name: str, value: torch.Tensor,
+          like: torch.Tensor | None = None) -> torch.Tensor:
+    """What DCP gets for `value` (parameter `name`'s value or a tensor shaped like it, laid out
+    like `like`, default itself): the held shards as they are (views, no copy) when sharded
+    over TP or FSDP2, the tensor when replicated."""
+    like = value if like is None else like
+    rule, tp_rank, tp_size = _rule(chunk, name)
+    dp_rank, dp_size = fsdp_coordinates(like)
+    if like.dim() == 0 or (rule is None and dp_size == 1):
+        return held(value)
+    return sharded_tensor(held(value), rule, tp_rank, tp_size, tp_shape=like.shape,
+                          dp_rank=dp_rank, dp_size=dp_size)
 
 
-def take(chunk: GPTModel, name: str, value: torch.Tensor) -> torch.Tensor:
-    """This rank's local tensor back from what `offer` made (after DCP loaded into it)."""
-    sharding = _rule(chunk, name)
-    return local_tensor(value, sharding[0] if sharding is not None else None)
+def take(value: torch.Tensor) -> torch.Tensor:
+    """This rank's held tensor back from what `offer` made (after DCP loaded into it)."""
+    return local_tensor(value)
 
 
 @dataclass
@@ -79,19 +89,22 @@ class EmbeddingGroup:
 
     def main_weights(self, chunks: Sequence[GPTModel], position_shape: tuple[int, int] | None
                      ) -> dict[str, torch.Tensor]:
-        """This TP rank's shard of the first stage's embedding weights, on every member."""
+        """This rank's part (TP shard, FSDP2 rows) of the first stage's embedding weights, on
+        every member (members share their TP and FSDP coordinates)."""
         main: dict[str, torch.Tensor] = {}
         first = next((c for c in chunks if c.stage.embedding), None)
         word_like = next(p for c in chunks for n, p in c.named_parameters()
                          if stored_key(c, n) == WORD_EMBEDDING_KEY)
-        shapes = {WORD_EMBEDDING_KEY: word_like.shape}
-        if position_shape is not None:
-            shapes["embedding.position_embeddings.weight"] = torch.Size(position_shape)
+        shapes = {WORD_EMBEDDING_KEY: held(word_like).shape}
+        if position_shape is not None:  # FSDP2's rows of it where the model is FSDP-sharded
+            start, end = fsdp_rows(position_shape[0], *fsdp_coordinates(word_like))
+            shapes["embedding.position_embeddings.weight"] = torch.Size(
+                (end - start, position_shape[1]))
         for key, shape in shapes.items():
             if first is not None:
-                tensor = dict(first.named_parameters())[key].detach().clone()
+                tensor = held(dict(first.named_parameters())[key].detach()).clone()
             else:
-                tensor = word_like.new_empty(shape)
+                tensor = held(word_like).new_empty(shape)
             if self.group is not None:
                 dist.broadcast(tensor, src=self.src, group=self.group)
             main[key] = tensor
@@ -110,7 +123,7 @@ def check_copies(chunks: Sequence[GPTModel], embedding: EmbeddingGroup | None,
              if position.position_embedding == "learned_absolute" else None)
     main = embedding.main_weights(chunks, shape)
     for chunk in chunks:
-        params = {n: p.detach() for n, p in chunk.named_parameters()}
+        params = {n: held(p.detach()) for n, p in chunk.named_parameters()}
         if chunk.share_embeddings_and_output_weights and OUTPUT_LAYER_KEY in params:
             tie_output_layer_state_dict({OUTPUT_LAYER_KEY: params[OUTPUT_LAYER_KEY]},
                                         main[WORD_EMBEDDING_KEY], dp_cp_group=dp_cp_group)
@@ -171,11 +184,12 @@ def load_placeholders(chunks: Sequence[GPTModel], optimizer: torch.optim.Optimiz
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             key = stored_key(chunk, name)
-            model[key] = offer(chunk, name, torch.empty_like(param, requires_grad=False))
+            local = held(param.detach())
+            model[key] = offer(chunk, name, torch.empty_like(local), like=param)
             optim[f"state.{key}.step"] = torch.tensor(NO_STATE)
             for moment in ("exp_avg", "exp_avg_sq"):
-                optim[f"state.{key}.{moment}"] = offer(
-                    chunk, name, torch.zeros_like(param, requires_grad=False))
+                optim[f"state.{key}.{moment}"] = offer(chunk, name, torch.zeros_like(local),
+                                                      like=param)
     return model, optim
 
 
@@ -187,12 +201,12 @@ def load_sharded_state(chunks: Sequence[GPTModel], optimizer: torch.optim.Optimi
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             key = stored_key(chunk, name)
-            param.copy_(take(chunk, name, model_sd[key]).to(param.dtype))
+            held(param).copy_(take(model_sd[key]).to(param.dtype))
             step = optim_sd.get(f"state.{key}.step")
             if id(param) not in groups or step is None or float(step) == NO_STATE:
                 continue
             optimizer.state[param] = {
                 "step": step.detach().clone().float(),
-                **{moment: take(chunk, name, optim_sd[f"state.{key}.{moment}"]).clone()
+                **{moment: like(param, take(optim_sd[f"state.{key}.{moment}"]).clone())
                    for moment in ("exp_avg", "exp_avg_sq")},
             }
