@@ -148,6 +148,24 @@ def assert_sharded_checkpoint(checkpoint: Path, tp: int) -> int:
     return checked
 
 
+def assert_nothing_stored_whole(checkpoint: Path) -> int:
+    """FSDP2 (with or without TP): every weight and Adam moment of more than one row is stored
+    as chunks that tile it, none full-size. Returns how many tensors were checked."""
+    metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    checked = 0
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata) or len(entry.size) == 0 or \
+                entry.size[0] < 2:
+            continue
+        if not (key.startswith("model.") or key.endswith((".exp_avg", ".exp_avg_sq"))):
+            continue
+        boxes = [(list(c.offsets), list(c.sizes)) for c in entry.chunks]
+        assert len(boxes) >= 2 and all(s != list(entry.size) for _, s in boxes), (key, boxes)
+        assert _tiles(boxes, list(entry.size)), key
+        checked += 1
+    return checked
+
+
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory, corpus):  # noqa: F811
     """A TP2 run to step 3, then one more step continued at TP2 and resumed at TP4 (the TP4

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.cli_helpers import run_mtp
+from tests.test_sharded_checkpoint import assert_nothing_stored_whole
 from tests.train_helpers import corpus, metrics, run_train  # noqa: F401
 
 pytestmark = pytest.mark.distributed
@@ -97,6 +98,9 @@ def test_layout_equals_single_process(name, tmp_path, corpus, reference_runs):  
     result = run_train(tmp_path / name, corpus, *BASE, *extra, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / name, reference_runs["plain"])
+    if name.startswith("fsdp2"):  # sharded state saved without a gather
+        checkpoint = tmp_path / name / "checkpoints" / "step_0000005"
+        assert assert_nothing_stored_whole(checkpoint) > 0
 
 
 @pytest.mark.parametrize("name", list(PACKED_LAYOUTS))

@@ -128,6 +128,8 @@ def sharded_tensor(held: torch.Tensor, rule: ShardRule | None, tp_rank: int, tp_
     over `dp_size` when `tp_shape`, the TP-local shape, is given) as a DCP-ready sharded tensor
     whose local shards are views of `held` (DCP loading into them writes into `held`)."""
     tp_shape = held.shape if tp_shape is None else torch.Size(tp_shape)
+    if rule is None:  # replicated over TP: every TP rank offers the same chunks (DCP dedups)
+        tp_rank, tp_size = 0, 1
     everyone: list[ShardMetadata] = []
     shards: list[Shard] = []
     for t in range(tp_size):

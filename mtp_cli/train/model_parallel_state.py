@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.mtp.tying import (
@@ -122,6 +123,8 @@ def check_copies(chunks: Sequence[GPTModel], embedding: EmbeddingGroup | None,
     shape = ((position.max_position_embeddings, position.hidden_size)
              if position.position_embedding == "learned_absolute" else None)
     main = embedding.main_weights(chunks, shape)
+    if any(isinstance(p, DTensor) for c in chunks for p in c.parameters()):
+        dp_cp_group = None  # FSDP2: data x context ranks hold different rows, not replicas
     for chunk in chunks:
         params = {n: held(p.detach()) for n, p in chunk.named_parameters()}
         if chunk.share_embeddings_and_output_weights and OUTPUT_LAYER_KEY in params:
