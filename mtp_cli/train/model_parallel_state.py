@@ -146,9 +146,20 @@ def sharded_model_state(chunks: Sequence[GPTModel], embedding: EmbeddingGroup | 
     first stage's and left out: the first stage stores the logical weight once.
     """
     check_copies(chunks, embedding, dp_cp_group)
-    return {name: offer(chunk, name, param.detach())
-            for chunk in chunks for name, param in chunk.named_parameters()
-            if not is_copy(chunk, name)}
+    state = {name: offer(chunk, name, param.detach())
+             for chunk in chunks for name, param in chunk.named_parameters()
+             if not is_copy(chunk, name)}
+    for chunk in chunks:
+        state.update({name: buffer.detach() for name, buffer in persistent_buffers(chunk)})
+    return state
+
+
+def persistent_buffers(chunk: GPTModel) -> list[tuple[str, torch.Tensor]]:
+    """Buffers a state dict holds (MoE routers' expert biases and token counts), replicated."""
+    return [(f"{path}.{name}" if path else name, buffer)
+            for path, module in chunk.named_modules()
+            for name, buffer in module._buffers.items()
+            if buffer is not None and name not in module._non_persistent_buffers_set]
 
 
 def _groups_by_param(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
@@ -193,6 +204,7 @@ def load_placeholders(chunks: Sequence[GPTModel], optimizer: torch.optim.Optimiz
             for moment in ("exp_avg", "exp_avg_sq"):
                 optim[f"state.{key}.{moment}"] = offer(chunk, name, torch.zeros_like(local),
                                                       like=param)
+        model.update({name: torch.empty_like(b) for name, b in persistent_buffers(chunk)})
     return model, optim
 
 
@@ -202,6 +214,8 @@ def load_sharded_state(chunks: Sequence[GPTModel], optimizer: torch.optim.Optimi
     """Copy the loaded local shards into the parameters and the optimizer state."""
     groups = _groups_by_param(optimizer)
     for chunk in chunks:
+        for name, buffer in persistent_buffers(chunk):
+            buffer.copy_(model_sd[name])
         for name, param in chunk.named_parameters():
             key = stored_key(chunk, name)
             held(param).copy_(take(model_sd[key]).to(param.dtype))
