@@ -2,12 +2,13 @@
 virtual pipeline and context parallel, and their products).
 
 Each rank builds only its pipeline stages from the stage plan (one stage, the whole model, without
-pipeline parallel; global layer numbers and weights initialised from `train.seed` and their global
-names, so every layout starts from the single-process weights), then applies tensor parallel,
-context parallel, activation recomputation and data parallel from outside. Data parallel is DDP
-for a whole model per rank, FSDP2 over the data x context ranks with `parallel.fsdp` (TP inside,
-as torchtitan composes them), and otherwise one coalesced all-reduce after the backward (DDP
-cannot drive stages run under a hand-written schedule).
+pipeline parallel), with parameters on the meta device; tensor parallel reshapes them, and only
+this rank's shards are allocated, initialised from `train.seed` and their global names, one full
+tensor at a time (`mtp_cli.parallel.meta_init`), so every layout starts from the single-process
+weights. Then it applies context parallel, activation recomputation and data parallel from
+outside. Data parallel is DDP for a whole model per rank, FSDP2 over the data x context ranks
+with `parallel.fsdp` (TP inside, as torchtitan composes them), and otherwise one coalesced
+all-reduce after the backward (DDP cannot drive stages run under a hand-written schedule).
 
 A step, the validation pass and the clipping are `mtp_cli.train.step`'s (`StepRunner`,
 `clip_gradients`): one code path. Checkpoints hold each rank's own shards under the canonical
@@ -33,6 +34,7 @@ from mtp_cli.mtp.run_state import MTPRunState
 from mtp_cli.parallel.context_parallel import apply_context_parallel
 from mtp_cli.parallel.data_parallel import apply_data_parallel, shard_fully
 from mtp_cli.parallel.mesh import ParallelMesh
+from mtp_cli.parallel.meta_init import materialize, parameters_on_meta
 from mtp_cli.parallel.pipeline_p2p import TorchP2P
 from mtp_cli.parallel.pipeline_position import PipelinePosition
 from mtp_cli.parallel.pipeline_schedule import PipelineSchedule
@@ -116,11 +118,17 @@ class TrainingEngine:
     def _build_chunk(self, vp_stage: int | None, allow_imports: bool) -> GPTModel:
         pp_rank = self.mesh.mesh.get_local_rank("pp")
         contents = self.plan.stage(pp_rank, vp_stage)
-        chunk = build_model(self.spec, self.settings.device, stage=contents,
-                            allow_imports=allow_imports)
+        with parameters_on_meta():  # buffers real, parameters meta: nothing full-size kept
+            chunk = build_model(self.spec, self.settings.device, stage=contents,
+                                allow_imports=allow_imports, initialize=False)
+        plan = None
         if self.tp_group is not None:
-            parallelize_tensor(chunk, self.tp_group,
-                               sequence_parallel=self.spec.parallel.sequence_parallel)
+            plan = parallelize_tensor(chunk, self.tp_group,
+                                      sequence_parallel=self.spec.parallel.sequence_parallel)
+        # this rank's shards only, initialised by global name: the single-process weights
+        materialize(chunk, self.spec, self.settings.device,
+                    shard_fn=plan.shard_like_parameter if plan is not None else None,
+                    full_shapes=plan.full_shapes(chunk) if plan is not None else None)
         if self.cp_group is not None:
             apply_context_parallel(chunk, self.cp_group)
         chunk.groups = self.mesh.model_groups()
