@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from mtp_cli.parallel.sharded_state import local_tensor, sharded_tensor
+from mtp_cli.parallel.sharded_state import fsdp_rows, local_tensor, sharded_tensor
 from mtp_cli.parallel.tp_sharding import COLUMN, GATED_COLUMN, ROW
 from tests.dist_utils import run_distributed
 from tests.tp_cases import make_spec, reference_and_parallel
@@ -61,6 +61,32 @@ def test_each_rank_offers_its_blocks_and_the_blocks_tile_the_tensor(rule, size):
             assert shard.tensor.data_ptr() >= local.data_ptr()  # a view, no copy
             boxes.append((offsets, sizes))
         assert torch.equal(local_tensor(value, rule), local)
+    assert _tiles(boxes, [16, 8])
+
+
+@pytest.mark.parametrize("rule", [None, COLUMN, GATED_COLUMN, ROW],
+                         ids=["replicated", "column", "gated", "row"])
+@pytest.mark.parametrize("dp", [2, 3])
+def test_fsdp_rows_of_tp_shards_tile_the_tensor(rule, dp):
+    """FSDP2 keeps rows of each TP-local tensor (unevenly at dp=3, across SwiGLU's gate/up
+    boundary): the pieces every (TP, FSDP) rank offers are its own rows and tile the tensor."""
+    full = torch.arange(16.0 * 8).view(16, 8)
+    tp = 1 if rule is None else 2
+    boxes = []
+    for t in range(tp):
+        local = full if rule is None else rule.shard(full, t, tp)
+        for d in range(dp):
+            start, end = fsdp_rows(local.shape[0], d, dp)
+            rows = local[start:end]  # what FSDP2's DTensor.to_local() holds
+            value = sharded_tensor(rows, rule, t, tp, tp_shape=local.shape, dp_rank=d,
+                                   dp_size=dp)
+            for shard in value.local_shards():
+                offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                region = full[tuple(slice(o, o + n) for o, n in zip(offsets, sizes,
+                                                                     strict=True))]
+                assert torch.equal(shard.tensor, region)
+                boxes.append((offsets, sizes))
+            assert local_tensor(value) is rows
     assert _tiles(boxes, [16, 8])
 
 

@@ -1,12 +1,14 @@
-"""Checkpoint state of a model-parallel rank: its own shards under canonical names.
+"""Checkpoint state of a rank: its own shards under canonical names, for every layout.
 
-No tensor is gathered: every tensor-parallel-sharded parameter and Adam moment reaches DCP as
-this rank's local shards of the canonical global tensor (`parallel.sharded_state`), every
-embedding copy is checked equal to the first stage's and left to the first stage to store
-(`tie_*_state_dict`, on local shards), and the optimizer state is flattened per parameter exactly as `torch.distributed.checkpoint.state_dict`
-flattens it (`state.<name>.exp_avg`, `param_groups.<name>.lr`). The checkpoint therefore does not
-depend on the layout that wrote it: DCP writes each chunk once (data-parallel replicas offer
-the same chunks), and any layout - data parallel only, or another tensor x pipeline split - loads it.
+No tensor is gathered: every tensor-parallel-sharded or FSDP2-sharded parameter and Adam
+moment reaches DCP as this rank's local shards of the canonical global tensor
+(`parallel.sharded_state`); every embedding copy is checked equal to the first stage's and left
+to the first stage to store (`tie_*_state_dict`, on local shards); persistent buffers (MoE
+routers' expert biases) go as they are; and the optimizer state is flattened per parameter
+exactly as `torch.distributed.checkpoint.state_dict` flattens it (`state.<name>.exp_avg`,
+`param_groups.<name>.lr`). The checkpoint therefore does not depend on the layout that wrote
+it: DCP writes each chunk once (data-parallel replicas offer the same chunks), and any layout
+loads it.
 """
 
 from __future__ import annotations
@@ -63,16 +65,16 @@ def _rule(chunk: GPTModel, name: str) -> tuple[ShardRule | None, int, int]:
 
 
 def offer(chunk: GPTModel, name: str, value: torch.Tensor,
-          like: torch.Tensor | None = None) -> torch.Tensor:
+          layout: torch.Tensor | None = None) -> torch.Tensor:
     """What DCP gets for `value` (parameter `name`'s value or a tensor shaped like it, laid out
-    like `like`, default itself): the held shards as they are (views, no copy) when sharded
+    like `layout`, default itself): the held shards as they are (views, no copy) when sharded
     over TP or FSDP2, the tensor when replicated."""
-    like = value if like is None else like
+    layout = value if layout is None else layout
     rule, tp_rank, tp_size = _rule(chunk, name)
-    dp_rank, dp_size = fsdp_coordinates(like)
-    if like.dim() == 0 or (rule is None and dp_size == 1):
+    dp_rank, dp_size = fsdp_coordinates(layout)
+    if layout.dim() == 0 or (rule is None and dp_size == 1):
         return held(value)
-    return sharded_tensor(held(value), rule, tp_rank, tp_size, tp_shape=like.shape,
+    return sharded_tensor(held(value), rule, tp_rank, tp_size, tp_shape=layout.shape,
                           dp_rank=dp_rank, dp_size=dp_size)
 
 
@@ -199,11 +201,11 @@ def load_placeholders(chunks: Sequence[GPTModel], optimizer: torch.optim.Optimiz
         for name, param in chunk.named_parameters():
             key = stored_key(chunk, name)
             local = held(param.detach())
-            model[key] = offer(chunk, name, torch.empty_like(local), like=param)
+            model[key] = offer(chunk, name, torch.empty_like(local), layout=param)
             optim[f"state.{key}.step"] = torch.tensor(NO_STATE)
             for moment in ("exp_avg", "exp_avg_sq"):
                 optim[f"state.{key}.{moment}"] = offer(chunk, name, torch.zeros_like(local),
-                                                      like=param)
+                                                      layout=param)
         model.update({name: torch.empty_like(b) for name, b in persistent_buffers(chunk)})
     return model, optim
 
