@@ -1,8 +1,9 @@
 """Data parallel: DDP, or FSDP2 (`fully_shard`) with `parallel.fsdp: true`.
 
-Both run over the 1-D data x context mesh and average gradients over it. FSDP2 is the path that
-composes with tensor parallel later (DDP cannot wrap DTensor modules; FSDP2 over the dp mesh of
-a 2-D (dp, tp) mesh can), so nothing here assumes plain tensors.
+Both run over the 1-D data x context mesh and average gradients over it. FSDP2 (`shard_fully`)
+also shards pipeline stages and tensor-parallel models (whose parameters are plain, locally
+sliced tensors): the engine applies it to each stage after tensor parallel and recomputation,
+as torchtitan composes them.
 """
 
 from __future__ import annotations
