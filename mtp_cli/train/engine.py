@@ -33,6 +33,7 @@ from mtp_cli.mtp.loss import LossSettings
 from mtp_cli.mtp.run_state import MTPRunState
 from mtp_cli.parallel.context_parallel import apply_context_parallel
 from mtp_cli.parallel.data_parallel import apply_data_parallel, shard_fully
+from mtp_cli.parallel.expert_parallel import setup_model_parallel_experts
 from mtp_cli.parallel.mesh import ParallelMesh
 from mtp_cli.parallel.meta_init import materialize, parameters_on_meta
 from mtp_cli.parallel.pipeline_p2p import TorchP2P
@@ -98,6 +99,8 @@ class TrainingEngine:
         self.dp_cp_group = _group_if_parallel(mesh.dp_cp_group, dims.dp_cp)
         self.loss_settings, self.mtp_state = loss_settings_for(spec), MTPRunState()
         self.chunks = [self._build_chunk(vp, allow_imports) for vp in self._virtual_stages()]
+        # expert parallel: this rank's experts, the all-to-all dispatcher, their gradients
+        self.expert_grads = setup_model_parallel_experts(self.chunks, dims, spec.parallel.expert)
         self.embedding = build_embedding_group(self.plan, spec, mesh)
         modules, grad_sync = self._data_parallel()
         self.optimizer = build_optimizer(nn.ModuleList(self.chunks), spec.train)
@@ -105,7 +108,8 @@ class TrainingEngine:
             tp_group=self.tp_group, pp_group=self.pp_group, cp_group=self.cp_group,
             dp_cp_group=self.dp_cp_group,
             embedding_group=self.embedding.group if self.embedding else None,
-            dp=dims.dp, cp=dims.cp, grad_sync=grad_sync, skip=is_copy)
+            dp=dims.dp, cp=dims.cp, grad_sync=grad_sync, skip=is_copy,
+            experts=self.expert_grads)
         self.runner = StepRunner(self.chunks, self.optimizer, settings, layout,
                                  depths=self.depths, modules=modules,
                                  schedule=self._schedule() if dims.pp > 1 else None)
@@ -140,11 +144,12 @@ class TrainingEngine:
 
     def _data_parallel(self) -> tuple[list[nn.Module], str]:
         """What to call for a forward, and how gradients are synchronised: FSDP2 (sharded at
-        construction), DDP around a whole model per rank, or the step's all-reduce."""
+        construction), DDP around a whole model per rank, or the step's all-reduce (also under
+        expert parallel, whose experts the step reduces over their own group)."""
         dims = self.mesh.dims
         if self.spec.parallel.fsdp:
             return self.chunks, "fsdp"
-        if dims.dp_cp > 1 and dims.tp == dims.pp == dims.cp == 1:
+        if dims.dp_cp > 1 and dims.tp == dims.pp == dims.cp == 1 and self.expert_grads is None:
             ddp = apply_data_parallel(self.chunks[0], self.mesh, fsdp=False,
                                       device=self.settings.device)
             return [ddp], "ddp"

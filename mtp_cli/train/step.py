@@ -40,6 +40,7 @@ from mtp_cli.models.moe.run_state import set_moe_aux_loss_scale, update_expert_b
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.parallel.data_parallel import gradient_sync
+from mtp_cli.parallel.expert_parallel import is_expert_parameter
 from mtp_cli.parallel.sharded_state import held
 from mtp_cli.parallel.tied_embeddings import allreduce_embedding_grads
 from mtp_cli.parallel.tp_grads import grad_square_sum, sync_sequence_parallel_grads
@@ -57,6 +58,9 @@ class StepSettings:
     device: torch.device
     dp_cp_size: int
     dp_cp_group: dist.ProcessGroup | None  # None: a single replica
+    # expert parallel: the experts' gradient reduction and the global norm
+    # (mtp_cli.parallel.expert_parallel.ExpertGradients); None without it
+    expert_grads: Any = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -86,6 +90,9 @@ class StepLayout:
     # data x context ranks (FSDP2 also leaves each rank rows of every gradient)
     grad_sync: str = "allreduce"
     skip: Callable[[nn.Module, str], bool] = field(default=lambda chunk, name: False)
+    # expert parallel (`ExpertGradients`): routed experts' gradients summed over the ranks
+    # holding the same experts, their squares counted once over the expert-parallel group
+    experts: Any = None
 
 
 def clip_gradients(chunks: Sequence[nn.Module], max_norm: float, layout: StepLayout,
@@ -98,9 +105,14 @@ def clip_gradients(chunks: Sequence[nn.Module], max_norm: float, layout: StepLay
     square = torch.zeros((), dtype=torch.float32, device=device)
     shards = [layout.dp_cp_group] if layout.grad_sync == "fsdp" and \
         layout.dp_cp_group is not None else []
+    experts = layout.experts
     for chunk in chunks:
-        square = square + grad_square_sum(chunk, layout.tp_group, sum_groups=shards,
-                                          skip=lambda name, c=chunk: layout.skip(c, name))
+        square = square + grad_square_sum(
+            chunk, layout.tp_group, sum_groups=shards,
+            skip=lambda name, c=chunk: layout.skip(c, name) or (
+                experts is not None and is_expert_parameter(name)))
+    if experts is not None:  # whole on every tensor rank: summed over the expert group
+        square = square + experts.square_sum(device)
     if layout.pp_group is not None:
         dist.all_reduce(square, group=layout.pp_group)
     norm = square.sqrt()
@@ -188,7 +200,9 @@ class StepRunner:
     def _reduce_gradients(self, tokens: float) -> None:
         """Sum over data x context ranks, then average over data ranks (or per token)."""
         layout, per_token = self.layout, self.settings.per_token_loss
-        trained = [p for chunk in self.chunks for p in chunk.parameters() if p.requires_grad]
+        experts = layout.experts
+        trained = [p for chunk in self.chunks for p in chunk.parameters()
+                   if p.requires_grad and (experts is None or not experts.owns(p))]
         if layout.grad_sync != "allreduce":  # the backward averaged over data x context
             dp_cp = layout.dp * layout.cp
             scale = dp_cp / max(tokens, 1.0) if per_token else float(layout.cp)
@@ -200,9 +214,11 @@ class StepRunner:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
         grads = [p.grad for p in trained]
+        scale = 1.0 / max(tokens, 1.0) if per_token else 1.0 / layout.dp
+        if experts is not None:  # over the ranks holding the same experts
+            experts.reduce(scale)
         if not grads:
             return
-        scale = 1.0 / max(tokens, 1.0) if per_token else 1.0 / layout.dp
         if layout.dp_cp_group is None:
             if scale != 1.0:
                 torch._foreach_mul_(grads, scale)
@@ -275,7 +291,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
     """One step of a single whole model (data parallel over `settings.dp_cp_group` when set,
     by one all-reduce): the engine's step path with no model parallel. The MTP losses land in
     `MTPLossLoggingHelper.tracker`; the caller reports them."""
-    layout = StepLayout(dp_cp_group=settings.dp_cp_group, dp=settings.dp_cp_size)
+    layout = StepLayout(dp_cp_group=settings.dp_cp_group, dp=settings.dp_cp_size,
+                        experts=settings.expert_grads)
     return StepRunner([model], optimizer, settings, layout, depths=_depths(model)
                       ).train_step(batches)
 
