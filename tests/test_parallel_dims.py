@@ -32,11 +32,11 @@ def test_global_batch_must_split_over_data_parallel_ranks():
         ParallelDims.from_spec(spec(), 3)
 
 
-def test_fsdp_and_te_are_refused_with_model_parallel():
-    dims = ParallelDims.from_spec(spec("parallel.pipeline=2"), 4)
-    with pytest.raises(UserError, match=r"parallel\.fsdp composes with data parallel only"):
-        dims.check_supported(spec("parallel.pipeline=2", "parallel.fsdp=true"))
-    dims.check_supported(spec("parallel.pipeline=2"))  # model parallel itself is supported
+def test_fsdp_composes_with_model_parallel():
+    for extra in ("parallel.pipeline=2", "parallel.tensor=2", "parallel.context=2"):
+        dims = ParallelDims.from_spec(spec(extra), 4)
+        dims.check_supported(spec(extra, "parallel.fsdp=true"))
+        dims.check_supported(spec(extra))
     ParallelDims.from_spec(spec(), 4).check_supported(spec("parallel.fsdp=true"))
 
 

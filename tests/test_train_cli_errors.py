@@ -92,6 +92,3 @@ def test_layout_for_another_pipeline_size(tmp_path):
     assert "parallel.layout" in text and "multiple of" in text
 
 
-def test_fsdp_with_pipeline_parallel(tmp_path):
-    text = refuse(tmp_path / "run", "parallel.pipeline=2", "parallel.fsdp=true", "--nproc", "2")
-    assert "parallel.fsdp" in text

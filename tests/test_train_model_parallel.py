@@ -19,6 +19,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.cli_helpers import run_mtp
+from tests.test_sharded_checkpoint import assert_nothing_stored_whole
 from tests.train_helpers import corpus, metrics, run_train  # noqa: F401
 
 pytestmark = pytest.mark.distributed
@@ -46,7 +47,13 @@ LAYOUTS = {  # name: (nproc, overrides)
     "pp2_recompute_full": (2, ["parallel.pipeline=2", "train.recompute=full"]),
     "fsdp2_recompute_full": (2, ["parallel.fsdp=true", "train.recompute=full"]),
     "cp2_recompute_selective": (2, ["parallel.context=2", "train.recompute=selective"]),
+    # FSDP2 over the data (x context) ranks with tensor / pipeline / context parallel inside
+    "fsdp2_tp2": (4, ["parallel.tensor=2", "parallel.fsdp=true"]),
+    "fsdp2_pp2": (4, ["parallel.pipeline=2", "parallel.fsdp=true"]),
+    "fsdp2_cp2": (2, ["parallel.context=2", "parallel.fsdp=true"]),
+    "dp2_tp2_pp2": (8, ["parallel.tensor=2", "parallel.pipeline=2"]),
 }
+SLOW = {"fsdp2_tp2", "fsdp2_pp2", "fsdp2_cp2", "dp2_tp2_pp2"}
 PACKED_LAYOUTS = {"packed_cp2": (2, ["parallel.context=2"]),
                   "packed_cp4": (4, ["parallel.context=4"])}
 
@@ -85,12 +92,16 @@ def reference_runs(tmp_path_factory, corpus):  # noqa: F811
     return runs
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in LAYOUTS])
 def test_layout_equals_single_process(name, tmp_path, corpus, reference_runs):  # noqa: F811
     nproc, extra = LAYOUTS[name]
     result = run_train(tmp_path / name, corpus, *BASE, *extra, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / name, reference_runs["plain"])
+    if name.startswith("fsdp2"):  # sharded state saved without a gather
+        checkpoint = tmp_path / name / "checkpoints" / "step_0000005"
+        assert assert_nothing_stored_whole(checkpoint) > 0
 
 
 @pytest.mark.parametrize("name", list(PACKED_LAYOUTS))
@@ -100,6 +111,35 @@ def test_packed_context_parallel_equals_single_process(name, tmp_path, corpus,  
     result = run_train(tmp_path / name, corpus, *BASE, *PACKED, *extra, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / name, reference_runs["packed"])
+
+
+@pytest.mark.slow
+def test_tp2_pp2_fsdp2_dp2_checkpoint_resumes_at_other_layouts(tmp_path, corpus):  # noqa: F811
+    """8 processes (TP2 x PP2 x FSDP2 over DP2) write a checkpoint of shards only; it passes
+    inspect-ckpt --strict and resumes at TP1 x PP1 without FSDP, at PP4 and at FSDP2 over DP4
+    with the next step's losses equal to the continuing run's."""
+    three = [*BASE, "train.steps=3", "checkpoint.interval=3"]
+    layout = ["parallel.tensor=2", "parallel.pipeline=2", "parallel.fsdp=true"]
+    first = tmp_path / "tp2_pp2_fsdp2"
+    result = run_train(first, corpus, *three, *layout, nproc=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert assert_nothing_stored_whole(first / "checkpoints" / "step_0000003") > 0
+    inspected = run_mtp("inspect-ckpt", str(first), "--strict")
+    assert inspected.returncode == 0, inspected.stdout + inspected.stderr
+    resumed = {}
+    for name, nproc, extra in (("same", 8, layout), ("tp1_pp1", 1, []),
+                               ("pp4", 4, ["parallel.pipeline=4"]),
+                               ("fsdp2_dp4", 4, ["parallel.fsdp=true"])):
+        run_dir = tmp_path / f"resume_{name}"
+        shutil.copytree(first, run_dir)
+        result = run_train(run_dir, corpus, *three, "train.steps=4", *extra, nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resumed from step_0000003" in result.stdout + result.stderr
+        resumed[name] = metrics(run_dir)[0][-1]
+    for name in ("tp1_pp1", "pp4", "fsdp2_dp4"):
+        assert resumed[name]["step"] == 4
+        for key in KEYS:
+            assert abs(resumed[name][key] - resumed["same"][key]) <= 1e-5, (name, key)
 
 
 @pytest.mark.slow

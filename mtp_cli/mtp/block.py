@@ -15,7 +15,7 @@ from torch import nn
 
 from mtp_cli.config.schema import ModelConfig
 from mtp_cli.models.comm import ParallelGroups
-from mtp_cli.mtp.layer import MultiTokenPredictionBlockSubmodules
+from mtp_cli.mtp.layer import MultiTokenPredictionBlockSubmodules, module_sharded_state_dict
 from mtp_cli.nn.module_spec import ModuleSpec, build_module
 from mtp_cli.nn.packed import PackedSeqParams
 
@@ -88,6 +88,13 @@ class MultiTokenPredictionBlock(nn.Module):
         self.groups = groups
         for layer in self.layers.values():
             layer.groups = groups
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict[str, Any]:
+        """Megatron-Core's name: the block's DCP-ready state (every depth's, keys `prefix` +
+        `layers.{k}.`...), tensor-parallel weights as this rank's shards of the global tensors;
+        see `MultiTokenPredictionLayer.sharded_state_dict`."""
+        return module_sharded_state_dict(self, prefix)
 
     def layer_for_depth(self, depth: int) -> nn.Module:
         """The module computing local depth `depth` (0-based)."""

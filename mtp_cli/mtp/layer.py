@@ -57,6 +57,19 @@ def _accept_legacy_layer_name(state_dict: dict[str, Any], prefix: str, *args: An
         state_dict[f"{prefix}transformer_layer.{key[len(legacy):]}"] = state_dict.pop(key)
 
 
+def module_sharded_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Any]:
+    """`module`'s state under `prefix` + local names, each value as DCP should get it.
+
+    Tensor parallel attaches `module.state_sharder` (global-name aware: it knows the module's
+    path), which turns a sharded weight into this rank's shards of the global tensor; without it
+    the values are the tensors themselves. The values are views of the parameters, so loading
+    them with DCP writes straight into the model.
+    """
+    sharder = getattr(module, "state_sharder", None)
+    return {prefix + name: sharder(name, value) if sharder is not None else value
+            for name, value in module.state_dict().items()}
+
+
 def attn_mask_type_of(transformer_layer_spec: Any) -> str | None:
     """The `attn_mask_type` a transformer-layer spec gives its self-attention, if it says."""
     submodules = getattr(transformer_layer_spec, "submodules", None)
@@ -81,6 +94,7 @@ class MultiTokenPredictionLayer(nn.Module):
     """One MTP depth. `layer_number` is the 1-based global MTP index.
 
     Set from outside: `groups` (the model's process-group handles and their comm),
+    `state_sharder` (by tensor parallel, for `sharded_state_dict`),
     `mtp_detach_heads` (by the block) and `recompute_granularity` ("full": `forward` goes through
     `_checkpointed_forward` in training; `mtp_cli.parallel.recompute` sets it).
     """
@@ -113,6 +127,16 @@ class MultiTokenPredictionLayer(nn.Module):
     def cp_group(self) -> Group:
         """The context-parallel group handle (None: the whole sequence is here)."""
         return self.groups.cp_group
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict[str, Any]:
+        """Megatron-Core's name: this layer's DCP-ready state, keys `prefix` + local names,
+        tensor-parallel weights as this rank's shards of the canonical global tensors.
+
+        `sharded_offsets` and `metadata` are accepted for the reference signature; the layer
+        numbers in the keys are already global (the caller's `prefix`, e.g. `mtp.layers.3.`).
+        """
+        return module_sharded_state_dict(self, prefix)
 
     @property
     def comm(self) -> ModelComm | None:

@@ -1,8 +1,9 @@
 """Data parallel: DDP, or FSDP2 (`fully_shard`) with `parallel.fsdp: true`.
 
-Both run over the 1-D data x context mesh and average gradients over it. FSDP2 is the path that
-composes with tensor parallel later (DDP cannot wrap DTensor modules; FSDP2 over the dp mesh of
-a 2-D (dp, tp) mesh can), so nothing here assumes plain tensors.
+Both run over the 1-D data x context mesh and average gradients over it. FSDP2 (`shard_fully`)
+also shards pipeline stages and tensor-parallel models (whose parameters are plain, locally
+sliced tensors): the engine applies it to each stage after tensor parallel and recomputation,
+as torchtitan composes them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -26,11 +28,7 @@ def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, *, fsdp: bool,
     final norm, output layer) at the root, so a layer's weights are gathered only while it runs.
     """
     if fsdp:
-        for layer in _shardable_layers(model):
-            fully_shard(layer, mesh=mesh.dp_cp_mesh)
-        model.register_forward_hook(_own_output)  # runs before FSDP2's own post-forward hook
-        fully_shard(model, mesh=mesh.dp_cp_mesh)
-        return model
+        return shard_fully(model, mesh.dp_cp_mesh)
     device_ids = [device.index] if device.type == "cuda" else None
     # The only buffers (rotary frequencies) are constants: no broadcast before every forward.
     no_buffer_sync = (
@@ -45,6 +43,17 @@ def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, *, fsdp: bool,
                       for name, _ in model.named_parameters())
     return DistributedDataParallel(model, device_ids=device_ids, process_group=mesh.dp_cp_group,
                                    find_unused_parameters=has_experts, **no_buffer_sync)
+
+
+def shard_fully(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """FSDP2 over `mesh` (1-D, data x context): each decoder and MTP layer its own unit, then
+    the rest (embedding, final norm, output layer) at the root. Works on a whole model or a
+    pipeline stage, with tensor-parallel (plain, locally sliced) parameters inside."""
+    for layer in _shardable_layers(model):
+        fully_shard(layer, mesh=mesh)
+    model.register_forward_hook(_own_output)  # runs before FSDP2's own post-forward hook
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def _own_output(module: nn.Module, args: object, output: object) -> object:
@@ -62,7 +71,8 @@ def _own_output(module: nn.Module, args: object, output: object) -> object:
 def _shardable_layers(model: nn.Module) -> list[nn.Module]:
     """Decoder layers and MTP layers, each its own FSDP2 unit. A repeated MTP layer (applied
     at every depth in one forward) stays with the root instead of being gathered D times."""
-    layers = list(model.decoder.layers.values())
+    decoder = getattr(model, "decoder", None)
+    layers = list(decoder.layers.values()) if decoder is not None else []
     mtp = getattr(model, "mtp", None)
     if mtp is not None and not getattr(mtp, "use_repeated_layer", False):
         layers.extend(mtp.layers.values())

@@ -11,9 +11,10 @@ or one pipeline stage) in place:
 
 Parameters become plain `nn.Parameter`s holding this rank's slice of the full tensor, under the
 same names, so `named_parameters()` / `state_dict()` keys are the single-process ones. The
-returned `TensorParallelPlan` maps names to shard rules: it slices full tensors (initialisation,
-loading a checkpoint) and gathers local ones (saving, comparing), for parameters and for anything
-shaped like them (Adam's moments).
+returned `TensorParallelPlan` maps names to shard rules: it slices full tensors (initialisation)
+and gathers local ones (comparing in tests), for parameters and for anything shaped like them
+(Adam's moments). Checkpoints never gather: they hand DCP each rank's shards
+(`mtp_cli.parallel.sharded_state`; the MTP layer's and block's `sharded_state_dict()`).
 
 Sequence parallel (`sequence_parallel=True`) keeps the activations between the TP regions split
 along the sequence; replicated parameters then see only this rank's tokens, so their gradients
@@ -35,7 +36,9 @@ from mtp_cli.models.embedding import LanguageModelEmbedding
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.models.linear import ColumnParallelLinear, RowParallelLinear
 from mtp_cli.models.mlp import MLP
+from mtp_cli.mtp.block import MultiTokenPredictionBlock
 from mtp_cli.mtp.layer import MultiTokenPredictionLayer
+from mtp_cli.parallel.sharded_state import sharded_tensor
 from mtp_cli.parallel.tp_layers import ColumnShardedLinear, RowShardedLinear
 from mtp_cli.parallel.tp_mappings import group_rank, group_size
 from mtp_cli.parallel.tp_sharding import COLUMN, GATED_COLUMN, ROW, VOCAB, ShardRule
@@ -114,6 +117,21 @@ class TensorParallelPlan:
         """This rank's state dict -> the full canonical one (collective; same keys on all ranks)."""
         return {k: self.gather_like_parameter(k, v) if isinstance(v, torch.Tensor) else v
                 for k, v in local.items()}
+
+
+@dataclass
+class ModuleSharder:
+    """`state_sharder` of a module at `path` in a tensor-parallel model: (local name, tensor)
+    -> this rank's shards of the global tensor for DCP (`sharded_state_dict`)."""
+
+    plan: TensorParallelPlan
+    path: str
+
+    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        rule = self.plan.rule(f"{self.path}.{name}" if self.path else name)
+        if rule is None or value.dim() == 0 or self.plan.size == 1:
+            return value
+        return sharded_tensor(value, rule, self.plan.rank, self.plan.size)
 
 
 def tensor_parallel_plan(model: nn.Module) -> TensorParallelPlan | None:
@@ -248,5 +266,8 @@ def parallelize_tensor(model: GPTModel, tp_group: dist.ProcessGroup | None, *,
         converter = _Converter(model, plan)
         converter.convert()
         converter.reject_leftovers()
+        for path, module in model.named_modules():
+            if isinstance(module, (MultiTokenPredictionLayer, MultiTokenPredictionBlock)):
+                module.state_sharder = ModuleSharder(plan, path)
     model.tensor_parallel_plan = plan
     return plan

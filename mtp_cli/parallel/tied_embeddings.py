@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mtp_cli.models.gpt import GPTModel
+from mtp_cli.parallel.sharded_state import fsdp_coordinates, fsdp_rows, held, like
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 POSITION_EMBEDDING = "embedding.position_embeddings.weight"
@@ -61,19 +62,26 @@ def allreduce_embedding_grads(chunks: Sequence[GPTModel],
     for name, tensors in copies.items():
         if name == POSITION_EMBEDDING and position_shape is None:
             continue
-        reference = tensors[0] if tensors else None
+        reference = held(tensors[0]) if tensors else None
         if reference is None:
             if not distributed:
                 continue
-            reference = copies[WORD_EMBEDDING][0].new_zeros(position_shape)
+            # FSDP2's rows of the position table where the copies are FSDP-sharded
+            start, end = fsdp_rows(position_shape[0],
+                                   *fsdp_coordinates(copies[WORD_EMBEDDING][0]))
+            reference = held(copies[WORD_EMBEDDING][0]).new_zeros(
+                (end - start, position_shape[1]))
         total = torch.zeros_like(reference)
         for copy in tensors:
             if copy.grad is not None:
-                total += copy.grad
+                total += held(copy.grad)
         if distributed:
             dist.all_reduce(total, group=group)
         for copy in tensors:
-            copy.grad = total.clone()
+            if copy.grad is None:
+                copy.grad = like(copy, total.clone())
+            else:
+                held(copy.grad).copy_(total)
 
 
 def broadcast_embeddings(chunks: Sequence[GPTModel], group: dist.ProcessGroup | None,

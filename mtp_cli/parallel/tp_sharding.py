@@ -60,6 +60,18 @@ class ShardRule:
     def shard_for(self, full: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
         return self.shard(full, group_rank(group), group_size(group))
 
+    def local_blocks(self, local_shape: torch.Size, rank: int, size: int
+                     ) -> list[tuple[int, int, int]]:
+        """Where rank `rank`'s local tensor lies in the full one, block by block.
+
+        Each item is (start in the local tensor, start in the full tensor, length), all along
+        `dim`: one block for a plain split, `parts` blocks for a stack (SwiGLU's `[gate_r; up_r]`
+        is rows [r*k, (r+1)*k) and [F + r*k, F + (r+1)*k) of the full `[gate; up]`, F = tp*k).
+        """
+        length = local_shape[self.dim] // self.parts
+        stacked = length * size  # one part's length in the full tensor
+        return [(p * length, p * stacked + rank * length, length) for p in range(self.parts)]
+
 
 # Column-parallel: output rows. Row-parallel: input columns. Vocab-parallel: vocabulary rows.
 COLUMN = ShardRule(dim=0)

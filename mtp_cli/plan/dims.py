@@ -84,11 +84,6 @@ class ParallelDims:
         """Combinations `mtp train` does not run, refused before anything is launched."""
         model_parallel = self.tp > 1 or self.pp > 1 or self.cp > 1
         problems = []
-        if spec.parallel.fsdp and model_parallel:
-            problems.append(Problem(
-                "parallel.fsdp composes with data parallel only; with tensor, pipeline or "
-                "context parallel, data parallel is an explicit gradient all-reduce",
-                key="parallel.fsdp", hint="set parallel.fsdp=false"))
         if spec.model.backend == "te" and model_parallel:
             problems.append(Problem(
                 "tensor, pipeline and context parallel run the local backend only",

@@ -10,8 +10,10 @@ Every read goes through `checkpoint_io` (the allow-list unpickler for `.metadata
 named when a shard does not load); a save on a full disk removes its temporary directory and
 stops with `DiskFull`, leaving `latest` where it was.
 
-The DCP state dict (keys fixed by CONTRACTS.md): `model` and `optimizer` through
-`get_state_dict`/`set_state_dict` (plain, DDP and FSDP2 models alike), `scheduler`, `trainer`
+The DCP state dict (keys fixed by CONTRACTS.md): `model` and `optimizer` as the engine offers
+them - each rank's own shards under the canonical names and global shapes, never gathered
+(`train/model_parallel_state.py`), the optimizer flattened per parameter as
+`torch.distributed.checkpoint.state_dict` flattens it - then `scheduler`, `trainer`
 (step, tokens, cumulative MTP acceptance counts) and the per-rank `rng.rank{r}` and
 `data.rank{r}` (DCP keeps one value per key, so anything that differs by rank is keyed by rank).
 """

@@ -1,37 +1,57 @@
-"""Training engines: what a step, a validation pass and a checkpoint do for a parallel layout.
+"""The training engine: one for every layout (data parallel with DDP or FSDP2, tensor, pipeline,
+virtual pipeline and context parallel, and their products).
 
-`DataParallelEngine` trains one whole model per rank under DDP or FSDP2 (data parallel only).
-`ModelParallelEngine` (`mtp_cli.train.model_parallel`) trains pipeline stages with tensor and
-context parallel. Both store checkpoints in one format - the model's canonical names, and the
-optimizer state flattened per parameter (`state.<name>.exp_avg`, `param_groups.<name>.lr`) -
-so a checkpoint written by either loads into the other at any layout.
+Each rank builds only its pipeline stages from the stage plan (one stage, the whole model, without
+pipeline parallel), with parameters on the meta device; tensor parallel reshapes them, and only
+this rank's shards are allocated, initialised from `train.seed` and their global names, one full
+tensor at a time (`mtp_cli.parallel.meta_init`), so every layout starts from the single-process
+weights. Then it applies context parallel, activation recomputation and data parallel from
+outside. Data parallel is DDP for a whole model per rank, FSDP2 over the data x context ranks
+with `parallel.fsdp` (TP inside, as torchtitan composes them), and otherwise one coalesced
+all-reduce after the backward (DDP cannot drive stages run under a hand-written schedule).
+
+A step, the validation pass and the clipping are `mtp_cli.train.step`'s (`StepRunner`,
+`clip_gradients`): one code path. Checkpoints hold each rank's own shards under the canonical
+single-process names and global shapes (`mtp_cli.train.model_parallel_state`), the optimizer
+state flattened per parameter (`state.<name>.exp_avg`, `param_groups.<name>.lr`), so a checkpoint
+written at any layout loads at any other.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Protocol
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from mtp_cli.build.model_builder import build_model, loss_settings_for
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.mtp.loss import LossSettings
 from mtp_cli.mtp.run_state import MTPRunState
-from mtp_cli.parallel.data_parallel import apply_data_parallel, unwrap_model
+from mtp_cli.parallel.context_parallel import apply_context_parallel
+from mtp_cli.parallel.data_parallel import apply_data_parallel, shard_fully
+from mtp_cli.parallel.expert_parallel import setup_model_parallel_experts
 from mtp_cli.parallel.mesh import ParallelMesh
+from mtp_cli.parallel.meta_init import materialize, parameters_on_meta
+from mtp_cli.parallel.pipeline_p2p import TorchP2P
+from mtp_cli.parallel.pipeline_position import PipelinePosition
+from mtp_cli.parallel.pipeline_schedule import PipelineSchedule
 from mtp_cli.parallel.recompute import apply_activation_checkpointing
+from mtp_cli.parallel.tensor_parallel import parallelize_tensor
+from mtp_cli.plan.placement import build_stage_plan
+from mtp_cli.train.model_parallel import build_embedding_group
+from mtp_cli.train.model_parallel_state import (
+    is_copy,
+    load_placeholders,
+    load_sharded_state,
+    sharded_model_state,
+    sharded_optimizer_state,
+)
 from mtp_cli.train.optim import build_optimizer
-from mtp_cli.train.step import StepOutput, StepSettings, evaluate, train_step
-
-STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+from mtp_cli.train.step import StepLayout, StepOutput, StepRunner, StepSettings
 
 
 class Engine(Protocol):
@@ -60,65 +80,125 @@ def attach_run(chunk: GPTModel, loss_settings: LossSettings, mtp_state: MTPRunSt
     chunk.mtp_state = mtp_state
 
 
-class DataParallelEngine:
-    """A whole model per rank; DDP or FSDP2 over the data x context group."""
+def _group_if_parallel(group: dist.ProcessGroup, size: int) -> dist.ProcessGroup | None:
+    return group if size > 1 else None
+
+
+class TrainingEngine:
+    """This rank's model parts under its layout; see the module docstring."""
 
     def __init__(self, spec: RunSpec, mesh: ParallelMesh, settings: StepSettings, *,
                  allow_imports: bool = False) -> None:
-        self.spec, self.settings = spec, settings
+        self.spec, self.mesh, self.settings = spec, mesh, settings
+        dims = mesh.dims
+        self.depths = spec.mtp.num_layers
+        self.plan = build_stage_plan(spec)
+        self.tp_group = _group_if_parallel(mesh.group("tp"), dims.tp)
+        self.pp_group = _group_if_parallel(mesh.group("pp"), dims.pp)
+        self.cp_group = _group_if_parallel(mesh.group("cp"), dims.cp)
+        self.dp_cp_group = _group_if_parallel(mesh.dp_cp_group, dims.dp_cp)
         self.loss_settings, self.mtp_state = loss_settings_for(spec), MTPRunState()
-        gpt = build_model(spec, settings.device, allow_imports=allow_imports)
-        gpt.groups = mesh.model_groups()
-        attach_run(gpt, self.loss_settings, self.mtp_state)
-        if spec.parallel.expert > 1:  # before DDP: it must skip the expert parameters
-            from mtp_cli.parallel.expert_parallel import setup_expert_parallel
+        self.chunks = [self._build_chunk(vp, allow_imports) for vp in self._virtual_stages()]
+        # expert parallel: this rank's experts, the all-to-all dispatcher, their gradients
+        self.expert_grads = setup_model_parallel_experts(self.chunks, dims, spec.parallel.expert)
+        self.embedding = build_embedding_group(self.plan, spec, mesh)
+        modules, grad_sync = self._data_parallel()
+        self.optimizer = build_optimizer(nn.ModuleList(self.chunks), spec.train)
+        layout = StepLayout(
+            tp_group=self.tp_group, pp_group=self.pp_group, cp_group=self.cp_group,
+            dp_cp_group=self.dp_cp_group,
+            embedding_group=self.embedding.group if self.embedding else None,
+            dp=dims.dp, cp=dims.cp, grad_sync=grad_sync, skip=is_copy,
+            experts=self.expert_grads)
+        self.runner = StepRunner(self.chunks, self.optimizer, settings, layout,
+                                 depths=self.depths, modules=modules,
+                                 schedule=self._schedule() if dims.pp > 1 else None)
 
-            self.settings = dataclasses.replace(settings, expert_grads=setup_expert_parallel(
-                gpt, mesh.dims, spec.parallel.expert))
-        apply_activation_checkpointing(gpt, spec.train.recompute)
-        self.chunks = [gpt]
-        self.model = apply_data_parallel(gpt, mesh, fsdp=spec.parallel.fsdp,
-                                         device=settings.device)
-        self.optimizer = build_optimizer(self.model, spec.train)
+    # --- construction --------------------------------------------------------------------------
+    def _virtual_stages(self) -> list[int | None]:
+        virtual = self.plan.virtual_pipeline
+        return list(range(virtual)) if virtual else [None]
 
+    def _build_chunk(self, vp_stage: int | None, allow_imports: bool) -> GPTModel:
+        pp_rank = self.mesh.mesh.get_local_rank("pp")
+        contents = self.plan.stage(pp_rank, vp_stage)
+        with parameters_on_meta():  # buffers real, parameters meta: nothing full-size kept
+            chunk = build_model(self.spec, self.settings.device, stage=contents,
+                                allow_imports=allow_imports, initialize=False)
+        plan = None
+        if self.tp_group is not None:
+            plan = parallelize_tensor(chunk, self.tp_group,
+                                      sequence_parallel=self.spec.parallel.sequence_parallel)
+        # this rank's shards only, initialised by global name: the single-process weights
+        materialize(chunk, self.spec, self.settings.device,
+                    shard_fn=plan.shard_like_parameter if plan is not None else None,
+                    full_shapes=plan.full_shapes(chunk) if plan is not None else None)
+        if self.cp_group is not None:
+            apply_context_parallel(chunk, self.cp_group)
+        chunk.groups = self.mesh.model_groups()
+        attach_run(chunk, self.loss_settings, self.mtp_state)
+        apply_activation_checkpointing(chunk, self.spec.train.recompute)
+        if self.spec.parallel.fsdp:  # after TP and recompute, as torchtitan orders them
+            shard_fully(chunk, self.mesh.dp_cp_mesh)
+        return chunk
+
+    def _data_parallel(self) -> tuple[list[nn.Module], str]:
+        """What to call for a forward, and how gradients are synchronised: FSDP2 (sharded at
+        construction), DDP around a whole model per rank, or the step's all-reduce (also under
+        expert parallel, whose experts the step reduces over their own group)."""
+        dims = self.mesh.dims
+        if self.spec.parallel.fsdp:
+            return self.chunks, "fsdp"
+        if dims.dp_cp > 1 and dims.tp == dims.pp == dims.cp == 1 and self.expert_grads is None:
+            ddp = apply_data_parallel(self.chunks[0], self.mesh, fsdp=False,
+                                      device=self.settings.device)
+            return [ddp], "ddp"
+        return self.chunks, "allreduce"
+
+    def _schedule(self) -> PipelineSchedule:
+        dims, model = self.mesh.dims, self.spec.model
+        seq = model.seq_length // dims.cp
+        if self.spec.parallel.sequence_parallel:
+            seq //= dims.tp
+        position = PipelinePosition(
+            self.plan, self.mesh.mesh.get_local_rank("pp"),
+            hidden_shape=(seq, self.spec.train.micro_batch_size, model.hidden_size))
+        return PipelineSchedule(
+            self.chunks, position, TorchP2P(self.pp_group),
+            microbatch_group_size=self.spec.parallel.microbatch_group_size_per_vp_stage)
+
+    # --- a step and validation -----------------------------------------------------------------
     def train_step(self, batches: list[Any]) -> StepOutput:
         with self.mtp_state.activate():
-            return train_step(self.model, self.optimizer, batches, self.settings)
+            return self.runner.train_step(batches)
 
     def evaluate(self, loader: Any, num_batches: int) -> dict[str, float]:
-        model = unwrap_model(self.model)
-        gpt = self.chunks[0]
-        gpt.track_mtp_in_eval = True
-        model.eval()
-        try:
-            with self.mtp_state.activate():
-                return evaluate(model, loader, num_batches, self.settings,
-                                self.spec.mtp.num_layers)
-        finally:
-            model.train()
-            gpt.track_mtp_in_eval = False
+        with self.mtp_state.activate():
+            return self.runner.evaluate([loader.next_batch() for _ in range(num_batches)])
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _resharded(self) -> None:
+        """FSDP2 keeps the root's parameters gathered after a forward without backward (a
+        validation pass): shard them again so checkpoints see, and fill, the sharded ones."""
+        for chunk in self.chunks:
+            for module in chunk.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
     def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        return get_state_dict(self.model, self.optimizer, options=STATE_DICT_OPTIONS)
+        self._resharded()
+        return (sharded_model_state(self.chunks, self.embedding, self.dp_cp_group),
+                sharded_optimizer_state(self.chunks, self.optimizer))
 
     def load_placeholders(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """What DCP loads into: the current state, whose tensors have the stored shapes."""
-        return self.state_dicts()
+        self._resharded()
+        return load_placeholders(self.chunks, self.optimizer)
 
     def load_state_dicts(self, model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> None:
-        if not optim_sd:  # a checkpoint with no optimizer state yet (`mtp import`, step 0)
-            set_model_state_dict(self.model, model_sd, options=STATE_DICT_OPTIONS)
-            return
-        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd,
-                       optim_state_dict=optim_sd, options=STATE_DICT_OPTIONS)
+        load_sharded_state(self.chunks, self.optimizer, model_sd, optim_sd)
 
 
 def build_engine(spec: RunSpec, mesh: ParallelMesh, settings: StepSettings, *,
                  allow_imports: bool = False) -> Engine:
-    """The engine for `spec`'s layout: model parallel when tensor, pipeline or context > 1."""
-    dims = mesh.dims
-    if dims.tp > 1 or dims.pp > 1 or dims.cp > 1:
-        from mtp_cli.train.model_parallel import ModelParallelEngine
-
-        return ModelParallelEngine(spec, mesh, settings, allow_imports=allow_imports)
-    return DataParallelEngine(spec, mesh, settings, allow_imports=allow_imports)
+    """The engine for `spec`'s layout (one class for every layout)."""
+    return TrainingEngine(spec, mesh, settings, allow_imports=allow_imports)
