@@ -77,8 +77,9 @@ def transformer_layer_bytes(shape: LayerShape, act: int, recompute: str,
     core = act * shape.heads * shape.value_dim / tp + FP32 * shape.heads / tp  # out + lse
     if shape.attention_dropout:  # the unfused path keeps the probabilities and the mask
         core += (act + 1) * shape.heads * shape.seq_local / tp
-    if recompute == "selective":
-        qkv, core = act * (q + k + v) / tp, 0.0
+    if recompute == "selective":  # the core's inputs stay (views of QKV or RoPE's outputs)
+        qkv = act * ((q + k) * shape.rope + q + k + v) / tp
+        core = act * shape.heads * shape.value_dim / tp  # its output: linear_proj's input
     mlp = norm_keep * h / sp_div + act * h + act * shape.ffn * (4 if shape.gated else 2) / tp
     dropout = 2 * h / sp_div if shape.hidden_dropout else 0
     return attention + qkv + rope + core + mlp + dropout
