@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,45 +68,7 @@ CASES: list[tuple[str, str, int, list[str]]] = [
 
 
 # --- one worker process ----------------------------------------------------------------------------
-def count_every_thread() -> None:
-    """Make c10's CPU allocator keep its running total over every thread.
-
-    The profiler records allocations made on the thread it profiles; a tensor freed on another
-    thread (gloo's workers drop the last reference to a collective's tensors) would then never
-    leave a running sum of the events. With c10's flag `caffe2_report_cpu_memory_usage` on, the
-    allocator's own total (`ProfiledCPUMemoryReporter`) counts every allocation and free on any
-    thread, and each recorded allocation event carries it (`total_allocated`)."""
-    import ctypes
-
-    import torch
-
-    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
-    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
-
-
-def _peak_live_bytes(prof: object) -> int:
-    """The highest allocator total seen at any allocation event of the run."""
-    def walk(nodes: list) -> Iterator:
-        for node in nodes:
-            yield node
-            yield from walk(node.children)
-
-    peak = 0
-    for node in walk(prof.profiler.kineto_results.experimental_event_tree()):
-        fields = node.extra_fields
-        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
-            peak = max(peak, fields.total_allocated)
-    return peak
-
-
-def _vm_hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _batches(spec: object, count: int, rank_seed: int) -> list:
+def synthetic_batches(spec: object, count: int, rank_seed: int) -> list:
     import torch
 
     from mtp_cli.data.batch import Batch
@@ -126,15 +87,14 @@ def worker(spec_path: str, overrides: list[str], steps: int) -> dict:
     """One rank: build the engine as `mtp train` does, take `steps` steps under the profiler."""
     import torch
     import torch.distributed as dist
-    from torch.profiler import ProfilerActivity, profile
 
     from mtp_cli.config.loader import load_spec
+    from mtp_cli.launch.memory_probe import measure_peak
     from mtp_cli.parallel.mesh import build_mesh
     from mtp_cli.plan.dims import ParallelDims
     from mtp_cli.train.engine import build_engine
     from mtp_cli.train.step import StepSettings
 
-    count_every_thread()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     spec = load_spec(REPO_ROOT / spec_path, overrides)
@@ -146,13 +106,13 @@ def worker(spec_path: str, overrides: list[str], steps: int) -> dict:
         grad_clip=spec.train.grad_clip, bf16=spec.train.bf16, device=torch.device("cpu"),
         dp_cp_size=dims.dp_cp, dp_cp_group=mesh.dp_cp_group if dims.dp_cp > 1 else None)
     torch.manual_seed(spec.train.seed)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with measure_peak(torch.device("cpu")) as memory:
         engine = build_engine(spec, mesh, settings)
         for step in range(steps):
-            engine.train_step(_batches(spec, count, 1000 * step + mesh.dp_rank))
+            engine.train_step(synthetic_batches(spec, count, 1000 * step + mesh.dp_rank))
     pp_rank = mesh.mesh.get_local_rank("pp")
-    result = {"rank": rank, "pp_rank": pp_rank, "peak": _peak_live_bytes(prof),
-              "rss_peak": _vm_hwm()}
+    result = {"rank": rank, "pp_rank": pp_rank, "peak": memory.peak,
+              "rss_peak": memory.rss_peak}
     dist.destroy_process_group()
     return result
 

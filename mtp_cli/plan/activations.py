@@ -103,20 +103,31 @@ def head_saved_bytes(vocab_local: int, hidden: int, act: int, chunked: bool,
     """One output head (main or an MTP depth): per token, until its backward.
 
     Plain: the fp32 log-softmax `[tokens, V/tp]` and the head's input in the compute dtype.
-    Chunked: the input and a log-sum-exp; with gradients computed in the forward, an fp32 input
-    gradient instead (the `[V, h]` weight gradient is per head, not per token: see
-    `head_weight_grad_bytes`)."""
+    Chunked: the head's fp32 input (the function keeps what it was given) and a log-sum-exp;
+    with gradients computed in the forward, an fp32 input gradient besides (the `[V, h]` weight
+    gradient is per head, not per token: counted by the caller)."""
     if not chunked:
         return FP32 * vocab_local + act * hidden
-    return act * hidden + 2 * FP32 + (FP32 * hidden if grads_in_forward else 0)
+    return FP32 * hidden + 2 * FP32 + (FP32 * hidden if grads_in_forward else 0)
 
 
-def head_transient_bytes(vocab_local: int, act: int, chunked: bool, chunk_tokens: int,
-                         tokens: int, bf16: bool) -> float:
-    """Bytes (not per token) a head's backward adds on top of what is saved: plain, the gradient
-    of the log-softmax and of the logits in fp32 (and their bf16 cast); chunked, one chunk's
-    logits, probabilities and their gradient."""
+def head_transient_bytes(vocab_local: int, hidden: int, act: int, *, chunked: bool,
+                         chunk_tokens: int, tokens: int, bf16: bool,
+                         grads_in_forward: bool) -> float:
+    """Bytes (not per token) one head's pass adds on top of what is saved.
+
+    Plain: its backward's fp32 gradients of the log-softmax and of the logits (and their bf16
+    cast). Chunked: one chunk's fp32 logits (and bf16 workspace), the bf16 copy of the `[V, h]`
+    weight, and - where the gradients are made (backward by recomputation, or forward) - the fp32
+    weight and input gradient accumulators and, under bf16, each chunk's `[V, h]` product before
+    it is added in fp32."""
+    low = act if bf16 else 0
     if not chunked:
-        return tokens * vocab_local * (2 * FP32 + (act if bf16 else 0))
+        return tokens * vocab_local * (2 * FP32 + low)
     chunk = min(chunk_tokens, tokens)
-    return chunk * vocab_local * (3 * FP32 + act)
+    weight = vocab_local * hidden
+    workspace = chunk * vocab_local * (FP32 + low) + weight * low
+    product = weight * (low + FP32) if bf16 else 0
+    if grads_in_forward:  # the accumulators are saved (counted), backward only rescales them
+        return max(workspace + product, weight * FP32 + tokens * hidden * FP32)
+    return workspace + product + weight * FP32 + tokens * hidden * FP32

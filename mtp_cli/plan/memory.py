@@ -248,8 +248,9 @@ def stage_activations(spec: RunSpec, dims: ParallelDims, stage: Stage
                                                             chunked and in_forward)
         if chunked and in_forward:
             kinds["logits"] += heads * vocab * h * FP32  # each head's fp32 weight gradient
-        transient = head_transient_bytes(vocab, act, chunked, max(1, CHUNK_LOGITS // vocab),
-                                         tokens, train.bf16)
+        transient = head_transient_bytes(
+            vocab, h, act, chunked=chunked, chunk_tokens=max(1, CHUNK_LOGITS // vocab),
+            tokens=tokens, bf16=train.bf16, grads_in_forward=chunked and in_forward)
     if layer_sizes:
         full, shape = max(layer_sizes, key=lambda x: x[0])
         working = tokens * (2 * FP32 * h / sp_div + act * shape.ffn * 2 / dims.tp)
