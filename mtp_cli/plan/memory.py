@@ -23,8 +23,8 @@ the engine keeps them today (mtp_cli/train/engine.py, model_parallel.py, optim.p
   model-parallel engine's flattened gradient all-reduce, the optimizer step's temporaries
   (CUDA: a foreach copy of the moments; CPU: the largest tensor, twice).
 
-The rank's total is the largest of three moments: the backward peak, the gradient reduction and
-the optimizer step. Figures are bytes; `MemoryPlan.as_dict()` is `mtp build --memory --json`.
+The rank's total is the largest of four moments: building (each chunk is built whole, then
+sharded), the backward peak, the gradient reduction and the optimizer step. Figures are bytes; `MemoryPlan.as_dict()` is `mtp build --memory --json`.
 """
 
 from __future__ import annotations
@@ -357,8 +357,20 @@ def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[S
     if engine == "model_parallel":
         buffers["gradient_allreduce"] = grads
         phases["gradient_reduction"] = static + grads
+    phases["build"] = _build_peak(counts, stages, engine)
     return RankMemory(pp_rank, stages, params, grads, optimizer, 0.0, weight_cache, activations,
                       alive, logits, buffers, phases, spec.parallel.expert)
+
+
+def _build_peak(counts: list[StageCounts], stages: list[StageMemory], engine: str) -> float:
+    """The engine builds each chunk whole, then shards it (tensor parallel, FSDP2): while the
+    last chunk is converted, the earlier chunks' shards, its whole weights and its shards live."""
+    peak = done = 0.0
+    for whole, stage in zip(counts, stages, strict=True):
+        local = FP32 * stage.parameters
+        peak = max(peak, done + FP32 * (whole.matrices + whole.vectors) + local)
+        done += local
+    return peak if engine != "ddp" else done
 
 
 def _notes(spec: RunSpec, dims: ParallelDims, engine: str) -> list[str]:

@@ -15,7 +15,8 @@ def _unit(plan: MemoryPlan) -> tuple[str, int]:
     return ("GiB", GIB) if plan.tightest.total >= GIB else ("MiB", MIB)
 
 
-PHASES = {"backward": "bwd", "optimizer_step": "optim", "gradient_reduction": "reduce"}
+PHASES = {"backward": "bwd", "optimizer_step": "optim", "gradient_reduction": "reduce",
+          "build": "build"}
 
 
 def _stages(rank: RankMemory) -> str:
