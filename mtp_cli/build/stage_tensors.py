@@ -6,8 +6,6 @@ compiles the model (on the meta device, once) to get them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from mtp_cli.build.counts import routed_expert_parameters
@@ -21,28 +19,6 @@ from mtp_cli.plan.stages import StagePlan
 EMBEDDING_TABLES = ("word_embeddings", "position_embeddings")
 
 
-@dataclass(frozen=True)
-class StageTensors:
-    """Parameter counts (elements) of one stage, whole (before any sharding).
-
-    `matrices`: 2-D weights tensor parallel splits (linears, embedding tables, output weight);
-    `vectors`: norms and biases, replicated; `matmul_weights`: what autocast casts to bf16 (the
-    linears and the output weight, not the embedding tables' lookups); `routed_experts`: the
-    routed experts' part of `matrices` (split by expert parallel instead); `units`: the elements
-    of each FSDP2 unit (decoder and MTP layers), `largest`: the largest single tensor."""
-
-    matrices: int
-    vectors: int
-    matmul_weights: int
-    routed_experts: int
-    units: tuple[int, ...]
-    largest: int
-
-    @property
-    def total(self) -> int:
-        return self.matrices + self.vectors
-
-
 def _unique(modules: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
     seen: dict[int, tuple[str, nn.Parameter]] = {}
     for module in modules:
@@ -52,8 +28,8 @@ def _unique(modules: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
 
 
 def stage_tensors(spec: RunSpec, plan: StagePlan, *, allow_imports: bool = False
-                  ) -> list[StageTensors]:
-    """Per stage of `plan`, in its order: the counts `StageTensors` describes."""
+                  ) -> list[StageCounts]:
+    """Per stage of `plan`, in its order: the counts `StageCounts` describes."""
     whole = build_model(spec, "meta", allow_imports=allow_imports)
     output_numel = whole.output_weight().numel()
     result = []
@@ -74,7 +50,7 @@ def stage_tensors(spec: RunSpec, plan: StagePlan, *, allow_imports: bool = False
                        for d in range(stage.mtp_layers)]
         units = tuple(sum(p.numel() for p in layer.parameters()) for layer in layers)
         largest = max([p.numel() for _, p in named] + [output_copy, 0])
-        result.append(StageTensors(matrices, vectors, matmul, experts, units, largest))
+        result.append(StageCounts(matrices, vectors, matmul, experts, units, largest))
     return result
 
 
@@ -86,7 +62,5 @@ def build_memory_plan(spec: RunSpec, world_size: int | None = None, *,
     par = spec.parallel
     world = world_size or par.tensor * par.pipeline * par.context
     plan = build_stage_plan(spec)
-    counts = [StageCounts(t.matrices, t.vectors, t.matmul_weights, t.routed_experts, t.units,
-                          t.largest)
-              for t in stage_tensors(spec, plan, allow_imports=allow_imports)]
+    counts = stage_tensors(spec, plan, allow_imports=allow_imports)
     return plan_memory(spec, world, counts, plan, device_memory=device_memory, device=device)

@@ -71,8 +71,14 @@ def parse_memory(text: str, key: str = "--device-memory") -> int:
 
 @dataclass(frozen=True)
 class StageCounts:
-    """A stage's parameter elements (whole, before sharding): see
-    `mtp_cli.build.stage_tensors.StageTensors` (this is its arithmetic-only mirror)."""
+    """Parameter counts (elements) of one stage, whole (before any sharding); counted on the
+    meta device by `mtp_cli.build.stage_tensors.stage_tensors`.
+
+    `matrices`: 2-D weights tensor parallel splits (linears, embedding tables, output weight);
+    `vectors`: norms and biases, replicated; `matmul_weights`: what autocast casts to bf16 (the
+    linears and the output weight, not the embedding tables' lookups); `routed_experts`: the
+    routed experts' part of `matrices` (split by expert parallel instead); `units`: the elements
+    of each FSDP2 unit (decoder and MTP layers); `largest`: the largest single tensor."""
 
     matrices: int
     vectors: int
