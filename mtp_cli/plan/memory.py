@@ -369,14 +369,18 @@ def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[S
 
 
 def _build_peak(counts: list[StageCounts], stages: list[StageMemory], engine: str) -> float:
-    """The engine builds each chunk whole, then shards it (tensor parallel, FSDP2): while the
-    last chunk is converted, the earlier chunks' shards, its whole weights and its shards live."""
+    """The engine builds each chunk whole, then shards it (tensor parallel, FSDP2). While a
+    chunk is initialised, the earlier chunks' shards, its whole weights and two fp32 temporaries
+    of its largest tensor live (`build/init.py`: `randn(shape) * std`); while it is converted,
+    its whole weights and its shards."""
     peak = done = 0.0
     for whole, stage in zip(counts, stages, strict=True):
         local = FP32 * stage.parameters
-        peak = max(peak, done + FP32 * (whole.matrices + whole.vectors) + local)
-        done += local
-    return peak if engine != "ddp" else done
+        full = FP32 * (whole.matrices + whole.vectors)
+        transient = max(2 * FP32 * whole.largest, local if engine != "ddp" else 0.0)
+        peak = max(peak, done + full + transient)
+        done += local if engine != "ddp" else full
+    return peak
 
 
 def _notes(spec: RunSpec, dims: ParallelDims, engine: str) -> list[str]:
