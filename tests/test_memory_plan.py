@@ -12,12 +12,10 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from mtp_cli import build_model, load_spec
 from mtp_cli.build.describe import describe_build
 from mtp_cli.build.stage_tensors import build_memory_plan
-from mtp_cli.cli import app
 from mtp_cli.mtp import MTPRunState
 from mtp_cli.parallel.pipeline_order import live_output_bound
 from mtp_cli.parallel.recompute import apply_activation_checkpointing
@@ -132,16 +130,11 @@ def test_parse_memory_units():
     assert parse_memory("1024") == 1024
 
 
-def _cli(*args: str):
-    """The `mtp` app in this process (what the console script runs), its exit code and output."""
-    return CliRunner().invoke(app, list(args))
-
-
 def test_cli_memory_json_and_table():
-    result = _cli("build", str(SPECS / "tiny.yaml"), "parallel.pipeline=2", "--memory",
-                  "--world-size", "4", "--device-memory", "80GiB", "--json")
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.output)
+    result = run_mtp("build", str(SPECS / "tiny.yaml"), "parallel.pipeline=2", "--memory",
+                     "--world-size", "4", "--device-memory", "80GiB", "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
     assert payload["parallel"] == {"data": 2, "tensor": 1, "pipeline": 2, "context": 1,
                                    "expert": 1}
     assert payload["fits"] is True
@@ -150,7 +143,7 @@ def test_cli_memory_json_and_table():
         assert rank["total"] == max(rank["phases"].values())
         assert {"parameters", "gradients", "optimizer", "activations", "weight_cache",
                 "logits", "buffers", "alive_microbatches"} <= set(rank)
-    table = run_mtp("build", "specs/tiny.yaml", "--memory")  # as a user runs it
+    table = run_mtp("build", "specs/tiny.yaml", "--memory")
     assert table.returncode == 0, table.stderr
     assert "tightest: pipeline rank 0" in table.stdout
 
@@ -158,18 +151,17 @@ def test_cli_memory_json_and_table():
 def test_cli_memory_bad_input_exits_2():
     for args in (["--world-size", "2"], ["--memory", "--device-memory", "lots"],
                  ["--memory", "--world-size", "3"]):
-        result = _cli("build", str(SPECS / "tiny.yaml"), *args)
-        assert result.exit_code == 2, (args, result.output)
-        assert result.exception is None or isinstance(result.exception, SystemExit)
+        result = run_mtp("build", str(SPECS / "tiny.yaml"), *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr
 
 
-def test_dry_run_refuses_a_rank_outside_the_world(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_dry_run_refuses_a_rank_outside_the_world(tmp_path):
     for args in (["--dry-run-rank", "8", "--world-size", "8"], ["--world-size", "8"],
                  ["--dry-run-rank", "-1", "--world-size", "8"]):
-        result = _cli("train", str(SPECS / "tiny.yaml"), *args)
-        assert result.exit_code == 2, (args, result.output)
-        assert result.exception is None or isinstance(result.exception, SystemExit)
+        result = run_mtp("train", str(SPECS / "tiny.yaml"), *args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []  # no run directory, no lock
 
 
@@ -179,7 +171,8 @@ def test_dry_run_of_one_rank_matches_the_plan(tmp_path):
     finite losses, its peak within 15% of the plan, nothing written where it ran."""
     result = run_mtp("train", str(SPECS / "tiny.yaml"), "parallel.tensor=2",
                      "parallel.pipeline=2", "parallel.virtual_pipeline=2", "mtp.num_layers=3",
-                     "--dry-run-rank", "7", "--world-size", "8", cwd=tmp_path, timeout=600)
+                     "--dry-run-rank", "7", "--world-size", "8", cwd=tmp_path, timeout=600,
+                     real_process=True)  # its own process: a fake group, the allocator flag
     assert result.returncode == 0, result.stderr
     assert "(pipeline rank 1)" in result.stdout
     ratio = float(result.stdout.split("plan / measured = ")[1].split(")")[0])
