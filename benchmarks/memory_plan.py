@@ -6,8 +6,8 @@
 
 Each case launches its world of real processes (gloo, one per rank, a fresh interpreter each)
 that build the training engine exactly as `mtp train` does (`build_engine`: DDP, FSDP2 or the
-model-parallel engine with its pipeline schedule) and take two optimizer steps on synthetic
-batches. "Measured" is the peak of live tensor bytes over the run: c10's CPU allocator keeps a
+model-parallel engine with its pipeline schedule), take two optimizer steps on synthetic
+batches and save a DCP checkpoint of the engine's state, as the trainer does. "Measured" is the peak of live tensor bytes over the run: c10's CPU allocator keeps a
 running total of its live bytes (over every thread once `count_every_thread` switches it on),
 and torch's profiler with `profile_memory=True` records it at every allocation; the highest is
 the peak of live allocations (what the CUDA allocator's `max_memory_allocated` is on a GPU). The resident-set high-water mark (VmHWM) is shown beside
@@ -24,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,10 +84,12 @@ def synthetic_batches(spec: object, count: int, rank_seed: int) -> list:
     return out
 
 
-def worker(spec_path: str, overrides: list[str], steps: int) -> dict:
-    """One rank: build the engine as `mtp train` does, take `steps` steps under the profiler."""
+def worker(spec_path: str, overrides: list[str], steps: int, checkpoint: str) -> dict:
+    """One rank: build the engine as `mtp train` does, take `steps` steps and save a checkpoint
+    to `checkpoint`, measuring the peak."""
     import torch
     import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
 
     from mtp_cli.config.loader import load_spec
     from mtp_cli.launch.memory_probe import measure_peak
@@ -110,6 +113,9 @@ def worker(spec_path: str, overrides: list[str], steps: int) -> dict:
         engine = build_engine(spec, mesh, settings)
         for step in range(steps):
             engine.train_step(synthetic_batches(spec, count, 1000 * step + mesh.dp_rank))
+        model_sd, optim_sd = engine.state_dicts()  # a checkpoint, as the trainer saves one
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=checkpoint)
+        del model_sd, optim_sd
     pp_rank = mesh.mesh.get_local_rank("pp")
     result = {"rank": rank, "pp_rank": pp_rank, "peak": memory.peak,
               "rss_peak": memory.rss_peak}
@@ -126,13 +132,20 @@ def _free_port() -> int:
 
 def launch(spec_path: str, world: int, overrides: list[str], steps: int) -> list[dict]:
     """`world` fresh processes on gloo; their results."""
+    with tempfile.TemporaryDirectory(prefix="mtp-memory-plan-") as checkpoint:
+        return _launch(spec_path, world, overrides, steps, checkpoint)
+
+
+def _launch(spec_path: str, world: int, overrides: list[str], steps: int,
+            checkpoint: str) -> list[dict]:
     port = _free_port()
     procs = []
     for rank in range(world):
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
-        payload = json.dumps({"spec": spec_path, "overrides": overrides, "steps": steps})
+        payload = json.dumps({"spec": spec_path, "overrides": overrides, "steps": steps,
+                              "checkpoint": checkpoint})
         procs.append(subprocess.Popen([sys.executable, __file__, "--worker", payload], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
@@ -162,7 +175,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         job = json.loads(args.worker)
-        print(json.dumps(worker(job["spec"], job["overrides"], job["steps"])))
+        print(json.dumps(worker(job["spec"], job["overrides"], job["steps"], job["checkpoint"])))
         return
     print(f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}; plan vs measured peak of "
           f"live tensor bytes (torch profiler), per pipeline rank", flush=True)

@@ -23,8 +23,9 @@ the engine keeps them today (mtp_cli/train/engine.py, model_parallel.py, optim.p
   model-parallel engine's flattened gradient all-reduce, the optimizer step's temporaries
   (CUDA: a foreach copy of the moments; CPU: the largest tensor, twice).
 
-The rank's total is the largest of four moments: building (each chunk is built whole, then
-sharded), the backward peak, the gradient reduction and the optimizer step. Figures are bytes; `MemoryPlan.as_dict()` is `mtp build --memory --json`.
+The rank's total is the largest of five moments: building (each chunk is built whole, then
+sharded), the backward peak, the gradient reduction, the optimizer step and saving a checkpoint
+(the model-parallel engine gathers tensor-parallel weights and moments whole for it). Figures are bytes; `MemoryPlan.as_dict()` is `mtp build --memory --json`.
 """
 
 from __future__ import annotations
@@ -364,6 +365,12 @@ def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[S
         buffers["gradient_allreduce"] = grads
         phases["gradient_reduction"] = static + grads
     phases["build"] = _build_peak(counts, stages, engine)
+    phases["checkpoint"] = static - grads  # gradients are freed after the step
+    if engine == "model_parallel" and dims.tp > 1:
+        # full_model_state / full_optimizer_state gather every tensor-parallel matrix whole
+        gathered = sum(c.matrices - c.routed_experts for c in counts)
+        buffers["checkpoint_gather"] = (1 + ADAM_MOMENTS) * FP32 * gathered
+        phases["checkpoint"] += buffers["checkpoint_gather"]
     return RankMemory(pp_rank, stages, params, grads, optimizer, 0.0, weight_cache, activations,
                       alive, logits, buffers, phases, spec.parallel.expert)
 

@@ -16,7 +16,7 @@ def _unit(plan: MemoryPlan) -> tuple[str, int]:
 
 
 PHASES = {"backward": "bwd", "optimizer_step": "optim", "gradient_reduction": "reduce",
-          "build": "build"}
+          "build": "build", "checkpoint": "ckpt"}
 
 
 def _stages(rank: RankMemory) -> str:
