@@ -159,7 +159,8 @@ def test_cli_memory_bad_input_exits_2():
 def test_dry_run_refuses_a_rank_outside_the_world(tmp_path):
     for args in (["--dry-run-rank", "8", "--world-size", "8"], ["--world-size", "8"],
                  ["--dry-run-rank", "-1", "--world-size", "8"]):
-        result = run_mtp("train", str(SPECS / "tiny.yaml"), *args, cwd=tmp_path)
+        result = run_mtp("train", str(SPECS / "tiny.yaml"), *args, cwd=tmp_path,
+                         real_process=False)  # refused before anything is built
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []  # no run directory, no lock
