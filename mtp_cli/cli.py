@@ -81,6 +81,16 @@ def build(
                            help="Build real weights on the CPU and run one forward/backward.")
     ] = False,
     allow_imports: AllowImportsOpt = False,
+    memory: Annotated[bool, typer.Option(
+        "--memory", help="The per-rank memory plan: weights, gradients, optimizer state, "
+                         "activations, logits and buffers of every pipeline rank.")] = False,
+    world_size: Annotated[int | None, typer.Option(
+        "--world-size", min=1, help="With --memory: ranks in the job (data parallel = world / "
+                                    "(tensor x pipeline x context)); default: data parallel 1.",
+    )] = None,
+    device_memory: Annotated[str | None, typer.Option(
+        "--device-memory", help="With --memory: one device's memory, e.g. 80GiB; says whether "
+                                "the tightest rank fits.")] = None,
 ) -> None:
     """Validate SPEC, compile it on the meta device and show the model."""
     from mtp_cli.build.describe import describe_build, materialize_check
@@ -89,6 +99,10 @@ def build(
     from mtp_cli.views.build_view import render_build
 
     run_spec = load_spec(spec, overrides or (), allow_imports=allow_imports)
+    if memory or world_size is not None or device_memory is not None:
+        _memory_plan(spec, run_spec, world_size, device_memory, as_json, allow_imports,
+                     requested=memory)
+        return
     if show_spec:
         text = yaml.safe_dump({"modules": resolved_module_trees(run_spec)}, sort_keys=False)
         sys.stdout.write(text)
@@ -101,6 +115,25 @@ def build(
         print_json({"spec": str(spec), **report.as_dict()})
         return
     render_build(console, report, title=str(spec))
+
+
+def _memory_plan(spec: Path, run_spec: Any, world_size: int | None, device_memory: str | None,
+                 as_json: bool, allow_imports: bool, *, requested: bool) -> None:
+    """`mtp build --memory`: plan, then render."""
+    from mtp_cli.build.stage_tensors import build_memory_plan
+    from mtp_cli.plan.memory import parse_memory
+    from mtp_cli.views.memory_view import render_memory
+
+    if not requested:
+        flag = "--world-size" if world_size is not None else "--device-memory"
+        raise UserError(problems=[Problem(f"{flag} needs --memory", key=flag)])
+    limit = parse_memory(device_memory) if device_memory is not None else None
+    plan = build_memory_plan(run_spec, world_size, device_memory=limit,
+                             allow_imports=allow_imports)
+    if as_json:
+        print_json({"spec": str(spec), **plan.as_dict()})
+    else:
+        render_memory(console, plan)
 
 
 @app.command("inspect-ckpt")
@@ -196,6 +229,16 @@ def train(
         "--overwrite", help="Discard the run directory's checkpoints and metrics; start afresh.",
     )] = False,
     allow_imports: AllowImportsOpt = False,
+    dry_run_rank: Annotated[int | None, typer.Option(
+        "--dry-run-rank", help="Build only this global rank's shards at --world-size against a "
+                               "fake process group, in this process; train --steps steps on "
+                               "synthetic batches and print its measured peak memory next to "
+                               "the memory plan's. Touches no run directory.")] = None,
+    world_size: Annotated[int | None, typer.Option(
+        "--world-size", min=1, help="With --dry-run-rank: ranks in the job being rehearsed.",
+    )] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1,
+                                       help="With --dry-run-rank: steps to take.")] = 2,
 ) -> None:
     """Train SPEC over --nproc processes per node (torch.distributed.run): data, tensor,
     pipeline and context parallel as `parallel` says."""
@@ -203,6 +246,9 @@ def train(
     from mtp_cli.launch.launcher import LaunchOptions, default_run_dir, launch
 
     run_spec = load_spec(spec, overrides or (), allow_imports=allow_imports)
+    if dry_run_rank is not None or world_size is not None:
+        _dry_run(run_spec, dry_run_rank, world_size, steps, allow_imports)
+        return
     options = LaunchOptions(
         run_dir=run_dir or default_run_dir(spec), nproc=nproc, nnodes=nnodes,
         node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend,
@@ -218,6 +264,29 @@ def train(
         raise typer.Exit(130) from None
     if code:
         raise typer.Exit(code)
+
+
+def _dry_run(run_spec: Any, rank: int | None, world_size: int | None, steps: int,
+             allow_imports: bool) -> None:
+    """`mtp train --dry-run-rank R --world-size N`: one rank, a fake group, measured vs plan."""
+    from mtp_cli.launch.dry_run import check_dry_run, dry_run
+
+    if rank is None or world_size is None:
+        flag = "--dry-run-rank" if rank is None else "--world-size"
+        raise UserError(problems=[Problem("--dry-run-rank and --world-size go together",
+                                          key=flag)])
+    check_dry_run(run_spec, rank, world_size)
+    result = dry_run(run_spec, rank, world_size, steps, allow_imports=allow_imports)
+    mib = 2**20
+    console.print(
+        f"dry run of rank {rank} of {world_size} (pipeline rank {result.pp_rank}), "
+        f"{steps} steps on {result.device} in {result.seconds:.0f} s: lm loss "
+        f"{', '.join(f'{x:.4f}' for x in result.losses)}; grad norm "
+        f"{', '.join(f'{x:.4g}' for x in result.grad_norms)}", highlight=False, markup=False)
+    console.print(
+        f"peak memory: measured {result.measured_peak / mib:,.1f} MiB (live tensors; resident "
+        f"set {result.rss_peak / mib:,.0f} MiB), plan {result.planned_total / mib:,.1f} MiB "
+        f"(plan / measured = {result.ratio:.3f})", highlight=False, markup=False)
 
 
 OverwriteOpt = Annotated[bool, typer.Option(

@@ -1,0 +1,210 @@
+"""`mtp train SPEC --dry-run-rank R --world-size N`: one rank of a large layout, in this process.
+
+Global rank R of a world of N is built against torch's fake process group (`backend="fake"`:
+collectives return at once without communicating), so the rank holds exactly the shards it
+would hold in the real job - its pipeline stages, its tensor-parallel slices - and runs
+forward, backward and the optimizer step on synthetic batches for `--steps` steps, then writes
+its checkpoint shard to a temporary directory and deletes it. The peak of live tensor memory is
+measured (`mtp_cli.launch.memory_probe`) and printed next to the memory plan's figure for that
+rank. No run directory is read or written, no lock taken.
+
+What the fake group does not do, done here:
+* a receive (pipeline) or a gather (tensor / sequence / context parallel) leaves its buffer
+  uninitialised; whatever bytes were there could be NaN and stop the step as non-finite, so
+  `filled_collectives` fills them: received activations and gradients with N(0, 1) values,
+  gathered parts with this rank's own contribution;
+* `dcp.save` needs a real group (its planner exchanges plans): the shard is saved with
+  `no_dist=True`, which writes what this rank holds;
+* `broadcast_object_list` fails off the source rank: nothing here uses it (the trainer's resume
+  and checkpoint publishing are not run);
+* a broadcast never delivers the source's values, so the checkpoint's check that tied copies
+  equal the first stage's embedding (`mtp_cli.mtp.tying`) is switched off for the dry run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mtp_cli.config.schema import RunSpec
+from mtp_cli.data.batch import Batch
+from mtp_cli.errors import Problem, UserError
+from mtp_cli.plan.dims import ParallelDims
+
+
+def synthetic_batches(spec: RunSpec, count: int, seed: int) -> list[Batch]:
+    """`count` micro-batches of random tokens with every position in the loss."""
+    b, s, vocab = spec.train.micro_batch_size, spec.model.seq_length, spec.model.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        window = torch.randint(0, vocab, (b, s + 1), generator=generator)
+        batches.append(Batch(window[:, :-1].contiguous(), window[:, 1:].contiguous(),
+                             torch.ones(b, s), torch.arange(s).expand(b, s).contiguous()))
+    return batches
+
+
+# --- what the fake group leaves undone (delimited: only inside a dry run) ------------------------
+def _fill_received(ops: list[Any]) -> None:
+    for op in ops:
+        if op.op is dist.irecv and op.tensor.is_floating_point():
+            op.tensor.normal_()
+
+
+def _wrap(original: Callable, fill: Callable) -> Callable:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        fill(*args, **kwargs)
+        return result
+    wrapped.__wrapped__ = original  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _fill_gather_into(output: torch.Tensor, input: torch.Tensor, *args: Any, **kw: Any) -> None:
+    output.view(-1, input.numel()).copy_(input.reshape(1, -1))
+
+
+def _fill_gather_list(parts: list[torch.Tensor], tensor: torch.Tensor, *args: Any,
+                      **kw: Any) -> None:
+    for part in parts:
+        part.copy_(tensor)
+
+
+def _fill_scatter(output: torch.Tensor, input: torch.Tensor, *args: Any, **kw: Any) -> None:
+    output.copy_(input.reshape(-1)[:output.numel()].view_as(output))
+
+
+@contextlib.contextmanager
+def filled_collectives() -> Iterator[None]:
+    """Give the fake group's receive and gather buffers finite contents while the block runs."""
+    from mtp_cli.mtp import tying
+    from mtp_cli.parallel import tp_mappings
+
+    patches = [
+        # tied copies are checked against the source's broadcast weight, which never arrives
+        (tying, "_assert_equal", lambda original: lambda *args, **kwargs: None),
+        (dist, "batch_isend_irecv", lambda original: _wrap_batch(original)),
+        (dist, "all_gather", lambda original: _wrap(original, _fill_gather_list)),
+        (dist, "all_gather_into_tensor", lambda original: _wrap(original, _fill_gather_into)),
+        (dist, "reduce_scatter_tensor", lambda original: _wrap(original, _fill_scatter)),
+        (tp_mappings, "_all_gather_single", lambda original: _wrap(original, _fill_gather_into)),
+        (tp_mappings, "_reduce_scatter_single", lambda original: _wrap(original, _fill_scatter)),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, make in patches:
+            setattr(owner, name, make(getattr(owner, name)))
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def _wrap_batch(original: Callable) -> Callable:
+    def wrapped(ops: list[Any]) -> list[Any]:
+        requests = original(ops)
+        for request in requests:
+            request.wait()
+        _fill_received(ops)
+        return requests
+    return wrapped
+
+
+# --- the dry run -----------------------------------------------------------------------------------
+@dataclass
+class DryRunResult:
+    rank: int
+    world_size: int
+    pp_rank: int
+    steps: int
+    losses: list[float]
+    grad_norms: list[float]
+    measured_peak: int
+    rss_peak: int
+    planned_total: float
+    device: str
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.planned_total / max(self.measured_peak, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "world_size": self.world_size, "pp_rank": self.pp_rank,
+                "steps": self.steps, "lm_losses": self.losses, "grad_norms": self.grad_norms,
+                "measured_peak": self.measured_peak, "rss_peak": self.rss_peak,
+                "planned_total": round(self.planned_total), "plan_over_measured": self.ratio,
+                "device": self.device, "seconds": round(self.seconds, 1)}
+
+
+def check_dry_run(spec: RunSpec, rank: int, world_size: int) -> ParallelDims:
+    """The layout and the rank, before anything is built; a `UserError` when they do not fit."""
+    if not 0 <= rank < world_size:
+        raise UserError(problems=[Problem(
+            f"rank {rank} is outside the world of {world_size} ranks (0..{world_size - 1})",
+            key="--dry-run-rank")])
+    dims = ParallelDims.from_spec(spec, world_size)
+    dims.check_supported(spec)
+    return dims
+
+
+def dry_run(spec: RunSpec, rank: int, world_size: int, steps: int = 2, *,
+            allow_imports: bool = False) -> DryRunResult:
+    """Build global rank `rank`'s shards at `world_size`, train `steps` steps, save its
+    checkpoint shard to a temporary directory (deleted), and measure its peak memory."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from mtp_cli.build.stage_tensors import build_memory_plan
+    from mtp_cli.launch.memory_probe import measure_peak
+    from mtp_cli.parallel.mesh import build_mesh
+    from mtp_cli.train.engine import build_engine
+    from mtp_cli.train.step import StepSettings
+
+    dims = check_dry_run(spec, rank, world_size)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    plan = build_memory_plan(spec, world_size, device=device.type, allow_imports=allow_imports)
+    started = time.perf_counter()
+    dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
+    losses, norms = [], []
+    try:
+        mesh = build_mesh(dims, device.type)
+        count = dims.num_microbatches(spec)
+        settings = StepSettings(
+            num_microbatches=count, per_token_loss=spec.train.calculate_per_token_loss,
+            grad_clip=spec.train.grad_clip, bf16=spec.train.bf16, device=device,
+            dp_cp_size=dims.dp_cp, dp_cp_group=mesh.dp_cp_group if dims.dp_cp > 1 else None)
+        torch.manual_seed(spec.train.seed)
+        with measure_peak(device) as memory, filled_collectives():
+            engine = build_engine(spec, mesh, settings, allow_imports=allow_imports)
+            for step in range(steps):
+                output = engine.train_step(synthetic_batches(spec, count, 1000 * step + rank))
+                losses.append(output.lm_loss)
+                norms.append(output.grad_norm)
+            _save_and_delete(engine)
+        pp_rank = mesh.mesh.get_local_rank("pp")
+    finally:
+        dist.destroy_process_group()
+    planned = plan.ranks[pp_rank].total
+    return DryRunResult(rank, world_size, pp_rank, steps, losses, norms, memory.peak,
+                        memory.rss_peak, planned, device.type, time.perf_counter() - started)
+
+
+def _save_and_delete(engine: Any) -> None:
+    """The rank's checkpoint shard, as the trainer saves it, to a temporary directory; deleted."""
+    import torch.distributed.checkpoint as dcp
+
+    model_sd, optim_sd = engine.state_dicts()
+    directory = tempfile.mkdtemp(prefix="mtp-dry-run-")
+    try:
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=directory,
+                 no_dist=True)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
