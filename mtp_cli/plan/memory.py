@@ -371,9 +371,12 @@ def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[S
     backward = (static + weight_cache + activations + buffers.get("fsdp_gather", 0.0)
                 + buffers.get("fsdp_reduce_scatter", 0.0))
     phases = {"backward": backward, "optimizer_step": static + step_temp}
-    if engine == "allreduce" and dims.dp_cp > 1:  # the flattened copy of every gradient
-        buffers["gradient_allreduce"] = grads
-        phases["gradient_reduction"] = static + grads
+    if engine == "allreduce":  # flattened copies: the experts' first, then the rest's
+        experts = FP32 * sum(c.routed_experts / ep for c in counts) if ep > 1 else 0.0
+        dense = grads - experts if dims.dp_cp > 1 else 0.0
+        if experts or dense:
+            buffers["gradient_allreduce"] = max(experts, dense)
+            phases["gradient_reduction"] = static + buffers["gradient_allreduce"]
     phases["build"] = _build_peak(counts, dims, engine)
     # Gradients are freed after the step; DCP writes each rank's own shards (never gathered),
     # copying one view at a time (a [gate; up] shard pair, FSDP2's padded rows) before writing.
@@ -387,13 +390,13 @@ def _build_peak(counts: list[StageCounts], dims: ParallelDims, engine: str) -> f
     """Meta-device construction (`mtp_cli.parallel.meta_init`): each chunk's parameters are
     allocated at their tensor-parallel local shapes (every routed expert: expert parallel drops
     the other ranks' experts only once all chunks are built), then initialised one full tensor
-    at a time (`randn(shape) * std`: two fp32 copies of the largest whole tensor, its slice
-    besides); FSDP2 then shards the chunk one layer at a time. DDP's buckets come last."""
+    at a time (`randn(shape) * std`: two fp32 copies of the largest whole tensor, and its
+    slice under tensor parallel); FSDP2 then shards the chunk one layer at a time. DDP's buckets come last."""
     tp, shard = dims.tp, dims.dp_cp if engine == "fsdp2" else 1
     peak = done = 0.0
     for c in counts:
         local = FP32 * ((c.matrices - c.routed_experts) / tp + c.routed_experts + c.vectors)
-        init = 2 * FP32 * c.largest + FP32 * c.largest / tp
+        init = 2 * FP32 * c.largest + (FP32 * c.largest / tp if tp > 1 else 0.0)
         fsdp = FP32 * max((u for u in c.units), default=0) / tp if shard > 1 else 0.0
         peak = max(peak, done + local + max(init, fsdp))
         done += local / shard
