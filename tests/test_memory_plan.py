@@ -246,5 +246,6 @@ def test_dry_run_of_one_rank_matches_the_plan(tmp_path):
     assert "(pipeline rank 1)" in result.stdout
     ratio = float(result.stdout.split("plan / measured = ")[1].split(")")[0])
     assert 0.85 <= ratio <= 1.15
+    assert "building: measured" in result.stdout  # the build moment, measured on its own
     assert "nan" not in result.stdout.lower()
     assert list(tmp_path.iterdir()) == []
