@@ -378,9 +378,12 @@ def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[S
             buffers["gradient_allreduce"] = max(experts, dense)
             phases["gradient_reduction"] = static + buffers["gradient_allreduce"]
     phases["build"] = _build_peak(counts, dims, engine)
-    # Gradients are freed after the step; DCP writes each rank's own shards (never gathered),
-    # copying one view at a time (a [gate; up] shard pair, FSDP2's padded rows) before writing.
-    buffers["checkpoint_write"] = FP32 * largest
+    # Gradients are freed after the step; DCP writes each rank's own shards as they are (never
+    # gathered; measured: nothing copied), except a view into a larger storage, which it copies
+    # one at a time: SwiGLU's [gate_r; up_r] halves under tensor parallel.
+    gated = spec.model.activation == "swiglu" and tp > 1
+    buffers["checkpoint_write"] = (FP32 * spec.model.ffn_hidden_size * spec.model.hidden_size
+                                   / tp / shard if gated else 0.0)
     phases["checkpoint"] = static - grads + buffers["checkpoint_write"]
     return RankMemory(pp_rank, stages, params, grads, optimizer, 0.0, weight_cache, activations,
                       alive, logits, buffers, phases, ep)
@@ -390,13 +393,12 @@ def _build_peak(counts: list[StageCounts], dims: ParallelDims, engine: str) -> f
     """Meta-device construction (`mtp_cli.parallel.meta_init`): each chunk's parameters are
     allocated at their tensor-parallel local shapes (every routed expert: expert parallel drops
     the other ranks' experts only once all chunks are built), then initialised one full tensor
-    at a time (`randn(shape) * std`: two fp32 copies of the largest whole tensor, and its
-    slice under tensor parallel); FSDP2 then shards the chunk one layer at a time. DDP's buckets come last."""
+    at a time (`randn(shape) * std`: two fp32 copies of the largest whole tensor at most); FSDP2 then shards the chunk one layer at a time. DDP's buckets come last."""
     tp, shard = dims.tp, dims.dp_cp if engine == "fsdp2" else 1
     peak = done = 0.0
     for c in counts:
         local = FP32 * ((c.matrices - c.routed_experts) / tp + c.routed_experts + c.vectors)
-        init = 2 * FP32 * c.largest + (FP32 * c.largest / tp if tp > 1 else 0.0)
+        init = 2 * FP32 * c.largest  # the slice is cut after `randn` is freed
         fsdp = FP32 * max((u for u in c.units), default=0) / tp if shard > 1 else 0.0
         peak = max(peak, done + local + max(init, fsdp))
         done += local / shard
