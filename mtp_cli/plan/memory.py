@@ -1,13 +1,13 @@
 """Will it fit? The per-rank memory plan of a layout (`mtp build SPEC --memory`). Arithmetic only.
 
 For every pipeline rank (its virtual stages listed), the bytes of one training step's peak, as
-the engine keeps them today (mtp_cli/train/engine.py, model_parallel.py, optim.py):
+the engine keeps them (`mtp_cli.train.engine.TrainingEngine`, `mtp_cli.train.step`, optim.py):
 
 * **parameters** fp32 (bf16 only through autocast: no fp32 master copy, the weights are the
   master); **gradients** fp32; **optimizer** AdamW `exp_avg` and `exp_avg_sq`, fp32.
   Tensor parallel splits matrices (linears, embedding, output weight), not norms and biases;
-  expert parallel splits the routed experts; FSDP2 (pure data parallel) shards everything over
-  data x context.
+  expert parallel splits the routed experts; FSDP2 (`parallel.fsdp`, composed with tensor,
+  pipeline and context parallel) shards everything a rank holds over data x context.
 * **activations**: `mtp_cli.plan.activations` per micro-batch and stage, times the micro-batches
   alive at once, found by walking the rank's pipeline order (`mtp_cli.parallel.pipeline_order`:
   1F1B holds at most `pp - r`, interleaved at most `min(M x vpp, 2(pp-r-1) + (vpp-1)g + 1)`
@@ -15,17 +15,22 @@ the engine keeps them today (mtp_cli/train/engine.py, model_parallel.py, optim.p
   under `recompute: full`, the gradient of the residual stream and of the widest intermediate).
 * **logits / loss**: each head (main, and every MTP depth on the loss stage) keeps its fp32
   log-softmax (plain) or a `[tokens]` log-sum-exp (chunked) until backward; the backward of a
-  head adds the logits' gradient (plain) or one chunk's (chunked).
+  head adds the logits' gradient and then the `[V, h]` weight gradient (plain) or one
+  chunk's (chunked).
 * **weight cache**: bf16 autocast keeps a bf16 copy of every weight a matmul reads while the
   step's autocast region is open (the gathered, unsharded weights under FSDP2).
-* **buffers**: DDP's gradient buckets (a second copy of the gradients), FSDP2's all-gathered
-  units (the root - embedding, output - kept through the step, two layers in flight), the
-  model-parallel engine's flattened gradient all-reduce, the optimizer step's temporaries
-  (CUDA: a foreach copy of the moments; CPU: the largest tensor, twice).
+* **buffers**, by the gradient synchronisation the engine picks (`gradient_sync`): DDP's
+  gradient buckets (a second copy of the gradients; a whole model over several replicas),
+  FSDP2's all-gathered TP-local units (each chunk's root - embedding, output - kept through the
+  step, two layers in flight) and reduce-scatter, or the step's flattened all-reduce copy (none
+  at one replica; the routed experts' own copy first under expert parallel); the optimizer
+  step's temporaries (CUDA: a foreach copy of the moments; CPU: the largest tensor, twice).
 
-The rank's total is the largest of five moments: building (each chunk is built whole, then
-sharded), the backward peak, the gradient reduction, the optimizer step and saving a checkpoint
-(the model-parallel engine gathers tensor-parallel weights and moments whole for it). Figures are bytes; `MemoryPlan.as_dict()` is `mtp build --memory --json`.
+The rank's total is the largest of five moments: building (meta-device construction: the
+shards only, plus the largest whole tensor drawn twice; every routed expert until expert
+parallel drops the others), the backward peak, the gradient reduction, the optimizer step and
+saving a checkpoint (weights and moments, no gradients: each rank's own shards, never
+gathered). Figures are bytes; `MemoryPlan.as_dict()` is `mtp build --memory --json`.
 """
 
 from __future__ import annotations
