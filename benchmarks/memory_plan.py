@@ -33,6 +33,7 @@ MIB = 2**20
 
 TINY = "specs/tiny.yaml"
 GPT = "specs/gpt_125m.yaml"
+MOE = "specs/tiny_moe.yaml"
 GPT_SMALL = ["model.seq_length=256", "train.micro_batch_size=1"]
 # (name, spec, world size, overrides); global batch sizes keep >= 2 micro-batches per rank
 CASES: list[tuple[str, str, int, list[str]]] = [
@@ -45,6 +46,8 @@ CASES: list[tuple[str, str, int, list[str]]] = [
     ("tiny PP2xVPP2 D=3", TINY, 2, ["mtp.num_layers=3", "parallel.pipeline=2",
                                     "parallel.virtual_pipeline=2"]),
     ("tiny FSDP2 DP2 D=3", TINY, 2, ["mtp.num_layers=3", "parallel.fsdp=true"]),
+    ("tiny_moe EP2 D=2", MOE, 2, ["parallel.expert=2"]),
+    ("tiny_moe PP2xEP2 D=2", MOE, 4, ["parallel.expert=2", "parallel.pipeline=2"]),
     ("125m DP1 D=0", GPT, 1, [*GPT_SMALL, "train.global_batch_size=2", "mtp.num_layers=0"]),
     ("125m DP1 D=3", GPT, 1, [*GPT_SMALL, "train.global_batch_size=2", "mtp.num_layers=3",
                               "train.loss.chunked=false"]),
@@ -63,6 +66,9 @@ CASES: list[tuple[str, str, int, list[str]]] = [
                                    "train.loss.chunked=false"]),
     ("125m PP2 D=0 full", GPT, 2, [*GPT_SMALL, "train.global_batch_size=4", "mtp.num_layers=0",
                                    "parallel.pipeline=2", "train.recompute=full"]),
+    ("tiny TP2xDP2 D=3", TINY, 4, ["mtp.num_layers=3", "parallel.tensor=2"]),
+    ("tiny FSDP2xTP2 DP2 D=3", TINY, 4, ["mtp.num_layers=3", "parallel.tensor=2",
+                                         "parallel.fsdp=true"]),
     ("125m FSDP2 DP2 D=3", GPT, 2, [*GPT_SMALL, "train.global_batch_size=4", "mtp.num_layers=3",
                                     "parallel.fsdp=true", "train.loss.chunked=false"]),
 ]
@@ -109,16 +115,18 @@ def worker(spec_path: str, overrides: list[str], steps: int, checkpoint: str) ->
         grad_clip=spec.train.grad_clip, bf16=spec.train.bf16, device=torch.device("cpu"),
         dp_cp_size=dims.dp_cp, dp_cp_group=mesh.dp_cp_group if dims.dp_cp > 1 else None)
     torch.manual_seed(spec.train.seed)
-    with measure_peak(torch.device("cpu")) as memory:
+    # c10's total counts every live byte, so a second block's peak is still the absolute one
+    with measure_peak(torch.device("cpu")) as build:
         engine = build_engine(spec, mesh, settings)
+    with measure_peak(torch.device("cpu")) as memory:
         for step in range(steps):
             engine.train_step(synthetic_batches(spec, count, 1000 * step + mesh.dp_rank))
         model_sd, optim_sd = engine.state_dicts()  # a checkpoint, as the trainer saves one
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=checkpoint)
         del model_sd, optim_sd
     pp_rank = mesh.mesh.get_local_rank("pp")
-    result = {"rank": rank, "pp_rank": pp_rank, "peak": memory.peak,
-              "rss_peak": memory.rss_peak}
+    result = {"rank": rank, "pp_rank": pp_rank, "peak": max(build.peak, memory.peak),
+              "build_peak": build.peak, "rss_peak": memory.rss_peak}
     dist.destroy_process_group()
     return result
 
@@ -157,13 +165,14 @@ def _launch(spec_path: str, world: int, overrides: list[str], steps: int,
     return results
 
 
-def planned(spec_path: str, world: int, overrides: list[str]) -> dict[int, float]:
+def planned(spec_path: str, world: int, overrides: list[str]) -> dict[int, tuple[float, float]]:
+    """(total, build phase) per pipeline rank."""
     sys.path.insert(0, str(REPO_ROOT))
     from mtp_cli.build.stage_tensors import build_memory_plan
     from mtp_cli.config.loader import load_spec
 
     plan = build_memory_plan(load_spec(REPO_ROOT / spec_path, overrides), world, device="cpu")
-    return {rank.pp_rank: rank.total for rank in plan.ranks}
+    return {rank.pp_rank: (rank.total, rank.phases["build"]) for rank in plan.ranks}
 
 
 def main() -> None:
@@ -180,7 +189,7 @@ def main() -> None:
     print(f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}; plan vs measured peak of "
           f"live tensor bytes (torch profiler), per pipeline rank", flush=True)
     head = (f"{'case':<22} {'pp':>2} | {'plan MiB':>9} {'measured':>9} {'plan/meas':>9} | "
-            f"{'RSS peak':>9}")
+            f"{'build pl':>8} {'build ms':>8} {'ratio':>6} | {'RSS peak':>9}")
     print(head)
     print("-" * len(head))
     rows = []
@@ -193,14 +202,18 @@ def main() -> None:
         for pp_rank in sorted(plan):
             mine = [r for r in results if r["pp_rank"] == pp_rank]
             measured = max(r["peak"] for r in mine)
+            build = max(r["build_peak"] for r in mine)
             rss = max(r["rss_peak"] for r in mine)
-            ratio = plan[pp_rank] / measured
-            rows.append({"case": name, "pp_rank": pp_rank, "plan": plan[pp_rank],
+            total, build_plan = plan[pp_rank]
+            ratio = total / measured
+            rows.append({"case": name, "pp_rank": pp_rank, "plan": total,
                          "measured": measured, "rss_peak": rss, "ratio": ratio,
+                         "build_plan": build_plan, "build_measured": build,
                          "seconds": time.perf_counter() - started})
             flag = "" if abs(ratio - 1) <= 0.15 else "  <-- off by more than 15%"
-            print(f"{name:<22} {pp_rank:>2} | {plan[pp_rank] / MIB:9.1f} {measured / MIB:9.1f} "
-                  f"{ratio:9.3f} | {rss / MIB:9.0f}{flag}", flush=True)
+            print(f"{name:<22} {pp_rank:>2} | {total / MIB:9.1f} {measured / MIB:9.1f} "
+                  f"{ratio:9.3f} | {build_plan / MIB:8.1f} {build / MIB:8.1f} "
+                  f"{build_plan / build:6.2f} | {rss / MIB:9.0f}{flag}", flush=True)
     within = sum(abs(r["ratio"] - 1) <= 0.15 for r in rows)
     print(f"{within}/{len(rows)} within 15%")
     if args.json:

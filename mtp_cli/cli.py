@@ -287,6 +287,9 @@ def _dry_run(run_spec: Any, rank: int | None, world_size: int | None, steps: int
         f"peak memory: measured {result.measured_peak / mib:,.1f} MiB (live tensors; resident "
         f"set {result.rss_peak / mib:,.0f} MiB), plan {result.planned_total / mib:,.1f} MiB "
         f"(plan / measured = {result.ratio:.3f})", highlight=False, markup=False)
+    console.print(
+        f"building: measured {result.measured_build / mib:,.1f} MiB, plan "
+        f"{result.planned_build / mib:,.1f} MiB", highlight=False, markup=False)
 
 
 OverwriteOpt = Annotated[bool, typer.Option(

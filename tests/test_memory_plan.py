@@ -115,6 +115,74 @@ def test_parameters_follow_the_layout():
     assert fsdp.ranks[0].stages[0].parameters == round(total / 4)
 
 
+def _engine_grad_sync(spec, world: int, rank: int) -> tuple[str, int]:
+    """(how the real engine synchronises gradients, parameter elements it holds) for global
+    rank `rank` of `world`, built in this process against torch's fake process group."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from mtp_cli.parallel.mesh import build_mesh
+    from mtp_cli.parallel.sharded_state import held
+    from mtp_cli.plan.dims import ParallelDims
+    from mtp_cli.train.engine import build_engine
+    from mtp_cli.train.step import StepSettings
+
+    dims = ParallelDims.from_spec(spec, world)
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    try:
+        mesh = build_mesh(dims, "cpu")
+        settings = StepSettings(
+            num_microbatches=dims.num_microbatches(spec), per_token_loss=False, grad_clip=1.0,
+            bf16=False, device=torch.device("cpu"), dp_cp_size=dims.dp_cp,
+            dp_cp_group=mesh.dp_cp_group if dims.dp_cp > 1 else None)
+        engine = build_engine(spec, mesh, settings)
+        held_elements = sum(held(p).numel() for chunk in engine.chunks
+                            for p in chunk.parameters())
+        return engine.runner.layout.grad_sync, held_elements
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("overrides,world,engine", [
+    ([], 1, "allreduce"),  # one replica: no DDP, nothing to reduce
+    ([], 2, "ddp"),
+    (["parallel.tensor=2"], 4, "allreduce"),
+    (["parallel.pipeline=2"], 4, "allreduce"),
+    (["parallel.fsdp=true"], 2, "fsdp2"),
+    (["parallel.fsdp=true", "parallel.tensor=2"], 4, "fsdp2"),  # FSDP2 composes with TP
+])
+def test_gradient_sync_and_shards_follow_the_engine(overrides, world, engine):
+    """The plan's gradient synchronisation and per-rank parameters are the engine's own (built
+    against the fake process group): DDP only for a whole model over several replicas, FSDP2
+    over data x context with tensor / pipeline parallel inside, else the step's all-reduce."""
+    spec = load_spec(SPECS / "tiny.yaml", overrides)
+    plan = build_memory_plan(spec, world, device="cpu")
+    sync, elements = _engine_grad_sync(spec, world, rank=0)
+    assert plan.engine == engine
+    assert sync == {"fsdp2": "fsdp"}.get(engine, engine)
+    assert sum(s.parameters for s in plan.ranks[0].stages) == pytest.approx(elements, rel=0.01)
+    rank = plan.ranks[0]
+    assert ("ddp_buckets" in rank.buffers) == (engine == "ddp")
+    assert ("gradient_allreduce" in rank.buffers) == (engine == "allreduce" and world > 1
+                                                     and plan.dims.dp_cp > 1)
+
+
+def test_checkpoint_and_build_do_not_hold_whole_tensor_parallel_weights():
+    """Sharded DCP state is never gathered: the checkpoint moment holds the weights and moments
+    (no gradients; GELU: no view DCP must copy); meta-device construction allocates only the shards, so
+    at TP4 the build (the shards, plus the largest tensor drawn whole: `randn(shape) * std`) is
+    below the whole stage's fp32 weights, which the old engine built first."""
+    spec = load_spec(SPECS / "gpt_125m.yaml", ["parallel.tensor=4"])
+    rank = build_memory_plan(spec, 4, device="cpu").ranks[0]
+    assert "checkpoint_gather" not in rank.buffers
+    assert rank.phases["checkpoint"] == pytest.approx(
+        rank.parameters + rank.optimizer + rank.buffers["checkpoint_write"])
+    whole = build_memory_plan(load_spec(SPECS / "gpt_125m.yaml"), 1, device="cpu").ranks[0]
+    largest = build_model(spec, "meta").embedding.word_embeddings.weight.numel()
+    assert rank.phases["build"] == pytest.approx(rank.parameters + 4 * 2 * largest)
+    assert rank.phases["build"] < whole.parameters
+
+
 def test_tightest_rank_and_fit():
     spec = load_spec(SPECS / "tiny.yaml", ["parallel.pipeline=2", "mtp.num_layers=3"])
     plan = build_memory_plan(spec, 2, device_memory=parse_memory("1GiB"))
@@ -178,5 +246,6 @@ def test_dry_run_of_one_rank_matches_the_plan(tmp_path):
     assert "(pipeline rank 1)" in result.stdout
     ratio = float(result.stdout.split("plan / measured = ")[1].split(")")[0])
     assert 0.85 <= ratio <= 1.15
+    assert "building: measured" in result.stdout  # the build moment, measured on its own
     assert "nan" not in result.stdout.lower()
     assert list(tmp_path.iterdir()) == []

@@ -132,6 +132,8 @@ class DryRunResult:
     planned_total: float
     device: str
     seconds: float
+    measured_build: int = 0  # peak of live tensors while the engine is built
+    planned_build: float = 0.0  # the plan's build phase for this rank
 
     @property
     def ratio(self) -> float:
@@ -142,6 +144,7 @@ class DryRunResult:
                 "steps": self.steps, "lm_losses": self.losses, "grad_norms": self.grad_norms,
                 "measured_peak": self.measured_peak, "rss_peak": self.rss_peak,
                 "planned_total": round(self.planned_total), "plan_over_measured": self.ratio,
+                "measured_build": self.measured_build, "planned_build": round(self.planned_build),
                 "device": self.device, "seconds": round(self.seconds, 1)}
 
 
@@ -182,19 +185,29 @@ def dry_run(spec: RunSpec, rank: int, world_size: int, steps: int = 2, *,
             grad_clip=spec.train.grad_clip, bf16=spec.train.bf16, device=device,
             dp_cp_size=dims.dp_cp, dp_cp_group=mesh.dp_cp_group if dims.dp_cp > 1 else None)
         torch.manual_seed(spec.train.seed)
-        with measure_peak(device) as memory, filled_collectives():
-            engine = build_engine(spec, mesh, settings, allow_imports=allow_imports)
-            for step in range(steps):
-                output = engine.train_step(synthetic_batches(spec, count, 1000 * step + rank))
-                losses.append(output.lm_loss)
-                norms.append(output.grad_norm)
-            _save_and_delete(engine)
+        with filled_collectives():
+            # the allocator's total counts every live byte: the second block's peak is absolute
+            with measure_peak(device) as build:
+                engine = build_engine(spec, mesh, settings, allow_imports=allow_imports)
+            with measure_peak(device) as memory:
+                _train_and_save(engine, spec, count, steps, rank, losses, norms)
         pp_rank = mesh.mesh.get_local_rank("pp")
     finally:
         dist.destroy_process_group()
-    planned = plan.ranks[pp_rank].total
-    return DryRunResult(rank, world_size, pp_rank, steps, losses, norms, memory.peak,
-                        memory.rss_peak, planned, device.type, time.perf_counter() - started)
+    planned = plan.ranks[pp_rank]
+    return DryRunResult(rank, world_size, pp_rank, steps, losses, norms,
+                        max(build.peak, memory.peak), max(build.rss_peak, memory.rss_peak),
+                        planned.total, device.type, time.perf_counter() - started,
+                        build.peak, planned.phases["build"])
+
+
+def _train_and_save(engine: Any, spec: RunSpec, count: int, steps: int, rank: int,
+                    losses: list[float], norms: list[float]) -> None:
+    for step in range(steps):
+        output = engine.train_step(synthetic_batches(spec, count, 1000 * step + rank))
+        losses.append(output.lm_loss)
+        norms.append(output.grad_norm)
+    _save_and_delete(engine)
 
 
 def _save_and_delete(engine: Any) -> None:

@@ -117,15 +117,17 @@ def head_transient_bytes(vocab_local: int, hidden: int, act: int, *, chunked: bo
     """Bytes (not per token) one head's pass adds on top of what is saved.
 
     Plain: its backward's fp32 gradients of the log-softmax and of the logits (and their bf16
-    cast). Chunked: one chunk's fp32 logits (and bf16 workspace), the bf16 copy of the `[V, h]`
+    cast), or later the `[V, h]` weight gradient before it is accumulated. Chunked: one chunk's fp32 logits (and bf16 workspace), the bf16 copy of the `[V, h]`
     weight, and - where the gradients are made (backward by recomputation, or forward) - the fp32
     weight and input gradient accumulators and, under bf16, each chunk's `[V, h]` product before
     it is added in fp32."""
     low = act if bf16 else 0
-    if not chunked:
-        return tokens * vocab_local * (2 * FP32 + low)
-    chunk = min(chunk_tokens, tokens)
     weight = vocab_local * hidden
+    if not chunked:  # then the [V, h] weight gradient (bf16 product, fp32 cast) before it is
+        # added to `.grad`, while the logits' gradient in the compute dtype is still held
+        return max(tokens * vocab_local * (2 * FP32 + low),
+                   tokens * vocab_local * act + weight * (low + FP32))
+    chunk = min(chunk_tokens, tokens)
     workspace = chunk * vocab_local * (FP32 + low) + weight * low
     product = weight * (low + FP32) if bf16 else 0
     if grads_in_forward:  # the accumulators are saved (counted), backward only rescales them

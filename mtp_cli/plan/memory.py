@@ -1,13 +1,13 @@
 """Will it fit? The per-rank memory plan of a layout (`mtp build SPEC --memory`). Arithmetic only.
 
 For every pipeline rank (its virtual stages listed), the bytes of one training step's peak, as
-the engine keeps them today (mtp_cli/train/engine.py, model_parallel.py, optim.py):
+the engine keeps them (`mtp_cli.train.engine.TrainingEngine`, `mtp_cli.train.step`, optim.py):
 
 * **parameters** fp32 (bf16 only through autocast: no fp32 master copy, the weights are the
   master); **gradients** fp32; **optimizer** AdamW `exp_avg` and `exp_avg_sq`, fp32.
   Tensor parallel splits matrices (linears, embedding, output weight), not norms and biases;
-  expert parallel splits the routed experts; FSDP2 (pure data parallel) shards everything over
-  data x context.
+  expert parallel splits the routed experts; FSDP2 (`parallel.fsdp`, composed with tensor,
+  pipeline and context parallel) shards everything a rank holds over data x context.
 * **activations**: `mtp_cli.plan.activations` per micro-batch and stage, times the micro-batches
   alive at once, found by walking the rank's pipeline order (`mtp_cli.parallel.pipeline_order`:
   1F1B holds at most `pp - r`, interleaved at most `min(M x vpp, 2(pp-r-1) + (vpp-1)g + 1)`
@@ -15,17 +15,22 @@ the engine keeps them today (mtp_cli/train/engine.py, model_parallel.py, optim.p
   under `recompute: full`, the gradient of the residual stream and of the widest intermediate).
 * **logits / loss**: each head (main, and every MTP depth on the loss stage) keeps its fp32
   log-softmax (plain) or a `[tokens]` log-sum-exp (chunked) until backward; the backward of a
-  head adds the logits' gradient (plain) or one chunk's (chunked).
+  head adds the logits' gradient and then the `[V, h]` weight gradient (plain) or one
+  chunk's (chunked).
 * **weight cache**: bf16 autocast keeps a bf16 copy of every weight a matmul reads while the
   step's autocast region is open (the gathered, unsharded weights under FSDP2).
-* **buffers**: DDP's gradient buckets (a second copy of the gradients), FSDP2's all-gathered
-  units (the root - embedding, output - kept through the step, two layers in flight), the
-  model-parallel engine's flattened gradient all-reduce, the optimizer step's temporaries
-  (CUDA: a foreach copy of the moments; CPU: the largest tensor, twice).
+* **buffers**, by the gradient synchronisation the engine picks (`gradient_sync`): DDP's
+  gradient buckets (a second copy of the gradients; a whole model over several replicas),
+  FSDP2's all-gathered TP-local units (each chunk's root - embedding, output - kept through the
+  step, two layers in flight) and reduce-scatter, or the step's flattened all-reduce copy (none
+  at one replica; the routed experts' own copy first under expert parallel); the optimizer
+  step's temporaries (CUDA: a foreach copy of the moments; CPU: the largest tensor, twice).
 
-The rank's total is the largest of five moments: building (each chunk is built whole, then
-sharded), the backward peak, the gradient reduction, the optimizer step and saving a checkpoint
-(the model-parallel engine gathers tensor-parallel weights and moments whole for it). Figures are bytes; `MemoryPlan.as_dict()` is `mtp build --memory --json`.
+The rank's total is the largest of five moments: building (meta-device construction: the
+shards only, plus the largest whole tensor drawn twice; every routed expert until expert
+parallel drops the others), the backward peak, the gradient reduction, the optimizer step and
+saving a checkpoint (weights and moments, no gradients: each rank's own shards, never
+gathered). Figures are bytes; `MemoryPlan.as_dict()` is `mtp build --memory --json`.
 """
 
 from __future__ import annotations
@@ -291,6 +296,19 @@ def activation_peak(per_chunk: list[float], transient: list[float], pp: int, ran
 
 
 # --- the plan ---------------------------------------------------------------------------------------
+def gradient_sync(spec: RunSpec, dims: ParallelDims) -> str:
+    """How the engine synchronises data-parallel gradients (`TrainingEngine._data_parallel`):
+    "fsdp2" with `parallel.fsdp` (composed with tensor / pipeline / context parallel), "ddp"
+    for a whole model per rank over several data x context ranks (no expert parallel), and
+    otherwise "allreduce" (one coalesced all-reduce after the backward; none at one replica)."""
+    if spec.parallel.fsdp:
+        return "fsdp2"
+    whole = dims.tp == dims.pp == dims.cp == 1
+    if dims.dp_cp > 1 and whole and spec.parallel.expert == 1:
+        return "ddp"
+    return "allreduce"
+
+
 def plan_memory(spec: RunSpec, world_size: int, counts: list[StageCounts], plan: StagePlan, *,
                 device_memory: int | None = None, device: str = "cuda") -> MemoryPlan:
     """The memory plan of `spec` at `world_size` (`counts`: one per stage of `plan`).
@@ -299,11 +317,9 @@ def plan_memory(spec: RunSpec, world_size: int, counts: list[StageCounts], plan:
     of every moment), "cpu" the per-tensor loop."""
     dims = ParallelDims.from_spec(spec, world_size)
     ep = spec.parallel.expert
-    model_parallel = dims.tp > 1 or dims.pp > 1 or dims.cp > 1
-    fsdp = spec.parallel.fsdp and not model_parallel
-    engine = "model_parallel" if model_parallel else ("fsdp2" if fsdp else "ddp")
+    engine = gradient_sync(spec, dims)
     count = dims.num_microbatches(spec)
-    shard = dims.dp_cp if fsdp else 1
+    shard = dims.dp_cp if engine == "fsdp2" else 1
     ranks = []
     for pp_rank in range(dims.pp):
         mine = [i for i, s in enumerate(plan.stages) if s.pp_rank == pp_rank]
@@ -327,16 +343,17 @@ def _local_elements(c: StageCounts, tp: int, ep: int) -> float:
 def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[StageMemory],
                  counts: list[StageCounts], engine: str, num_microbatches: int,
                  device: str) -> RankMemory:
+    tp, ep = dims.tp, spec.parallel.expert
+    shard = dims.dp_cp if engine == "fsdp2" else 1
     elements = sum(s.parameters for s in stages)
     params = grads = FP32 * elements
     optimizer = ADAM_MOMENTS * FP32 * elements
-    matmul = sum((c.matmul_weights - c.routed_experts) / dims.tp + c.routed_experts
-                 / spec.parallel.expert for c in counts)
+    matmul = sum((c.matmul_weights - c.routed_experts) / tp + c.routed_experts / ep
+                 for c in counts)
     weight_cache = 0.0
     if spec.train.bf16:
-        if engine != "model_parallel" and spec.train.recompute == "full":
-            output = spec.model.vocab_size * spec.model.hidden_size
-            matmul = min(matmul, output / dims.tp)  # only the head is cast outside checkpoints
+        if spec.train.recompute == "full":  # only the head is cast outside checkpoints
+            matmul = min(matmul, spec.model.vocab_size * spec.model.hidden_size / tp)
         weight_cache = 2 * matmul
     per_chunk = [s.activation_bytes for s in stages]
     transient = [s.backward_transient for s in stages]
@@ -345,48 +362,54 @@ def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[S
                                          spec.parallel.microbatch_group_size_per_vp_stage)
     logits = max(s.activations.get("logits", 0.0) for s in stages)
     buffers: dict[str, float] = {}
-    largest = max((c.largest for c in counts), default=0) / (dims.tp if dims.tp > 1 else 1)
+    largest = max((c.largest for c in counts), default=0) / tp / shard
     if engine == "ddp":
         buffers["ddp_buckets"] = grads
-    elif engine == "fsdp2":
-        units = [u for c in counts for u in c.units]
-        layers_total = sum(units)
-        root = sum(c.matrices + c.vectors for c in counts) - layers_total
-        buffers["fsdp_gather"] = FP32 * (root + 2 * max(units, default=0))
-        buffers["fsdp_reduce_scatter"] = FP32 * (root + max(units, default=0))
-    step_temp = (FP32 * elements if device == "cuda" else 2 * FP32 * largest / (
-        dims.dp_cp if engine == "fsdp2" else 1))
+    elif engine == "fsdp2":  # gathered (TP-local) units: the roots kept, two layers in flight
+        unit = max((u for c in counts for u in c.units), default=0) / tp
+        roots = sum(c.matrices + c.vectors - sum(c.units) for c in counts) / tp
+        buffers["fsdp_gather"] = FP32 * (roots + 2 * unit)
+        buffers["fsdp_reduce_scatter"] = FP32 * (roots + unit)
+    step_temp = FP32 * elements if device == "cuda" else 2 * FP32 * largest
     buffers["optimizer_step"] = step_temp
     static = params + grads + optimizer + buffers.get("ddp_buckets", 0.0)
     backward = (static + weight_cache + activations + buffers.get("fsdp_gather", 0.0)
                 + buffers.get("fsdp_reduce_scatter", 0.0))
     phases = {"backward": backward, "optimizer_step": static + step_temp}
-    if engine == "model_parallel":
-        buffers["gradient_allreduce"] = grads
-        phases["gradient_reduction"] = static + grads
-    phases["build"] = _build_peak(counts, stages, engine)
-    phases["checkpoint"] = static - grads  # gradients are freed after the step
-    if engine == "model_parallel" and dims.tp > 1:
-        # full_model_state / full_optimizer_state gather every tensor-parallel matrix whole
-        gathered = sum(c.matrices - c.routed_experts for c in counts)
-        buffers["checkpoint_gather"] = (1 + ADAM_MOMENTS) * FP32 * gathered
-        phases["checkpoint"] += buffers["checkpoint_gather"]
+    if engine == "allreduce":  # flattened copies: the experts' first, then the rest's
+        experts = FP32 * sum(c.routed_experts / ep for c in counts) if ep > 1 else 0.0
+        dense = grads - experts if dims.dp_cp > 1 else 0.0
+        if experts or dense:
+            buffers["gradient_allreduce"] = max(experts, dense)
+            phases["gradient_reduction"] = static + buffers["gradient_allreduce"]
+    phases["build"] = _build_peak(counts, dims, engine)
+    # Gradients are freed after the step; DCP writes each rank's own shards as they are (never
+    # gathered; measured: nothing copied), except a view into a larger storage, which it copies
+    # one at a time: SwiGLU's [gate_r; up_r] halves under tensor parallel.
+    gated = spec.model.activation == "swiglu" and tp > 1
+    buffers["checkpoint_write"] = (FP32 * spec.model.ffn_hidden_size * spec.model.hidden_size
+                                   / tp / shard if gated else 0.0)
+    phases["checkpoint"] = static - grads + buffers["checkpoint_write"]
     return RankMemory(pp_rank, stages, params, grads, optimizer, 0.0, weight_cache, activations,
-                      alive, logits, buffers, phases, spec.parallel.expert)
+                      alive, logits, buffers, phases, ep)
 
 
-def _build_peak(counts: list[StageCounts], stages: list[StageMemory], engine: str) -> float:
-    """The engine builds each chunk whole, then shards it (tensor parallel, FSDP2). While a
-    chunk is initialised, the earlier chunks' shards, its whole weights and two fp32 temporaries
-    of its largest tensor live (`build/init.py`: `randn(shape) * std`); while it is converted,
-    its whole weights and its shards."""
+def _build_peak(counts: list[StageCounts], dims: ParallelDims, engine: str) -> float:
+    """Meta-device construction (`mtp_cli.parallel.meta_init`): each chunk's parameters are
+    allocated at their tensor-parallel local shapes (every routed expert: expert parallel drops
+    the other ranks' experts only once all chunks are built), then initialised one full tensor
+    at a time (`randn(shape) * std`: two fp32 copies of the largest whole tensor at most); FSDP2 then shards the chunk one layer at a time. DDP's buckets come last."""
+    tp, shard = dims.tp, dims.dp_cp if engine == "fsdp2" else 1
     peak = done = 0.0
-    for whole, stage in zip(counts, stages, strict=True):
-        local = FP32 * stage.parameters
-        full = FP32 * (whole.matrices + whole.vectors)
-        transient = max(2 * FP32 * whole.largest, local if engine != "ddp" else 0.0)
-        peak = max(peak, done + full + transient)
-        done += local if engine != "ddp" else full
+    for c in counts:
+        local = FP32 * ((c.matrices - c.routed_experts) / tp + c.routed_experts + c.vectors)
+        init = 2 * FP32 * c.largest  # the slice is cut after `randn` is freed
+        fsdp = FP32 * max((u for u in c.units), default=0) / tp if shard > 1 else 0.0
+        peak = max(peak, done + local + max(init, fsdp))
+        done += local / shard
+    peak = max(peak, done)
+    if engine == "ddp":  # the weights and DDP's buckets (no moments before the first step)
+        peak = max(peak, 2 * done)
     return peak
 
 
@@ -395,6 +418,4 @@ def _notes(spec: RunSpec, dims: ParallelDims, engine: str) -> list[str]:
     if spec.model.num_moe_experts is not None:
         notes.append(f"routed experts split over parallel.expert = {spec.parallel.expert} "
                      f"ranks; their activations assume uniform routing (top-k per token)")
-    if spec.parallel.fsdp and engine == "model_parallel":
-        notes.append("parallel.fsdp applies to pure data parallel only; this layout all-reduces")
     return notes
