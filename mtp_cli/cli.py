@@ -239,6 +239,10 @@ def train(
     )] = None,
     steps: Annotated[int, typer.Option("--steps", min=1,
                                        help="With --dry-run-rank: steps to take.")] = 2,
+    expert_load: Annotated[str, typer.Option(
+        "--expert-load",
+        help="With --dry-run-rank and expert parallel: the synthetic routing, equal shares per "
+             "expert or every token routed to this rank's experts.")] = "uniform",
 ) -> None:
     """Train SPEC over --nproc processes per node (torch.distributed.run): data, tensor,
     pipeline and context parallel as `parallel` says."""
@@ -247,7 +251,7 @@ def train(
 
     run_spec = load_spec(spec, overrides or (), allow_imports=allow_imports)
     if dry_run_rank is not None or world_size is not None:
-        _dry_run(run_spec, dry_run_rank, world_size, steps, allow_imports)
+        _dry_run(run_spec, dry_run_rank, world_size, steps, allow_imports, expert_load)
         return
     options = LaunchOptions(
         run_dir=run_dir or default_run_dir(spec), nproc=nproc, nnodes=nnodes,
@@ -267,16 +271,20 @@ def train(
 
 
 def _dry_run(run_spec: Any, rank: int | None, world_size: int | None, steps: int,
-             allow_imports: bool) -> None:
+             allow_imports: bool, expert_load: str = "uniform") -> None:
     """`mtp train --dry-run-rank R --world-size N`: one rank, a fake group, measured vs plan."""
-    from mtp_cli.launch.dry_run import check_dry_run, dry_run
+    from mtp_cli.launch.dry_run import EXPERT_LOADS, check_dry_run, dry_run
 
     if rank is None or world_size is None:
         flag = "--dry-run-rank" if rank is None else "--world-size"
         raise UserError(problems=[Problem("--dry-run-rank and --world-size go together",
                                           key=flag)])
+    if expert_load not in EXPERT_LOADS:
+        raise UserError(problems=[Problem(
+            f"{expert_load!r} is not one of {', '.join(EXPERT_LOADS)}", key="--expert-load")])
     check_dry_run(run_spec, rank, world_size)
-    result = dry_run(run_spec, rank, world_size, steps, allow_imports=allow_imports)
+    result = dry_run(run_spec, rank, world_size, steps, allow_imports=allow_imports,
+                     expert_load=expert_load)
     mib = 2**20
     console.print(
         f"dry run of rank {rank} of {world_size} (pipeline rank {result.pp_rank}), "

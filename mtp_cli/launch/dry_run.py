@@ -18,7 +18,12 @@ What the fake group does not do, done here:
 * `broadcast_object_list` fails off the source rank: nothing here uses it (the trainer's resume
   and checkpoint publishing are not run);
 * a broadcast never delivers the source's values, so the checkpoint's check that tied copies
-  equal the first stage's embedding (`mtp_cli.mtp.tying`) is switched off for the dry run.
+  equal the first stage's embedding (`mtp_cli.mtp.tying`) is switched off for the dry run;
+* expert parallel's token counts would arrive uninitialised (and with them the sizes of every
+  all-to-all buffer): they are synthesised (`expert_load`): `uniform`, every (source rank, local
+  expert) pair gets an equal share of the routed pairs, or `worst`, every token of every source
+  rank routed to this rank's experts (at most top-k of them per token), the most an expert rank
+  can receive; the tokens themselves are N(0, 1) values of the sizes those counts give.
 """
 
 from __future__ import annotations
@@ -82,11 +87,59 @@ def _fill_scatter(output: torch.Tensor, input: torch.Tensor, *args: Any, **kw: A
     output.copy_(input.reshape(-1)[:output.numel()].view_as(output))
 
 
+EXPERT_LOADS = ("uniform", "worst")
+
+
+def synthetic_expert_counts(send_counts: torch.Tensor, topk: int, load: str) -> torch.Tensor:
+    """Token counts this rank's experts receive from each rank of its expert group, `[ep,
+    local]`, given what this rank sends (`[ep, local]`, summing to its tokens x top-k)."""
+    ep, local = send_counts.shape
+    pairs = int(send_counts.sum())
+    if load == "worst":  # every source's every token picks min(top-k, local) of our experts
+        tokens = pairs // max(topk, 1)
+        per_expert = tokens * min(topk, local) // local
+        return torch.full_like(send_counts, per_expert)
+    share, extra = divmod(pairs, ep * local)  # uniform: equal shares, remainder to the first
+    counts = torch.full((ep * local,), share, dtype=send_counts.dtype)
+    counts[:extra] += 1
+    return counts.view(ep, local).to(send_counts.device)
+
+
+class _SyntheticAllToAll(torch.autograd.Function):
+    """The fake group's all-to-all with buffers of the real sizes and N(0, 1) contents, both ways
+    (the fake collective would leave them uninitialised, possibly NaN)."""
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, output_rows: int) -> torch.Tensor:
+        ctx.input_shape = input.shape
+        return input.new_empty((output_rows, *input.shape[1:])).normal_()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.new_empty(ctx.input_shape).normal_(), None
+
+
+def _synthetic_all_to_all(input: torch.Tensor, output_split_sizes: list[int],
+                          input_split_sizes: list[int], group: Any = None) -> torch.Tensor:
+    """`all_to_all_single_autograd`'s signature, `_SyntheticAllToAll`'s buffers."""
+    return _SyntheticAllToAll.apply(input, sum(output_split_sizes))
+
+
+def _counts_filler(topk: int, load: str) -> Callable:
+    def fill(output: torch.Tensor, input: torch.Tensor, *args: Any, **kw: Any) -> None:
+        if output.is_floating_point():
+            output.normal_()
+        else:
+            output.copy_(synthetic_expert_counts(input, topk, load))
+    return fill
+
+
 @contextlib.contextmanager
-def filled_collectives() -> Iterator[None]:
-    """Give the fake group's receive and gather buffers finite contents while the block runs."""
+def filled_collectives(expert_topk: int = 1, expert_load: str = "uniform") -> Iterator[None]:
+    """Give the fake group's receive and gather buffers finite contents while the block runs,
+    and expert parallel's all-to-all the synthetic load `expert_load`."""
     from mtp_cli.mtp import tying
-    from mtp_cli.parallel import tp_mappings
+    from mtp_cli.parallel import expert_dispatch, tp_mappings
 
     patches = [
         # tied copies are checked against the source's broadcast weight, which never arrives
@@ -97,6 +150,10 @@ def filled_collectives() -> Iterator[None]:
         (dist, "reduce_scatter_tensor", lambda original: _wrap(original, _fill_scatter)),
         (tp_mappings, "_all_gather_single", lambda original: _wrap(original, _fill_gather_into)),
         (tp_mappings, "_reduce_scatter_single", lambda original: _wrap(original, _fill_scatter)),
+        (dist, "all_to_all_single",
+         lambda original: _wrap(original, _counts_filler(expert_topk, expert_load))),
+        (expert_dispatch, "all_to_all_single_autograd",
+         lambda original: _synthetic_all_to_all),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
@@ -160,9 +217,10 @@ def check_dry_run(spec: RunSpec, rank: int, world_size: int) -> ParallelDims:
 
 
 def dry_run(spec: RunSpec, rank: int, world_size: int, steps: int = 2, *,
-            allow_imports: bool = False) -> DryRunResult:
+            allow_imports: bool = False, expert_load: str = "uniform") -> DryRunResult:
     """Build global rank `rank`'s shards at `world_size`, train `steps` steps, save its
-    checkpoint shard to a temporary directory (deleted), and measure its peak memory."""
+    checkpoint shard to a temporary directory (deleted), and measure its peak memory.
+    `expert_load` (`uniform` | `worst`): the synthetic expert-parallel routing."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from mtp_cli.build.stage_tensors import build_memory_plan
@@ -185,7 +243,8 @@ def dry_run(spec: RunSpec, rank: int, world_size: int, steps: int = 2, *,
             grad_clip=spec.train.grad_clip, bf16=spec.train.bf16, device=device,
             dp_cp_size=dims.dp_cp, dp_cp_group=mesh.dp_cp_group if dims.dp_cp > 1 else None)
         torch.manual_seed(spec.train.seed)
-        with filled_collectives():
+        topk = spec.model.moe_router_topk or 1
+        with filled_collectives(expert_topk=topk, expert_load=expert_load):
             # the allocator's total counts every live byte: the second block's peak is absolute
             with measure_peak(device) as build:
                 engine = build_engine(spec, mesh, settings, allow_imports=allow_imports)
