@@ -274,6 +274,7 @@ def _dry_run(run_spec: Any, rank: int | None, world_size: int | None, steps: int
              allow_imports: bool, expert_load: str = "uniform") -> None:
     """`mtp train --dry-run-rank R --world-size N`: one rank, a fake group, measured vs plan."""
     from mtp_cli.launch.dry_run import EXPERT_LOADS, check_dry_run, dry_run
+    from mtp_cli.views.memory_view import render_dry_run
 
     if rank is None or world_size is None:
         flag = "--dry-run-rank" if rank is None else "--world-size"
@@ -285,19 +286,7 @@ def _dry_run(run_spec: Any, rank: int | None, world_size: int | None, steps: int
     check_dry_run(run_spec, rank, world_size)
     result = dry_run(run_spec, rank, world_size, steps, allow_imports=allow_imports,
                      expert_load=expert_load)
-    mib = 2**20
-    console.print(
-        f"dry run of rank {rank} of {world_size} (pipeline rank {result.pp_rank}), "
-        f"{steps} steps on {result.device} in {result.seconds:.0f} s: lm loss "
-        f"{', '.join(f'{x:.4f}' for x in result.losses)}; grad norm "
-        f"{', '.join(f'{x:.4g}' for x in result.grad_norms)}", highlight=False, markup=False)
-    console.print(
-        f"peak memory: measured {result.measured_peak / mib:,.1f} MiB (live tensors; resident "
-        f"set {result.rss_peak / mib:,.0f} MiB), plan {result.planned_total / mib:,.1f} MiB "
-        f"(plan / measured = {result.ratio:.3f})", highlight=False, markup=False)
-    console.print(
-        f"building: measured {result.measured_build / mib:,.1f} MiB, plan "
-        f"{result.planned_build / mib:,.1f} MiB", highlight=False, markup=False)
+    render_dry_run(console, result)
 
 
 OverwriteOpt = Annotated[bool, typer.Option(

@@ -1,11 +1,17 @@
-"""How `mtp build --memory` looks on a terminal: one row per pipeline rank, the tightest marked."""
+"""How `mtp build --memory` and `mtp train --dry-run-rank` look on a terminal: one row per
+pipeline rank, the tightest marked; a dry run's measured peaks next to the plan's."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from mtp_cli.plan.memory import MemoryPlan, RankMemory
+
+if TYPE_CHECKING:
+    from mtp_cli.launch.dry_run import DryRunResult
 
 GIB, MIB = 2**30, 2**20
 
@@ -75,3 +81,20 @@ def render_memory(console: Console, plan: MemoryPlan) -> None:
     console.print(line, highlight=False)
     for note in plan.notes:
         console.print(f"note: {note}", highlight=False)
+
+
+def render_dry_run(console: Console, result: DryRunResult) -> None:
+    """`mtp train --dry-run-rank`: the rank's losses, then measured peaks next to the plan's."""
+    mib = 2**20
+    console.print(
+        f"dry run of rank {result.rank} of {result.world_size} (pipeline rank {result.pp_rank}), "
+        f"{result.steps} steps on {result.device} in {result.seconds:.0f} s: lm loss "
+        f"{', '.join(f'{x:.4f}' for x in result.losses)}; grad norm "
+        f"{', '.join(f'{x:.4g}' for x in result.grad_norms)}", highlight=False, markup=False)
+    console.print(
+        f"peak memory: measured {result.measured_peak / mib:,.1f} MiB (live tensors; resident "
+        f"set {result.rss_peak / mib:,.0f} MiB), plan {result.planned_total / mib:,.1f} MiB "
+        f"(plan / measured = {result.ratio:.3f})", highlight=False, markup=False)
+    console.print(
+        f"building: measured {result.measured_build / mib:,.1f} MiB, plan "
+        f"{result.planned_build / mib:,.1f} MiB", highlight=False, markup=False)
