@@ -75,19 +75,6 @@ CASES: list[tuple[str, str, int, list[str]]] = [
 
 
 # --- one worker process ----------------------------------------------------------------------------
-def synthetic_batches(spec: object, count: int, rank_seed: int) -> list:
-    import torch
-
-    from mtp_cli.data.batch import Batch
-
-    b, s, vocab = spec.train.micro_batch_size, spec.model.seq_length, spec.model.vocab_size
-    gen = torch.Generator().manual_seed(rank_seed)
-    out = []
-    for _ in range(count):
-        window = torch.randint(0, vocab, (b, s + 1), generator=gen)
-        out.append(Batch(window[:, :-1].contiguous(), window[:, 1:].contiguous(),
-                         torch.ones(b, s), torch.arange(s).expand(b, s).contiguous()))
-    return out
 
 
 def worker(spec_path: str, overrides: list[str], steps: int, checkpoint: str) -> dict:
@@ -98,6 +85,7 @@ def worker(spec_path: str, overrides: list[str], steps: int, checkpoint: str) ->
     import torch.distributed.checkpoint as dcp
 
     from mtp_cli.config.loader import load_spec
+    from mtp_cli.launch.dry_run import synthetic_batches
     from mtp_cli.launch.memory_probe import measure_peak
     from mtp_cli.parallel.mesh import build_mesh
     from mtp_cli.plan.dims import ParallelDims

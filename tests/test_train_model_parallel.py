@@ -113,6 +113,27 @@ def test_packed_context_parallel_equals_single_process(name, tmp_path, corpus,  
     assert_same_run(tmp_path / name, reference_runs["packed"])
 
 
+def assert_resumes_like_the_continuing_run(first: Path, text: Path, base: list[str],
+                                           continuing: tuple[int, list[str]],
+                                           others: dict[str, tuple[int, list[str]]],
+                                           tmp_path: Path) -> None:
+    """Copies of `first` (a run with a step-3 checkpoint) resume for one more step at the
+    `continuing` layout and at each of `others` (name: (nproc, overrides)); each other's step-4
+    losses equal the continuing run's to 1e-5."""
+    resumed = {}
+    for name, (nproc, extra) in {"continuing": continuing, **others}.items():
+        run_dir = tmp_path / f"resume_{name}"
+        shutil.copytree(first, run_dir)
+        result = run_train(run_dir, text, *base, "train.steps=4", *extra, nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resumed from step_0000003" in result.stdout + result.stderr
+        resumed[name] = metrics(run_dir)[0][-1]
+    for name in others:
+        assert resumed[name]["step"] == 4
+        for key in KEYS:
+            assert abs(resumed[name][key] - resumed["continuing"][key]) <= 1e-5, (name, key)
+
+
 @pytest.mark.slow
 def test_tp2_pp2_fsdp2_dp2_checkpoint_resumes_at_other_layouts(tmp_path, corpus):  # noqa: F811
     """8 processes (TP2 x PP2 x FSDP2 over DP2) write a checkpoint of shards only; it passes
@@ -126,20 +147,10 @@ def test_tp2_pp2_fsdp2_dp2_checkpoint_resumes_at_other_layouts(tmp_path, corpus)
     assert assert_nothing_stored_whole(first / "checkpoints" / "step_0000003") > 0
     inspected = run_mtp("inspect-ckpt", str(first), "--strict")
     assert inspected.returncode == 0, inspected.stdout + inspected.stderr
-    resumed = {}
-    for name, nproc, extra in (("same", 8, layout), ("tp1_pp1", 1, []),
-                               ("pp4", 4, ["parallel.pipeline=4"]),
-                               ("fsdp2_dp4", 4, ["parallel.fsdp=true"])):
-        run_dir = tmp_path / f"resume_{name}"
-        shutil.copytree(first, run_dir)
-        result = run_train(run_dir, corpus, *three, "train.steps=4", *extra, nproc=nproc)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "resumed from step_0000003" in result.stdout + result.stderr
-        resumed[name] = metrics(run_dir)[0][-1]
-    for name in ("tp1_pp1", "pp4", "fsdp2_dp4"):
-        assert resumed[name]["step"] == 4
-        for key in KEYS:
-            assert abs(resumed[name][key] - resumed["same"][key]) <= 1e-5, (name, key)
+    assert_resumes_like_the_continuing_run(
+        first, corpus, three, (8, layout),
+        {"tp1_pp1": (1, []), "pp4": (4, ["parallel.pipeline=4"]),
+         "fsdp2_dp4": (4, ["parallel.fsdp=true"])}, tmp_path)
 
 
 @pytest.mark.slow
@@ -170,17 +181,6 @@ def test_tp2_pp2_checkpoint_stores_one_embedding_and_reshards(tmp_path, corpus):
     assert "model.output_layer.weight" not in keys
     inspected = run_mtp("inspect-ckpt", str(first), "--strict")
     assert inspected.returncode == 0, inspected.stdout + inspected.stderr
-    resumed = {}
-    for name, nproc, extra in (("tp2_pp2", 4, ["parallel.tensor=2", "parallel.pipeline=2"]),
-                               ("tp1_pp1", 1, []),
-                               ("pp4", 4, ["parallel.pipeline=4"])):
-        run_dir = tmp_path / f"resume_{name}"
-        shutil.copytree(first, run_dir)
-        result = run_train(run_dir, corpus, *tied, "train.steps=4", *extra, nproc=nproc)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "resumed from step_0000003" in result.stdout + result.stderr
-        resumed[name] = metrics(run_dir)[0][-1]
-    for name in ("tp1_pp1", "pp4"):
-        assert resumed[name]["step"] == 4
-        for key in KEYS:
-            assert abs(resumed[name][key] - resumed["tp2_pp2"][key]) <= 1e-5, (name, key)
+    assert_resumes_like_the_continuing_run(
+        first, corpus, tied, (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+        {"tp1_pp1": (1, []), "pp4": (4, ["parallel.pipeline=4"])}, tmp_path)
