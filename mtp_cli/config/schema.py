@@ -13,27 +13,12 @@ from __future__ import annotations
 import itertools
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, model_validator
 
 from mtp_cli.config.attention_fields import AttentionFields, attention_problems
+from mtp_cli.config.base import NonNegativeInt, PositiveInt, StrictModel, rule_error
 from mtp_cli.config.moe_fields import MoEFields, moe_problems
-
-PositiveInt = Annotated[int, Field(strict=True, ge=1)]
-NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
-
-
-def rule_error(field: str, message: str) -> PydanticCustomError:
-    """A cross-field rule violation attributed to `field` (a key of the model raising it)."""
-    return PydanticCustomError("spec_rule", "{message}", {"field": field, "message": message})
-
-
-class StrictModel(BaseModel):
-    """Base for every spec section: unknown keys are errors, numbers must be finite."""
-
-    model_config = ConfigDict(
-        extra="forbid", allow_inf_nan=False, validate_default=True, strict=True
-    )
+from mtp_cli.config.train_config import LossConfig, TrainConfig  # noqa: F401  (re-exported)
 
 
 class ModelConfig(StrictModel, AttentionFields, MoEFields):
@@ -235,98 +220,6 @@ class ParallelConfig(StrictModel):
     def _check(self) -> ParallelConfig:
         if self.sequence_parallel and self.tensor == 1:
             raise rule_error("sequence_parallel", "sequence_parallel needs tensor > 1")
-        return self
-
-
-class LossConfig(StrictModel):
-    """How the cross-entropy of the main head and every MTP depth is computed."""
-
-    chunked: Literal["auto", True, False] = Field(
-        default="auto",
-        description="Chunked linear cross-entropy (never holds full logits); auto = by size.",
-    )
-
-
-class TrainConfig(StrictModel):
-    """Optimisation. Batch sizes are in samples of seq_length tokens."""
-
-    steps: PositiveInt = Field(default=200, description="Optimizer steps.")
-    micro_batch_size: PositiveInt = Field(
-        default=4, description="Samples per forward/backward on one data-parallel rank."
-    )
-    global_batch_size: PositiveInt = Field(
-        default=8, description="Samples per optimizer step over all data-parallel ranks."
-    )
-    lr: Annotated[float, Field(gt=0)] = Field(default=3e-3, description="Peak learning rate.")
-    min_lr: Annotated[float, Field(ge=0)] = Field(
-        default=3e-4, description="Learning rate at the end of the cosine decay."
-    )
-    warmup_steps: NonNegativeInt = Field(
-        default=10, description="Steps of linear warmup from 0 to lr."
-    )
-    decay_steps: PositiveInt | None = Field(
-        default=None,
-        description="Step at which the cosine reaches min_lr (default: train.steps). Keep it "
-        "when extending train.steps on resume, so the schedule is not stretched again.",
-    )
-    weight_decay: Annotated[float, Field(ge=0)] = Field(
-        default=0.1, description="AdamW weight decay (not on biases and norm scales)."
-    )
-    adam_beta1: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.9, description="AdamW beta1.")
-    adam_beta2: Annotated[float, Field(ge=0, lt=1)] = Field(
-        default=0.95, description="AdamW beta2."
-    )
-    adam_eps: Annotated[float, Field(gt=0)] = Field(default=1e-8, description="AdamW epsilon.")
-    grad_clip: Annotated[float, Field(ge=0)] = Field(default=1.0, description="0 = off.")
-    seed: NonNegativeInt = Field(
-        default=1234, description="Seed of the weights, dropout and the data order."
-    )
-    eval_interval: NonNegativeInt = Field(default=50, description="0 = no validation.")
-    eval_steps: PositiveInt = Field(default=4, description="Global batches per validation.")
-    log_interval: PositiveInt = Field(
-        default=1, description="Steps per metrics.jsonl line (averaged over them)."
-    )
-    bf16: bool = Field(default=False, description="bf16 autocast (weights stay fp32).")
-    calculate_per_token_loss: bool = Field(
-        default=False, description="Normalise by the step's total loss tokens (Megatron)."
-    )
-    loss: LossConfig = Field(
-        default_factory=LossConfig, description="How the cross-entropy is computed."
-    )
-    nonfinite: Literal["stop", "skip_step"] = Field(
-        default="stop",
-        description="On a non-finite loss or gradient norm: stop (exit 1, before any checkpoint "
-        "of that state), or skip_step (drop the update; step, schedule and data move on).",
-    )
-    nonfinite_max_skips: PositiveInt = Field(
-        default=5,
-        description="skip_step: the most consecutive steps skipped; one more non-finite step "
-        "in a row stops the run.",
-    )
-    freeze: list[str] = Field(
-        default_factory=list,
-        description="Parameters kept fixed (no gradient, no optimizer state): parts "
-        "(embedding, decoder, output_layer, mtp), dotted prefixes (decoder.layers.0) or glob "
-        "patterns on parameter names (decoder.layers.*.mlp.*).",
-    )
-    recompute: Literal["none", "full", "selective"] = Field(
-        default="none",
-        description="Activation recomputation: full = every decoder and MTP layer, "
-        "selective = the attention core; losses and gradients unchanged.",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if self.decay_steps is None:
-            self.decay_steps = self.steps
-        if self.global_batch_size % self.micro_batch_size:
-            raise rule_error(
-                "global_batch_size",
-                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"micro_batch_size ({self.micro_batch_size})",
-            )
-        if self.min_lr > self.lr:
-            raise rule_error("min_lr", f"min_lr ({self.min_lr}) exceeds lr ({self.lr})")
         return self
 
 
