@@ -125,6 +125,10 @@ class ParallelGroups:
     pp_group: Group = None
     dp_cp_group: Group = None
     comm: ModelComm | None = None
+    # The ranks whose tokens together make one replica's micro-batch (Megatron's `tp_cp_group`,
+    # over which the MoE router sums its token counts): context x tensor under sequence
+    # parallel; without it the tensor ranks hold the same tokens, so just the context ranks.
+    tp_cp_group: Group = None
 
 
 def is_parallel(group: Group, comm: ModelComm | None = None) -> bool:

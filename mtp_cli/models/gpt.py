@@ -23,6 +23,7 @@ from mtp_cli.models.comm import ParallelGroups
 from mtp_cli.models.embedding import LanguageModelEmbedding
 from mtp_cli.models.inference import InferenceContext
 from mtp_cli.models.linear import ColumnParallelLinear
+from mtp_cli.models.moe.router import TopKRouter
 from mtp_cli.models.output import OutputHead
 from mtp_cli.models.rope import rotary_embedding_for
 from mtp_cli.models.transformer_layer import TransformerBlock
@@ -100,6 +101,7 @@ class GPTModel(nn.Module):
             ColumnParallelLinear(config.hidden_size, config.vocab_size, config=config, bias=False)
             if owns_output_weight else None
         )
+        self._share_groups_with_routers()
 
     # --- what the run and the parallel layout set ---------------------------------------------
     @property
@@ -112,6 +114,13 @@ class GPTModel(nn.Module):
         self._groups = value
         if self.mtp is not None:
             self.mtp.share_groups(value)
+        self._share_groups_with_routers()
+
+    def _share_groups_with_routers(self) -> None:
+        """MoE routers sum their token counts over `groups.tp_cp_group` (split sequences)."""
+        for module in self.modules():
+            if isinstance(module, TopKRouter):
+                module.groups = self._groups
 
     def output_weight(self) -> torch.Tensor:
         """The output projection `[V, h]`: the word embedding when tied."""

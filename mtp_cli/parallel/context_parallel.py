@@ -8,6 +8,12 @@ causal (and packed-document) mask between the global positions of the local quer
 keys. The gather's backward all-reduces the key/value gradients and keeps the local slice. This
 costs O(s) key/value memory per rank (ring attention would not) but is exact, simple, and runs on
 gloo and nccl alike.
+
+Multi-latent attention runs through the same core: its query/key heads are `qk_head_dim +
+qk_pos_emb_head_dim` wide and its value heads `v_head_dim`, its softmax scale is the local core's
+(YaRN's correction), and its rotary angles come from the batch's position ids, which the zigzag
+sharding keeps global (`mtp_cli.data.context_parallel`), so RoPE and YaRN see the global positions.
+
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ class ContextParallelAttention(nn.Module):
         if attention_mask is not None:
             raise ValueError("context parallel attention supports causal (and packed) masks only")
         cp_size, cp_rank = dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
-        seq_local, batch, heads, head_dim = query.shape
+        seq_local, batch, heads, _ = query.shape
         keys = gather_sequence(key, self.cp_group)  # [cp * s_local, b, g, d], rank order
         values = gather_sequence(value, self.cp_group)
         query_pos = zigzag_positions(seq_local, cp_rank, cp_size, packed_seq_params)
@@ -95,8 +101,11 @@ class ContextParallelAttention(nn.Module):
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
         dropout = self.local.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
-        return out.permute(2, 0, 1, 3).reshape(seq_local, batch, heads * head_dim)
+        # MLA: the local core's softmax scale (YaRN-corrected, over the nope + rope query
+        # width) and a value head narrower than the query/key head
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
+                                             scale=self.local.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(seq_local, batch, heads * v.shape[-1])
 
 
 def apply_context_parallel(model: nn.Module, cp_group: dist.ProcessGroup) -> None:

@@ -94,8 +94,8 @@ class ParallelDims:
 
     @staticmethod
     def _moe_mla_unsupported(spec: RunSpec) -> list[Problem]:
-        """What MoE and MLA models do not run yet: context parallel, MLA under tensor parallel,
-        MoE under sequence parallel, expert parallel under FSDP2."""
+        """What MoE and MLA models do not run yet: MLA under tensor parallel, expert parallel
+        under FSDP2."""
         problems = []
         if spec.parallel.expert_tensor > 1:
             problems.append(Problem(
@@ -107,21 +107,12 @@ class ParallelDims:
                 "ranks that hold other experts", key="parallel.fsdp",
                 hint="set parallel.fsdp=false"))
         model, par = spec.model, spec.parallel
-        moe, mla = model.num_moe_experts is not None, model.multi_latent_attention
-        if (moe or mla) and par.context > 1:
-            problems.append(Problem(
-                "MoE and multi-latent attention models do not run context parallel yet",
-                key="parallel.context", hint="set parallel.context=1"))
+        mla = model.multi_latent_attention
         if mla and par.tensor > 1:
             problems.append(Problem(
                 "multi-latent attention does not run tensor parallel yet",
                 key="parallel.tensor", hint="set parallel.tensor=1 (DeepSeek-V3 trained "
                 "without it: pipeline and expert parallel)"))
-        if moe and par.sequence_parallel:
-            problems.append(Problem(
-                "MoE layers under sequence parallel would route each rank's slice of the "
-                "sequence with its own balancing statistics; not supported yet",
-                key="parallel.sequence_parallel", hint="set parallel.sequence_parallel=false"))
         return problems
 
     @property

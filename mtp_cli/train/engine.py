@@ -135,7 +135,8 @@ class TrainingEngine:
                     full_shapes=plan.full_shapes(chunk) if plan is not None else None)
         if self.cp_group is not None:
             apply_context_parallel(chunk, self.cp_group)
-        chunk.groups = self.mesh.model_groups()
+        chunk.groups = self.mesh.model_groups(
+            sequence_parallel=self.spec.parallel.sequence_parallel)
         attach_run(chunk, self.loss_settings, self.mtp_state)
         apply_activation_checkpointing(chunk, self.spec.train.recompute)
         if self.spec.parallel.fsdp:  # after TP and recompute, as torchtitan orders them

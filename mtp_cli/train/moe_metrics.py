@@ -10,6 +10,10 @@ reads them from this rank's model chunks and reduces them like Megatron-Core's
   slot `num_layers + k`), summed over the pipeline ranks (each holds other layers; Megatron's
   `force_initialize` makes every rank's vector the same length) and averaged over the data x
   context ranks (`needs_dp_avg`; expert parallel is carved from those ranks, so it is covered);
+- over a split sequence (context parallel, or sequence parallel's tensor ranks: the router's
+  `tp_cp_group`) each rank recorded its share of the losses, summed over that group first
+  (Megatron's `reduce_group`); token counts are summed over the sequence-parallel tensor ranks
+  (`tp_group`, given only under sequence parallel), so each token counts once;
 - the logged value: `sum over layers x loss_scale / num_moe_layers`, `loss_scale` =
   1 / micro-batches and `num_moe_layers` the MoE decoder layers plus every MTP layer
   (`_count_moe_layers`);
@@ -59,6 +63,7 @@ class MoEStepMetrics:
     """Reads, reduces and clears the routers' records once per step (`collect`)."""
 
     def __init__(self, spec: RunSpec, *, pp_group: Any = None, dp_cp_group: Any = None,
+                 tp_cp_group: Any = None, tp_group: Any = None,
                  device: torch.device | None = None) -> None:
         model = spec.model
         self.enabled = model.num_moe_experts is not None
@@ -67,6 +72,7 @@ class MoEStepMetrics:
         self.experts = model.num_moe_experts or 0
         self.num_moe_layers = count_moe_layers(model, spec.mtp.num_layers)
         self.pp_group, self.dp_cp_group = pp_group, dp_cp_group
+        self.tp_cp_group, self.tp_group = tp_cp_group, tp_group
         self.device = device or torch.device("cpu")
 
     def collect(self, chunks: Iterable[nn.Module], num_microbatches: int) -> dict[str, float]:
@@ -77,6 +83,10 @@ class MoEStepMetrics:
         chunks = list(chunks)
         losses, tokens = self._pack(moe_layer_metrics(chunks))
         clear_moe_metrics(chunks)
+        if self.tp_cp_group is not None:  # each rank's share of a split sequence's losses
+            dist.all_reduce(losses, group=self.tp_cp_group)
+        if self.tp_group is not None:  # sequence parallel: each tensor rank routed a slice
+            dist.all_reduce(tokens, group=self.tp_group)
         if self.pp_group is not None:  # disjoint layers: the sum collects them
             dist.all_reduce(losses, group=self.pp_group)
             dist.all_reduce(tokens, group=self.pp_group)

@@ -251,8 +251,12 @@ class StepRunner:
                           applied=applied)
 
     def _sum_over_replicas(self, values: torch.Tensor) -> torch.Tensor:
-        if self.layout.dp_cp_group is not None:
-            dist.all_reduce(values, group=self.layout.dp_cp_group)
+        """Token counts over the tensor x data x context ranks, as Megatron-Core sums them for
+        the expert-bias update (under sequence parallel each tensor rank routed a slice; without
+        it the tensor ranks count the same tokens, a common factor the update ignores)."""
+        for group in (self.layout.tp_group, self.layout.dp_cp_group):
+            if group is not None:
+                dist.all_reduce(values, group=group)
         return values
 
     # --- validation ----------------------------------------------------------------------------

@@ -75,10 +75,13 @@ class Trainer:
         self.mtp_loss_scale = spec.mtp.loss_scale_at(0)
         self.mtp_metrics: dict[str, float] = {}
         self.guard = NonFiniteGuard(spec.train.nonfinite, spec.train.nonfinite_max_skips)
+        sequence_parallel = spec.parallel.sequence_parallel
         self.moe_metrics = MoEStepMetrics(
             spec, device=env.device,
             pp_group=self.mesh.group("pp") if self.dims.pp > 1 else None,
-            dp_cp_group=self.mesh.dp_cp_group if self.dims.dp_cp > 1 else None)
+            dp_cp_group=self.mesh.dp_cp_group if self.dims.dp_cp > 1 else None,
+            tp_cp_group=self.mesh.token_split_group(sequence_parallel=sequence_parallel),
+            tp_group=self.mesh.group("tp") if sequence_parallel and self.dims.tp > 1 else None)
 
     def _loader(self, dataset: Any, *, shuffle: bool) -> MicroBatchLoader:
         """This rank's stream; validation reads its windows in order, from the start each time."""

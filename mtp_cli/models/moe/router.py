@@ -10,6 +10,15 @@ training with gradients enabled, as in Megatron-Core. A router whose `layer_numb
 `num_layers` belongs to an MTP layer: it records in slot `layer_number - 1` like Megatron-Core's
 MTP routers, and a repeated MTP layer (applied at D depths) scales its balancing loss by 1/D
 (`mtp_repeats`, set by `configure_moe_routers`).
+
+Split sequences (context parallel; sequence parallel, where each tensor rank routes its slice):
+the router sees only its rank's tokens, so, as Megatron-Core's router does over its `tp_cp_group`,
+the balancing loss uses the token counts summed over `groups.tp_cp_group` (through the model's
+`ModelComm`) and that group's token total, and the z-loss coefficient is divided by the group
+size. Each rank's losses are then its share of the whole sequence's: their gradients, summed over
+the group by the gradient reduction, and their recorded values, summed over it by the trainer's
+metrics, are the single-process ones. `groups` is the model's `ParallelGroups` (`GPTModel` shares
+it with every router); without parallel layout the group is None and nothing moves.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp_cli.config.schema import ModelConfig
+from mtp_cli.models.comm import ParallelGroups, comm_for
 from mtp_cli.models.moe.aux_losses import AuxLossScale, MoEAuxLossAutoScaler, MoELayerMetrics
 from mtp_cli.models.moe.routing import (
     scores_for_aux_loss,
@@ -55,6 +65,20 @@ class TopKRouter(nn.Module):
             self.local_tokens_per_expert = None
         self.aux_loss_scale = AuxLossScale()
         self.metrics = MoELayerMetrics()
+        self.groups = ParallelGroups()  # the model's, shared by `GPTModel`
+
+    def _token_group_size(self) -> int:
+        """Ranks whose tokens together make this replica's sequences (1: all are here)."""
+        group = self.groups.tp_cp_group
+        return 1 if group is None else comm_for(group, self.groups.comm).size(group)
+
+    def _global_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """`counts` summed over `tp_cp_group` (Megatron's `get_tokens_per_expert_and_token_count`;
+        no gradient flows through a routing map)."""
+        group = self.groups.tp_cp_group
+        if group is None:
+            return counts
+        return comm_for(group, self.groups.comm).all_reduce(counts.clone(), group)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[s, b, h]` -> (probs `[s*b, E]`, routing map `[s*b, E]`), tokens in `[s, b]` order."""
@@ -86,30 +110,36 @@ class TopKRouter(nn.Module):
                 and self.config.moe_aux_loss_coeff > 0)
 
     def _attach(self, activation: torch.Tensor, loss: torch.Tensor, tokens: int) -> torch.Tensor:
+        """Per-token mode: times this rank's tokens and the group size, as Megatron-Core does
+        (the step divides by the global tokens, which count every rank of the group)."""
         if self.aux_loss_scale.per_token:
-            loss = loss * tokens
+            loss = loss * (tokens * self._token_group_size())
         return MoEAuxLossAutoScaler.apply(activation, loss, self.aux_loss_scale)
 
     def _attach_z_loss(self, logits: torch.Tensor) -> torch.Tensor:
         """Megatron: the gradient carries the loss once per call; the logged value is divided
-        by the repeats of a repeated MTP layer."""
-        raw = z_loss(logits, 1.0)
-        logits = self._attach(logits, raw * self.config.moe_z_loss_coeff, logits.shape[0])
-        self.metrics.record("z_loss", raw / self.mtp_repeats)
+        by the repeats of a repeated MTP layer. Over a split sequence each rank's mean is divided
+        by the group size, so the group's sum is the mean over the whole sequence."""
+        share = z_loss(logits, 1.0) / self._token_group_size()
+        logits = self._attach(logits, share * self.config.moe_z_loss_coeff, logits.shape[0])
+        self.metrics.record("z_loss", share / self.mtp_repeats)
         return logits
 
     def _attach_balancing_loss(self, logits: torch.Tensor, probs: torch.Tensor, seq_len: int,
                                batch: int) -> torch.Tensor:
         """aux_loss over the micro-batch's tokens, or seq_aux_loss per sequence averaged over
-        the batch: each sequence's (expert) columns become columns of their own."""
+        the batch: each sequence's (expert) columns become columns of their own. Counts and the
+        token total are those of the whole sequences (summed over `tp_cp_group`); the scores are
+        this rank's, so the result is this rank's share of the loss."""
         config = self.config
         topk, experts = config.moe_router_topk, config.num_moe_experts
         kind = config.moe_router_load_balancing_type
         aux_map, scores = scores_for_aux_loss(logits, topk, config.moe_router_score_function)
         if kind == "seq_aux_loss":
             scores, aux_map = scores.reshape(seq_len, -1), aux_map.reshape(seq_len, -1)
-        raw = switch_load_balancing_loss(scores, aux_map.sum(dim=0).float(), aux_map.shape[0],
-                                         topk, experts, 1.0)
+        counts = self._global_counts(aux_map.sum(dim=0).float())
+        total_tokens = aux_map.shape[0] * self._token_group_size()
+        raw = switch_load_balancing_loss(scores, counts, total_tokens, topk, experts, 1.0)
         if kind == "seq_aux_loss":
             raw = raw / batch
         raw = raw / self.mtp_repeats

@@ -1,0 +1,91 @@
+"""MoE and MLA under context and sequence parallel, end to end (gloo, real processes).
+
+Each layout trains the same tiny model from the same seed and global batches for 5 steps and
+must give, step by step, the single-process run's lm loss, each MTP depth's loss, the aux losses
+and the load imbalance, and the same final parameters (expert biases included), to 1e-5:
+
+- CP2 and EP2 x CP2 (four processes; the expert group is carved from data x context) on
+  `specs/tiny_moe.yaml` shrunk: MLA (query/key heads nope + rope wide, value heads narrower) with
+  YaRN active (scaling factor 4, `mscale` != `mscale_all_dim`, a sequence longer than
+  `original_max_position_embeddings`), MoE with the sequence-wise balancing loss, the z-loss and
+  the expert bias, two MoE MTP depths. Under CP each rank holds zigzag chunks of every sequence:
+  the router sums its token counts over the context ranks (Megatron's `tp_cp_group`), RoPE and
+  YaRN take the global positions, and the bias update counts every token once per rank group;
+- TP2 with sequence parallel on a GQA + MoE model with the plain `aux_loss`: each tensor rank
+  routes its slice of the sequence, with the counts summed over the tensor ranks.
+
+Every case uses Adam's eps 1e-6 and lr 1e-3 and the TP case turns off the QK norms, as the
+expert-parallel TP test does: context and tensor parallel reorder sums (~1e-7 relative; the losses
+agree to that), which Adam's first steps turn into visible differences for near-zero gradient
+elements (with lr 3e-3 and eps 1e-8 a few MLA projection elements drift by up to 1e-4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cli_helpers import SPECS
+from tests.test_train_expert_parallel import MLA_KEYS, STEPS, _final_model, _lines, _train
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+YARN = ["model.rope_type=yarn", "model.rotary_scaling_factor=4.0",
+        "model.original_max_position_embeddings=16", "model.mscale=1.0",
+        "model.mscale_all_dim=0.5", "train.adam_eps=1e-6", "train.lr=1e-3"]
+SEQ_AUX_KEYS = ("lm_loss", "mtp_1_loss", "mtp_2_loss", "seq_load_balancing_loss", "z_loss",
+                "load_imbalance")
+AUX_KEYS = ("lm_loss", "mtp_1_loss", "mtp_2_loss", "load_balancing_loss", "z_loss",
+            "load_imbalance")
+TP_SAFE = ["model.qk_layernorm=false", "model.num_query_groups=2", "train.adam_eps=1e-6",
+           "train.lr=1e-3"]
+
+
+def _assert_same_run(reference: Path, run_dir: Path, keys: tuple[str, ...] = SEQ_AUX_KEYS,
+                     tolerance: float = 1e-5) -> None:
+    """Per-step losses and metrics, and every final parameter and buffer, to `tolerance`."""
+    ref, got = _lines(reference), _lines(run_dir)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, got, strict=True):
+        for key in keys:
+            assert abs(a[key] - b[key]) <= tolerance, (a["step"], key, a[key], b[key])
+    ref_model, model = _final_model(reference), _final_model(run_dir)
+    assert sorted(ref_model) == sorted(model)
+    for name, value in ref_model.items():
+        diff = (value.float() - model[name].float()).abs().max().item()
+        assert diff <= tolerance, (name, diff)
+
+
+@pytest.fixture(scope="module")
+def mla_runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("moe_cp")
+    _train(root / "single", 1, 1, *YARN)
+    return root
+
+
+def test_cp2_mla_moe_gives_the_single_process_run(mla_runs):
+    _train(mla_runs / "cp2", 2, 1, *YARN, "parallel.context=2")
+    _assert_same_run(mla_runs / "single", mla_runs / "cp2")
+    first = _lines(mla_runs / "cp2")[0]
+    assert first["seq_load_balancing_loss"] > 0 and first["z_loss"] > 0
+
+
+def test_ep2_cp2_gives_the_single_process_run(mla_runs):
+    _train(mla_runs / "ep2cp2", 4, 2, *YARN, "parallel.context=2")
+    _assert_same_run(mla_runs / "single", mla_runs / "ep2cp2")
+
+
+def test_tp2_sequence_parallel_moe_gives_the_single_process_run(tmp_path):
+    source = yaml.safe_load((SPECS / "tiny_moe.yaml").read_text())
+    for key in MLA_KEYS:
+        source["model"].pop(key)
+    source["model"]["moe_router_load_balancing_type"] = "aux_loss"
+    spec = tmp_path / "gqa_moe.yaml"
+    spec.write_text(yaml.safe_dump(source))
+    _train(tmp_path / "single", 1, 1, *TP_SAFE, spec=spec)
+    _train(tmp_path / "tp2sp", 2, 1, *TP_SAFE, "parallel.tensor=2",
+           "parallel.sequence_parallel=true", spec=spec)
+    _assert_same_run(tmp_path / "single", tmp_path / "tp2sp",
+                     keys=AUX_KEYS)
