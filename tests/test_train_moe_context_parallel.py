@@ -4,15 +4,17 @@ Each layout trains the same tiny model from the same seed and global batches for
 must give, step by step, the single-process run's lm loss, each MTP depth's loss, the aux losses
 and the load imbalance, and the same final parameters (expert biases included), to 1e-5:
 
-- CP2 and EP2 x CP2 (four processes; the expert group is carved from data x context) on
-  `specs/tiny_moe.yaml` shrunk: MLA (query/key heads nope + rope wide, value heads narrower) with
-  YaRN active (scaling factor 4, `mscale` != `mscale_all_dim`, a sequence longer than
+- EP2 x CP2 (four processes: context 2, data 2, the expert group carved from data x context)
+  on `specs/tiny_moe.yaml` shrunk: MLA (query/key heads nope + rope wide, value heads narrower)
+  with YaRN active (scaling factor 4, `mscale` != `mscale_all_dim`, a sequence longer than
   `original_max_position_embeddings`), MoE with the sequence-wise balancing loss, the z-loss and
-  the expert bias, two MoE MTP depths. Under CP each rank holds zigzag chunks of every sequence:
-  the router sums its token counts over the context ranks (Megatron's `tp_cp_group`), RoPE and
-  YaRN take the global positions, and the bias update counts every token once per rank group;
-- TP2 with sequence parallel on a GQA + MoE model with the plain `aux_loss`: each tensor rank
-  routes its slice of the sequence, with the counts summed over the tensor ranks.
+  the expert bias, two MoE MTP depths. Each rank holds zigzag chunks of its sequences: the
+  router sums its token counts over the context ranks (Megatron's `tp_cp_group`), RoPE and YaRN
+  take the global positions, the all-to-all crosses context ranks, and the bias update sums the
+  counts over tensor x data x context ranks;
+- TP2 x CP2 with sequence parallel (four processes) on a GQA + MoE model with the plain
+  `aux_loss`: each tensor rank routes its slice of its context chunks, the counts summed over the
+  flattened context x tensor group.
 
 Every case uses Adam's eps 1e-6 and lr 1e-3 and the TP case turns off the QK norms, as the
 expert-parallel TP test does: context and tensor parallel reorder sums (~1e-7 relative; the losses
@@ -32,6 +34,8 @@ from tests.test_train_expert_parallel import MLA_KEYS, STEPS, _final_model, _lin
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
+# two micro-batches of 2 sequences per step: at EP2 x CP2 (data 2) one per data-parallel rank
+LEAN = ["train.global_batch_size=4"]
 YARN = ["model.rope_type=yarn", "model.rotary_scaling_factor=4.0",
         "model.original_max_position_embeddings=16", "model.mscale=1.0",
         "model.mscale_all_dim=0.5", "train.adam_eps=1e-6", "train.lr=1e-3"]
@@ -58,34 +62,22 @@ def _assert_same_run(reference: Path, run_dir: Path, keys: tuple[str, ...] = SEQ
         assert diff <= tolerance, (name, diff)
 
 
-@pytest.fixture(scope="module")
-def mla_runs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("moe_cp")
-    _train(root / "single", 1, 1, *YARN)
-    return root
-
-
-def test_cp2_mla_moe_gives_the_single_process_run(mla_runs):
-    _train(mla_runs / "cp2", 2, 1, *YARN, "parallel.context=2")
-    _assert_same_run(mla_runs / "single", mla_runs / "cp2")
-    first = _lines(mla_runs / "cp2")[0]
+def test_ep2_cp2_mla_moe_gives_the_single_process_run(tmp_path):
+    _train(tmp_path / "single", 1, 1, *LEAN, *YARN)
+    _train(tmp_path / "ep2cp2", 4, 2, *LEAN, *YARN, "parallel.context=2")
+    _assert_same_run(tmp_path / "single", tmp_path / "ep2cp2")
+    first = _lines(tmp_path / "ep2cp2")[0]
     assert first["seq_load_balancing_loss"] > 0 and first["z_loss"] > 0
 
 
-def test_ep2_cp2_gives_the_single_process_run(mla_runs):
-    _train(mla_runs / "ep2cp2", 4, 2, *YARN, "parallel.context=2")
-    _assert_same_run(mla_runs / "single", mla_runs / "ep2cp2")
-
-
-def test_tp2_sequence_parallel_moe_gives_the_single_process_run(tmp_path):
+def test_tp2_cp2_sequence_parallel_moe_gives_the_single_process_run(tmp_path):
     source = yaml.safe_load((SPECS / "tiny_moe.yaml").read_text())
     for key in MLA_KEYS:
         source["model"].pop(key)
     source["model"]["moe_router_load_balancing_type"] = "aux_loss"
     spec = tmp_path / "gqa_moe.yaml"
     spec.write_text(yaml.safe_dump(source))
-    _train(tmp_path / "single", 1, 1, *TP_SAFE, spec=spec)
-    _train(tmp_path / "tp2sp", 2, 1, *TP_SAFE, "parallel.tensor=2",
-           "parallel.sequence_parallel=true", spec=spec)
-    _assert_same_run(tmp_path / "single", tmp_path / "tp2sp",
-                     keys=AUX_KEYS)
+    _train(tmp_path / "single", 1, 1, *LEAN, *TP_SAFE, spec=spec)
+    _train(tmp_path / "tp2cp2sp", 4, 1, *LEAN, *TP_SAFE, "parallel.tensor=2",
+           "parallel.context=2", "parallel.sequence_parallel=true", spec=spec)
+    _assert_same_run(tmp_path / "single", tmp_path / "tp2cp2sp", keys=AUX_KEYS)
