@@ -13,8 +13,9 @@ and the load imbalance, and the same final parameters (expert biases included), 
   take the global positions, the all-to-all crosses context ranks, and the bias update sums the
   counts over tensor x data x context ranks;
 - TP2 x CP2 with sequence parallel (four processes) on a GQA + MoE model with the plain
-  `aux_loss`: each tensor rank routes its slice of its context chunks, the counts summed over the
-  flattened context x tensor group.
+  `aux_loss`, in per-token loss mode: each tensor rank routes its slice of its context chunks,
+  the counts summed over the flattened context x tensor group, and each aux loss's gradient
+  multiplied by its rank's tokens times that group's size (Megatron-Core's rule).
 
 Every case uses Adam's eps 1e-6 and lr 1e-3 and the TP case turns off the QK norms, as the
 expert-parallel TP test does: context and tensor parallel reorder sums (~1e-7 relative; the losses
@@ -77,7 +78,8 @@ def test_tp2_cp2_sequence_parallel_moe_gives_the_single_process_run(tmp_path):
     source["model"]["moe_router_load_balancing_type"] = "aux_loss"
     spec = tmp_path / "gqa_moe.yaml"
     spec.write_text(yaml.safe_dump(source))
-    _train(tmp_path / "single", 1, 1, *LEAN, *TP_SAFE, spec=spec)
-    _train(tmp_path / "tp2cp2sp", 4, 1, *LEAN, *TP_SAFE, "parallel.tensor=2",
+    per_token = "train.calculate_per_token_loss=true"
+    _train(tmp_path / "single", 1, 1, *LEAN, *TP_SAFE, per_token, spec=spec)
+    _train(tmp_path / "tp2cp2sp", 4, 1, *LEAN, *TP_SAFE, per_token, "parallel.tensor=2",
            "parallel.context=2", "parallel.sequence_parallel=true", spec=spec)
     _assert_same_run(tmp_path / "single", tmp_path / "tp2cp2sp", keys=AUX_KEYS)
