@@ -94,8 +94,8 @@ class ParallelDims:
 
     @staticmethod
     def _moe_mla_unsupported(spec: RunSpec) -> list[Problem]:
-        """What MoE and MLA models do not run yet: context parallel, MLA under tensor parallel,
-        MoE under sequence parallel, expert parallel under FSDP2."""
+        """What MoE and MLA models do not run yet: context parallel, MoE under sequence
+        parallel, expert parallel under FSDP2."""
         problems = []
         if spec.parallel.expert_tensor > 1:
             problems.append(Problem(
@@ -112,11 +112,6 @@ class ParallelDims:
             problems.append(Problem(
                 "MoE and multi-latent attention models do not run context parallel yet",
                 key="parallel.context", hint="set parallel.context=1"))
-        if mla and par.tensor > 1:
-            problems.append(Problem(
-                "multi-latent attention does not run tensor parallel yet",
-                key="parallel.tensor", hint="set parallel.tensor=1 (DeepSeek-V3 trained "
-                "without it: pipeline and expert parallel)"))
         if moe and par.sequence_parallel:
             problems.append(Problem(
                 "MoE layers under sequence parallel would route each rank's slice of the "
