@@ -26,8 +26,8 @@ parallel moves it into the heads' region (identity on one device).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
