@@ -33,6 +33,22 @@ from tests.test_tensor_parallel import _check_case
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.parametrize(("overrides", "world"), [
+    (["parallel.tensor=2"], 2), (["parallel.tensor=2", "parallel.expert=2"], 4)])
+def test_memory_plan_counts_what_a_tensor_parallel_rank_holds(overrides, world):
+    """`mtp build --memory`'s per-rank parameters equal what the engine's rank 0 holds (built
+    against torch's fake process group): MLA's down projections and the routers whole, the rest
+    of the attention split."""
+    from mtp_cli import load_spec
+    from mtp_cli.build.stage_tensors import build_memory_plan
+    from tests.test_memory_plan import _engine_grad_sync
+
+    spec = load_spec(SPECS / "tiny_moe.yaml", overrides)
+    plan = build_memory_plan(spec, world, device="cpu")
+    _, elements = _engine_grad_sync(spec, world, rank=0)
+    assert sum(s.parameters for s in plan.ranks[0].stages) == elements
+
+
 def _worker(rank: int, world_size: int, cases: list[tuple]) -> None:
     for case in cases:
         _check_case(*case)
