@@ -11,12 +11,12 @@ of every rank, `linear_proj` row-parallel. Checked at two levels:
 * `mtp train` end to end: an MLA + MoE model at TP2 and a dense MLA model at TP2 with sequence
   parallel give the single-process runs' losses per step and final parameters to 1e-5; the TP2
   checkpoint stores canonical shapes as shards, passes `inspect-ckpt --strict` and resumes at TP1
-  with the next step's losses equal.
+  with the next step's losses equal;
+* `mtp build --memory`: per-rank parameters equal what the engine's rank holds.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 from pathlib import Path
@@ -29,9 +29,6 @@ from tests.ckpt_helpers import load_whole_dcp
 from tests.cli_helpers import SPECS, run_mtp
 from tests.dist_utils import run_distributed
 from tests.test_tensor_parallel import _check_case
-
-pytestmark = pytest.mark.distributed
-
 
 @pytest.mark.parametrize(("overrides", "world"), [
     (["parallel.tensor=2"], 2), (["parallel.tensor=2", "parallel.expert=2"], 4)])
@@ -54,11 +51,13 @@ def _worker(rank: int, world_size: int, cases: list[tuple]) -> None:
         _check_case(*case)
 
 
+@pytest.mark.distributed
 def test_mla_tp2_step_matches_single_process():
-    """D = 2, tied and untied, with and without sequence parallel and query compression."""
-    cases = [("mla", 2, tied, sp, overrides)
-             for tied, sp, overrides in itertools.product(
-                 (False, True), (False, True), ({}, {"q_lora_rank": None}))]
+    """D = 2; tied and untied, with and without sequence parallel, with and without query
+    compression (each value of each in two of four cases)."""
+    cases = [("mla", 2, tied, sp, {} if compress else {"q_lora_rank": None})
+             for tied, sp, compress in ((False, False, True), (True, True, True),
+                                        (False, True, False), (True, False, False))]
     run_distributed(_worker, 2, cases)
 
 
@@ -135,6 +134,7 @@ def moe_runs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_mla_moe_tp2_gives_the_single_process_run(moe_runs):
     """MLA + MoE layers (first dense) with two MoE MTP depths at TP2, no sequence parallel
     (MoE under sequence parallel is refused)."""
@@ -146,6 +146,7 @@ def test_mla_moe_tp2_gives_the_single_process_run(moe_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_an_mla_tp2_checkpoint_resumes_at_tp1(moe_runs, tmp_path):
     """DCP reshards the step-3 TP2 checkpoint to one process: steps 4 and 5 give the losses
     of the runs that never stopped."""
@@ -157,6 +158,7 @@ def test_an_mla_tp2_checkpoint_resumes_at_tp1(moe_runs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_dense_mla_tp2_sequence_parallel_gives_the_single_process_run(tmp_path):
     """tiny_moe without its MoE keys: MLA in every layer, the sequence split between the TP
     regions (the down projections and latent norms see this rank's tokens only)."""

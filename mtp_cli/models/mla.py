@@ -63,7 +63,6 @@ class MLASelfAttention(nn.Module):
         super().__init__()
         heads, h = config.num_attention_heads, config.hidden_size
         self.layer_number = layer_number  # the key of this layer's entries in a KV cache
-        self.heads = heads
         self.qk_head_dim, self.rope_dim = config.qk_head_dim, config.qk_pos_emb_head_dim
         self.v_head_dim, self.kv_lora_rank = config.v_head_dim, config.kv_lora_rank
         q_head_dim = self.qk_head_dim + self.rope_dim
