@@ -30,6 +30,7 @@ from tests.cli_helpers import SPECS, run_mtp
 from tests.dist_utils import run_distributed
 from tests.test_tensor_parallel import _check_case
 
+
 @pytest.mark.parametrize(("overrides", "world"), [
     (["parallel.tensor=2"], 2), (["parallel.tensor=2", "parallel.expert=2"], 4)])
 def test_memory_plan_counts_what_a_tensor_parallel_rank_holds(overrides, world):
