@@ -118,10 +118,15 @@ def test_moe_models_run_sequence_parallel():
 @pytest.mark.parametrize(("overrides", "key"), [
     (["parallel.expert=2", "parallel.fsdp=true"], "parallel.fsdp"),
     (["parallel.expert_tensor=2"], "parallel.expert_tensor"),
-    (["parallel.tensor=2"], "parallel.tensor"),  # tiny_moe's attention is MLA
 ])
 def test_what_moe_and_mla_models_do_not_run_yet_is_refused_by_key(overrides, key):
     spec_ = moe_spec(*overrides)
     with pytest.raises(UserError) as error:
         ParallelDims.from_spec(spec_, 4).check_supported(spec_)
     assert [p.key for p in error.value.problems] == [key]
+
+
+def test_multi_latent_attention_runs_tensor_parallel():
+    """tiny_moe's attention is MLA: tensor parallel splits it (Megatron-Core's layout)."""
+    spec_ = moe_spec("parallel.tensor=2")
+    ParallelDims.from_spec(spec_, 4).check_supported(spec_)

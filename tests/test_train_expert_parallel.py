@@ -2,8 +2,8 @@
 MTP depths at EP2 (two processes), EP2 x DP2 and EP2 x PP2 (four; the MoE MTP layers on the last
 stage) gives, step by step, the single-process run's lm loss, each MTP depth's loss, the aux
 losses and the load imbalance, and the same final parameters, to 1e-5; so does a GQA + MoE model
-at EP2 x TP2 (MLA does not run tensor parallel yet); a checkpoint written at EP2 resumes at EP1
-and at EP4 on the same path.
+at EP2 x TP2 (MLA under TP: tests/test_train_mla_tensor_parallel.py); a checkpoint written at
+EP2 resumes at EP1 and at EP4 on the same path.
 
 The TP case turns off the QK norms and uses Adam's eps 1e-6 and lr 1e-3: tensor parallel
 reorders sums (~1e-7 relative), which Adam's first steps turn into visible differences for

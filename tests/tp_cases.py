@@ -25,6 +25,13 @@ ARCHS: dict[str, dict[str, Any]] = {
     # RMSNorm, SwiGLU, RoPE, grouped-query attention, a QKV bias only
     "llama": {"normalization": "RMSNorm", "activation": "swiglu", "position_embedding": "rope",
               "add_bias_linear": False, "add_qkv_bias": True, "num_query_groups": 2},
+    # DeepSeek-V3's multi-latent attention: query and kv latents with their norms, YaRN active
+    # (scaling > 1, mscale != mscale_all_dim, SEQ > original_max_position_embeddings)
+    "mla": {"normalization": "RMSNorm", "activation": "swiglu", "position_embedding": "rope",
+            "add_bias_linear": False, "multi_latent_attention": True, "q_lora_rank": 12,
+            "kv_lora_rank": 10, "qk_head_dim": 6, "qk_pos_emb_head_dim": 4, "v_head_dim": 5,
+            "qk_layernorm": True, "rope_type": "yarn", "rotary_scaling_factor": 4.0,
+            "original_max_position_embeddings": 4, "mscale": 0.7, "mscale_all_dim": 1.0},
 }
 TRACKED = ("values", "correct", "total")
 

@@ -17,6 +17,14 @@ from mtp_cli.plan.placement import build_stage_plan
 from mtp_cli.plan.stages import StagePlan
 
 EMBEDDING_TABLES = ("word_embeddings", "position_embeddings")
+# 2-D weights tensor parallel keeps whole on every rank (`mtp_cli.parallel.tensor_parallel`):
+# MLA's down projections (Megatron-Core's "duplicated" linears) and the MoE routers.
+TENSOR_PARALLEL_DUPLICATED = ("linear_q_down_proj", "linear_kv_down_proj", "router")
+
+
+def duplicated_under_tensor_parallel(name: str) -> bool:
+    """Whether parameter `name` is a 2-D weight tensor parallel does not split (by name)."""
+    return any(segment in TENSOR_PARALLEL_DUPLICATED for segment in name.split("."))
 
 
 def _unique(modules: list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
@@ -44,13 +52,16 @@ def stage_tensors(spec: RunSpec, plan: StagePlan, *, allow_imports: bool = False
         if stage.loss and whole.output_layer is None:  # tied: the output weight is a table
             matmul += output_numel
         experts = sum(routed_expert_parameters(m)[0] for m in modules)
+        duplicated = sum(p.numel() for n, p in named
+                         if p.ndim >= 2 and duplicated_under_tensor_parallel(n))
         layers = [whole.decoder.layers[str(n - 1)] for n in stage.decoder_layers]
         if stage.mtp_layers and whole.mtp is not None:
             layers += [whole.mtp.layer_for_depth(stage.mtp_layer_offset + d)
                        for d in range(stage.mtp_layers)]
         units = tuple(sum(p.numel() for p in layer.parameters()) for layer in layers)
         largest = max([p.numel() for _, p in named] + [output_copy, 0])
-        result.append(StageCounts(matrices, vectors, matmul, experts, units, largest))
+        result.append(StageCounts(matrices, vectors, matmul, experts, units, largest,
+                                  duplicated=duplicated))
     return result
 
 

@@ -15,10 +15,18 @@ weights the same way, so the name mapping copies those rows unchanged; a checkpo
 `rope_interleave: false` has its rotary rows permuted by the mapping (`mtp_cli.hf.mapping`).
 The scale is `mla_softmax_scale` (YaRN's mscale_all_dim correction) and cos/sin carry YaRN's
 concentration factor.
+
+Tensor parallel (applied from outside, `mtp_cli.parallel.tensor_parallel`, as Megatron-Core's
+TE spec lays MLA out) splits the up projections by heads and `linear_proj` by its input, and
+keeps the down projections and latent norms whole on every rank; so the forward reads the head
+count from the tensors, not the config. `k_pe` comes out of the (whole) down projection in the
+activation layout but is read by every local head: `shared_key_region` is the seam where tensor
+parallel moves it into the heads' region (identity on one device).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +63,6 @@ class MLASelfAttention(nn.Module):
         super().__init__()
         heads, h = config.num_attention_heads, config.hidden_size
         self.layer_number = layer_number  # the key of this layer's entries in a KV cache
-        self.heads = heads
         self.qk_head_dim, self.rope_dim = config.qk_head_dim, config.qk_pos_emb_head_dim
         self.v_head_dim, self.kv_lora_rank = config.v_head_dim, config.kv_lora_rank
         q_head_dim = self.qk_head_dim + self.rope_dim
@@ -86,6 +93,8 @@ class MLASelfAttention(nn.Module):
         self.linear_proj = linear(submodules.linear_proj, heads * self.v_head_dim, h,
                                   bias=config.add_bias_linear)
         self.rotary_mscale = yarn_concentration_factor(config)
+        # `[s, b, rope]` shared key -> the layout the query heads read (see the module doc)
+        self.shared_key_region: Callable[[torch.Tensor], torch.Tensor] = _identity
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None,
@@ -93,32 +102,38 @@ class MLASelfAttention(nn.Module):
                 inference_context: InferenceContext | None = None) -> torch.Tensor:
         """`[s, b, h]` -> `[s, b, h]`; `rotary_pos_emb` `[s, b, 1, rope]` angles. With an
         `inference_context` the per-head keys and values go through its KV cache."""
-        seq_len, batch, _ = hidden_states.shape
         if self.compress_query:
             q = self.linear_q_up_proj(self.q_layernorm(self.linear_q_down_proj(hidden_states)))
         else:
             q = self.linear_q_proj(hidden_states)
-        q = q.view(seq_len, batch, self.heads, self.qk_head_dim + self.rope_dim)
+        seq_len, batch = q.shape[:2]  # the whole sequence (sequence parallel gathers it)
+        q = q.view(seq_len, batch, -1, self.qk_head_dim + self.rope_dim)  # [s, b, local heads]
+        heads = q.shape[2]
         q_nope, q_pe = q.split([self.qk_head_dim, self.rope_dim], dim=-1)
         kv_latent, k_pe = self.linear_kv_down_proj(hidden_states).split(
             [self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.linear_kv_up_proj(self.kv_layernorm(kv_latent))
-        kv = kv.view(seq_len, batch, self.heads, self.qk_head_dim + self.v_head_dim)
+        kv = kv.view(seq_len, batch, heads, self.qk_head_dim + self.v_head_dim)
         k_nope, value = kv.split([self.qk_head_dim, self.v_head_dim], dim=-1)
-        k_pe = k_pe.unsqueeze(-2)  # [s, b, 1, rope]: one key head shared by all query heads
+        # [s, b, 1, rope]: one key head shared by all query heads
+        k_pe = self.shared_key_region(k_pe).unsqueeze(-2)
         if rotary_pos_emb is not None:
             q_pe = apply_rotary_pos_emb(q_pe, rotary_pos_emb, interleaved_pairs=True,
                                         mscale=self.rotary_mscale)
             k_pe = apply_rotary_pos_emb(k_pe, rotary_pos_emb, interleaved_pairs=True,
                                         mscale=self.rotary_mscale)
         query = torch.cat([q_nope, q_pe], dim=-1)
-        key = torch.cat([k_nope, k_pe.expand(-1, -1, self.heads, -1)], dim=-1)
+        key = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
         value = value.contiguous()
         if inference_context is not None:
             key, value, attention_mask = inference_context.update_kv(self.layer_number, key,
                                                                      value)
         context = self.core_attention(query, key, value, attention_mask, packed_seq_params)
         return self.linear_proj(context)
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def mla_self_attention_spec(qk_layernorm: bool) -> ModuleSpec:

@@ -5,6 +5,9 @@ or one pipeline stage) in place:
 
     linear_qkv, linear_fc1, eh_proj   column-parallel (rows; SwiGLU's [gate; up] halves apart)
     linear_proj, linear_fc2           row-parallel (input columns; bias replicated)
+    MLA: linear_q_proj, linear_q_up_proj, linear_kv_up_proj   column-parallel (by heads)
+         linear_q_down_proj, linear_kv_down_proj              duplicated (whole on every rank)
+         q_layernorm, kv_layernorm, the shared RoPE key k_pe   replicated
     embedding.word_embeddings         vocab-parallel rows
     output_layer / tied embedding     vocab-parallel rows, vocab-parallel cross-entropy
     norms, position table, row biases replicated (whole)
@@ -35,11 +38,17 @@ from mtp_cli.models.attention import SelfAttention
 from mtp_cli.models.embedding import LanguageModelEmbedding
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.models.linear import ColumnParallelLinear, RowParallelLinear
+from mtp_cli.models.mla import MLASelfAttention
 from mtp_cli.models.mlp import MLP
 from mtp_cli.mtp.block import MultiTokenPredictionBlock
 from mtp_cli.mtp.layer import MultiTokenPredictionLayer
 from mtp_cli.parallel.sharded_state import sharded_tensor
-from mtp_cli.parallel.tp_layers import ColumnShardedLinear, RowShardedLinear
+from mtp_cli.parallel.tp_layers import (
+    ColumnShardedLinear,
+    DuplicatedLinear,
+    RowShardedLinear,
+    SharedAcrossHeads,
+)
 from mtp_cli.parallel.tp_mappings import group_rank, group_size
 from mtp_cli.parallel.tp_sharding import COLUMN, GATED_COLUMN, ROW, VOCAB, ShardRule
 from mtp_cli.parallel.vocab_parallel import TensorParallelEmbedding, VocabParallelOutputHead
@@ -211,11 +220,33 @@ class _Converter:
                                                sequence_parallel=self.sp))
         self._record(full_path, source, ROW, None)
 
+    def duplicate(self, parent: nn.Module, path: str, attr: str) -> None:
+        """Keep a linear whole on every rank (no rule: its parameters are replicated)."""
+        source = getattr(parent, attr)
+        _expect(source, ColumnParallelLinear, f"{path}.{attr}")
+        setattr(parent, attr, DuplicatedLinear(source))
+
+    def multi_latent_attention(self, module: MLASelfAttention, path: str) -> None:
+        """Megatron-Core's TE layout of MLA: the up projections split by heads (their rows are
+        per head, so contiguous blocks are whole heads), the down projections and latent norms
+        whole, the shared RoPE key moved into the heads' region, `linear_proj` row-parallel."""
+        if module.compress_query:
+            self.duplicate(module, path, "linear_q_down_proj")
+            self.column(module, path, "linear_q_up_proj", COLUMN)
+        else:
+            self.column(module, path, "linear_q_proj", COLUMN)
+        self.duplicate(module, path, "linear_kv_down_proj")
+        self.column(module, path, "linear_kv_up_proj", COLUMN)
+        self.row(module, path, "linear_proj")
+        module.shared_key_region = SharedAcrossHeads(self.group, self.sp)
+
     def convert(self) -> None:
         for path, module in list(self.model.named_modules()):
             if isinstance(module, SelfAttention):
                 self.column(module, path, "linear_qkv", COLUMN)
                 self.row(module, path, "linear_proj")
+            elif isinstance(module, MLASelfAttention):
+                self.multi_latent_attention(module, path)
             elif isinstance(module, MLP) and not _is_routed_expert(path):
                 # routed experts stay whole (expert tensor parallel 1, DeepSeek-V3's layout)
                 self.column(module, path, "linear_fc1", GATED_COLUMN if module.gated else COLUMN)

@@ -28,7 +28,7 @@ from mtp_cli.parallel.tp_sharding import ShardRule
 
 
 def _local_parameter(param: torch.Tensor | None, rule: ShardRule | None,
-                     group: dist.ProcessGroup) -> nn.Parameter | None:
+                     group: dist.ProcessGroup | None) -> nn.Parameter | None:
     """This rank's slice of `param` (or `param` itself when replicated), as a new Parameter."""
     if param is None:
         return None
@@ -98,3 +98,46 @@ class RowShardedLinear(_ShardedLinear):
         else:
             y = reduce_from_tensor_parallel_region(y, self.group)
         return y if self.bias is None else y + self.bias
+
+
+class DuplicatedLinear(nn.Module):
+    """`Y = X A^T (+ b)` with the whole weight on every TP rank (Megatron's `parallel_mode=
+    "duplicated"`): MLA's down projections, whose outputs are latents too narrow to split.
+
+    No communication: it runs on the activation as it comes, replicated or, under sequence
+    parallel, this rank's sequence slice. Its gradient is then complete on every rank (without
+    sequence parallel: the latents' gradients come back all-reduced by the column-parallel up
+    projections) or partial (with it: this rank's tokens only), and is summed over the TP ranks
+    with the other replicated parameters (`mtp_cli.parallel.tp_grads`).
+    """
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        self.scaled_init = bool(getattr(source, "scaled_init", False))
+        self.weight = _local_parameter(source.weight, None, None)
+        self.bias = _local_parameter(getattr(source, "bias", None), None, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight.shape
+        return f"in={inp}, out={out}, bias={self.bias is not None}, duplicated"
+
+
+class SharedAcrossHeads:
+    """MLA's decoupled RoPE key `[s, b, rope]` -> the layout every local head reads: whole
+    sequence, one copy per rank; in backward, the sum of the ranks' heads' gradients.
+
+    Without sequence parallel it is already whole: forward identity, backward all-reduce
+    (`copy_to_tensor_parallel_region`). With sequence parallel it is this rank's slice:
+    all-gathered along the sequence, reduce-scattered in backward (Megatron-Core's
+    `gather_from_sequence_parallel_region` of `k_pos_emb`)."""
+
+    def __init__(self, group: dist.ProcessGroup, sequence_parallel: bool) -> None:
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def __call__(self, k_pe: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(k_pe, self.group)
+        return copy_to_tensor_parallel_region(k_pe, self.group)

@@ -94,8 +94,8 @@ class ParallelDims:
 
     @staticmethod
     def _moe_mla_unsupported(spec: RunSpec) -> list[Problem]:
-        """What MoE and MLA models do not run yet: MLA under tensor parallel, expert parallel
-        under FSDP2."""
+        """What MoE and MLA models do not run yet: expert parallel under FSDP2, expert tensor
+        parallel."""
         problems = []
         if spec.parallel.expert_tensor > 1:
             problems.append(Problem(
@@ -106,13 +106,6 @@ class ParallelDims:
                 "expert parallel runs with DDP; FSDP2 would average the experts' gradients over "
                 "ranks that hold other experts", key="parallel.fsdp",
                 hint="set parallel.fsdp=false"))
-        model, par = spec.model, spec.parallel
-        mla = model.multi_latent_attention
-        if mla and par.tensor > 1:
-            problems.append(Problem(
-                "multi-latent attention does not run tensor parallel yet",
-                key="parallel.tensor", hint="set parallel.tensor=1 (DeepSeek-V3 trained "
-                "without it: pipeline and expert parallel)"))
         return problems
 
     @property

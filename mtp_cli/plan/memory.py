@@ -84,7 +84,9 @@ class StageCounts:
     `vectors`: norms and biases, replicated; `matmul_weights`: what autocast casts to bf16 (the
     linears and the output weight, not the embedding tables' lookups); `routed_experts`: the
     routed experts' part of `matrices` (split by expert parallel instead); `units`: the elements
-    of each FSDP2 unit (decoder and MTP layers); `largest`: the largest single tensor."""
+    of each FSDP2 unit (decoder and MTP layers); `largest`: the largest single tensor;
+    `duplicated`: the part of `matrices` (and of `matmul_weights`) tensor parallel keeps whole on
+    every rank (MLA's down projections, the MoE routers)."""
 
     matrices: int
     vectors: int
@@ -92,6 +94,7 @@ class StageCounts:
     routed_experts: int
     units: tuple[int, ...]
     largest: int
+    duplicated: int = 0
 
 
 @dataclass
@@ -337,7 +340,8 @@ def plan_memory(spec: RunSpec, world_size: int, counts: list[StageCounts], plan:
 
 
 def _local_elements(c: StageCounts, tp: int, ep: int) -> float:
-    return (c.matrices - c.routed_experts) / tp + c.routed_experts / ep + c.vectors
+    split = c.matrices - c.routed_experts - c.duplicated
+    return split / tp + c.routed_experts / ep + c.duplicated + c.vectors
 
 
 def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[StageMemory],
@@ -348,8 +352,8 @@ def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[S
     elements = sum(s.parameters for s in stages)
     params = grads = FP32 * elements
     optimizer = ADAM_MOMENTS * FP32 * elements
-    matmul = sum((c.matmul_weights - c.routed_experts) / tp + c.routed_experts / ep
-                 for c in counts)
+    matmul = sum((c.matmul_weights - c.routed_experts - c.duplicated) / tp + c.duplicated
+                 + c.routed_experts / ep for c in counts)
     weight_cache = 0.0
     if spec.train.bf16:
         if spec.train.recompute == "full":  # only the head is cast outside checkpoints
@@ -402,7 +406,8 @@ def _build_peak(counts: list[StageCounts], dims: ParallelDims, engine: str) -> f
     tp, shard = dims.tp, dims.dp_cp if engine == "fsdp2" else 1
     peak = done = 0.0
     for c in counts:
-        local = FP32 * ((c.matrices - c.routed_experts) / tp + c.routed_experts + c.vectors)
+        local = FP32 * ((c.matrices - c.routed_experts - c.duplicated) / tp
+                        + c.routed_experts + c.duplicated + c.vectors)
         init = 2 * FP32 * c.largest  # the slice is cut after `randn` is freed
         fsdp = FP32 * max((u for u in c.units), default=0) / tp if shard > 1 else 0.0
         peak = max(peak, done + local + max(init, fsdp))
