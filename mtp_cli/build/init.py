@@ -67,3 +67,4 @@ def initialize_parameters(model: nn.Module, spec: RunSpec, *, seed: int | None =
                 value = shard_fn(name, value)
             with torch.no_grad():
                 param.copy_(value.to(param.dtype))
+            del value  # released before the next draw: one full tensor at a time

@@ -7,10 +7,13 @@ expert-parallel group form an expert-data-parallel group (they hold the same exp
 rank still runs its own micro-batches; inside each MoE layer the all-to-all dispatcher
 (`expert_dispatch.py`) sends each token to the rank of its expert and back.
 
-`apply_expert_parallel` transforms a whole single-device model in place: each MoE layer keeps
-the experts of its rank's block (`local_experts.{e}` keep their GLOBAL index `e`, so state-dict
+`apply_expert_parallel` transforms a single-device model (or a stage) in place: each MoE layer
+keeps the experts of its rank's block (`local_experts.{e}` keep their GLOBAL index `e`, so state-dict
 names, and hence DCP checkpoints, are the same whatever the expert-parallel size: a checkpoint
-written at EP2 loads at EP1 or EP4 by name) and gets the all-to-all dispatcher. Gradients:
+written at EP2 loads at EP1 or EP4 by name) and gets the all-to-all dispatcher. The engine applies it to each stage while its parameters are
+still on the meta device (`mtp_cli.parallel.meta_init`), so a rank allocates and initialises only
+its own experts (by global name: the single-process weights) and never the other ranks'; a
+DeepSeek-V3-size stage needs its dense weights plus 1/EP of its experts. Gradients:
 - dense parameters (attention, router, shared experts, norms, embeddings) are replicated on all
   N ranks and averaged over them by DDP, which is told to leave the expert parameters alone;
 - an expert's gradient on its rank already holds the contributions of every token of its
@@ -183,8 +186,10 @@ def setup_expert_parallel(model: nn.Module, dims: ParallelDims, ep: int) -> Expe
 
 def setup_model_parallel_experts(chunks: list[nn.Module], dims: ParallelDims, ep: int
                                  ) -> ExpertGradients | None:
-    """Expert parallel on a rank's pipeline chunks (tensor parallel already applied, experts
-    left whole); None when `ep` is 1."""
+    """Expert parallel on a rank's already built pipeline chunks (tensor parallel applied,
+    experts left whole); None when `ep` is 1. The engine instead prunes each chunk on the meta
+    device (`apply_expert_parallel` before materialising), so that no other rank's expert is
+    ever allocated; this form serves callers that hold a built model."""
     if ep == 1:
         return None
     groups = build_expert_groups(dims, ep)

@@ -5,7 +5,7 @@ Each rank builds only its pipeline stages from the stage plan (one stage, the wh
 pipeline parallel), with parameters on the meta device; tensor parallel reshapes them, and only
 this rank's shards are allocated, initialised from `train.seed` and their global names, one full
 tensor at a time (`mtp_cli.parallel.meta_init`), so every layout starts from the single-process
-weights. Then it applies context parallel, activation recomputation and data parallel from
+weights; under expert parallel the other ranks' experts are dropped before that, never allocated. Then it applies context parallel, activation recomputation and data parallel from
 outside. Data parallel is DDP for a whole model per rank, FSDP2 over the data x context ranks
 with `parallel.fsdp` (TP inside, as torchtitan composes them), and otherwise one coalesced
 all-reduce after the backward (DDP cannot drive stages run under a hand-written schedule).
@@ -33,7 +33,11 @@ from mtp_cli.mtp.loss import LossSettings
 from mtp_cli.mtp.run_state import MTPRunState
 from mtp_cli.parallel.context_parallel import apply_context_parallel
 from mtp_cli.parallel.data_parallel import apply_data_parallel, shard_fully
-from mtp_cli.parallel.expert_parallel import setup_model_parallel_experts
+from mtp_cli.parallel.expert_parallel import (
+    ExpertGradients,
+    apply_expert_parallel,
+    build_expert_groups,
+)
 from mtp_cli.parallel.mesh import ParallelMesh
 from mtp_cli.parallel.meta_init import materialize, parameters_on_meta
 from mtp_cli.parallel.pipeline_p2p import TorchP2P
@@ -98,9 +102,13 @@ class TrainingEngine:
         self.cp_group = _group_if_parallel(mesh.group("cp"), dims.cp)
         self.dp_cp_group = _group_if_parallel(mesh.dp_cp_group, dims.dp_cp)
         self.loss_settings, self.mtp_state = loss_settings_for(spec), MTPRunState()
+        # expert parallel: the groups first, so each stage keeps only this rank's experts
+        # while still on the meta device; then their gradients' reduction
+        ep = spec.parallel.expert
+        self.expert_groups = build_expert_groups(dims, ep) if ep > 1 else None
         self.chunks = [self._build_chunk(vp, allow_imports) for vp in self._virtual_stages()]
-        # expert parallel: this rank's experts, the all-to-all dispatcher, their gradients
-        self.expert_grads = setup_model_parallel_experts(self.chunks, dims, spec.parallel.expert)
+        self.expert_grads = (ExpertGradients(nn.ModuleList(self.chunks), self.expert_groups)
+                             if self.expert_groups is not None else None)
         self.embedding = build_embedding_group(self.plan, spec, mesh)
         modules, grad_sync = self._data_parallel()
         self.optimizer = build_optimizer(nn.ModuleList(self.chunks), spec.train)
@@ -125,6 +133,8 @@ class TrainingEngine:
         with parameters_on_meta():  # buffers real, parameters meta: nothing full-size kept
             chunk = build_model(self.spec, self.settings.device, stage=contents,
                                 allow_imports=allow_imports, initialize=False)
+        if self.expert_groups is not None:  # other ranks' experts dropped while still meta
+            apply_expert_parallel(chunk, self.expert_groups)
         plan = None
         if self.tp_group is not None:
             plan = parallelize_tensor(chunk, self.tp_group,
