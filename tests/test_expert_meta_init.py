@@ -91,3 +91,20 @@ def test_a_rank_materialises_only_its_experts_of_the_single_process_weights(worl
     assert sum(n for _, n in allocated) == dense + whole_experts // expert
     for name, value in params.items():  # the single-process initial weights, by global name
         assert torch.equal(value.detach(), reference[name]), name
+
+
+@pytest.mark.parametrize(("overrides", "world"), [
+    (["parallel.expert=2"], 2),
+    (["parallel.expert=2", "parallel.fsdp=true"], 2),  # expert data parallel 1
+    (["parallel.expert=2", "parallel.fsdp=true"], 4),  # experts' rows over 2, the rest over 4
+])
+def test_the_memory_plan_holds_the_engines_expert_shards(overrides, world):
+    """`mtp build --memory`'s per-rank parameters are what the engine holds under expert
+    parallel, with and without FSDP2 (built against the fake process group)."""
+    from mtp_cli.build.stage_tensors import build_memory_plan
+    from tests.test_memory_plan import _engine_grad_sync
+
+    spec = load_spec(SPECS / "tiny_moe.yaml", [*SMALL, *overrides])
+    plan = build_memory_plan(spec, world, device="cpu")
+    _, elements = _engine_grad_sync(spec, world, rank=world - 1)
+    assert sum(s.parameters for s in plan.ranks[0].stages) == pytest.approx(elements, rel=0.01)

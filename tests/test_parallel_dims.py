@@ -93,6 +93,8 @@ def test_expert_parallel_is_carved_from_data_x_context_ranks():
     assert error.value.problems[0].key == "parallel.expert"
     dims = ParallelDims.from_spec(moe_spec("parallel.expert=2", "parallel.pipeline=2"), 4)
     dims.check_supported(moe_spec("parallel.expert=2", "parallel.pipeline=2"))
+    fsdp = moe_spec("parallel.expert=2", "parallel.fsdp=true")  # EP x FSDP2 composes
+    ParallelDims.from_spec(fsdp, 4).check_supported(fsdp)
 
 
 @pytest.mark.parametrize(("overrides", "nproc"), [
@@ -116,7 +118,6 @@ def test_moe_models_run_sequence_parallel():
 
 
 @pytest.mark.parametrize(("overrides", "key"), [
-    (["parallel.expert=2", "parallel.fsdp=true"], "parallel.fsdp"),
     (["parallel.expert_tensor=2"], "parallel.expert_tensor"),
 ])
 def test_what_moe_and_mla_models_do_not_run_yet_is_refused_by_key(overrides, key):

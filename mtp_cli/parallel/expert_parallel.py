@@ -20,6 +20,14 @@ DeepSeek-V3-size stage needs its dense weights plus 1/EP of its experts. Gradien
   expert-parallel group; `ExpertGradients.finalize` sums it over the expert-data-parallel group
   and divides by N, which is the same average over replicas that the dense parameters get;
 - the gradient norm adds the expert parameters' squares over the expert-parallel group once.
+
+With FSDP2 (`parallel.fsdp`), composed as torchtitan composes them: each MoE layer's routed
+experts are their own FSDP2 unit over the expert-data-parallel mesh (`shard_experts`: the ranks
+holding the same experts shard their rows), before the layers and the root are sharded over the
+data x context mesh, which therefore leaves the experts alone. Their reduce-scatter averages
+over the expert-data-parallel ranks; the step scales them by 1 / EP more, which makes it the
+same average over N replicas as above; the norm adds their held rows' squares over both expert
+groups.
 """
 
 from __future__ import annotations
@@ -29,9 +37,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
 
 from mtp_cli.models.moe.layer import MoELayer
 from mtp_cli.parallel.expert_dispatch import AllToAllTokenDispatcher, expert_block
+from mtp_cli.parallel.sharded_state import held
 from mtp_cli.plan.dims import ParallelDims
 
 EXPERT_PARAM_MARK = ".local_experts."
@@ -84,6 +95,32 @@ def build_expert_groups(dims: ParallelDims, ep: int) -> ExpertParallelGroups:
                                 edp_group=mine["edp"], dp_cp_size=dims.dp_cp)
 
 
+def expert_data_mesh(dims: ParallelDims, ep: int, device_type: str) -> DeviceMesh:
+    """This rank's 1-D expert-data-parallel mesh (the ranks holding the same experts, size
+    data x context / EP, possibly 1), for FSDP2 over the experts. Collective: every rank builds
+    the same (pp, edp, ep, tp) mesh, whose data x context index is `edp * ep + ep_rank` as in
+    `build_expert_groups`."""
+    ranks = torch.arange(dims.world_size).reshape(dims.pp, dims.dp_cp // ep, ep, dims.tp)
+    mesh = DeviceMesh(device_type, ranks, mesh_dim_names=("pp", "edp", "ep", "tp"))
+    return mesh["edp"]
+
+
+def shard_experts(model: nn.Module, mesh: DeviceMesh) -> None:
+    """FSDP2 over `mesh` (expert data parallel) for each MoE layer's routed experts, applied
+    before the layers' own FSDP2 over data x context (which then skips these parameters).
+
+    FSDP2 averages their gradients over `mesh` (N / EP ranks); the replicas' average divides
+    an expert's summed gradient by N (its rank's gradient already holds the tokens of its whole
+    expert-parallel group), so the step multiplies them by 1 / EP more
+    (`ExpertGradients.rescale_sharded`). torchtitan sets FSDP2's gradient divide factor
+    instead; in torch 2.13 that divides twice on a one-rank mesh (expert data parallel 1) when
+    the reduction is a plain sum, and gloo has no pre-scaled sum.
+    """
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            fully_shard(module.experts, mesh=mesh)
+
+
 def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> list[str]:
     """Keep this rank's expert block in every MoE layer and inject the all-to-all dispatcher;
     returns the names of the expert parameters kept (for DDP to ignore)."""
@@ -108,8 +145,10 @@ class ExpertGradients:
     rank holds its experts whole and computes the same gradients as its tensor peers.
     """
 
-    def __init__(self, model: nn.Module, groups: ExpertParallelGroups) -> None:
+    def __init__(self, model: nn.Module, groups: ExpertParallelGroups, *,
+                 sharded: bool = False) -> None:
         self.groups = groups
+        self.sharded = sharded  # FSDP2 rows over the expert-data-parallel group
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.expert = [p for n, p in named if is_expert_parameter(n)]
         self.dense = [p for n, p in named if not is_expert_parameter(n)]
@@ -138,20 +177,32 @@ class ExpertGradients:
             param.grad.copy_(flat[offset:offset + count].view_as(param))
             offset += count
 
+    @torch.no_grad()
+    def rescale_sharded(self, scale: float) -> None:
+        """Under FSDP2: the experts' reduce-scatter averaged over the expert-data-parallel
+        ranks (N / EP of them) where the replicas' average divides by N, so times `scale`
+        (the dense weights' step scale) / EP."""
+        grads = [held(p.grad) for p in self.expert if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale / self.groups.ep_size)
+
     def finalize(self) -> None:
         """Data parallel under DDP: the experts' average over the data x context replicas."""
         self.reduce(1.0 / self.groups.dp_cp_size)
 
     @torch.no_grad()
     def square_sum(self, device: torch.device | None = None) -> torch.Tensor:
-        """Σ ||grad||² over every expert of the expert-parallel group (each counted once)."""
-        grads = [p.grad for p in self.expert if p.grad is not None]
+        """Σ ||grad||² over every expert of the expert-parallel group (each counted once; under
+        FSDP2 each rank's rows, summed over the expert-data-parallel group too)."""
+        grads = [held(p.grad) for p in self.expert if p.grad is not None]
         device = grads[0].device if grads else device
         total = torch.zeros((), dtype=torch.float32, device=device)
         for grad in grads:
             total = total + grad.float().pow(2).sum()
-        if self.groups.ep_group is not None:
-            dist.all_reduce(total, group=self.groups.ep_group)
+        groups = [self.groups.ep_group] + ([self.groups.edp_group] if self.sharded else [])
+        for group in groups:
+            if group is not None:
+                dist.all_reduce(total, group=group)
         return total
 
     @torch.no_grad()

@@ -94,18 +94,12 @@ class ParallelDims:
 
     @staticmethod
     def _moe_mla_unsupported(spec: RunSpec) -> list[Problem]:
-        """What MoE and MLA models do not run yet: expert parallel under FSDP2, expert tensor
-        parallel."""
+        """What MoE and MLA models do not run yet: expert tensor parallel."""
         problems = []
         if spec.parallel.expert_tensor > 1:
             problems.append(Problem(
                 "expert tensor parallel (routed experts split over tensor ranks) is not run yet",
                 key="parallel.expert_tensor", hint="set parallel.expert_tensor=1"))
-        if spec.parallel.expert > 1 and spec.parallel.fsdp:
-            problems.append(Problem(
-                "expert parallel runs with DDP; FSDP2 would average the experts' gradients over "
-                "ranks that hold other experts", key="parallel.fsdp",
-                hint="set parallel.fsdp=false"))
         return problems
 
     @property

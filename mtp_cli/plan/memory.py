@@ -27,8 +27,8 @@ the engine keeps them (`mtp_cli.train.engine.TrainingEngine`, `mtp_cli.train.ste
   step's temporaries (CUDA: a foreach copy of the moments; CPU: the largest tensor, twice).
 
 The rank's total is the largest of five moments: building (meta-device construction: the
-shards only, plus the largest whole tensor drawn twice; every routed expert until expert
-parallel drops the others), the backward peak, the gradient reduction, the optimizer step and
+shards and this rank's routed experts only, plus the largest whole tensor drawn twice), the
+backward peak, the gradient reduction, the optimizer step and
 saving a checkpoint (weights and moments, no gradients: each rank's own shards, never
 gathered). Figures are bytes; `MemoryPlan.as_dict()` is `mtp build --memory --json`.
 """
@@ -331,7 +331,7 @@ def plan_memory(spec: RunSpec, world_size: int, counts: list[StageCounts], plan:
         memories = []
         for stage, c in zip(stages, stage_counts, strict=True):
             kinds, transient = stage_activations(spec, dims, stage)
-            local = _local_elements(c, dims.tp, ep) / shard
+            local = _local_elements(c, dims.tp, ep, shard)
             memories.append(StageMemory(pp_rank, stage.vp_stage, round(local), kinds, transient))
         ranks.append(_rank_memory(spec, dims, pp_rank, memories, stage_counts, engine, count,
                                   device))
@@ -339,9 +339,13 @@ def plan_memory(spec: RunSpec, world_size: int, counts: list[StageCounts], plan:
     return MemoryPlan(world_size, dims, ep, count, engine, ranks, device_memory, notes)
 
 
-def _local_elements(c: StageCounts, tp: int, ep: int) -> float:
+def _local_elements(c: StageCounts, tp: int, ep: int, shard: int = 1) -> float:
+    """Elements a rank holds: dense weights split by TP (`duplicated` ones whole on every TP
+    rank) and FSDP2 (`shard` data x context ranks), routed experts by EP and FSDP2 over the
+    `shard / ep` ranks holding the same ones."""
     split = c.matrices - c.routed_experts - c.duplicated
-    return split / tp + c.routed_experts / ep + c.duplicated + c.vectors
+    dense = split / tp + c.duplicated + c.vectors
+    return dense / shard + c.routed_experts / ep / max(shard // ep, 1)
 
 
 def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[StageMemory],
@@ -386,7 +390,7 @@ def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[S
         if experts or dense:
             buffers["gradient_allreduce"] = max(experts, dense)
             phases["gradient_reduction"] = static + buffers["gradient_allreduce"]
-    phases["build"] = _build_peak(counts, dims, engine)
+    phases["build"] = _build_peak(counts, dims, engine, ep)
     # Gradients are freed after the step; DCP writes each rank's own shards as they are (never
     # gathered; measured: nothing copied), except a view into a larger storage, which it copies
     # one at a time: SwiGLU's [gate_r; up_r] halves under tensor parallel.
@@ -398,20 +402,21 @@ def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[S
                       alive, logits, buffers, phases, ep)
 
 
-def _build_peak(counts: list[StageCounts], dims: ParallelDims, engine: str) -> float:
+def _build_peak(counts: list[StageCounts], dims: ParallelDims, engine: str, ep: int = 1
+                ) -> float:
     """Meta-device construction (`mtp_cli.parallel.meta_init`): each chunk's parameters are
-    allocated at their tensor-parallel local shapes (every routed expert: expert parallel drops
-    the other ranks' experts only once all chunks are built), then initialised one full tensor
-    at a time (`randn(shape) * std`: two fp32 copies of the largest whole tensor at most); FSDP2 then shards the chunk one layer at a time. DDP's buckets come last."""
+    allocated at their tensor-parallel local shapes (this rank's routed experts only: expert
+    parallel drops the others on the meta device), then initialised one full tensor at a time
+    (`randn(shape) * std`: two fp32 copies of the largest whole tensor at most); FSDP2 then
+    shards the chunk one layer at a time. DDP's buckets come last."""
     tp, shard = dims.tp, dims.dp_cp if engine == "fsdp2" else 1
     peak = done = 0.0
     for c in counts:
-        local = FP32 * ((c.matrices - c.routed_experts - c.duplicated) / tp
-                        + c.routed_experts + c.duplicated + c.vectors)
+        local = FP32 * _local_elements(c, tp, ep)
         init = 2 * FP32 * c.largest  # the slice is cut after `randn` is freed
         fsdp = FP32 * max((u for u in c.units), default=0) / tp if shard > 1 else 0.0
         peak = max(peak, done + local + max(init, fsdp))
-        done += local / shard
+        done += FP32 * _local_elements(c, tp, ep, shard)
     peak = max(peak, done)
     if engine == "ddp":  # the weights and DDP's buckets (no moments before the first step)
         peak = max(peak, 2 * done)

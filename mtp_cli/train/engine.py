@@ -7,7 +7,8 @@ this rank's shards are allocated, initialised from `train.seed` and their global
 tensor at a time (`mtp_cli.parallel.meta_init`), so every layout starts from the single-process
 weights; under expert parallel the other ranks' experts are dropped before that, never allocated. Then it applies context parallel, activation recomputation and data parallel from
 outside. Data parallel is DDP for a whole model per rank, FSDP2 over the data x context ranks
-with `parallel.fsdp` (TP inside, as torchtitan composes them), and otherwise one coalesced
+with `parallel.fsdp` (TP inside, as torchtitan composes them; under expert parallel each MoE
+layer's routed experts over the expert-data-parallel ranks instead), and otherwise one coalesced
 all-reduce after the backward (DDP cannot drive stages run under a hand-written schedule).
 
 A step, the validation pass and the clipping are `mtp_cli.train.step`'s (`StepRunner`,
@@ -37,6 +38,8 @@ from mtp_cli.parallel.expert_parallel import (
     ExpertGradients,
     apply_expert_parallel,
     build_expert_groups,
+    expert_data_mesh,
+    shard_experts,
 )
 from mtp_cli.parallel.mesh import ParallelMesh
 from mtp_cli.parallel.meta_init import materialize, parameters_on_meta
@@ -106,8 +109,11 @@ class TrainingEngine:
         # while still on the meta device; then their gradients' reduction
         ep = spec.parallel.expert
         self.expert_groups = build_expert_groups(dims, ep) if ep > 1 else None
+        self.expert_mesh = (expert_data_mesh(dims, ep, settings.device.type)
+                            if ep > 1 and spec.parallel.fsdp else None)
         self.chunks = [self._build_chunk(vp, allow_imports) for vp in self._virtual_stages()]
-        self.expert_grads = (ExpertGradients(nn.ModuleList(self.chunks), self.expert_groups)
+        self.expert_grads = (ExpertGradients(nn.ModuleList(self.chunks), self.expert_groups,
+                                             sharded=self.expert_mesh is not None)
                              if self.expert_groups is not None else None)
         self.embedding = build_embedding_group(self.plan, spec, mesh)
         modules, grad_sync = self._data_parallel()
@@ -150,6 +156,8 @@ class TrainingEngine:
         attach_run(chunk, self.loss_settings, self.mtp_state)
         apply_activation_checkpointing(chunk, self.spec.train.recompute)
         if self.spec.parallel.fsdp:  # after TP and recompute, as torchtitan orders them
+            if self.expert_mesh is not None:  # routed experts over their own replicas first
+                shard_experts(chunk, self.expert_mesh)
             shard_fully(chunk, self.mesh.dp_cp_mesh)
         return chunk
 

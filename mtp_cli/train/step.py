@@ -209,6 +209,8 @@ class StepRunner:
             grads = [held(p.grad) for p in trained if p.grad is not None]
             if grads and scale != 1.0:
                 torch._foreach_mul_(grads, scale)
+            if experts is not None:  # FSDP2 averaged them over their replicas only
+                experts.rescale_sharded(scale)
             return
         for param in trained:  # a parameter no token reached (an unchosen expert) gets zeros
             if param.grad is None:
