@@ -8,12 +8,13 @@ rank still runs its own micro-batches; inside each MoE layer the all-to-all disp
 (`expert_dispatch.py`) sends each token to the rank of its expert and back.
 
 `apply_expert_parallel` transforms a single-device model (or a stage) in place: each MoE layer
-keeps the experts of its rank's block (`local_experts.{e}` keep their GLOBAL index `e`, so state-dict
-names, and hence DCP checkpoints, are the same whatever the expert-parallel size: a checkpoint
-written at EP2 loads at EP1 or EP4 by name) and gets the all-to-all dispatcher. The engine applies it to each stage while its parameters are
-still on the meta device (`mtp_cli.parallel.meta_init`), so a rank allocates and initialises only
-its own experts (by global name: the single-process weights) and never the other ranks'; a
-DeepSeek-V3-size stage needs its dense weights plus 1/EP of its experts. Gradients:
+keeps the experts of its rank's block (`local_experts.{e}` keep their GLOBAL index `e`, so
+state-dict names, and hence DCP checkpoints, are the same whatever the expert-parallel size: a
+checkpoint written at EP2 loads at EP1 or EP4 by name) and gets the all-to-all dispatcher. The
+engine applies it to each stage while its parameters are still on the meta device
+(`mtp_cli.parallel.meta_init`), so a rank allocates and initialises only its own experts (by
+global name: the single-process weights) and never the other ranks'; a DeepSeek-V3-size stage
+needs its dense weights plus 1/EP of its experts. Gradients:
 - dense parameters (attention, router, shared experts, norms, embeddings) are replicated on all
   N ranks and averaged over them by DDP, which is told to leave the expert parameters alone;
 - an expert's gradient on its rank already holds the contributions of every token of its

@@ -5,7 +5,8 @@ Each rank builds only its pipeline stages from the stage plan (one stage, the wh
 pipeline parallel), with parameters on the meta device; tensor parallel reshapes them, and only
 this rank's shards are allocated, initialised from `train.seed` and their global names, one full
 tensor at a time (`mtp_cli.parallel.meta_init`), so every layout starts from the single-process
-weights; under expert parallel the other ranks' experts are dropped before that, never allocated. Then it applies context parallel, activation recomputation and data parallel from
+weights; under expert parallel the other ranks' experts are dropped before that, never
+allocated. Then it applies context parallel, activation recomputation and data parallel from
 outside. Data parallel is DDP for a whole model per rank, FSDP2 over the data x context ranks
 with `parallel.fsdp` (TP inside, as torchtitan composes them; under expert parallel each MoE
 layer's routed experts over the expert-data-parallel ranks instead), and otherwise one coalesced
