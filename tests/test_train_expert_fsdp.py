@@ -4,10 +4,10 @@
 dense weights are FSDP2-sharded over all four data-parallel ranks, each MoE layer's routed
 experts over the two ranks that hold the same experts (expert data parallel 2). Step by step it
 gives the single-process run's lm loss, each MTP depth's loss and the aux losses, and the same
-final parameters, to 1e-5, and the same clipped gradient norm. Its checkpoint stores every expert under its global index and global
-shape as the two expert-data-parallel ranks' row blocks (no gather), and resumes on one process
-without FSDP with the continuing run's next steps. Two processes (EP2 x FSDP2, expert data
-parallel 1) give the single-process run too.
+final parameters, to 1e-5, and the same clipped gradient norm. Its checkpoint stores every
+expert under its global index and global shape as the two expert-data-parallel ranks' row
+blocks (no gather), and resumes on one process without FSDP with the continuing run's next
+steps. Two processes (EP2 x FSDP2, expert data parallel 1) give the single-process run too.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def test_ep2_fsdp2_on_two_processes_gives_the_single_process_run(runs, tmp_path)
 
 def test_the_experts_are_stored_as_their_replicas_row_blocks_under_global_names(runs):
     """Each expert weight and Adam moment: global shape, two row blocks (one per expert-data-
-    parallel rank) that tile it, none full-size; every expert index of every MoE layer."""
+    parallel rank) that tile it, none full-size, each written by the rank holding it (no
+    gather); every expert index of every MoE layer."""
     checkpoint = runs / "ep2fsdp/checkpoints/step_0000005"
     metadata = FileSystemReader(str(checkpoint)).read_metadata()
     experts = {key: entry for key, entry in metadata.state_dict_metadata.items()
@@ -75,6 +76,16 @@ def test_the_experts_are_stored_as_their_replicas_row_blocks_under_global_names(
         assert shape[0] in (64, 128) and shape[1] in (64, 128), (key, shape)  # whole expert
         assert len(boxes) == 2 and all(sizes != shape for _, sizes in boxes), (key, boxes)
         assert _tiles(boxes, shape), key
+        # written by the rank that holds the rows: expert-data-parallel rank `row block` of
+        # the expert's block (global rank = edp rank x EP + ep rank)
+        expert = int(key.split(".local_experts.")[1].split(".")[0])
+        written = [(index, stored) for index, stored in metadata.storage_data.items()
+                   if index.fqn == key]
+        assert len(written) == 2, (key, written)
+        for index, stored in written:
+            block = [o for o, _ in boxes].index(list(index.offset))
+            owner = block * 2 + expert // (EXPERTS // 2)
+            assert stored.relative_path.startswith(f"__{owner}_"), (key, index, stored)
 
 
 def test_an_ep2_fsdp2_checkpoint_resumes_on_one_process(runs, tmp_path):
