@@ -122,3 +122,35 @@ def test_recompute_setting_is_validated():
     assert make_spec().train.recompute == "none"
     with pytest.raises(SpecError, match="recompute"):
         load_spec({"model": make_spec().model.model_dump(), "train": {"recompute": "some"}})
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_moe_metrics_and_bias_counts_are_recorded_once(mode):
+    """The recomputed forward (a router inside a decoder or an MTP layer runs twice under `full`)
+    records no second copy of its aux / z losses, token counts or expert-bias counts."""
+    from mtp_cli.models.moe.run_state import moe_layer_metrics, moe_routers
+
+    spec = make_spec(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=8,
+                     moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.01,
+                     moe_z_loss_coeff=0.001, moe_router_score_function="sigmoid",
+                     moe_router_enable_expert_bias=True, hidden_dropout=0.0,
+                     attention_dropout=0.0)
+    plain = build_model(spec)
+    recomputed = copy.deepcopy(plain)
+    apply_activation_checkpointing(recomputed, mode)
+    batch = make_batch(2)
+    expected, got = step(plain, batch), step(recomputed, batch)
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(got[2][name], grad, atol=1e-6, rtol=0, msg=name)
+    want, have = moe_layer_metrics([plain]), moe_layer_metrics([recomputed])
+    assert want.keys() == have.keys() and len(want) == LAYERS + DEPTHS
+    for layer, entry in want.items():
+        assert entry.keys() == have[layer].keys() == {"seq_load_balancing_loss", "z_loss",
+                                                      "tokens_per_expert"}
+        for name, value in entry.items():
+            torch.testing.assert_close(torch.as_tensor(have[layer][name]),
+                                       torch.as_tensor(value), atol=1e-6, rtol=0,
+                                       msg=(layer, name))
+    for ours, theirs in zip(moe_routers([recomputed]), moe_routers([plain]), strict=True):
+        assert torch.equal(ours.local_tokens_per_expert, theirs.local_tokens_per_expert)
+        assert ours.local_tokens_per_expert.sum() == 2 * SEQ * 2  # tokens x top-k, counted once

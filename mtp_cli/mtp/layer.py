@@ -19,6 +19,7 @@ understands them; the layer calls no collective itself.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mtp_cli.config.schema import ModelConfig
 from mtp_cli.models.comm import Group, ModelComm, ParallelGroups
+from mtp_cli.models.moe.aux_losses import recompute_contexts
 from mtp_cli.mtp.roll import roll_tensor
 from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
 from mtp_cli.nn.packed import PackedSeqParams
@@ -243,7 +245,8 @@ class MultiTokenPredictionLayer(nn.Module):
 
         return checkpoint(custom_forward, hidden_states, decoder_input, attention_mask,
                           padding_mask, context, context_mask, rotary_pos_emb, rotary_pos_cos,
-                          rotary_pos_sin, sequence_len_offset, use_reentrant=False)
+                          rotary_pos_sin, sequence_len_offset, use_reentrant=False,
+                          context_fn=functools.partial(recompute_contexts, self))
 
     def forward(
         self,

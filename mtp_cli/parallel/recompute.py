@@ -16,6 +16,7 @@ parallel.
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mtp_cli.models.gpt import GPTModel
+from mtp_cli.models.moe.aux_losses import recompute_contexts
 
 RecomputeMode = Literal["none", "full", "selective"]
 RECOMPUTE_MODES: tuple[str, ...] = ("none", "full", "selective")
@@ -33,7 +35,8 @@ def _recomputed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The class's forward, checkpointed while training with autograd on."""
     forward = type(self).forward.__get__(self)
     if self.training and torch.is_grad_enabled():
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False,
+                          context_fn=functools.partial(recompute_contexts, self), **kwargs)
     return forward(*args, **kwargs)
 
 

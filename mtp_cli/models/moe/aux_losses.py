@@ -13,9 +13,12 @@ the router that owns them, so two models in one process never share them:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -57,12 +60,17 @@ class MoELayerMetrics:
 
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens_per_expert: torch.Tensor | None = None
+    muted: bool = False  # while activation recomputation runs the forward again
 
     def record(self, name: str, value: torch.Tensor) -> None:
+        if self.muted:
+            return
         value = value.detach().float()
         self.losses[name] = self.losses[name] + value if name in self.losses else value
 
     def count_tokens(self, routing_map: torch.Tensor) -> None:
+        if self.muted:
+            return
         counts = routing_map.sum(dim=0).detach().float()
         self.tokens_per_expert = counts if self.tokens_per_expert is None \
             else self.tokens_per_expert + counts
@@ -70,3 +78,26 @@ class MoELayerMetrics:
     def clear(self) -> None:
         self.losses.clear()
         self.tokens_per_expert = None
+
+
+@contextlib.contextmanager
+def moe_metrics_muted(module: nn.Module) -> Iterator[None]:
+    """The MoE layers inside `module` record nothing while activation recomputation runs its
+    forward a second time, in backward: the first forward recorded this micro-batch's losses and
+    token counts already (recorded twice, `recompute: full` would log them doubled)."""
+    metrics = [m.metrics for m in module.modules()
+               if isinstance(getattr(m, "metrics", None), MoELayerMetrics)]
+    for each in metrics:
+        each.muted = True
+    try:
+        yield
+    finally:
+        for each in metrics:
+            each.muted = False
+
+
+def recompute_contexts(module: nn.Module) -> tuple[contextlib.AbstractContextManager[None],
+                                                   contextlib.AbstractContextManager[None]]:
+    """`torch.utils.checkpoint`'s `context_fn` for `module`: nothing around the first forward,
+    `moe_metrics_muted` around the recomputation."""
+    return contextlib.nullcontext(), moe_metrics_muted(module)

@@ -99,7 +99,8 @@ class TopKRouter(nn.Module):
             probs = self._attach_balancing_loss(logits, probs, seq_len, batch)
         if training:
             self.metrics.count_tokens(routing_map)
-        if self.local_tokens_per_expert is not None and torch.is_grad_enabled():
+        if self.local_tokens_per_expert is not None and torch.is_grad_enabled() \
+                and not self.metrics.muted:  # counted once per micro-batch, not on recompute
             with torch.no_grad():
                 self.local_tokens_per_expert += routing_map.sum(dim=0)
         return probs, routing_map
