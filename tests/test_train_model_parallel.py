@@ -54,6 +54,9 @@ LAYOUTS = {  # name: (nproc, overrides)
     "dp2_tp2_pp2": (8, ["parallel.tensor=2", "parallel.pipeline=2"]),
 }
 SLOW = {"fsdp2_tp2", "fsdp2_pp2", "fsdp2_cp2", "dp2_tp2_pp2"}
+# Workers are forked from the launcher on a CPU machine (`--start-method auto`); these layouts
+# start each worker in its own interpreter instead, as on a CUDA machine.
+EXEC_LAYOUTS = {"tp2_pp2", "cp2_tp2"}
 PACKED_LAYOUTS = {"packed_cp2": (2, ["parallel.context=2"]),
                   "packed_cp4": (4, ["parallel.context=4"])}
 
@@ -96,7 +99,8 @@ def reference_runs(tmp_path_factory, corpus):  # noqa: F811
                                   for n in LAYOUTS])
 def test_layout_equals_single_process(name, tmp_path, corpus, reference_runs):  # noqa: F811
     nproc, extra = LAYOUTS[name]
-    result = run_train(tmp_path / name, corpus, *BASE, *extra, nproc=nproc)
+    flags = ("--start-method", "exec") if name in EXEC_LAYOUTS else ()
+    result = run_train(tmp_path / name, corpus, *BASE, *extra, nproc=nproc, flags=flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / name, reference_runs["plain"])
     if name.startswith("fsdp2"):  # sharded state saved without a gather
