@@ -220,6 +220,11 @@ def train(
         help="Restart the workers this often after a failure (they resume from the latest "
              "checkpoint).",
     )] = 0,
+    start_method: Annotated[str, typer.Option(
+        "--start-method",
+        help="How workers start: fork (from this process, which has imported the training "
+             "code: no per-worker imports), exec (a fresh interpreter each, as torchrun starts "
+             "a module), auto (fork unless CUDA devices are visible).")] = "auto",
     run_dir: Annotated[Path | None, typer.Option(
         "--run-dir", help="Run directory (metrics.jsonl, tb/, checkpoints/); default "
                           "runs/<spec file stem>. A run directory with a checkpoint resumes.",
@@ -257,7 +262,7 @@ def train(
         run_dir=run_dir or default_run_dir(spec), nproc=nproc, nnodes=nnodes,
         node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_backend=rdzv_backend,
         rdzv_id=rdzv_id, max_restarts=max_restarts, overwrite=overwrite,
-        allow_imports=allow_imports,
+        allow_imports=allow_imports, start_method=start_method,
     )
     try:
         code = launch(run_spec, options, echo=lambda text: console.print(

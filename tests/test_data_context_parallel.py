@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mtp_cli.data import (
     Batch,
@@ -24,6 +23,7 @@ from mtp_cli.data import (
 from mtp_cli.errors import UserError
 from mtp_cli.mtp import roll_tensor
 from tests.data_helpers import EOD
+from tests.dist_utils import run_distributed
 
 FIELDS = ("input_ids", "labels", "loss_mask", "position_ids")
 
@@ -172,29 +172,24 @@ def _batches(cp_size: int) -> list[Batch]:
                                            2 * cp_size) for s in range(4)]
 
 
-def _roll_worker(rank: int, world_size: int, store_path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                            world_size=world_size)
-    try:
-        for batch in _batches(world_size):
-            params = batch.packed_seq_params
-            shard = shard_for_context_parallel(batch, rank, world_size)
-            for name in FIELDS:
-                full, local = getattr(batch, name), getattr(shard, name)
-                for depth in (1, 2, 3):  # MTP depths roll cumulatively
-                    full, _ = roll_tensor(full, -1, -1, None, params)
-                    local, _ = roll_tensor(local, -1, -1, dist.group.WORLD, params)
-                    want = shard_for_context_parallel(
-                        Batch(*(full if n == name else getattr(batch, n) for n in FIELDS),
-                              packed_seq_params=params), rank, world_size)
-                    assert torch.equal(local, getattr(want, name)), (name, depth, rank)
-    finally:
-        dist.destroy_process_group()
+def _roll_worker(rank: int, world_size: int) -> None:
+    for batch in _batches(world_size):
+        params = batch.packed_seq_params
+        shard = shard_for_context_parallel(batch, rank, world_size)
+        for name in FIELDS:
+            full, local = getattr(batch, name), getattr(shard, name)
+            for depth in (1, 2, 3):  # MTP depths roll cumulatively
+                full, _ = roll_tensor(full, -1, -1, None, params)
+                local, _ = roll_tensor(local, -1, -1, dist.group.WORLD, params)
+                want = shard_for_context_parallel(
+                    Batch(*(full if n == name else getattr(batch, n) for n in FIELDS),
+                          packed_seq_params=params), rank, world_size)
+                assert torch.equal(local, getattr(want, name)), (name, depth, rank)
 
 
 @pytest.mark.distributed
-def test_cp_roll_of_a_shard_equals_the_shard_of_the_full_roll(tmp_path):
-    mp.spawn(_roll_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+def test_cp_roll_of_a_shard_equals_the_shard_of_the_full_roll():
+    run_distributed(_roll_worker, 2)
 
 
 @pytest.mark.parametrize("cp_size", [2, 4])

@@ -61,4 +61,4 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, corpus):  # noqa: F811
     assert lines[0].endswith(f"; the last complete checkpoint is {latest} (the same command "
                              "resumes from it)")
     assert "Traceback" not in stdout + stderr
-    assert worker_pids(run_dir) == []
+    assert worker_pids(run_dir, job.pid) == []

@@ -15,6 +15,8 @@ import pytest
 
 from mtp_cli.errors import UserError
 from mtp_cli.launch.checks import check_backend, check_rendezvous, check_run_dir_entries
+from mtp_cli.launch.launcher import LaunchOptions, check_options
+from mtp_cli.launch.start import resolve_start_method
 from mtp_cli.run_dir import RunDir, RunDirLock
 from tests.hostile_helpers import assert_refused, run_bounded, tree
 from tests.train_helpers import TINY, make_corpus
@@ -114,6 +116,23 @@ def test_train_with_bad_rendezvous_flags_creates_nothing(tmp_path, corpus):
     assert_refused(outcome, "--rdzv-backend: unknown rendezvous backend",
                    "--rdzv-endpoint: 'node0:port'")
     assert not run_dir.exists()
+
+
+# --- how workers start -----------------------------------------------------------------------
+def test_start_method_auto_forks_cpu_workers_and_execs_on_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert resolve_start_method("auto") == "fork"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert resolve_start_method("auto") == "exec"
+    assert resolve_start_method("fork") == "fork" and resolve_start_method("exec") == "exec"
+
+
+def test_unknown_start_method_is_refused():
+    with pytest.raises(UserError) as refused:
+        check_options(LaunchOptions(run_dir=Path("run"), start_method="vfork"))
+    assert "--start-method: unknown start method 'vfork'" in refused.value.render()
 
 
 # --- the backend -----------------------------------------------------------------------------

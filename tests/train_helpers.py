@@ -90,8 +90,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker_pids(run_dir: Path) -> list[int]:
-    """Live worker processes of the job writing `run_dir` (from /proc)."""
+def worker_pids(run_dir: Path, launcher: int) -> list[int]:
+    """Live worker processes of the job writing `run_dir` (from /proc): every process running
+    mtp_cli for `run_dir` but the `launcher` itself (a forked worker has the launcher's command
+    line; an exec'd one runs `mtp_cli.launch.worker --run-dir`)."""
     found = []
     marker = str(run_dir.resolve()).encode()
     for entry in Path("/proc").iterdir():
@@ -102,6 +104,7 @@ def worker_pids(run_dir: Path) -> list[int]:
             state = (entry / "stat").read_text().split()[2]
         except OSError:
             continue
-        if b"mtp_cli.launch.worker" in cmdline and marker in cmdline and state != "Z":
+        if b"mtp_cli" in cmdline and marker in cmdline and state != "Z" \
+                and int(entry.name) != launcher:
             found.append(int(entry.name))
     return found

@@ -157,15 +157,35 @@ def value_entries(metadata: Metadata) -> list[str]:
             if isinstance(v, BytesStorageMetadata)]
 
 
-def load_state(state: dict[str, Any], directory: Path, *, no_dist: bool = False) -> None:
+class _ReadMetadataReader(SafeFileSystemReader):
+    """The safe reader of a checkpoint whose metadata the caller has already read: reading
+    tensors one at a time (`load_tensors`) would otherwise unpickle `.metadata` twice each."""
+
+    def __init__(self, directory: Path, metadata: Metadata) -> None:
+        super().__init__(directory)
+        self._metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if getattr(self._metadata, "storage_meta", None) is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
+def load_state(state: dict[str, Any], directory: Path, *, no_dist: bool = False,
+               metadata: Metadata | None = None) -> None:
     """`dcp.load` of `state` from `directory` through the safe reader and planner; a failure
-    on any rank raises `CheckpointFileError` on every rank, naming the file when known."""
-    read_metadata(directory)  # first: DCP would fold its failure into a vaguer AssertionError
+    on any rank raises `CheckpointFileError` on every rank, naming the file when known.
+    `metadata`: the directory's metadata, when the caller has read it already."""
+    if metadata is None:
+        read_metadata(directory)  # first: DCP would fold its failure into a vaguer error
+        reader: SafeFileSystemReader = SafeFileSystemReader(directory)
+    else:
+        reader = _ReadMetadataReader(directory, metadata)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no_dist: "assuming the intent is ... single process"
-            dcp.load(state, storage_reader=SafeFileSystemReader(directory),
-                     planner=SafeLoadPlanner(), no_dist=no_dist)
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=no_dist)
     except CheckpointException as error:
         raise _first_failure(error, Path(directory)) from None
     except CheckpointFileError:
@@ -191,7 +211,7 @@ def load_tensors(directory: Path, metadata: Metadata, keys: list[str]) -> dict[s
         raise KeyError(missing)
     flat = {k: torch.empty(tuple(entries[k].size), dtype=entries[k].properties.dtype)
             for k in keys}
-    load_state(_nest(flat, metadata), directory, no_dist=True)
+    load_state(_nest(flat, metadata), directory, no_dist=True, metadata=metadata)
     return flat
 
 

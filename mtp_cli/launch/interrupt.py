@@ -22,7 +22,10 @@ from mtp_cli.run_dir import RunDir, read_latest
 
 SIGINT_EXIT = 128 + signal.SIGINT
 # torchelastic's messages while it forwards a signal to the workers and shuts them down
-SHUTDOWN_MESSAGES = ("Received %s death signal", "Sending process %s closing signal")
+# (exec'd workers, then forked ones), and its traceback of the agent's own poll when a forked
+# worker exits non-zero (the launcher reports the worker's failure itself)
+SHUTDOWN_MESSAGES = ("Received %s death signal", "Sending process %s closing signal",
+                     "Closing process %s via signal", "failed (exitcode: %s)")
 ELASTIC_LOGGERS = ("torch.distributed.elastic.agent.server.api",
                    "torch.distributed.elastic.multiprocessing.api")
 

@@ -4,7 +4,8 @@ own elastic launcher (`torch.distributed.run`, in this process).
 Nothing is launched, created or written until the spec, the parallel sizes, the data and the
 run directory have passed: bad input exits 2 and leaves nothing behind. The launcher then holds
 a lock on the run directory for the whole job and starts one worker per device
-(`python -m mtp_cli.launch.worker`); the workers die with it.
+(`mtp_cli.launch.worker`, forked or in its own interpreter: `launch/start.py`); the workers die
+with it.
 
 Rendezvous: a standalone one (localhost, free port) for a single node; c10d at
 `--rdzv-endpoint` by default for several (every node runs `mtp train` with the same arguments,
@@ -32,6 +33,7 @@ from mtp_cli.launch.banner import (
 from mtp_cli.launch.checks import check_backend, check_rendezvous, check_run_dir_entries
 from mtp_cli.launch.distributed import LAUNCHER_PID_ENV
 from mtp_cli.launch.interrupt import quiet_elastic_shutdown, stopped_message
+from mtp_cli.launch.start import START_METHODS, resolve_start_method, run_elastic
 from mtp_cli.plan.dims import ParallelDims
 from mtp_cli.run_dir import RunDir, RunDirLock, check_creatable
 from mtp_cli.train.compatibility import ResumePlan, plan_resume
@@ -60,6 +62,7 @@ class LaunchOptions:
     max_restarts: int = 0
     overwrite: bool = False
     allow_imports: bool = False
+    start_method: str = "auto"  # launch/start.py: auto | fork | exec
 
     @property
     def world_size(self) -> int:
@@ -96,6 +99,13 @@ def check_options(options: LaunchOptions) -> None:
         problems.append(Problem(f"--node-rank {options.node_rank} is not in [0, --nnodes)"))
     if options.max_restarts < 0:
         problems.append(Problem("--max-restarts must be >= 0"))
+    if options.start_method not in START_METHODS:
+        problems.append(Problem(f"unknown start method {options.start_method!r}",
+                                file="--start-method",
+                                hint=f"use one of: {', '.join(START_METHODS)}"))
+    elif options.start_method == "fork" and not hasattr(os, "fork"):
+        problems.append(Problem("this platform cannot fork", file="--start-method",
+                                hint="use --start-method exec"))
     if options.nnodes > 1 and not options.rdzv_endpoint:
         problems.append(Problem("--nnodes > 1 needs --rdzv-endpoint HOST:PORT "
                                 "(the same on every node)"))
@@ -165,15 +175,14 @@ def torchrun_argv(spec: RunSpec, options: LaunchOptions, run_dir: RunDir) -> lis
     return argv
 
 
-def _run_workers(argv: list[str], run_dir: RunDir) -> int:
+def _run_workers(argv: list[str], run_dir: RunDir, start_method: str) -> int:
     """Run torch.distributed.run in this process; map its failures to exit codes."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
 
     try:
         with quiet_elastic_shutdown():
-            run(parse_args(argv))
+            run_elastic(argv, WORKER_MODULE, resolve_start_method(start_method))
     except ChildFailedError as error:
         codes = {failure.exitcode for failure in error.failures.values()}
         if codes == {USER_ERROR_EXIT}:
@@ -232,7 +241,8 @@ def launch(spec: RunSpec, options: LaunchOptions, *, echo: Callable[[str], None]
             os.environ["OMP_NUM_THREADS"] = str(max(1, cores // options.nproc))
         sys.stdout.flush()
         clear_stop_record(run_dir)
-        code = _run_workers(torchrun_argv(spec, options, run_dir), run_dir)
+        code = _run_workers(torchrun_argv(spec, options, run_dir), run_dir,
+                            options.start_method)
         stopped = read_stop_record(run_dir)  # the workers stopped on purpose (a NaN step)
         if code == 0 and stopped is not None:
             print(f"error: {stopped['message']}", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """The worker entry point: `python -m mtp_cli.launch.worker --run-dir DIR --spec JSON`.
 
 The launcher (`mtp train`) starts one of these per device through torch.distributed's elastic
-agent, with the resolved spec as JSON (so a restart never rereads an edited spec file).
+agent (forked, `forked_main`, or in its own interpreter, `main`: see `launch/start.py`), with the resolved spec as JSON (so a restart never rereads an edited spec file).
 A `UserError` exits 2 with its message; a deliberate stop (a non-finite step, a full disk) is
 reported as `train.stops` describes; anything else is recorded by torchelastic's `record` so the
 launcher can show the failing rank's traceback.
@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
+import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from mtp_cli.errors import UserError
@@ -52,6 +55,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def forked_main(argv: list[str]) -> None:
+    """The worker forked from the launcher (`launch/start.py`): undo what the fork carried over
+    from the launcher, then run `main`; a non-zero code becomes the process's exit code."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not torchelastic's launcher-side handler
+    for stream in (sys.stdout, sys.stderr):  # as `python -u` runs an exec'd worker
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True, write_through=True)
+    threads = os.environ.get("OMP_NUM_THREADS")  # set by the launcher after torch was imported
+    if threads and threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+    code = main(argv)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
