@@ -1,4 +1,11 @@
-"""Expert tensor parallel end to end (gloo, real processes): `mtp train` of tiny_moe (MLA + MoE,
+"""Expert tensor parallel (gloo, real processes).
+
+An MoE layer at TP2 = ETP2 in two processes, with and without sequence parallel, gives the
+single-device layer's outputs and input gradients, each rank's expert shards the single-device
+gradients' shards, and its router the single-device router gradient (summed over the ranks
+under sequence parallel, where each rank routed its own slice).
+
+End to end: `mtp train` of tiny_moe (MLA + MoE,
 two MoE MTP depths) at EP2 x TP2 with `parallel.expert_tensor=2` (four processes: each routed
 expert's linear_fc1 column- and linear_fc2 row-parallel over the tensor ranks, under sequence
 parallel as Megatron-Core requires for MoE with tensor parallel, so the dispatcher all-gathers the
@@ -18,12 +25,56 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 
+from mtp_cli import build_model, load_spec
+from mtp_cli.parallel.tensor_parallel import parallelize_tensor
 from tests.ckpt_helpers import load_whole_dcp
 from tests.cli_helpers import SPECS, run_mtp
+from tests.dist_utils import run_distributed
+from tests.test_expert_dispatch import SPEC
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.distributed]
+LAYER = "decoder.layers.1.mlp."
+
+
+def _check_layer(rank: int, world: int) -> None:
+    spec = load_spec(SPEC)
+    for sp in (False, True):
+        reference = build_model(spec)
+        model = build_model(spec)
+        plan = parallelize_tensor(model, dist.group.WORLD, sequence_parallel=sp,
+                                  expert_tensor=True)
+        assert plan.rule(LAYER + "experts.local_experts.3.linear_fc2.weight") is not None
+        hidden = torch.randn(8, 2, 16, generator=torch.Generator().manual_seed(3))
+        ref_hidden = hidden.clone().requires_grad_(True)
+        ref_out = reference.decoder.layers["1"].mlp(ref_hidden)
+        ref_out.square().sum().backward()
+        mine = (hidden.chunk(world)[rank] if sp else hidden).clone().requires_grad_(True)
+        out = model.decoder.layers["1"].mlp(mine)
+        out.square().sum().backward()
+        expected = ref_out.chunk(world)[rank] if sp else ref_out
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        ref_grad = ref_hidden.grad.chunk(world)[rank] if sp else ref_hidden.grad
+        torch.testing.assert_close(mine.grad, ref_grad, rtol=1e-5, atol=1e-6)
+        ref_params = dict(reference.named_parameters())
+        for name, param in model.named_parameters():
+            if not name.startswith(LAYER + "experts.") and not name.startswith(LAYER + "router"):
+                continue
+            grad = param.grad
+            if sp and not plan.is_sharded(name):  # the router saw this rank's slice only
+                grad = grad.clone()
+                dist.all_reduce(grad)
+            want = plan.shard_like_parameter(name, ref_params[name].grad)
+            scale = want.abs().max().item()  # tiny initial weights: tolerances relative to it
+            assert scale > 0, name
+            torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_an_moe_layer_at_tp2_etp2_gives_the_single_device_layer():
+    run_distributed(_check_layer, 2)
 
 STEPS = 5
 OVERRIDES = [
@@ -34,7 +85,7 @@ OVERRIDES = [
     "checkpoint.keep_last=2", "logging.tensorboard=false",
 ]
 KEYS = ("lm_loss", "mtp_1_loss", "mtp_2_loss", "seq_load_balancing_loss", "z_loss",
-        "load_imbalance")
+        "load_imbalance", "grad_norm")  # the norm: each expert row counted once
 ETP = ["parallel.expert=2", "parallel.tensor=2", "parallel.expert_tensor=2",
        "parallel.sequence_parallel=true"]
 
@@ -77,12 +128,14 @@ def runs(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_ep2_tp2_etp2_gives_the_single_process_run(runs):
     _assert_same_run(runs / "single", runs / "etp2")
     first = _lines(runs / "etp2")[0]
     assert first["seq_load_balancing_loss"] > 0 and first["z_loss"] > 0
 
 
+@pytest.mark.slow
 def test_expert_weights_are_stored_at_global_shapes_split_over_the_tensor_ranks(runs):
     """linear_fc1 `[gate; up]` as four row chunks (each half split over the two tensor ranks),
     linear_fc2 as two column chunks; no rank gathered a whole expert."""
@@ -104,6 +157,7 @@ def test_expert_weights_are_stored_at_global_shapes_split_over_the_tensor_ranks(
     assert inspected.returncode == 0, inspected.stdout + inspected.stderr
 
 
+@pytest.mark.slow
 def test_an_etp2_checkpoint_resumes_at_one_process(runs, tmp_path):
     """DCP reshards the step-3 EP2 x ETP2 checkpoint to EP1 x ETP1: steps 4 and 5 give the
     losses and final parameters of the run that never stopped."""
