@@ -130,6 +130,12 @@ def test_expert_tensor_parallel_other_than_1_or_tensor_is_refused_by_key(overrid
     assert [p.key for p in error.value.problems] == ["parallel.expert_tensor"]
 
 
+def test_expert_tensor_parallel_must_divide_the_expert_ffn():
+    with pytest.raises(UserError, match=r"must divide model.moe_ffn_hidden_size \(65\)") as error:
+        moe_spec("parallel.tensor=2", "parallel.expert_tensor=2", "model.moe_ffn_hidden_size=65")
+    assert [p.key for p in error.value.problems] == ["parallel.expert_tensor"]
+
+
 @pytest.mark.parametrize("overrides", [
     ["parallel.tensor=2", "parallel.expert_tensor=2"],
     ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.expert=2"],

@@ -166,3 +166,18 @@ def test_an_etp2_checkpoint_resumes_at_one_process(runs, tmp_path):
     (run_dir / "checkpoints" / "latest").write_text("step_0000003\n")
     _train(run_dir, 1)
     _assert_same_run(runs / "single", run_dir)
+
+
+@pytest.mark.parametrize(("overrides", "world"), [
+    (["parallel.tensor=2", "parallel.expert_tensor=2"], 2),
+    (["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.expert=2"], 4)])
+def test_memory_plan_counts_what_an_expert_tensor_parallel_rank_holds(overrides, world):
+    """`mtp build --memory`'s per-rank parameters equal what the engine's rank 0 holds (built
+    against torch's fake process group): the routed experts split by EP and by ETP."""
+    from mtp_cli.build.stage_tensors import build_memory_plan
+    from tests.test_memory_plan import _engine_grad_sync
+
+    spec = load_spec(SPECS / "tiny_moe.yaml", overrides)
+    plan = build_memory_plan(spec, world, device="cpu")
+    _, elements = _engine_grad_sync(spec, world, rank=0)
+    assert sum(s.parameters for s in plan.ranks[0].stages) == elements
