@@ -117,14 +117,33 @@ def test_moe_models_run_sequence_parallel():
     ParallelDims.from_spec(spec_, 2).check_supported(spec_)
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    (["parallel.expert_tensor=2"], "parallel.expert_tensor"),
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["parallel.expert_tensor=2"], r"runs at 1 .* or at parallel.tensor \(1"),
+    (["parallel.tensor=2", "parallel.expert_tensor=4"], r"size 4 is not run"),
+    (["parallel.tensor=2", "parallel.expert_tensor=2", "model.add_bias_linear=true"],
+     "bias-free routed experts only"),
 ])
-def test_what_moe_and_mla_models_do_not_run_yet_is_refused_by_key(overrides, key):
+def test_expert_tensor_parallel_other_than_1_or_tensor_is_refused_by_key(overrides, message):
     spec_ = moe_spec(*overrides)
-    with pytest.raises(UserError) as error:
+    with pytest.raises(UserError, match=message) as error:
         ParallelDims.from_spec(spec_, 4).check_supported(spec_)
-    assert [p.key for p in error.value.problems] == [key]
+    assert [p.key for p in error.value.problems] == ["parallel.expert_tensor"]
+
+
+def test_expert_tensor_parallel_must_divide_the_expert_ffn():
+    with pytest.raises(UserError, match=r"must divide model.moe_ffn_hidden_size \(65\)") as error:
+        moe_spec("parallel.tensor=2", "parallel.expert_tensor=2", "model.moe_ffn_hidden_size=65")
+    assert [p.key for p in error.value.problems] == ["parallel.expert_tensor"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["parallel.tensor=2", "parallel.expert_tensor=2"],
+    ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.expert=2"],
+    ["parallel.tensor=2", "parallel.expert_tensor=2", "parallel.sequence_parallel=true"],
+])
+def test_expert_tensor_parallel_equal_to_tensor_runs(overrides):
+    spec_ = moe_spec(*overrides)
+    ParallelDims.from_spec(spec_, 4).check_supported(spec_)
 
 
 def test_multi_latent_attention_runs_tensor_parallel():

@@ -195,7 +195,8 @@ class ParallelConfig(StrictModel):
     expert_tensor: PositiveInt = Field(
         default=1, description="Expert tensor-parallel size (Megatron's "
         "expert_tensor_parallel_size): 1 keeps every routed expert whole under tensor parallel, "
-        "as DeepSeek-V3 trained; larger sizes are not run yet.")
+        "as DeepSeek-V3 trained; equal to tensor splits each expert over the tensor ranks "
+        "(linear_fc1 column-, linear_fc2 row-parallel); other sizes are not run.")
     layout: str | None = Field(
         default=None,
         description="pipeline_model_parallel_layout: E, t, m, L, '|' between stages, x*n, "
@@ -319,6 +320,12 @@ class RunSpec(StrictModel):
                 raise rule_error(
                     "parallel.tensor", f"tensor parallel size {tp} must divide model.{name} ({value})"
                 )
+        moe_ffn = model.moe_ffn_hidden_size or model.ffn_hidden_size
+        if par.expert_tensor > 1 and model.num_moe_experts is not None and \
+                moe_ffn % par.expert_tensor:
+            raise rule_error("parallel.expert_tensor", f"expert tensor parallel size "
+                             f"{par.expert_tensor} must divide model.moe_ffn_hidden_size "
+                             f"({moe_ffn})")
         if par.expert > 1 and (model.num_moe_experts or 1) % par.expert:
             raise rule_error("parallel.expert", f"expert parallel size {par.expert} must divide "
                              f"model.num_moe_experts ({model.num_moe_experts or 'unset: no MoE'})")

@@ -43,6 +43,7 @@ from torch.distributed.fsdp import fully_shard
 
 from mtp_cli.models.moe.layer import MoELayer
 from mtp_cli.parallel.expert_dispatch import AllToAllTokenDispatcher, expert_block
+from mtp_cli.parallel.expert_tensor import ExpertTensorParallelDispatcher
 from mtp_cli.parallel.sharded_state import held
 from mtp_cli.plan.dims import ParallelDims
 
@@ -133,23 +134,32 @@ def apply_expert_parallel(model: nn.Module, groups: ExpertParallelGroups) -> lis
                                 groups.ep_rank))
         for index in [e for e in experts if int(e) not in keep]:
             del experts[index]
-        module.token_dispatcher = AllToAllTokenDispatcher(
-            module.router.config.num_moe_experts, groups.ep_group)
+        dispatcher = AllToAllTokenDispatcher(module.router.config.num_moe_experts,
+                                             groups.ep_group)
+        current = module.token_dispatcher
+        if isinstance(current, ExpertTensorParallelDispatcher):  # TP applied first: inside it
+            current.inner = dispatcher
+        else:
+            module.token_dispatcher = dispatcher
     return [name for name, _ in model.named_parameters() if is_expert_parameter(name)]
 
 
 class ExpertGradients:
     """The expert parameters' gradient reduction and the gradient norm under expert parallel.
 
-    `model`: the whole model, or an `nn.ModuleList` of a rank's pipeline chunks. Routed experts
-    are never tensor-parallel here (`parallel.expert_tensor` 1, DeepSeek-V3's layout): a tensor
-    rank holds its experts whole and computes the same gradients as its tensor peers.
+    `model`: the whole model, or an `nn.ModuleList` of a rank's pipeline chunks. With
+    `parallel.expert_tensor` 1 (DeepSeek-V3's layout) a tensor rank holds its experts whole and
+    computes the same gradients as its tensor peers; with expert tensor parallel (`tp_group`:
+    the experts split over the tensor ranks, `mtp_cli.parallel.expert_tensor`) each holds its
+    rows, whose squares the norm also sums over `tp_group`. Either way the expert-data-parallel
+    group is at one tensor index, so the reduction is the same.
     """
 
     def __init__(self, model: nn.Module, groups: ExpertParallelGroups, *,
-                 sharded: bool = False) -> None:
+                 sharded: bool = False, tp_group: dist.ProcessGroup | None = None) -> None:
         self.groups = groups
         self.sharded = sharded  # FSDP2 rows over the expert-data-parallel group
+        self.tp_group = tp_group  # expert tensor parallel: expert rows split over it
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.expert = [p for n, p in named if is_expert_parameter(n)]
         self.dense = [p for n, p in named if not is_expert_parameter(n)]
@@ -194,13 +204,15 @@ class ExpertGradients:
     @torch.no_grad()
     def square_sum(self, device: torch.device | None = None) -> torch.Tensor:
         """Σ ||grad||² over every expert of the expert-parallel group (each counted once; under
-        FSDP2 each rank's rows, summed over the expert-data-parallel group too)."""
+        FSDP2 each rank's rows, summed over the expert-data-parallel group too; under expert
+        tensor parallel each rank's shards, summed over the tensor group too)."""
         grads = [held(p.grad) for p in self.expert if p.grad is not None]
         device = grads[0].device if grads else device
         total = torch.zeros((), dtype=torch.float32, device=device)
         for grad in grads:
             total = total + grad.float().pow(2).sum()
         groups = [self.groups.ep_group] + ([self.groups.edp_group] if self.sharded else [])
+        groups.append(self.tp_group)
         for group in groups:
             if group is not None:
                 dist.all_reduce(total, group=group)

@@ -11,6 +11,10 @@ or one pipeline stage) in place:
     embedding.word_embeddings         vocab-parallel rows
     output_layer / tied embedding     vocab-parallel rows, vocab-parallel cross-entropy
     norms, position table, row biases replicated (whole)
+    routed experts                    whole (expert tensor parallel 1), or with `expert_tensor`
+                                      linear_fc1 column / linear_fc2 row over the same ranks,
+                                      the dispatcher entering and leaving the region
+                                      (`mtp_cli.parallel.expert_tensor`)
 
 Parameters become plain `nn.Parameter`s holding this rank's slice of the full tensor, under the
 same names, so `named_parameters()` / `state_dict()` keys are the single-process ones. The
@@ -40,12 +44,15 @@ from mtp_cli.models.gpt import GPTModel
 from mtp_cli.models.linear import ColumnParallelLinear, RowParallelLinear
 from mtp_cli.models.mla import MLASelfAttention
 from mtp_cli.models.mlp import MLP
+from mtp_cli.models.moe.layer import MoELayer
 from mtp_cli.mtp.block import MultiTokenPredictionBlock
 from mtp_cli.mtp.layer import MultiTokenPredictionLayer
+from mtp_cli.parallel.expert_tensor import ExpertTensorParallelDispatcher
 from mtp_cli.parallel.sharded_state import sharded_tensor
 from mtp_cli.parallel.tp_layers import (
     ColumnShardedLinear,
     DuplicatedLinear,
+    ExpertShardedLinear,
     RowShardedLinear,
     SharedAcrossHeads,
 )
@@ -76,6 +83,7 @@ class TensorParallelPlan:
     group: dist.ProcessGroup | None
     sequence_parallel: bool = False
     rules: dict[str, ShardRule] = field(default_factory=dict)
+    expert_tensor: bool = False  # routed experts split over `group` too (ETP = TP)
 
     @property
     def size(self) -> int:
@@ -164,10 +172,14 @@ def shard_state_dict(model: nn.Module, full: dict[str, torch.Tensor]
     return dict(full) if plan is None else plan.shard_state_dict(full)
 
 
-def _check_sizes(model: GPTModel, size: int, sequence_parallel: bool) -> None:
+def _check_sizes(model: GPTModel, size: int, sequence_parallel: bool,
+                 expert_tensor: bool = False) -> None:
     config = model.config
-    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"):
-        value = getattr(config, name)
+    names = ["num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"]
+    if expert_tensor and config.num_moe_experts is not None:
+        names.append("moe_ffn_hidden_size")
+    for name in names:
+        value = getattr(config, name) or config.ffn_hidden_size  # moe_ffn unset: ffn's
         if value % size:
             raise UserError(f"parallel.tensor: tensor parallel size {size} must divide "
                             f"model.{name} ({value})")
@@ -186,8 +198,9 @@ def _expect(module: nn.Module, expected: type, path: str) -> None:
 
 
 def _is_routed_expert(path: str) -> bool:
-    """Routed experts stay whole under tensor parallel (expert tensor parallel 1, as DeepSeek-V3
-    trained); expert parallel splits them by expert instead."""
+    """Routed experts stay whole under tensor parallel with expert tensor parallel 1 (as
+    DeepSeek-V3 trained; expert parallel splits them by expert instead), and are split by
+    `_Converter.routed_expert` with expert tensor parallel = tensor parallel."""
     return ".local_experts." in f".{path}."
 
 
@@ -226,6 +239,17 @@ class _Converter:
         _expect(source, ColumnParallelLinear, f"{path}.{attr}")
         setattr(parent, attr, DuplicatedLinear(source))
 
+    def routed_expert(self, module: MLP, path: str) -> None:
+        """Expert tensor parallel: the expert's linears split like a dense MLP's but with no
+        communication (the MoE layer's dispatcher enters and leaves the region)."""
+        fc1 = GATED_COLUMN if module.gated else COLUMN
+        for attr, rule in (("linear_fc1", fc1), ("linear_fc2", ROW)):
+            source, full_path = getattr(module, attr), f"{path}.{attr}"
+            _expect(source, RowParallelLinear if rule is ROW else ColumnParallelLinear,
+                    full_path)
+            setattr(module, attr, ExpertShardedLinear(source, rule, group=self.group))
+            self._record(full_path, source, rule, None)
+
     def multi_latent_attention(self, module: MLASelfAttention, path: str) -> None:
         """Megatron-Core's TE layout of MLA: the up projections split by heads (their rows are
         per head, so contiguous blocks are whole heads), the down projections and latent norms
@@ -247,10 +271,15 @@ class _Converter:
                 self.row(module, path, "linear_proj")
             elif isinstance(module, MLASelfAttention):
                 self.multi_latent_attention(module, path)
-            elif isinstance(module, MLP) and not _is_routed_expert(path):
-                # routed experts stay whole (expert tensor parallel 1, DeepSeek-V3's layout)
+            elif isinstance(module, MLP) and _is_routed_expert(path):
+                if self.plan.expert_tensor:  # else whole (ETP 1, DeepSeek-V3's layout)
+                    self.routed_expert(module, path)
+            elif isinstance(module, MLP):
                 self.column(module, path, "linear_fc1", GATED_COLUMN if module.gated else COLUMN)
                 self.row(module, path, "linear_fc2")
+            elif isinstance(module, MoELayer) and self.plan.expert_tensor:
+                module.token_dispatcher = ExpertTensorParallelDispatcher(
+                    module.token_dispatcher, self.group, self.sp)
             elif isinstance(module, MultiTokenPredictionLayer):
                 self.column(module, path, "eh_proj", COLUMN, gather_output=True)
         model = self.model
@@ -277,8 +306,10 @@ class _Converter:
 
 
 def parallelize_tensor(model: GPTModel, tp_group: dist.ProcessGroup | None, *,
-                       sequence_parallel: bool = False) -> TensorParallelPlan:
-    """Shard `model` (whole model or a pipeline stage) over `tp_group`, in place.
+                       sequence_parallel: bool = False,
+                       expert_tensor: bool = False) -> TensorParallelPlan:
+    """Shard `model` (whole model or a pipeline stage) over `tp_group`, in place;
+    `expert_tensor`: the routed experts too (`parallel.expert_tensor` = `parallel.tensor`).
 
     Works on real or meta parameters: on the meta device it only reshapes, and
     `initialize_parameters(model, spec, shard_fn=plan.shard_like_parameter,
@@ -291,9 +322,10 @@ def parallelize_tensor(model: GPTModel, tp_group: dist.ProcessGroup | None, *,
     size = group_size(tp_group)
     if sequence_parallel and size == 1:
         raise UserError("parallel.sequence_parallel: sequence parallel needs tensor > 1")
-    plan = TensorParallelPlan(tp_group, sequence_parallel)
+    plan = TensorParallelPlan(tp_group, sequence_parallel,
+                              expert_tensor=expert_tensor and size > 1)
     if size > 1:
-        _check_sizes(model, size, sequence_parallel)
+        _check_sizes(model, size, sequence_parallel, plan.expert_tensor)
         converter = _Converter(model, plan)
         converter.convert()
         converter.reject_leftovers()

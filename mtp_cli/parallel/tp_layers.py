@@ -141,3 +141,23 @@ class SharedAcrossHeads:
         if self.sequence_parallel:
             return gather_from_sequence_parallel_region(k_pe, self.group)
         return copy_to_tensor_parallel_region(k_pe, self.group)
+
+
+class ExpertShardedLinear(_ShardedLinear):
+    """A routed expert's `linear_fc1` (column: its output rows) or `linear_fc2` (row: its input
+    columns) shard under expert tensor parallel, with no communication of its own: as in
+    Megatron-Core's experts, the token dispatcher enters the expert-tensor region before the
+    experts (all-gather of the routed tokens, or under replicated activations an identity whose
+    backward sums the ranks' input gradients) and leaves it after them (reduce-scatter or
+    all-reduce of the partial `linear_fc2` outputs): `mtp_cli.parallel.expert_tensor`.
+
+    No bias: a row shard's bias would be added once per rank before the reduction (runs with
+    `model.add_bias_linear` and expert tensor parallel are refused before launch)."""
+
+    def __init__(self, source: nn.Module, rule: ShardRule, *, group: dist.ProcessGroup) -> None:
+        if getattr(source, "bias", None) is not None:
+            raise ValueError("expert tensor parallel splits bias-free expert linears only")
+        super().__init__(source, rule, None, group=group, sequence_parallel=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)

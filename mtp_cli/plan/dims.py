@@ -94,12 +94,22 @@ class ParallelDims:
 
     @staticmethod
     def _moe_mla_unsupported(spec: RunSpec) -> list[Problem]:
-        """What MoE and MLA models do not run yet: expert tensor parallel."""
+        """Expert tensor parallel runs at 1 (experts whole) and at the tensor-parallel size
+        (experts split over the tensor ranks, Megatron-Core's usual setting), bias-free."""
         problems = []
-        if spec.parallel.expert_tensor > 1:
+        etp, tp = spec.parallel.expert_tensor, spec.parallel.tensor
+        if etp not in (1, tp):
             problems.append(Problem(
-                "expert tensor parallel (routed experts split over tensor ranks) is not run yet",
-                key="parallel.expert_tensor", hint="set parallel.expert_tensor=1"))
+                f"expert tensor parallel size {etp} is not run: parallel.expert_tensor runs at "
+                f"1 (routed experts whole on every tensor rank) or at parallel.tensor ({tp}: "
+                "routed experts split over the tensor ranks)",
+                key="parallel.expert_tensor", hint=f"set parallel.expert_tensor=1 or {tp}"))
+        elif etp > 1 and spec.model.add_bias_linear and spec.model.num_moe_experts is not None:
+            problems.append(Problem(
+                "expert tensor parallel splits bias-free routed experts only (a row-parallel "
+                "expert's bias would be added on every tensor rank)",
+                key="parallel.expert_tensor",
+                hint="set model.add_bias_linear=false or parallel.expert_tensor=1"))
         return problems
 
     @property

@@ -319,7 +319,7 @@ def plan_memory(spec: RunSpec, world_size: int, counts: list[StageCounts], plan:
     `device` decides the optimizer step's temporaries: "cuda" runs AdamW's foreach path (a copy
     of every moment), "cpu" the per-tensor loop."""
     dims = ParallelDims.from_spec(spec, world_size)
-    ep = spec.parallel.expert
+    ep, etp = spec.parallel.expert, spec.parallel.expert_tensor
     engine = gradient_sync(spec, dims)
     count = dims.num_microbatches(spec)
     shard = dims.dp_cp if engine == "fsdp2" else 1
@@ -331,7 +331,7 @@ def plan_memory(spec: RunSpec, world_size: int, counts: list[StageCounts], plan:
         memories = []
         for stage, c in zip(stages, stage_counts, strict=True):
             kinds, transient = stage_activations(spec, dims, stage)
-            local = _local_elements(c, dims.tp, ep, shard)
+            local = _local_elements(c, dims.tp, ep, shard, etp)
             memories.append(StageMemory(pp_rank, stage.vp_stage, round(local), kinds, transient))
         ranks.append(_rank_memory(spec, dims, pp_rank, memories, stage_counts, engine, count,
                                   device))
@@ -339,25 +339,26 @@ def plan_memory(spec: RunSpec, world_size: int, counts: list[StageCounts], plan:
     return MemoryPlan(world_size, dims, ep, count, engine, ranks, device_memory, notes)
 
 
-def _local_elements(c: StageCounts, tp: int, ep: int, shard: int = 1) -> float:
+def _local_elements(c: StageCounts, tp: int, ep: int, shard: int = 1, etp: int = 1) -> float:
     """Elements a rank holds: dense weights split by TP (`duplicated` ones whole on every TP
-    rank) and FSDP2 (`shard` data x context ranks), routed experts by EP and FSDP2 over the
-    `shard / ep` ranks holding the same ones."""
+    rank) and FSDP2 (`shard` data x context ranks), routed experts by EP, expert tensor
+    parallel (`etp`: 1, or TP) and FSDP2 over the `shard / ep` ranks holding the same ones."""
     split = c.matrices - c.routed_experts - c.duplicated
     dense = split / tp + c.duplicated + c.vectors
-    return dense / shard + c.routed_experts / ep / max(shard // ep, 1)
+    return dense / shard + c.routed_experts / ep / etp / max(shard // ep, 1)
 
 
 def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[StageMemory],
                  counts: list[StageCounts], engine: str, num_microbatches: int,
                  device: str) -> RankMemory:
     tp, ep = dims.tp, spec.parallel.expert
+    experts_split = ep * spec.parallel.expert_tensor  # ranks one expert layer's rows span
     shard = dims.dp_cp if engine == "fsdp2" else 1
     elements = sum(s.parameters for s in stages)
     params = grads = FP32 * elements
     optimizer = ADAM_MOMENTS * FP32 * elements
     matmul = sum((c.matmul_weights - c.routed_experts - c.duplicated) / tp + c.duplicated
-                 + c.routed_experts / ep for c in counts)
+                 + c.routed_experts / experts_split for c in counts)
     weight_cache = 0.0
     if spec.train.bf16:
         if spec.train.recompute == "full":  # only the head is cast outside checkpoints
@@ -385,12 +386,13 @@ def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[S
                 + buffers.get("fsdp_reduce_scatter", 0.0))
     phases = {"backward": backward, "optimizer_step": static + step_temp}
     if engine == "allreduce":  # flattened copies: the experts' first, then the rest's
-        experts = FP32 * sum(c.routed_experts / ep for c in counts) if ep > 1 else 0.0
+        experts = (FP32 * sum(c.routed_experts / experts_split for c in counts)
+                   if ep > 1 else 0.0)
         dense = grads - experts if dims.dp_cp > 1 else 0.0
         if experts or dense:
             buffers["gradient_allreduce"] = max(experts, dense)
             phases["gradient_reduction"] = static + buffers["gradient_allreduce"]
-    phases["build"] = _build_peak(counts, dims, engine, ep)
+    phases["build"] = _build_peak(counts, dims, engine, ep, spec.parallel.expert_tensor)
     # Gradients are freed after the step; DCP writes each rank's own shards as they are (never
     # gathered; measured: nothing copied), except a view into a larger storage, which it copies
     # one at a time: SwiGLU's [gate_r; up_r] halves under tensor parallel.
@@ -402,8 +404,8 @@ def _rank_memory(spec: RunSpec, dims: ParallelDims, pp_rank: int, stages: list[S
                       alive, logits, buffers, phases, ep)
 
 
-def _build_peak(counts: list[StageCounts], dims: ParallelDims, engine: str, ep: int = 1
-                ) -> float:
+def _build_peak(counts: list[StageCounts], dims: ParallelDims, engine: str, ep: int = 1,
+                etp: int = 1) -> float:
     """Meta-device construction (`mtp_cli.parallel.meta_init`): each chunk's parameters are
     allocated at their tensor-parallel local shapes (this rank's routed experts only: expert
     parallel drops the others on the meta device), then initialised one full tensor at a time
@@ -412,11 +414,11 @@ def _build_peak(counts: list[StageCounts], dims: ParallelDims, engine: str, ep: 
     tp, shard = dims.tp, dims.dp_cp if engine == "fsdp2" else 1
     peak = done = 0.0
     for c in counts:
-        local = FP32 * _local_elements(c, tp, ep)
+        local = FP32 * _local_elements(c, tp, ep, etp=etp)
         init = 2 * FP32 * c.largest  # the slice is cut after `randn` is freed
         fsdp = FP32 * max((u for u in c.units), default=0) / tp if shard > 1 else 0.0
         peak = max(peak, done + local + max(init, fsdp))
-        done += FP32 * _local_elements(c, tp, ep, shard)
+        done += FP32 * _local_elements(c, tp, ep, shard, etp)
     peak = max(peak, done)
     if engine == "ddp":  # the weights and DDP's buckets (no moments before the first step)
         peak = max(peak, 2 * done)
@@ -427,5 +429,7 @@ def _notes(spec: RunSpec, dims: ParallelDims, engine: str) -> list[str]:
     notes = ["weights are fp32 masters (bf16 only through autocast): no separate master copy"]
     if spec.model.num_moe_experts is not None:
         notes.append(f"routed experts split over parallel.expert = {spec.parallel.expert} "
-                     f"ranks; their activations assume uniform routing (top-k per token)")
+                     f"ranks (and over parallel.expert_tensor = {spec.parallel.expert_tensor}"
+                     f" tensor ranks); their activations assume uniform routing (top-k per "
+                     f"token)")
     return notes

@@ -113,8 +113,10 @@ class TrainingEngine:
         self.expert_mesh = (expert_data_mesh(dims, ep, settings.device.type)
                             if ep > 1 and spec.parallel.fsdp else None)
         self.chunks = [self._build_chunk(vp, allow_imports) for vp in self._virtual_stages()]
+        etp_group = self.tp_group if spec.parallel.expert_tensor > 1 else None
         self.expert_grads = (ExpertGradients(nn.ModuleList(self.chunks), self.expert_groups,
-                                             sharded=self.expert_mesh is not None)
+                                             sharded=self.expert_mesh is not None,
+                                             tp_group=etp_group)
                              if self.expert_groups is not None else None)
         self.embedding = build_embedding_group(self.plan, spec, mesh)
         modules, grad_sync = self._data_parallel()
@@ -145,7 +147,8 @@ class TrainingEngine:
         plan = None
         if self.tp_group is not None:
             plan = parallelize_tensor(chunk, self.tp_group,
-                                      sequence_parallel=self.spec.parallel.sequence_parallel)
+                                      sequence_parallel=self.spec.parallel.sequence_parallel,
+                                      expert_tensor=self.spec.parallel.expert_tensor > 1)
         # this rank's shards only, initialised by global name: the single-process weights
         materialize(chunk, self.spec, self.settings.device,
                     shard_fn=plan.shard_like_parameter if plan is not None else None,

@@ -111,7 +111,7 @@ def clip_gradients(chunks: Sequence[nn.Module], max_norm: float, layout: StepLay
             chunk, layout.tp_group, sum_groups=shards,
             skip=lambda name, c=chunk: layout.skip(c, name) or (
                 experts is not None and is_expert_parameter(name)))
-    if experts is not None:  # whole on every tensor rank: summed over the expert group
+    if experts is not None:  # summed over the expert group (and the tensor group under ETP)
         square = square + experts.square_sum(device)
     if layout.pp_group is not None:
         dist.all_reduce(square, group=layout.pp_group)
