@@ -29,13 +29,7 @@ def _expert_index(name: str) -> int:
 def _build_rank(spec, world: int, rank: int):
     """The engine of global rank `rank` of `world` under the fake process group, with every
     full initial value drawn and every materialised parameter recorded."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from mtp_cli.parallel.mesh import build_mesh
-    from mtp_cli.plan.dims import ParallelDims
-    from mtp_cli.train.engine import build_engine
-    from mtp_cli.train.step import StepSettings
+    from tests.fake_group import fake_rank_engine
 
     drawn: list[tuple[str, weakref.ref]] = []
     allocated: list[tuple[tuple[int, ...], int]] = []
@@ -52,21 +46,14 @@ def _build_rank(spec, world: int, rank: int):
         allocated.append((tuple(result.shape), result.numel()))
         return result
 
-    dims = ParallelDims.from_spec(spec, world)
-    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     init_module.full_initial_value = tracked_draw
     meta_init_module.torch.empty_like = tracked_empty_like
     try:
-        mesh = build_mesh(dims, "cpu")
-        settings = StepSettings(
-            num_microbatches=dims.num_microbatches(spec), per_token_loss=False, grad_clip=1.0,
-            bf16=False, device=torch.device("cpu"), dp_cp_size=dims.dp_cp,
-            dp_cp_group=mesh.dp_cp_group if dims.dp_cp > 1 else None)
-        engine = build_engine(spec, mesh, settings)
+        with fake_rank_engine(spec, world, rank) as engine:
+            pass
     finally:
         init_module.full_initial_value = draw
         meta_init_module.torch.empty_like = empty_like
-        dist.destroy_process_group()
     return engine, [name for name, _ in drawn], allocated
 
 

@@ -118,29 +118,13 @@ def test_parameters_follow_the_layout():
 def _engine_grad_sync(spec, world: int, rank: int) -> tuple[str, int]:
     """(how the real engine synchronises gradients, parameter elements it holds) for global
     rank `rank` of `world`, built in this process against torch's fake process group."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from mtp_cli.parallel.mesh import build_mesh
     from mtp_cli.parallel.sharded_state import held
-    from mtp_cli.plan.dims import ParallelDims
-    from mtp_cli.train.engine import build_engine
-    from mtp_cli.train.step import StepSettings
+    from tests.fake_group import fake_rank_engine
 
-    dims = ParallelDims.from_spec(spec, world)
-    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
-    try:
-        mesh = build_mesh(dims, "cpu")
-        settings = StepSettings(
-            num_microbatches=dims.num_microbatches(spec), per_token_loss=False, grad_clip=1.0,
-            bf16=False, device=torch.device("cpu"), dp_cp_size=dims.dp_cp,
-            dp_cp_group=mesh.dp_cp_group if dims.dp_cp > 1 else None)
-        engine = build_engine(spec, mesh, settings)
+    with fake_rank_engine(spec, world, rank) as engine:
         held_elements = sum(held(p).numel() for chunk in engine.chunks
                             for p in chunk.parameters())
         return engine.runner.layout.grad_sync, held_elements
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("overrides,world,engine", [

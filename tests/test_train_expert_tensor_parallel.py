@@ -20,7 +20,6 @@ reorders sums (~1e-7 relative), which Adam's first steps amplify for near-zero g
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from tests.ckpt_helpers import load_whole_dcp
 from tests.cli_helpers import SPECS, run_mtp
 from tests.dist_utils import run_distributed
 from tests.test_expert_dispatch import SPEC
+from tests.train_helpers import checkpoint_dir, metrics
 
 pytestmark = [pytest.mark.distributed]
 LAYER = "decoder.layers.1.mlp."
@@ -96,23 +96,14 @@ def _train(run_dir: Path, nproc: int, *extra: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _lines(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "split" not in r]
-
-
-def _checkpoint(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step:07d}"
-
-
 def _assert_same_run(reference: Path, run_dir: Path, tolerance: float = 1e-5) -> None:
-    ref, got = _lines(reference), _lines(run_dir)
+    ref, got = metrics(reference)[0], metrics(run_dir)[0]
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
     for a, b in zip(ref, got, strict=True):
         for key in KEYS:
             assert abs(a[key] - b[key]) <= tolerance, (a["step"], key, a[key], b[key])
-    ref_model = load_whole_dcp(_checkpoint(reference, STEPS))["model"]
-    model = load_whole_dcp(_checkpoint(run_dir, STEPS))["model"]
+    ref_model = load_whole_dcp(checkpoint_dir(reference, STEPS))["model"]
+    model = load_whole_dcp(checkpoint_dir(run_dir, STEPS))["model"]
     assert sorted(ref_model) == sorted(model)  # every expert, by its global index
     for name, value in ref_model.items():
         assert value.shape == model[name].shape, name  # canonical global shapes
@@ -131,7 +122,7 @@ def runs(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_ep2_tp2_etp2_gives_the_single_process_run(runs):
     _assert_same_run(runs / "single", runs / "etp2")
-    first = _lines(runs / "etp2")[0]
+    first = metrics(runs / "etp2")[0][0]
     assert first["seq_load_balancing_loss"] > 0 and first["z_loss"] > 0
 
 
@@ -139,7 +130,7 @@ def test_ep2_tp2_etp2_gives_the_single_process_run(runs):
 def test_expert_weights_are_stored_at_global_shapes_split_over_the_tensor_ranks(runs):
     """linear_fc1 `[gate; up]` as four row chunks (each half split over the two tensor ranks),
     linear_fc2 as two column chunks; no rank gathered a whole expert."""
-    checkpoint = _checkpoint(runs / "etp2", STEPS)
+    checkpoint = checkpoint_dir(runs / "etp2", STEPS)
     metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     experts = {k: v for k, v in metadata.items()
                if k.startswith("model.") and ".local_experts." in k}

@@ -17,7 +17,6 @@ of every rank, `linear_proj` row-parallel. Checked at two levels:
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tests.ckpt_helpers import load_whole_dcp
 from tests.cli_helpers import SPECS, run_mtp
 from tests.dist_utils import run_distributed
 from tests.test_tensor_parallel import _check_case
+from tests.train_helpers import checkpoint_dir, metrics
 
 
 @pytest.mark.parametrize(("overrides", "world"), [
@@ -83,23 +83,14 @@ def _train(run_dir: Path, nproc: int, *extra: str, spec: Path = SPECS / "tiny_mo
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _lines(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "split" not in r]
-
-
-def _checkpoint(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step:07d}"
-
-
 def _assert_same_run(reference: Path, run_dir: Path, keys: tuple[str, ...] = KEYS) -> None:
-    ref, got = _lines(reference), _lines(run_dir)
+    ref, got = metrics(reference)[0], metrics(run_dir)[0]
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
     for a, b in zip(ref, got, strict=True):
         for key in keys:
             assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
-    ref_model = load_whole_dcp(_checkpoint(reference, STEPS))["model"]
-    model = load_whole_dcp(_checkpoint(run_dir, STEPS))["model"]
+    ref_model = load_whole_dcp(checkpoint_dir(reference, STEPS))["model"]
+    model = load_whole_dcp(checkpoint_dir(run_dir, STEPS))["model"]
     assert sorted(ref_model) == sorted(model)
     for name, value in ref_model.items():
         assert value.shape == model[name].shape, name  # canonical global shapes
@@ -141,7 +132,7 @@ def test_mla_moe_tp2_gives_the_single_process_run(moe_runs):
     (MoE under sequence parallel is refused)."""
     _assert_same_run(moe_runs / "single", moe_runs / "tp2",
                      (*KEYS, "seq_load_balancing_loss", "load_imbalance"))
-    _assert_stored_as_megatron_lays_out(_checkpoint(moe_runs / "tp2", STEPS))
+    _assert_stored_as_megatron_lays_out(checkpoint_dir(moe_runs / "tp2", STEPS))
     inspected = run_mtp("inspect-ckpt", str(moe_runs / "tp2"), "--strict")
     assert inspected.returncode == 0, inspected.stdout + inspected.stderr
 

@@ -71,6 +71,11 @@ def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [x for x in lines if "split" not in x], [x for x in lines if x.get("split") == "val"]
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """The checkpoint of `step` in `run_dir` (`checkpoints/step_0000005`)."""
+    return run_dir / "checkpoints" / f"step_{step:07d}"
+
+
 def assert_same_losses(run_a: Path, run_b: Path, tolerance: float) -> None:
     """Per-step lm and MTP losses (and validation losses) agree to `tolerance`."""
     (train_a, val_a), (train_b, val_b) = metrics(run_a), metrics(run_b)

@@ -238,10 +238,7 @@ def dry_run(spec: RunSpec, rank: int, world_size: int, steps: int = 2, *,
     try:
         mesh = build_mesh(dims, device.type)
         count = dims.num_microbatches(spec)
-        settings = StepSettings(
-            num_microbatches=count, per_token_loss=spec.train.calculate_per_token_loss,
-            grad_clip=spec.train.grad_clip, bf16=spec.train.bf16, device=device,
-            dp_cp_size=dims.dp_cp, dp_cp_group=mesh.dp_cp_group if dims.dp_cp > 1 else None)
+        settings = StepSettings.for_run(spec, dims, mesh, device)
         torch.manual_seed(spec.train.seed)
         topk = spec.model.moe_router_topk or 1
         with filled_collectives(expert_topk=topk, expert_load=expert_load):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,11 @@ from mtp_cli.parallel.tied_embeddings import allreduce_embedding_grads
 from mtp_cli.parallel.tp_grads import grad_square_sum, sync_sequence_parallel_grads
 from mtp_cli.train.nonfinite import update_is_finite
 
+if TYPE_CHECKING:
+    from mtp_cli.config.schema import RunSpec
+    from mtp_cli.parallel.mesh import ParallelMesh
+    from mtp_cli.plan.dims import ParallelDims
+
 
 @dataclass
 class StepSettings:
@@ -61,6 +66,16 @@ class StepSettings:
     # expert parallel: the experts' gradient reduction and the global norm
     # (mtp_cli.parallel.expert_parallel.ExpertGradients); None without it
     expert_grads: Any = None
+
+    @classmethod
+    def for_run(cls, spec: RunSpec, dims: ParallelDims, mesh: ParallelMesh,
+                device: torch.device) -> StepSettings:
+        """The settings of `spec`'s training on `mesh` (the trainer's, and a dry run's)."""
+        return cls(num_microbatches=dims.num_microbatches(spec),
+                   per_token_loss=spec.train.calculate_per_token_loss,
+                   grad_clip=spec.train.grad_clip, bf16=spec.train.bf16, device=device,
+                   dp_cp_size=dims.dp_cp,
+                   dp_cp_group=mesh.dp_cp_group if dims.dp_cp > 1 else None)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)

@@ -52,12 +52,7 @@ class Trainer:
         self.train_set, self.val_set = build_datasets(spec)
         self.loader = self._loader(self.train_set, shuffle=True)
         self.num_microbatches = self.dims.num_microbatches(spec)
-        self.settings = StepSettings(
-            num_microbatches=self.num_microbatches,
-            per_token_loss=spec.train.calculate_per_token_loss, grad_clip=spec.train.grad_clip,
-            bf16=spec.train.bf16, device=env.device, dp_cp_size=self.dims.dp_cp,
-            dp_cp_group=self.mesh.dp_cp_group if self.dims.dp_cp > 1 else None,
-        )
+        self.settings = StepSettings.for_run(spec, self.dims, self.mesh, env.device)
         self.engine = build_engine(spec, self.mesh, self.settings, allow_imports=allow_imports)
         self.optimizer = self.engine.optimizer
         self.scheduler = build_scheduler(self.optimizer, spec.train)
