@@ -16,7 +16,7 @@ import pytest
 from mtp_cli.errors import UserError
 from mtp_cli.launch.checks import check_backend, check_rendezvous, check_run_dir_entries
 from mtp_cli.launch.launcher import LaunchOptions, check_options
-from mtp_cli.launch.start import resolve_start_method
+from mtp_cli.launch.start import frame_function_name, resolve_start_method
 from mtp_cli.run_dir import RunDir, RunDirLock
 from tests.hostile_helpers import assert_refused, run_bounded, tree
 from tests.train_helpers import TINY, make_corpus
@@ -127,6 +127,20 @@ def test_start_method_auto_forks_cpu_workers_and_execs_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert resolve_start_method("auto") == "exec"
     assert resolve_start_method("fork") == "fork" and resolve_start_method("exec") == "exec"
+
+
+def test_rendezvous_events_keep_their_names_without_inspect_stack():
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import get_method_name
+
+    def recorder(name_of):  # a rendezvous method that records an event
+        return name_of()
+
+    def next_rendezvous(name_of):
+        return recorder(name_of)
+
+    assert next_rendezvous(frame_function_name) == next_rendezvous(get_method_name) \
+        == "next_rendezvous"
+    assert frame_function_name(10_000) == "no_method_name"
 
 
 def test_unknown_start_method_is_refused():
