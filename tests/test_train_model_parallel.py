@@ -54,9 +54,9 @@ LAYOUTS = {  # name: (nproc, overrides)
     "dp2_tp2_pp2": (8, ["parallel.tensor=2", "parallel.pipeline=2"]),
 }
 SLOW = {"fsdp2_tp2", "fsdp2_pp2", "fsdp2_cp2", "dp2_tp2_pp2"}
-# Workers are forked from the launcher on a CPU machine (`--start-method auto`); these layouts
-# start each worker in its own interpreter instead, as on a CUDA machine.
-EXEC_LAYOUTS = {"tp2_pp2", "cp2_tp2"}
+# Workers are forked from the launcher on a CPU machine (`--start-method auto`); this layout
+# starts each worker in its own interpreter instead, as on a CUDA machine.
+EXEC_LAYOUTS = {"tp2"}
 PACKED_LAYOUTS = {"packed_cp2": (2, ["parallel.context=2"]),
                   "packed_cp4": (4, ["parallel.context=4"])}
 

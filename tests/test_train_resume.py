@@ -5,6 +5,7 @@ a group that lost a worker; a finished run says so."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -56,14 +57,19 @@ def test_sigkill_of_the_whole_job_resumes_with_the_same_losses(tmp_path, corpus,
                            env={**os.environ, "MTP_TEST_HANG_AT_STEP": "6"},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
-    wait_for_step(run_dir, 6, job)
-    assert len(worker_pids(run_dir, job.pid)) == 2
-    os.kill(job.pid, signal.SIGKILL)  # the launcher alone: its workers must die with it
-    job.wait()
-    deadline = time.monotonic() + 10
-    while worker_pids(run_dir, job.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert worker_pids(run_dir, job.pid) == []  # no orphan outlives its launcher
+    try:
+        wait_for_step(run_dir, 6, job)
+        assert len(worker_pids(run_dir, job.pid)) == 2
+        os.kill(job.pid, signal.SIGKILL)  # the launcher alone: its workers must die with it
+        job.wait()
+        deadline = time.monotonic() + 10
+        while worker_pids(run_dir, job.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker_pids(run_dir, job.pid) == []  # no orphan outlives its launcher
+    finally:  # a failed check must not leave the hanging job behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
     assert (run_dir / "checkpoints/latest").read_text() == "step_0000004\n"
 
     result = run_train(run_dir, corpus, nproc=2)
