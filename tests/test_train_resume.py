@@ -140,8 +140,8 @@ def test_without_restarts_a_dead_worker_fails_the_job(tmp_path, corpus, start_me
     if start_method == "exec":
         assert "SIGKILL" in result.stderr
     else:
-        assert "SIGKILL" in result.stderr or "Connection closed by peer" in result.stderr, \
-            result.stderr[-3000:]
+        # the killed rank, or gloo's "Connection closed / reset by peer" on the other
+        assert "SIGKILL" in result.stderr or "by peer" in result.stderr, result.stderr[-3000:]
 
 
 def test_finished_run_says_so_and_overwrite_starts_afresh(uninterrupted, corpus):
