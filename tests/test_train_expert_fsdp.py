@@ -20,7 +20,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from tests.test_sharded_checkpoint import _tiles
-from tests.test_train_expert_parallel import _assert_same_run, _lines, _train
+from tests.test_train_expert_parallel import _assert_same_run, _train
+from tests.train_helpers import metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -38,7 +39,7 @@ def runs(tmp_path_factory) -> Path:
 def _assert_same_norms(reference: Path, run_dir: Path) -> None:
     """The clipped gradient norm counts every logical weight once: each expert row once over
     both expert groups, the dense FSDP2 rows once over data parallel."""
-    for a, b in zip(_lines(reference), _lines(run_dir), strict=True):
+    for a, b in zip(metrics(reference)[0], metrics(run_dir)[0], strict=True):
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a, b)
 
 

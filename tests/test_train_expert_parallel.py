@@ -11,15 +11,15 @@ near-zero gradient elements (see test_train_model_parallel); the dense model dri
 
 from __future__ import annotations
 
-import json
+import functools
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.ckpt_helpers import load_whole_dcp
 from tests.cli_helpers import SPECS, run_mtp
+from tests.train_helpers import assert_same_training, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -34,6 +34,7 @@ OVERRIDES = [
 ]
 KEYS = ("lm_loss", "mtp_1_loss", "mtp_2_loss", "seq_load_balancing_loss", "z_loss",
         "load_imbalance")
+_assert_same_run = functools.partial(assert_same_training, keys=KEYS, steps=STEPS)
 
 
 def _train(run_dir: Path, nproc: int, expert: int, *extra: str,
@@ -46,29 +47,6 @@ def _train(run_dir: Path, nproc: int, expert: int, *extra: str,
         assert "Warning" not in done.stderr, done.stderr[-3000:]
 
 
-def _lines(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "split" not in r]
-
-
-def _final_model(run_dir: Path) -> dict:
-    checkpoints = run_dir / "checkpoints"
-    return load_whole_dcp(checkpoints / (checkpoints / "latest").read_text().strip())["model"]
-
-
-def _assert_same_run(reference: Path, run_dir: Path, tolerance: float = 1e-5) -> None:
-    ref, got = _lines(reference), _lines(run_dir)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for a, b in zip(ref, got, strict=True):
-        for key in KEYS:
-            assert abs(a[key] - b[key]) <= tolerance, (a["step"], key, a[key], b[key])
-    ref_model, model = _final_model(reference), _final_model(run_dir)
-    assert sorted(ref_model) == sorted(model)  # every expert, by its global index
-    for name, value in ref_model.items():
-        diff = (value.float() - model[name].float()).abs().max().item()
-        assert diff <= tolerance, (name, diff)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ep")
@@ -79,7 +57,7 @@ def runs(tmp_path_factory) -> Path:
 
 def test_ep2_gives_the_single_process_run(runs):
     _assert_same_run(runs / "single", runs / "ep2")
-    first = _lines(runs / "ep2")[0]
+    first = metrics(runs / "ep2")[0][0]
     assert first["seq_load_balancing_loss"] > 0 and first["z_loss"] > 0
     assert first["load_imbalance"] >= 1.0
 

@@ -20,6 +20,7 @@ reorders sums (~1e-7 relative), which Adam's first steps amplify for near-zero g
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -30,11 +31,10 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from mtp_cli import build_model, load_spec
 from mtp_cli.parallel.tensor_parallel import parallelize_tensor
-from tests.ckpt_helpers import load_whole_dcp
 from tests.cli_helpers import SPECS, run_mtp
 from tests.dist_utils import run_distributed
 from tests.test_expert_dispatch import SPEC
-from tests.train_helpers import checkpoint_dir, metrics
+from tests.train_helpers import assert_same_training, checkpoint_dir, metrics
 
 pytestmark = [pytest.mark.distributed]
 LAYER = "decoder.layers.1.mlp."
@@ -86,6 +86,7 @@ OVERRIDES = [
 ]
 KEYS = ("lm_loss", "mtp_1_loss", "mtp_2_loss", "seq_load_balancing_loss", "z_loss",
         "load_imbalance", "grad_norm")  # the norm: each expert row counted once
+_assert_same_run = functools.partial(assert_same_training, keys=KEYS, steps=STEPS)
 ETP = ["parallel.expert=2", "parallel.tensor=2", "parallel.expert_tensor=2",
        "parallel.sequence_parallel=true"]
 
@@ -94,21 +95,6 @@ def _train(run_dir: Path, nproc: int, *extra: str) -> None:
     done = run_mtp("train", str(SPECS / "tiny_moe.yaml"), *OVERRIDES, *extra,
                    "--run-dir", str(run_dir), "--nproc", str(nproc), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-
-
-def _assert_same_run(reference: Path, run_dir: Path, tolerance: float = 1e-5) -> None:
-    ref, got = metrics(reference)[0], metrics(run_dir)[0]
-    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
-    for a, b in zip(ref, got, strict=True):
-        for key in KEYS:
-            assert abs(a[key] - b[key]) <= tolerance, (a["step"], key, a[key], b[key])
-    ref_model = load_whole_dcp(checkpoint_dir(reference, STEPS))["model"]
-    model = load_whole_dcp(checkpoint_dir(run_dir, STEPS))["model"]
-    assert sorted(ref_model) == sorted(model)  # every expert, by its global index
-    for name, value in ref_model.items():
-        assert value.shape == model[name].shape, name  # canonical global shapes
-        diff = (value.float() - model[name].float()).abs().max().item()
-        assert diff <= tolerance, (name, diff)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ of every rank, `linear_proj` row-parallel. Checked at two levels:
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -24,11 +25,10 @@ import pytest
 import yaml
 from torch.distributed.checkpoint import FileSystemReader
 
-from tests.ckpt_helpers import load_whole_dcp
 from tests.cli_helpers import SPECS, run_mtp
 from tests.dist_utils import run_distributed
 from tests.test_tensor_parallel import _check_case
-from tests.train_helpers import checkpoint_dir, metrics
+from tests.train_helpers import assert_same_training, checkpoint_dir
 
 
 @pytest.mark.parametrize(("overrides", "world"), [
@@ -72,6 +72,7 @@ OVERRIDES = [
     "logging.tensorboard=false",
 ]
 KEYS = ("lm_loss", "mtp_1_loss", "mtp_2_loss")
+_assert_same_run = functools.partial(assert_same_training, keys=KEYS, steps=STEPS)
 TP_SHARDED = ("linear_q_up_proj", "linear_kv_up_proj", "linear_proj")
 DUPLICATED = ("linear_q_down_proj", "linear_kv_down_proj", "q_layernorm", "kv_layernorm")
 
@@ -81,21 +82,6 @@ def _train(run_dir: Path, nproc: int, *extra: str, spec: Path = SPECS / "tiny_mo
     done = run_mtp("train", str(spec), *OVERRIDES, *extra,
                    "--run-dir", str(run_dir), "--nproc", str(nproc), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-
-
-def _assert_same_run(reference: Path, run_dir: Path, keys: tuple[str, ...] = KEYS) -> None:
-    ref, got = metrics(reference)[0], metrics(run_dir)[0]
-    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
-    for a, b in zip(ref, got, strict=True):
-        for key in keys:
-            assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
-    ref_model = load_whole_dcp(checkpoint_dir(reference, STEPS))["model"]
-    model = load_whole_dcp(checkpoint_dir(run_dir, STEPS))["model"]
-    assert sorted(ref_model) == sorted(model)
-    for name, value in ref_model.items():
-        assert value.shape == model[name].shape, name  # canonical global shapes
-        diff = (value.float() - model[name].float()).abs().max().item()
-        assert diff <= 1e-5, (name, diff)
 
 
 def _assert_stored_as_megatron_lays_out(checkpoint: Path) -> None:
@@ -131,7 +117,7 @@ def test_mla_moe_tp2_gives_the_single_process_run(moe_runs):
     """MLA + MoE layers (first dense) with two MoE MTP depths at TP2, no sequence parallel
     (MoE under sequence parallel is refused)."""
     _assert_same_run(moe_runs / "single", moe_runs / "tp2",
-                     (*KEYS, "seq_load_balancing_loss", "load_imbalance"))
+                     keys=(*KEYS, "seq_load_balancing_loss", "load_imbalance"))
     _assert_stored_as_megatron_lays_out(checkpoint_dir(moe_runs / "tp2", STEPS))
     inspected = run_mtp("inspect-ckpt", str(moe_runs / "tp2"), "--strict")
     assert inspected.returncode == 0, inspected.stdout + inspected.stderr

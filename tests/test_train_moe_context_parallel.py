@@ -25,13 +25,14 @@ elements (with lr 3e-3 and eps 1e-8 a few MLA projection elements drift by up to
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
 
 import pytest
 import yaml
 
 from tests.cli_helpers import SPECS
-from tests.test_train_expert_parallel import MLA_KEYS, STEPS, _final_model, _lines, _train
+from tests.test_train_expert_parallel import MLA_KEYS, STEPS, _train
+from tests.train_helpers import assert_same_training, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -44,30 +45,16 @@ SEQ_AUX_KEYS = ("lm_loss", "mtp_1_loss", "mtp_2_loss", "seq_load_balancing_loss"
                 "load_imbalance")
 AUX_KEYS = ("lm_loss", "mtp_1_loss", "mtp_2_loss", "load_balancing_loss", "z_loss",
             "load_imbalance")
+_assert_same_run = functools.partial(assert_same_training, keys=SEQ_AUX_KEYS, steps=STEPS)
 TP_SAFE = ["model.qk_layernorm=false", "model.num_query_groups=2", "train.adam_eps=1e-6",
            "train.lr=1e-3"]
-
-
-def _assert_same_run(reference: Path, run_dir: Path, keys: tuple[str, ...] = SEQ_AUX_KEYS,
-                     tolerance: float = 1e-5) -> None:
-    """Per-step losses and metrics, and every final parameter and buffer, to `tolerance`."""
-    ref, got = _lines(reference), _lines(run_dir)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for a, b in zip(ref, got, strict=True):
-        for key in keys:
-            assert abs(a[key] - b[key]) <= tolerance, (a["step"], key, a[key], b[key])
-    ref_model, model = _final_model(reference), _final_model(run_dir)
-    assert sorted(ref_model) == sorted(model)
-    for name, value in ref_model.items():
-        diff = (value.float() - model[name].float()).abs().max().item()
-        assert diff <= tolerance, (name, diff)
 
 
 def test_ep2_cp2_mla_moe_gives_the_single_process_run(tmp_path):
     _train(tmp_path / "single", 1, 1, *LEAN, *YARN)
     _train(tmp_path / "ep2cp2", 4, 2, *LEAN, *YARN, "parallel.context=2")
     _assert_same_run(tmp_path / "single", tmp_path / "ep2cp2")
-    first = _lines(tmp_path / "ep2cp2")[0]
+    first = metrics(tmp_path / "ep2cp2")[0][0]
     assert first["seq_load_balancing_loss"] > 0 and first["z_loss"] > 0
 
 

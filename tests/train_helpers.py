@@ -76,6 +76,32 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:07d}"
 
 
+def final_model(run_dir: Path) -> dict:
+    """The model tensors of `run_dir`'s latest checkpoint, each whole (global shapes)."""
+    from tests.ckpt_helpers import load_whole_dcp
+
+    checkpoints = run_dir / "checkpoints"
+    return load_whole_dcp(checkpoints / (checkpoints / "latest").read_text().strip())["model"]
+
+
+def assert_same_training(reference: Path, run_dir: Path, *, keys: tuple[str, ...], steps: int,
+                         tolerance: float = 1e-5) -> None:
+    """`run_dir` trained like `reference`: steps 1..`steps`, each of `keys` per step, and every
+    final model tensor (same names, the same global shapes: every expert by its global index)
+    to `tolerance`."""
+    ref, got = metrics(reference)[0], metrics(run_dir)[0]
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, steps + 1))
+    for a, b in zip(ref, got, strict=True):
+        for key in keys:
+            assert abs(a[key] - b[key]) <= tolerance, (a["step"], key, a[key], b[key])
+    ref_model, model = final_model(reference), final_model(run_dir)
+    assert sorted(ref_model) == sorted(model)
+    for name, value in ref_model.items():
+        assert value.shape == model[name].shape, name
+        diff = (value.float() - model[name].float()).abs().max().item()
+        assert diff <= tolerance, (name, diff)
+
+
 def assert_same_losses(run_a: Path, run_b: Path, tolerance: float) -> None:
     """Per-step lm and MTP losses (and validation losses) agree to `tolerance`."""
     (train_a, val_a), (train_b, val_b) = metrics(run_a), metrics(run_b)
