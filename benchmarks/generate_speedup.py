@@ -183,7 +183,7 @@ def deepseek_v3_run(work: Path) -> Path:
     the MTP depth at `model.layers.61`, the released layer count; D = 1), random weights."""
     import yaml
 
-    from mtp_cli.build.model_builder import build_model
+    from mtp_cli.builders.model_builder import build_model
     from mtp_cli.config.loader import load_spec
     from mtp_cli.hf.step0_checkpoint import write_step0_checkpoint
 

@@ -31,7 +31,7 @@ CHILD = """
 import sys
 from mtp_cli.cli import app
 import mtp_cli.hf.export, mtp_cli.hf.importer, safetensors.torch
-import mtp_cli.inspect.checkpoint, mtp_cli.build.model_builder, mtp_cli.data.tokenizer
+import mtp_cli.inspect.checkpoint, mtp_cli.builders.model_builder, mtp_cli.data.tokenizer
 if sys.argv[1:]:
     try:
         app(sys.argv[1:])

@@ -51,7 +51,7 @@ def _worker(rank: int, world: int, init_file: str, spec_path: str, device: str,
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     from mtp_cli import build_model, load_spec
-    from mtp_cli.checkpoint_io.disk_full import save_state
+    from mtp_cli.checkpoint.disk_full import save_state
     from mtp_cli.parallel.mesh import build_mesh
     from mtp_cli.parallel.tensor_parallel import parallelize_tensor, tensor_parallel_plan
     from mtp_cli.plan.dims import ParallelDims

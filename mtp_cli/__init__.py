@@ -11,8 +11,8 @@ from mtp_cli.errors import SpecError, UserError
 
 
 def build_model(spec, device="cpu", **kwargs):
-    """The whole model for one process (every stage); see `mtp_cli.build.build_model`."""
-    from mtp_cli.build.model_builder import build_model as _build_model
+    """The whole model for one process (every stage); see `mtp_cli.builders.build_model`."""
+    from mtp_cli.builders.model_builder import build_model as _build_model
 
     return _build_model(spec, device, **kwargs)
 

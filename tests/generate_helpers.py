@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import yaml
 
-from mtp_cli.build.model_builder import build_model
+from mtp_cli.builders.model_builder import build_model
 from mtp_cli.config.loader import load_spec
 from mtp_cli.generate.decode import decode_plain
 from mtp_cli.generate.sampling import SamplingSettings

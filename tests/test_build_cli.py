@@ -76,7 +76,7 @@ def test_materialize_beyond_memory_exits_2_before_allocating():
 
 
 def test_materialize_fits_against_a_stated_memory():
-    from mtp_cli.build.describe import check_materialize_fits
+    from mtp_cli.builders.describe import check_materialize_fits
     from mtp_cli.errors import UserError
 
     spec = load_spec("specs/tiny.yaml")

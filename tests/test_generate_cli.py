@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mtp_cli.build.model_builder import build_model
+from mtp_cli.builders.model_builder import build_model
 from mtp_cli.cli import app
 from mtp_cli.config.loader import load_spec
 from tests.generate_helpers import save_run_dir, tiny_spec

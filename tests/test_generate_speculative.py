@@ -135,7 +135,7 @@ def test_single_prompt_speculative_equals_plain():
 
 def test_repeated_mtp_layer_drafts_at_every_depth():
     """`mtp.use_repeated_layer`: one layer applied at each depth, each depth its own cache."""
-    from mtp_cli.build.model_builder import build_model
+    from mtp_cli.builders.model_builder import build_model
     from mtp_cli.config.loader import load_spec
     from tests.generate_helpers import tiny_spec
 

@@ -148,8 +148,8 @@ def test_fewer_depths_import_the_first_and_say_so(tmp_path):
 
 
 def test_tied_model_stays_tied_in_a_checkpoint_mtp_train_resolves(tmp_path):
+    from mtp_cli.checkpoint.run_dir import RunDir
     from mtp_cli.inspect import inspect_checkpoint
-    from mtp_cli.run_dir import RunDir
 
     hf_dir, _, _ = saved_model(tmp_path, qwen2_config(num_mtp_layers=1))
     assert "lm_head.weight" not in read_safetensors_dir(hf_dir)

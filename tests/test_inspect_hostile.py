@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
-from mtp_cli.checkpoint_io import read_metadata
+from mtp_cli.checkpoint import read_metadata
 from mtp_cli.errors import UserError
 from mtp_cli.inspect import inspect_checkpoint
 from tests.ckpt_helpers import tiny_spec, write_dcp_checkpoint

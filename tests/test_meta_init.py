@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import mtp_cli.build.init as init_module
+import mtp_cli.builders.init as init_module
 from mtp_cli import build_model
 from mtp_cli.parallel.meta_init import materialize, parameters_on_meta
 from mtp_cli.parallel.tensor_parallel import parallelize_tensor

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.models.comm import LOCAL_COMM, LocalComm, ParallelGroups, comm_for
 from mtp_cli.mtp import roll_tensor
+from mtp_cli.nn.comm import LOCAL_COMM, LocalComm, ParallelGroups, comm_for
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mtp_cli"
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.build.module_trees import resolved_module_trees
+from mtp_cli.builders.module_trees import resolved_module_trees
 from mtp_cli.models.moe.dispatcher import LocalTokenDispatcher
 from mtp_cli.models.moe.layer import MoELayer
 from tests.cli_helpers import SPECS

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mtp_cli import load_spec
-from mtp_cli.build.init import initialize_parameters
-from mtp_cli.build.model_builder import build_model, loss_settings_for
-from mtp_cli.build.module_trees import build_specs
+from mtp_cli.builders.init import initialize_parameters
+from mtp_cli.builders.model_builder import build_model, loss_settings_for
+from mtp_cli.builders.module_trees import build_specs
 from mtp_cli.errors import SpecError
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.mtp import (

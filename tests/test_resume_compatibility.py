@@ -11,9 +11,9 @@ import json
 import pytest
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.build.module_trees import resolved_module_trees
+from mtp_cli.builders.module_trees import resolved_module_trees
+from mtp_cli.checkpoint.run_dir import RunDir
 from mtp_cli.errors import UserError
-from mtp_cli.run_dir import RunDir
 from mtp_cli.train.compatibility import plan_resume
 from mtp_cli.train.optim import lr_at
 from tests.ckpt_helpers import tiny_spec, write_dcp_checkpoint

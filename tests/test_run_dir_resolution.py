@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
+from mtp_cli.checkpoint.run_dir import RunDir
 from mtp_cli.errors import UserError
-from mtp_cli.run_dir import RunDir
 from tests.ckpt_helpers import tiny_spec, write_dcp_checkpoint
 from tests.hostile_files import flip_byte, make_fifo, plant_marker_pickle, shard, truncate
 
@@ -142,7 +142,7 @@ def test_no_checkpoints_is_a_fresh_start(tmp_path):
 
 
 def test_checksums_catch_a_flipped_byte_the_lengths_cannot(run):
-    from mtp_cli.checkpoint_io.checksums import directory_checksums
+    from mtp_cli.checkpoint.checksums import directory_checksums
 
     for n in (4, 8):
         meta = json.loads((step(run, n) / "meta.json").read_text())

@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from mtp_cli.parallel.sharded_state import fsdp_rows, local_tensor, sharded_tensor
+from mtp_cli.checkpoint.sharded_state import fsdp_rows, local_tensor, sharded_tensor
 from mtp_cli.parallel.tp_sharding import COLUMN, GATED_COLUMN, ROW
 from tests.dist_utils import run_distributed
 from tests.tp_cases import make_spec, reference_and_parallel

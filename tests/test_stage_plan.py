@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtp_cli.build.model_builder import build_model
+from mtp_cli.builders.model_builder import build_model
 from mtp_cli.plan.placement import build_stage_plan
 from mtp_cli.plan.stages import Stage
 from tests.placement_helpers import make_spec

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mtp_cli import UserError, build_model
-from mtp_cli.build.init import initialize_parameters
+from mtp_cli.builders.init import initialize_parameters
 from mtp_cli.parallel.tensor_parallel import (
     gather_state_dict,
     parallelize_tensor,

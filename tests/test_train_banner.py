@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from mtp_cli.checkpoint.run_dir import RunDir
 from mtp_cli.config.loader import load_spec
 from mtp_cli.launch.banner import DataSummary, overwrite_summary, start_banner
 from mtp_cli.plan.dims import ParallelDims
-from mtp_cli.run_dir import RunDir
 from tests.cli_helpers import SPECS
 from tests.train_helpers import TINY, run_train
 

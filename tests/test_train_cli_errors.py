@@ -68,7 +68,7 @@ def test_parallel_sizes_that_do_not_fit(tmp_path, args, message):
 
 
 def test_run_dir_in_use_by_another_job(tmp_path):
-    from mtp_cli.run_dir import RunDir, RunDirLock
+    from mtp_cli.checkpoint.run_dir import RunDir, RunDirLock
 
     corpus = make_corpus(tmp_path / "corpus")
     run_dir = tmp_path / "busy"

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from mtp_cli.checkpoint.run_dir import RunDir, read_latest
 from mtp_cli.launch.interrupt import last_logged_step, stopped_message
-from mtp_cli.run_dir import RunDir, read_latest
 from tests.train_helpers import REPO_ROOT, TIMEOUT, corpus, train_args, worker_pids  # noqa: F401
 
 

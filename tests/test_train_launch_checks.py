@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from mtp_cli.checkpoint.run_dir import RunDir, RunDirLock
 from mtp_cli.errors import UserError
 from mtp_cli.launch.checks import check_backend, check_rendezvous, check_run_dir_entries
 from mtp_cli.launch.launcher import LaunchOptions, check_options
 from mtp_cli.launch.start import frame_function_name, resolve_start_method
-from mtp_cli.run_dir import RunDir, RunDirLock
 from tests.hostile_helpers import assert_refused, run_bounded, tree
 from tests.train_helpers import TINY, make_corpus
 

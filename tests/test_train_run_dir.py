@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from mtp_cli.errors import UserError
-from mtp_cli.run_dir import (
+from mtp_cli.checkpoint.run_dir import (
     RunDir,
     RunDirLock,
     check_creatable,
     checkpoint_name,
     truncate_metrics,
 )
+from mtp_cli.errors import UserError
 
 
 def make_checkpoint(run: RunDir, step: int, *, complete: bool = True) -> None:

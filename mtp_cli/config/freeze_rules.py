@@ -7,7 +7,7 @@ Names are the single-process model's, so every pipeline stage, tensor shard and 
 decides the same way: a stage's copy of the word embedding is named like it, and a tied output
 layer (`output_layer.weight` on a pipeline's loss stage) is frozen exactly when the embedding is,
 since it is the same logical weight. No torch here: the schema checks entries statically, the
-model builder applies them (`mtp_cli.build.freeze`).
+model builder applies them (`mtp_cli.builders.freeze`).
 """
 
 from __future__ import annotations

@@ -324,7 +324,7 @@ def load_spec(
     `allow_imports` permits `import:package.module:Class` modules in the `modules` section;
     without it such a spec is rejected (nothing is imported while loading either way).
     """
-    from mtp_cli.build.module_trees import parse_module_trees
+    from mtp_cli.builders.module_trees import parse_module_trees
 
     document: YamlDocument | None = None
     if isinstance(path_or_mapping, Mapping):

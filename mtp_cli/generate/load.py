@@ -56,7 +56,7 @@ def load_for_generation(path: Path, device: torch.device | str | None = None,
 
 
 def _build(spec: RunSpec, state: dict[str, torch.Tensor], where: Path) -> GPTModel:
-    from mtp_cli.build.model_builder import build_model
+    from mtp_cli.builders.model_builder import build_model
 
     model = build_model(spec, "cpu", initialize=False)
     expected = model.state_dict()
@@ -78,7 +78,7 @@ def _load_checkpoint(path: Path) -> LoadedModel:
 
     checkpoint = open_checkpoint(path)
     spec = _spec_of(checkpoint, None)
-    from mtp_cli.build.model_builder import state_dict_shapes
+    from mtp_cli.builders.model_builder import state_dict_shapes
 
     names = list(state_dict_shapes(spec))
     present = [n for n in names if n in checkpoint.tensors]

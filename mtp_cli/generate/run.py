@@ -213,7 +213,7 @@ def collect_prompts(prompts: list[str], prompt_file: Any = None) -> tuple[list[s
     came from for messages. UserError for both or neither, or an unreadable file."""
     from pathlib import Path
 
-    from mtp_cli.checkpoint_io.files import read_text
+    from mtp_cli.checkpoint.files import read_text
 
     if prompts and prompt_file is not None:
         raise UserError(problems=[Problem("give --prompt or --prompt-file, not both",

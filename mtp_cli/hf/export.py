@@ -99,7 +99,7 @@ def _spec_of(checkpoint: Any, spec_path: Path | None) -> RunSpec:
 
 
 def _expected_shapes(spec: RunSpec) -> dict[str, tuple[int, ...]]:
-    from mtp_cli.build.model_builder import build_model
+    from mtp_cli.builders.model_builder import build_model
 
     return {k: tuple(v.shape) for k, v in build_model(spec, "meta").state_dict().items()}
 

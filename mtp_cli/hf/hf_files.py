@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mtp_cli.checkpoint_io.files import is_regular_file, read_json_object
+from mtp_cli.checkpoint.files import is_regular_file, read_json_object
 from mtp_cli.errors import Problem, UserError
 
 CONFIG = "config.json"

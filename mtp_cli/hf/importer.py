@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import yaml
 
-from mtp_cli.build.init import full_initial_value
+from mtp_cli.builders.init import full_initial_value
 from mtp_cli.config.loader import apply_overrides, load_spec
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
@@ -85,7 +85,7 @@ def _sections(hf: HFDirectory, overrides: list[str]) -> tuple[dict[str, Any], La
 
 def _shapes_and_init(spec: RunSpec) -> tuple[dict[str, tuple[int, ...]], dict[str, bool]]:
     """Every Megatron tensor's shape, and whether its init is scaled (meta device)."""
-    from mtp_cli.build.model_builder import build_model
+    from mtp_cli.builders.model_builder import build_model
 
     model = build_model(spec, "meta")
     scaled = {f"{m}.{p}" if m else p: bool(getattr(module, "scaled_init", False))

@@ -29,10 +29,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from mtp_cli import __version__
-from mtp_cli.checkpoint_io.checksums import directory_checksums
+from mtp_cli.checkpoint.checksums import directory_checksums
+from mtp_cli.checkpoint.run_dir import checkpoint_name
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.hf.memory import release_freed_memory
-from mtp_cli.run_dir import checkpoint_name
 
 MODEL_KEY = "model."
 Producer = Callable[[], torch.Tensor]

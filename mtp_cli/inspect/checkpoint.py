@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from mtp_cli import checkpoint_io
-from mtp_cli.checkpoint_io import META_JSON, METADATA_FILE
+from mtp_cli import checkpoint as checkpoint_io
+from mtp_cli.checkpoint import META_JSON, METADATA_FILE
+from mtp_cli.checkpoint.run_dir import checkpoint_dirs, resolve_checkpoints
 from mtp_cli.errors import UserError
 from mtp_cli.inspect.torch_file import read_state_dict_file
-from mtp_cli.run_dir import checkpoint_dirs, resolve_checkpoints
 
 MODEL_PREFIX = "model."
 _MEGATRON_HEADS = ("decoder.", "embedding.", "mtp.", "output_layer.")

@@ -33,6 +33,6 @@ def spec_from_meta(meta: dict[str, Any], meta_path: Path) -> RunSpec | None:
 
 def expected_shapes(spec: RunSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the spec's model state dict and its shape (meta device)."""
-    from mtp_cli.build.model_builder import state_dict_shapes
+    from mtp_cli.builders.model_builder import state_dict_shapes
 
     return state_dict_shapes(spec)

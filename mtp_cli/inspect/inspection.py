@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtp_cli.checkpoint_io import META_JSON
+from mtp_cli.checkpoint import META_JSON
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import UserError
 from mtp_cli.inspect.checkpoint import Checkpoint, TensorInfo, open_checkpoint

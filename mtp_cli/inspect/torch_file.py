@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from mtp_cli.checkpoint_io.declared_sizes import check_tensors_backed
-from mtp_cli.checkpoint_io.safe_pickle import (
+from mtp_cli.checkpoint.declared_sizes import check_tensors_backed
+from mtp_cli.checkpoint.safe_pickle import (
     StorageRef,
     TorchArchiveUnpickler,
     Unreadable,

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtp_cli.checkpoint.run_dir import CHECKPOINT_PREFIX, TEMP_MARKER, RunDir, checkpoint_name
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.plan.dims import ParallelDims
-from mtp_cli.run_dir import CHECKPOINT_PREFIX, TEMP_MARKER, RunDir, checkpoint_name
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def data_summary(spec: RunSpec, train_documents: int, train_tokens: int,
 def count_parameters(spec: RunSpec, *, allow_imports: bool) -> int:
     """Unique parameters of the whole model, built on the meta device (no memory); a model
     that does not build there is refused before any worker starts."""
-    from mtp_cli.build.model_builder import build_model
+    from mtp_cli.builders.model_builder import build_model
 
     try:
         model = build_model(spec, "meta", allow_imports=allow_imports)

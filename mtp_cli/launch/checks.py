@@ -13,9 +13,9 @@ import os
 import stat
 from pathlib import Path
 
+from mtp_cli.checkpoint.run_dir import RunDir
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.run_dir import RunDir
 
 RDZV_BACKENDS = ("c10d", "static")
 

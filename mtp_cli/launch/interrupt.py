@@ -18,7 +18,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-from mtp_cli.run_dir import RunDir, read_latest
+from mtp_cli.checkpoint.run_dir import RunDir, read_latest
 
 SIGINT_EXIT = 128 + signal.SIGINT
 # torchelastic's messages while it forwards a signal to the workers and shuts them down

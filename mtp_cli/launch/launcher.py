@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtp_cli.checkpoint.run_dir import RunDir, RunDirLock, check_creatable
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.launch.banner import (
@@ -35,7 +36,6 @@ from mtp_cli.launch.distributed import LAUNCHER_PID_ENV
 from mtp_cli.launch.interrupt import quiet_elastic_shutdown, stopped_message
 from mtp_cli.launch.start import START_METHODS, resolve_start_method, run_elastic
 from mtp_cli.plan.dims import ParallelDims
-from mtp_cli.run_dir import RunDir, RunDirLock, check_creatable
 from mtp_cli.train.compatibility import ResumePlan, plan_resume
 from mtp_cli.train.stops import (
     STOPPED_EXIT,

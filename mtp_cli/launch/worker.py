@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     exit_with_launcher()
     exit_quietly_on_sigint()
     args = parse_args(argv)
+    from mtp_cli.checkpoint.run_dir import RunDir
     from mtp_cli.config.loader import load_spec
-    from mtp_cli.run_dir import RunDir
     from mtp_cli.train.stops import TrainingStopped, report_stop
     from mtp_cli.train.trainer import Trainer
 

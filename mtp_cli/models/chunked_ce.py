@@ -39,7 +39,6 @@ from typing import Literal
 
 import torch
 
-from mtp_cli.models.comm import Group, ModelComm
 from mtp_cli.models.output import OutputHead
 from mtp_cli.models.vocab_shard_stats import (
     IGNORE_INDEX,
@@ -49,6 +48,7 @@ from mtp_cli.models.vocab_shard_stats import (
     combine_stats,
     local_stats,
 )
+from mtp_cli.nn.comm import Group, ModelComm
 
 # `train.loss.chunked: auto` turns chunking on when one head's logits (micro-batch tokens x vocab)
 # exceed this many elements (64 MiB in fp32): below it the full logits are cheap and faster.

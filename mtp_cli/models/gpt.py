@@ -19,7 +19,6 @@ from mtp_cli.models.chunked_ce import (
     chunked_enabled,
     grads_in_forward_fits,
 )
-from mtp_cli.models.comm import ParallelGroups
 from mtp_cli.models.embedding import LanguageModelEmbedding
 from mtp_cli.models.inference import InferenceContext
 from mtp_cli.models.linear import ColumnParallelLinear
@@ -36,6 +35,7 @@ from mtp_cli.mtp.loss import (
     process_mtp_loss,
 )
 from mtp_cli.mtp.run_state import MTPRunState, using_run_state
+from mtp_cli.nn.comm import ParallelGroups
 from mtp_cli.nn.module_spec import ModuleSpec
 from mtp_cli.nn.packed import PackedSeqParams
 from mtp_cli.plan.stages import Stage

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mtp_cli.models.comm import Group, ModelComm
+from mtp_cli.nn.comm import Group, ModelComm
 
 
 def logits_from_hidden(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

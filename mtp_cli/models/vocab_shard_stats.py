@@ -7,7 +7,7 @@ slice) and one all-gather combines the summaries: the global log-sum-exp is the 
 local ones, the target logit is the sum (exactly one rank holds it), and the global argmax is the
 lowest index reaching the global max (`torch.argmax`'s first-occurrence rule over full logits).
 Without a group every statistic is already global and nothing is communicated. The collectives go
-through the shard's `ModelComm` (`mtp_cli.models.comm`): this module stays single-device code.
+through the shard's `ModelComm` (`mtp_cli.nn.comm`): this module stays single-device code.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtp_cli.models.comm import LOCAL_COMM, Group, ModelComm, comm_for
+from mtp_cli.nn.comm import LOCAL_COMM, Group, ModelComm, comm_for
 
 IGNORE_INDEX = -100  # labels equal to it get zero loss and zero gradient (F.cross_entropy's rule)
 

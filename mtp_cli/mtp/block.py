@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from mtp_cli.config.schema import ModelConfig
-from mtp_cli.models.comm import ParallelGroups
 from mtp_cli.mtp.layer import MultiTokenPredictionBlockSubmodules, module_sharded_state_dict
+from mtp_cli.nn.comm import ParallelGroups
 from mtp_cli.nn.module_spec import ModuleSpec, build_module
 from mtp_cli.nn.packed import PackedSeqParams
 

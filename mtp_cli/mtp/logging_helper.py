@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from mtp_cli.models.comm import Group, comm_for
 from mtp_cli.mtp.run_state import current_run_state
+from mtp_cli.nn.comm import Group, comm_for
 
 
 class _CurrentRunTracker(type):

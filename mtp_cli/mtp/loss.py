@@ -11,7 +11,7 @@ the objective of a micro-batch is
 Under context parallel the sums and counts are all-reduced over the CP group before dividing,
 so the losses do not depend on how a sequence is sharded (a deliberate departure from the
 reference, which divides by rank-local counts). Those sums, and the rolls' boundary exchange, go
-through the settings' `ModelComm` (`mtp_cli.models.comm`); this module calls no collective itself.
+through the settings' `ModelComm` (`mtp_cli.nn.comm`); this module calls no collective itself.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Literal
 
 import torch
 
-from mtp_cli.models.comm import Group, ModelComm, comm_for
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.mtp.roll import roll_tensor
+from mtp_cli.nn.comm import Group, ModelComm, comm_for
 from mtp_cli.nn.packed import PackedSeqParams
 
 # (hidden [s, b, h], labels [b, s], mask [b, s]) -> (per-token loss [b, s], argmax hits)

@@ -17,7 +17,7 @@ import itertools
 
 import torch
 
-from mtp_cli.models.comm import Group, ModelComm, comm_for
+from mtp_cli.nn.comm import Group, ModelComm, comm_for
 from mtp_cli.nn.packed import PackedSeqParams
 from mtp_cli.plan.zigzag import zigzag_chunks
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mtp_cli.models.comm import Group, ModelComm, comm_for
+from mtp_cli.nn.comm import Group, ModelComm, comm_for
 
 WORD_EMBEDDING_KEY = "embedding.word_embeddings.weight"
 OUTPUT_LAYER_KEY = "output_layer.weight"

@@ -1,8 +1,8 @@
 """`ModelComm` over torch.distributed: the collectives the model's forward and loss may need.
 
-The model calls the protocol of `mtp_cli.models.comm` with opaque group handles; here those
+The model calls the protocol of `mtp_cli.nn.comm` with opaque group handles; here those
 handles are `torch.distributed` process groups. Importing this module installs `DIST_COMM` as the
-comm that `mtp_cli.models.comm.comm_for` gives any non-None group, and the parallel transforms
+comm that `mtp_cli.nn.comm.comm_for` gives any non-None group, and the parallel transforms
 inject it at the model's seams (`GPTModel.groups`, `VocabParallelOutputHead.comm`).
 """
 
@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mtp_cli.models.comm import Group, ReduceOp, install_group_comm
+from mtp_cli.nn.comm import Group, ReduceOp, install_group_comm
 
 _OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX,
         "min": dist.ReduceOp.MIN}
 
 
 class TorchDistComm:
-    """`mtp_cli.models.comm.ModelComm` with torch.distributed (gloo and nccl alike)."""
+    """`mtp_cli.nn.comm.ModelComm` with torch.distributed (gloo and nccl alike)."""
 
     def size(self, group: Group) -> int:
         return 1 if group is None else dist.get_world_size(group)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from mtp_cli.models.comm import ParallelGroups
+from mtp_cli.nn.comm import ParallelGroups
 from mtp_cli.parallel.comm import DIST_COMM
 from mtp_cli.plan.dims import ParallelDims
 

@@ -6,7 +6,7 @@ registers goes to the meta device as soon as it is created (one tensor's allocat
 released at once), while buffers (rotary frequencies, MoE routers' counters) are computed on the
 real device as usual. Tensor parallel then reshapes the meta parameters to this rank's local
 shapes, and `materialize` allocates only those, initialised by global parameter name from
-`train.seed` (`mtp_cli.build.init`): each parameter's full initial value is drawn, sliced with the
+`train.seed` (`mtp_cli.builders.init`): each parameter's full initial value is drawn, sliced with the
 plan's `shard_fn` and dropped before the next, so at most one full tensor exists at a time and
 every layout starts from exactly the single-process weights.
 """
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from mtp_cli.build.init import ShardFn, initialize_parameters
+from mtp_cli.builders.init import ShardFn, initialize_parameters
 from mtp_cli.config.schema import RunSpec
 
 

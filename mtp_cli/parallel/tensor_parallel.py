@@ -21,7 +21,7 @@ same names, so `named_parameters()` / `state_dict()` keys are the single-process
 returned `TensorParallelPlan` maps names to shard rules: it slices full tensors (initialisation)
 and gathers local ones (comparing in tests), for parameters and for anything shaped like them
 (Adam's moments). Checkpoints never gather: they hand DCP each rank's shards
-(`mtp_cli.parallel.sharded_state`; the MTP layer's and block's `sharded_state_dict()`).
+(`mtp_cli.checkpoint.sharded_state`; the MTP layer's and block's `sharded_state_dict()`).
 
 Sequence parallel (`sequence_parallel=True`) keeps the activations between the TP regions split
 along the sequence; replicated parameters then see only this rank's tokens, so their gradients
@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mtp_cli.checkpoint.sharded_state import sharded_tensor
 from mtp_cli.errors import UserError
 from mtp_cli.models.attention import SelfAttention
 from mtp_cli.models.embedding import LanguageModelEmbedding
@@ -48,7 +49,6 @@ from mtp_cli.models.moe.layer import MoELayer
 from mtp_cli.mtp.block import MultiTokenPredictionBlock
 from mtp_cli.mtp.layer import MultiTokenPredictionLayer
 from mtp_cli.parallel.expert_tensor import ExpertTensorParallelDispatcher
-from mtp_cli.parallel.sharded_state import sharded_tensor
 from mtp_cli.parallel.tp_layers import (
     ColumnShardedLinear,
     DuplicatedLinear,

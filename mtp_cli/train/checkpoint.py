@@ -34,16 +34,16 @@ import torch
 import torch.distributed as dist
 
 from mtp_cli import __version__
-from mtp_cli.checkpoint_io.checksums import directory_checksums
-from mtp_cli.checkpoint_io.dcp_files import load_state, read_metadata
-from mtp_cli.checkpoint_io.disk_full import save_state
-from mtp_cli.checkpoint_io.files import CheckpointFileError
+from mtp_cli.checkpoint.checksums import directory_checksums
+from mtp_cli.checkpoint.dcp_files import load_state, read_metadata
+from mtp_cli.checkpoint.disk_full import save_state
+from mtp_cli.checkpoint.files import CheckpointFileError
+from mtp_cli.checkpoint.run_dir import TEMP_MARKER, RunDir, atomic_write_text, checkpoint_name
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.launch import faults
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.plan.dims import ParallelDims
-from mtp_cli.run_dir import TEMP_MARKER, RunDir, atomic_write_text, checkpoint_name
 from mtp_cli.train.engine import Engine
 from mtp_cli.train.nonfinite import finite_json
 from mtp_cli.train.optim import load_scheduler_state, scheduler_state

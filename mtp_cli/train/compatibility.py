@@ -15,10 +15,10 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata
 
-from mtp_cli.checkpoint_io import META_JSON, ValidCheckpoint, tensor_entries
+from mtp_cli.checkpoint import META_JSON, ValidCheckpoint, tensor_entries
+from mtp_cli.checkpoint.run_dir import RunDir
 from mtp_cli.config.schema import RunSpec, TrainConfig
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.run_dir import RunDir
 from mtp_cli.train.optim import lr_at
 
 MODEL_PREFIX = "model."
@@ -105,7 +105,7 @@ def check_same_model(spec: RunSpec, checkpoint: ValidCheckpoint, *,
                      allow_imports: bool = False) -> None:
     """`UserError` naming the changed sections and parameters when `spec`'s model is not the
     checkpoint's."""
-    from mtp_cli.build.model_builder import state_dict_shapes
+    from mtp_cli.builders.model_builder import state_dict_shapes
 
     stored = checkpoint.meta.get("spec")
     sections = _changed_sections(stored, spec.model_dump(mode="json"))

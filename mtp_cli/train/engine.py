@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from mtp_cli.build.model_builder import build_model, loss_settings_for
+from mtp_cli.builders.model_builder import build_model, loss_settings_for
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.mtp.loss import LossSettings

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from mtp_cli.checkpoint.run_dir import RunDir
 from mtp_cli.errors import UserError
-from mtp_cli.run_dir import RunDir
 
 
 def decide_resume(run_dir: RunDir, echo: Callable[[str], None]) -> tuple[str, Any]:

@@ -18,9 +18,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from mtp_cli.checkpoint_io.disk_full import find_disk_full
-from mtp_cli.checkpoint_io.files import CheckpointFileError, read_json_object
-from mtp_cli.run_dir import RunDir, atomic_write_text, read_latest
+from mtp_cli.checkpoint.disk_full import find_disk_full
+from mtp_cli.checkpoint.files import CheckpointFileError, read_json_object
+from mtp_cli.checkpoint.run_dir import RunDir, atomic_write_text, read_latest
 
 STOPPED_EXIT = 3  # a worker printed why it stopped; the launcher exits STOPPED_RUN_EXIT
 STOPPED_RUN_EXIT = 1

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mtp_cli.checkpoint.run_dir import RunDir, truncate_metrics
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.data import MicroBatchLoader, build_datasets
 from mtp_cli.launch import faults
@@ -20,7 +21,6 @@ from mtp_cli.launch.distributed import DistEnv
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.parallel.mesh import build_mesh
 from mtp_cli.plan.dims import ParallelDims
-from mtp_cli.run_dir import RunDir, truncate_metrics
 from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
 from mtp_cli.train.engine import build_engine, set_mtp_loss_scaling_factor
 from mtp_cli.train.metrics import IntervalMetrics, MetricsWriter, peak_memory_mb

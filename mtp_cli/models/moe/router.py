@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp_cli.config.schema import ModelConfig
-from mtp_cli.models.comm import ParallelGroups, comm_for
 from mtp_cli.models.moe.aux_losses import AuxLossScale, MoEAuxLossAutoScaler, MoELayerMetrics
 from mtp_cli.models.moe.routing import (
     scores_for_aux_loss,
@@ -36,6 +35,7 @@ from mtp_cli.models.moe.routing import (
     topk_routing,
     z_loss,
 )
+from mtp_cli.nn.comm import ParallelGroups, comm_for
 from mtp_cli.nn.module_spec import register_module
 
 BALANCING_LOSS_NAMES = {"aux_loss": "load_balancing_loss",

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtp_cli.build.counts import ParameterCounts, count_parameters, routed_expert_parameters
-from mtp_cli.build.model_builder import build_model
+from mtp_cli.builders.counts import ParameterCounts, count_parameters, routed_expert_parameters
+from mtp_cli.builders.model_builder import build_model
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import UserError
 from mtp_cli.models.gpt import GPTModel

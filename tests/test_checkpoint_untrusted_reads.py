@@ -13,8 +13,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from mtp_cli.checkpoint_io import CheckpointFileError, load_state, read_metadata
-from mtp_cli.checkpoint_io.disk_full import find_disk_full, save_state
+from mtp_cli.checkpoint import CheckpointFileError, load_state, read_metadata
+from mtp_cli.checkpoint.disk_full import find_disk_full, save_state
 from mtp_cli.launch import faults
 from tests.hostile_files import MarkerPickle, plant_marker_pickle, shard
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mtp_cli.checkpoint_io.files import CheckpointFileError, is_regular_file
+from mtp_cli.checkpoint.files import CheckpointFileError, is_regular_file
 
 CHUNK = 1 << 20
 EXCLUDED = frozenset({"meta.json"})

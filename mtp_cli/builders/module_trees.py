@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any
 
 import mtp_cli.models  # noqa: F401  (registers the modules)
-from mtp_cli.build.backends import BackendSpecProvider, LocalSpecProvider, TESpecProvider
+from mtp_cli.builders.backends import BackendSpecProvider, LocalSpecProvider, TESpecProvider
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem
 from mtp_cli.models.layer_specs import decoder_layer_spec

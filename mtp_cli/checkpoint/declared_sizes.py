@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
-from mtp_cli.checkpoint_io.files import CheckpointFileError
+from mtp_cli.checkpoint.files import CheckpointFileError
 from mtp_cli.errors import UserError
 
 METADATA_FILE = ".metadata"

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtp_cli.checkpoint_io.files import MARKER_LIMIT, CheckpointFileError, read_text
-from mtp_cli.checkpoint_io.validate import ValidCheckpoint, validate_checkpoint
+from mtp_cli.checkpoint.files import MARKER_LIMIT, CheckpointFileError, read_text
+from mtp_cli.checkpoint.validate import ValidCheckpoint, validate_checkpoint
 from mtp_cli.errors import Problem, UserError
 
 CHECKPOINT_PREFIX = "step_"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mtp_cli.build.freeze import apply_freeze, check_freeze
-from mtp_cli.build.init import initialize_parameters
-from mtp_cli.build.module_trees import build_specs
+from mtp_cli.builders.freeze import apply_freeze, check_freeze
+from mtp_cli.builders.init import initialize_parameters
+from mtp_cli.builders.module_trees import build_specs
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.models.gpt import GPTModel
 from mtp_cli.models.moe.run_state import configure_moe_routers

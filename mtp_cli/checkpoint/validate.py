@@ -14,9 +14,9 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata
 
-from mtp_cli.checkpoint_io.checksums import verify_checksums
-from mtp_cli.checkpoint_io.dcp_files import METADATA_FILE, check_shards, read_metadata
-from mtp_cli.checkpoint_io.files import CheckpointFileError, read_json_object
+from mtp_cli.checkpoint.checksums import verify_checksums
+from mtp_cli.checkpoint.dcp_files import METADATA_FILE, check_shards, read_metadata
+from mtp_cli.checkpoint.files import CheckpointFileError, read_json_object
 
 META_JSON = "meta.json"
 

@@ -32,9 +32,9 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.futures import Future
 
-from mtp_cli.checkpoint_io.declared_sizes import check_dcp_declared_sizes
-from mtp_cli.checkpoint_io.files import CheckpointFileError, is_regular_file
-from mtp_cli.checkpoint_io.safe_pickle import load_dcp_metadata
+from mtp_cli.checkpoint.declared_sizes import check_dcp_declared_sizes
+from mtp_cli.checkpoint.files import CheckpointFileError, is_regular_file
+from mtp_cli.checkpoint.safe_pickle import load_dcp_metadata
 
 METADATA_FILE = ".metadata"
 
