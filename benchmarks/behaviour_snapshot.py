@@ -437,9 +437,8 @@ def diff(before: Path, after: Path) -> int:
     a_files, b_files = files(before), files(after)
     differences = 0
     for rel in sorted(a_files | b_files):
-        if rel not in b_files or rel not in a_files:
-            where = after if rel not in b_files else before
-            print(f"only in {before if where is after else after}: {rel}")
+        if rel not in a_files or rel not in b_files:
+            print(f"only in {before if rel in a_files else after}: {rel}")
             differences += 1
             continue
         a = (before / rel).read_text(encoding="utf-8").splitlines(keepends=True)
