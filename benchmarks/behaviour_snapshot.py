@@ -80,6 +80,7 @@ TRAIN_OVERRIDES = [
 # Printed numbers that depend on the machine's speed or load, not on the code's behaviour.
 OUTPUT_MASKS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"[\d.,]+k? tok/s"), f"{MASK} tok/s"),
+    (re.compile(r"[\d.e+-]+ TFLOP/s( \(MFU [\d.]+%\))?"), f"{MASK} TFLOP/s"),
     (re.compile(r"\beta \d+m\d+s"), f"eta {MASK}"),
     (re.compile(r"\bin \d+(?:\.\d+)? ?s\b"), f"in {MASK}s"),
     (re.compile(r"speed-up \d+(?:\.\d+)?x"), f"speed-up {MASK}x"),
@@ -91,9 +92,10 @@ DROP_LINES = re.compile(r"^Matplotlib is building the font cache")
 
 # JSON keys whose values are wall-clock or machine measurements.
 JSON_MASK_KEYS = frozenset(
-    {"time", "tokens_per_s", "peak_memory_mb", "created", "mtp_cli_version", "seconds"}
+    {"time", "tokens_per_s", "peak_memory_mb", "tflops_per_device", "mfu", "created",
+     "mtp_cli_version", "seconds"}
 )
-TB_MASK_TAGS = frozenset({"tokens-per-second"})
+TB_MASK_TAGS = frozenset({"tokens-per-second", "throughput-tflops-per-device", "mfu"})
 TEXT_SUFFIXES = frozenset({".json", ".jsonl", ".yaml", ".yml", ".txt", ".md", ""})
 
 

@@ -79,7 +79,7 @@ def test_metrics_lines_carry_the_contract_fields(dp1):
     per_depth = [f"mtp_{k}_{name}" for k in (1, 2)
                  for name in ("loss", "acceptance_rate", "cumulative_acceptance_rate")]
     expected = ["step", "tokens", "lm_loss", *per_depth, "lr", "grad_norm", "tokens_per_s",
-                "peak_memory_mb", "mtp_loss_scale", "skipped_steps", "time"]
+                "tflops_per_device", "mfu", "peak_memory_mb", "mtp_loss_scale", "skipped_steps", "time"]
     assert all(sorted(line) == sorted(expected) for line in train)
     assert [x["tokens"] for x in train] == [8 * 32 * s for s in range(1, 11)]
     assert all(x["mtp_loss_scale"] == 0.3 and x["skipped_steps"] == 0 for x in train)

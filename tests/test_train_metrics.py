@@ -71,3 +71,9 @@ def test_log_interval_averages_every_step_of_the_interval():
         "mtp_2_cumulative_acceptance_rate": 100 * 2 / 8,
     }
     assert totals.steps == 2 and totals.seconds == 1.0
+
+
+def test_progress_line_shows_the_flop_rate_and_mfu():
+    record = {**RECORD, "tflops_per_device": 0.0123, "mfu": 0.0875}
+    assert summary_text(record, 0).endswith("12.3k tok/s | 0.0123 TFLOP/s (MFU 8.8%)")
+    assert tb_tag("tflops_per_device") == "throughput-tflops-per-device"

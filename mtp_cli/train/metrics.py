@@ -27,6 +27,8 @@ TB_TAGS = {
     "lr": "learning-rate",
     "grad_norm": "grad-norm",
     "tokens_per_s": "tokens-per-second",
+    "tflops_per_device": "throughput-tflops-per-device",
+    "mfu": "mfu",
     "val_lm_loss": "val lm loss",
 }
 

@@ -30,6 +30,9 @@ def summary_text(record: dict[str, Any], depths: int) -> str:
               if f"mtp_{k}_loss" in record]
     parts += [f"{name} {record[name]:.4g}" for name in PROGRESS_MOE_NAMES if name in record]
     parts.append(f"{record['tokens_per_s'] / 1000:.1f}k tok/s")
+    if "tflops_per_device" in record:
+        rate = f"{record['tflops_per_device']:.3g} TFLOP/s"
+        parts.append(f"{rate} (MFU {record['mfu']:.1%})" if "mfu" in record else rate)
     return " | ".join(parts)
 
 

@@ -23,6 +23,7 @@ from mtp_cli.parallel.mesh import build_mesh
 from mtp_cli.plan.dims import ParallelDims
 from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
 from mtp_cli.train.engine import build_engine, set_mtp_loss_scaling_factor
+from mtp_cli.train.flop_rate import FlopRate
 from mtp_cli.train.metrics import IntervalMetrics, MetricsWriter, peak_memory_mb
 from mtp_cli.train.moe_metrics import MoEStepMetrics
 from mtp_cli.train.nonfinite import NonFiniteGuard
@@ -60,6 +61,7 @@ class Trainer:
         self.checkpointer = Checkpointer(run_dir, spec, self.dims, rank=env.rank,
                                          device=env.device)
         self.tokens_per_step = spec.train.global_batch_size * spec.model.seq_length
+        self.flop_rate = FlopRate.for_run(spec, env.device, env.world_size)
         self.depths = spec.mtp.num_layers
         self.state = TrainState()
         self.is_main = env.rank == 0
@@ -175,7 +177,8 @@ class Trainer:
         if self.writer is not None:
             self.writer.scalars(step, {"lm_loss": output.lm_loss, "lr": self.lr,
                                        "grad_norm": output.grad_norm,
-                                       "tokens_per_s": self.tokens_per_step / seconds, **moe})
+                                       "tokens_per_s": self.tokens_per_step / seconds,
+                                       **self.flop_rate.metrics(1, seconds), **moe})
         return output
 
     def _nonfinite_step(self, totals: IntervalMetrics, output: StepOutput) -> None:
@@ -200,6 +203,7 @@ class Trainer:
         record.update({
             "lr": self.lr, "grad_norm": output.grad_norm,
             "tokens_per_s": self.tokens_per_step * totals.steps / totals.seconds,
+            **self.flop_rate.metrics(totals.steps, totals.seconds),
             "peak_memory_mb": peak_memory_mb(self.env.device),
             "mtp_loss_scale": self.mtp_loss_scale, "skipped_steps": totals.skipped,
             "time": round(time.time(), 3),
