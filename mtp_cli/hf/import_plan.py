@@ -149,7 +149,7 @@ def _account_for_every_tensor(plan: ImportPlan, hf: HFDirectory, ctx: LayoutCont
             file=str(entry.file), hint=f"check {hf.config_path} (model_type, layer counts, "
                                        "num_nextn_predict_layers)")])
     if plan.skipped and mtp_from:
-        plan.notes.append(f"the checkpoint's own MTP depths (1..{ctx.mtp_layers}) are not "
+        plan.notes.append(f"the checkpoint's own MTP depths ({ctx.mtp_layers}) are not "
                           f"imported: --mtp-from {mtp_from} gives them")
     elif plan.skipped:
         plan.notes.append(f"MTP depths {depths + 1}..{ctx.mtp_layers} of the checkpoint are not "

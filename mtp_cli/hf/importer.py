@@ -199,11 +199,11 @@ def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...]
     arch = ARCHITECTURES[hf.config["model_type"]]
     plan = plan_import(arch, ctx, hf, shapes, tied=tied, depths=spec.mtp.num_layers,
                        mtp_from=None if graft is None else str(graft.hf.root))
-    _check_copies(hf, plan)
     plans = [(hf, ctx, plan)]
-    if graft is not None:
+    if graft is not None:  # every header check before the first value is read
         plans.append((graft.hf, graft.ctx, plan_graft(arch, graft, ctx, shapes,
                                                       depths=spec.mtp.num_layers)))
+    _check_copies(hf, plan)
     sources = _tensor_sources(plans, spec, shapes, scaled)
     fresh = [name for _, _, p in plans for name in p.fresh]
     architecture = (hf.config.get("architectures") or [arch.name])[0]

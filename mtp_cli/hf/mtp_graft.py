@@ -89,8 +89,9 @@ def plan_graft(arch: Architecture, source: GraftSource, ctx: LayoutContext,
             raise UserError(problems=[Problem(f"{', '.join(item.hf)} have different dtypes; "
                                               "they form one tensor", file=str(entry.file))])
     plan.imported = items
-    plan.notes.append(f"MTP depths 1..{taken} grafted from {other.root} (their embedding and "
-                      "head copies ignored: the depths use the imported model's)")
+    which = "depth 1" if taken == 1 else f"depths 1..{taken}"
+    plan.notes.append(f"MTP {which} grafted from {other.root} (their embedding and head copies "
+                      "ignored: the depths use the imported model's)")
     if plan.fresh:
         new = sorted({int(n.split(".")[2]) for n in plan.fresh})
         plan.notes.append(fresh_note(new, dataclasses.replace(ctx, mtp_layers=taken), [],
