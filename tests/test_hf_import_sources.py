@@ -15,7 +15,7 @@ import torch
 from mtp_cli import build_model, load_spec
 from mtp_cli.errors import UserError
 from mtp_cli.hf.export import export_checkpoint
-from mtp_cli.hf.importer import import_model
+from mtp_cli.hf.importer import import_model, load_hf_model_state
 from mtp_cli.hf.training_record import RECORD
 from mtp_cli.inspect.checkpoint import open_checkpoint
 from tests.ckpt_helpers import write_dcp_checkpoint
@@ -62,6 +62,11 @@ def test_declared_but_absent_depths_import_the_main_model_with_fresh_depths(tmp_
     with torch.no_grad():
         theirs = main(ids).logits
     torch.testing.assert_close(our_depth_logits(ours, ids)[0], theirs, atol=1e-5, rtol=0)
+    # `mtp generate` / `mtp eval` of the directory: the model its files hold, no random drafts
+    loaded, state, notes = load_hf_model_state(hf_dir)
+    assert loaded.mtp.num_layers == 0 and not any(name.startswith("mtp.") for name in state)
+    assert notes == ["config.json declares 2 MTP depths, the weight files hold 0: loaded with "
+                     "those"]
 
 
 def _finetuned_and_base(tmp_path: Path, **base_config):

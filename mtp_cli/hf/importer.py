@@ -15,8 +15,9 @@ Architectures: DeepseekV3ForCausalLM, Glm4MoeForCausalLM, LlamaForCausalLM, Qwen
 the main embedding and head (a differing copy is refused, naming the tensor); depths beyond the
 checkpoint's (`mtp.num_layers=D` larger), or declared by config.json but held by no file, are
 initialised fresh by name; `mtp_from` takes them from another checkpoint instead
-(`mtp_cli.hf.mtp_graft`). Tied embeddings stay tied. Every check runs on the file headers before any value is read; the values then stream one
-Megatron tensor at a time into the checkpoint, each kept in its file's dtype.
+(`mtp_cli.hf.mtp_graft`). Tied embeddings stay tied. Every check runs on the file headers
+before any value is read; the values then stream one Megatron tensor at a time into the
+checkpoint, each kept in its file's dtype.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.hf.configs import spec_sections
 from mtp_cli.hf.hf_files import HFDirectory, open_hf_directory
-from mtp_cli.hf.import_plan import ImportPlan, plan_import
+from mtp_cli.hf.import_plan import ImportPlan, absent_depths, plan_import
 from mtp_cli.hf.mapping import ARCHITECTURES, FileTensor, LayoutContext, to_megatron_tensor
 from mtp_cli.hf.mtp_graft import GraftSource, open_graft_source, plan_graft
 from mtp_cli.hf.output_dir import StagedDirectory, check_output
@@ -230,6 +231,11 @@ def load_hf_model_state(hf_dir: Path) -> tuple[RunSpec, dict[str, torch.Tensor],
     writing a run directory (`mtp generate` and `mtp eval` read exported models this way)."""
     hf = open_hf_directory(Path(hf_dir), ARCHITECTURES)
     data, ctx = _sections(hf, [])
+    absent, notes = absent_depths(hf, ctx), []
+    if absent:  # fresh depths would only draft noise: the model as its files hold it
+        data["mtp"]["num_layers"] = absent[0]
+        notes.append(f"config.json declares {ctx.mtp_layers} MTP depths, the weight files hold "
+                     f"{absent[0]}: loaded with those")
     spec = load_spec(data)
     shapes, scaled = _shapes_and_init(spec)
     arch = ARCHITECTURES[hf.config["model_type"]]
@@ -237,4 +243,5 @@ def load_hf_model_state(hf_dir: Path) -> tuple[RunSpec, dict[str, torch.Tensor],
                        depths=spec.mtp.num_layers)
     _check_copies(hf, plan)
     sources = _tensor_sources([(hf, ctx, plan)], spec, shapes, scaled)
-    return spec, {name: produce() for name, (_, _, produce) in sources.items()}, plan.notes
+    return spec, {name: produce() for name, (_, _, produce) in sources.items()}, \
+        notes + plan.notes
