@@ -346,6 +346,10 @@ def import_(
     out: Annotated[Path, typer.Option("--out", help="The run directory to create.",
                                       show_default=False)],
     overrides: OverridesArg = None,
+    mtp_from: Annotated[Path | None, typer.Option(
+        "--mtp-from", help="A Hugging Face directory of the same architecture and dimensions "
+                           "(e.g. the base a model was fine-tuned from) whose MTP depths to take.",
+        show_default=False)] = None,
     overwrite: OverwriteOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -353,12 +357,12 @@ def import_(
     GLM-4.5, Llama or Qwen2 model; `mtp train OUT/spec.yaml --run-dir OUT` trains it."""
     from mtp_cli.hf.importer import import_model
 
-    result = import_model(hf_dir, out, overrides or (), overwrite=overwrite)
+    result = import_model(hf_dir, out, overrides or (), overwrite=overwrite, mtp_from=mtp_from)
     if as_json:
         print_json(result.as_dict())
         return
     for note in result.notes:
-        console.print(f"note: {note}", highlight=False, markup=False)
+        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     console.print(f"imported {result.imported} tensors of {result.architecture} into "
                   f"{result.run_dir}; train with: mtp train {result.run_dir / 'spec.yaml'} "
                   f"--run-dir {result.run_dir}", highlight=False, markup=False, soft_wrap=True)

@@ -183,8 +183,9 @@ def test_bad_input_names_the_file_and_writes_nothing(tmp_path):
     cases = [
         (lambda: _edit_json(config, model_type="gpt2", architectures=["GPT2LMHeadModel"]),
          "unknown architecture", config),
-        (lambda: _edit_json(config, num_hidden_layers=3), "describes tensors no weight file",
-         config),
+        (lambda: _edit_json(config, num_hidden_layers=4), "describes tensors no weight file",
+         config),  # decoder layer 3 held by no file (a declared MTP depth may be absent)
+        (lambda: _edit_json(config, num_hidden_layers=3), "does not account for", None),
         (lambda: _edit_json(config, intermediate_size=40), "but config.json gives", None),
         (lambda: _edit_json(config, num_nextn_predict_layers=0), "does not account for", None),
     ]

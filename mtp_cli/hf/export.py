@@ -10,6 +10,8 @@ DIR/generation_config.json
 DIR/model-0000k-of-0000n.safetensors  MTP depth k at model.layers.{N+k} (DeepSeek-V3 layout)
 DIR/model.safetensors.index.json
 DIR/tokenizer.json, tokenizer_config.json
+DIR/mtp_cli_training.json             the spec's train and mtp sections (and model.seq_length),
+                                      which `mtp import` of DIR restores
 ```
 
 Streaming: the file tensors are grouped into output shards of at most `--shard-size` bytes
@@ -38,6 +40,7 @@ from mtp_cli.hf.mapping import ARCHITECTURES, FileTensor, LayoutContext, file_te
 from mtp_cli.hf.memory import release_freed_memory
 from mtp_cli.hf.output_dir import StagedDirectory, check_output
 from mtp_cli.hf.tokenizer_files import write_tokenizer
+from mtp_cli.hf.training_record import RECORD, training_record
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -233,6 +236,7 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
         total = sum(s.nbytes for s in shards)
         _write_json(temp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         _write_metadata(temp, target, spec if eod is not None else None)
+        _write_json(temp / RECORD, training_record(spec))
     return ExportResult(Path(out), target.architecture, len(shards), len(weight_map), total,
                         notes=notes)
 

@@ -3,8 +3,10 @@
 From the spec's model (built on the meta device) and the weight files' headers: every Megatron
 tensor comes from its Hugging Face tensors (`mtp_cli.hf.mapping.file_tensors`) with the shapes
 the layout predicts, or - an MTP depth the checkpoint does not have - is initialised fresh by
-name. Each problem names the file at fault: a tensor config.json implies but no file holds, a
-shape the config does not give, a tensor nothing in config.json accounts for.
+name. A depth config.json declares that no weight file holds a tensor of (what `save_pretrained`
+writes for a model with MTP layers, and what fine-tuning tools leave) is initialised fresh too,
+and said so in one line. Each problem names the file at fault: a tensor config.json implies but
+no file holds, a shape the config does not give, a tensor nothing in config.json accounts for.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from mtp_cli.hf.hf_files import HFDirectory
 from mtp_cli.hf.mapping import Architecture, FileTensor, LayoutContext, file_tensors, to_hf_tensors
 
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # old checkpoints stored RoPE tables
+LAYER = re.compile(r"model\.layers\.(\d+)\.")
 SHOWN = 6
 
 
@@ -50,23 +53,34 @@ def expected_hf_shapes(item: FileTensor, shape: tuple[int, ...], ctx: LayoutCont
     return [tuple(t.shape) for t in to_hf_tensors(item.layout, meta, ctx, len(item.hf))]
 
 
+def absent_depths(hf: HFDirectory, ctx: LayoutContext) -> list[int]:
+    """The MTP depths config.json declares (0-based) that no weight file holds a tensor of."""
+    held = {int(m.group(1)) for name in hf.tensors if (m := LAYER.match(name))}
+    return [k for k in range(ctx.mtp_layers) if ctx.num_layers + k not in held]
+
+
 def plan_import(arch: Architecture, ctx: LayoutContext, hf: HFDirectory,
-                shapes: dict[str, tuple[int, ...]], *, tied: bool, depths: int) -> ImportPlan:
+                shapes: dict[str, tuple[int, ...]], *, tied: bool, depths: int,
+                mtp_from: str | None = None) -> ImportPlan:
     """Match the spec's Megatron tensors (`shapes`) to the files; `depths` MTP depths wanted,
-    `ctx.mtp_layers` present in the checkpoint."""
-    wanted = dataclasses.replace(ctx, mtp_layers=depths)
+    `ctx.mtp_layers` declared by config.json. `mtp_from`: the depths come from that directory
+    (`mtp_cli.hf.mtp_graft`), so none is planned here and the checkpoint's own are skipped."""
+    own = 0 if mtp_from else depths
+    if mtp_from:
+        shapes = {name: shape for name, shape in shapes.items() if not name.startswith("mtp.")}
+    absent = absent_depths(hf, ctx)
     plan, missing = ImportPlan(), []
     main_of = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
                "output_layer.weight": "lm_head.weight"}
-    for item in file_tensors(arch, wanted, shapes, tied=tied):
+    for item in file_tensors(arch, dataclasses.replace(ctx, mtp_layers=own), shapes, tied=tied):
         present = [name in hf.tensors for name in item.hf]
+        depth = _depth_of(item.megatron)
         if item.copy:
             if all(present):
                 plan.copies.append((item.hf[0], main_of[item.megatron]))
         elif all(present):
             plan.imported.append(item)
-        elif (_depth_of(item.megatron) or 0) >= ctx.mtp_layers and \
-                _depth_of(item.megatron) is not None:
+        elif depth is not None and (depth >= ctx.mtp_layers or depth in absent):
             plan.fresh.append(item.megatron)
         else:
             missing += [name for name, found in zip(item.hf, present, strict=True) if not found]
@@ -77,12 +91,26 @@ def plan_import(arch: Architecture, ctx: LayoutContext, hf: HFDirectory,
             f"config.json describes tensors no weight file holds: {_names(missing)}",
             file=str(hf.config_path), hint="is config.json the one these weights were saved with?")])
     _check_shapes(plan, hf, shapes, ctx)
-    _account_for_every_tensor(plan, hf, ctx, depths)
+    _account_for_every_tensor(plan, hf, ctx, own, mtp_from)
     if plan.fresh:
-        new = sorted({_depth_of(n) for n in plan.fresh})
-        plan.notes.append(f"MTP depths {', '.join(str(d + 1) for d in new)} are not in the "
-                          "checkpoint: initialised fresh (Megatron's init, by name)")
+        plan.notes.append(fresh_note(sorted({_depth_of(n) or 0 for n in plan.fresh}), ctx,
+                                     absent))
     return plan
+
+
+def fresh_note(new: list[int], ctx: LayoutContext, absent: list[int],
+               source: str = "the checkpoint") -> str:
+    """One line: which depths start from Megatron's init, and why."""
+    def shown(depths: list[int]) -> str:
+        return ", ".join(str(d + 1) for d in depths)
+
+    lacking = [d for d in new if d in absent]
+    fresh = f"MTP depths {shown(new)} initialised fresh (Megatron's init by name, train.seed)"
+    if lacking:
+        return (f"config.json declares {ctx.mtp_layers} MTP depths (num_nextn_predict_layers) "
+                f"but no weight file holds depth {shown(lacking)} (save_pretrained and "
+                f"fine-tuning tools drop them): imported the main model; {fresh}")
+    return f"{fresh}: {source} holds {ctx.mtp_layers}"
 
 
 def _check_shapes(plan: ImportPlan, hf: HFDirectory, shapes: dict[str, tuple[int, ...]],
@@ -102,7 +130,7 @@ def _check_shapes(plan: ImportPlan, hf: HFDirectory, shapes: dict[str, tuple[int
 
 
 def _account_for_every_tensor(plan: ImportPlan, hf: HFDirectory, ctx: LayoutContext,
-                              depths: int) -> None:
+                              depths: int, mtp_from: str | None) -> None:
     used = {name for item in plan.imported for name in item.hf}
     used |= {name for pair in plan.copies for name in pair}
     beyond = tuple(f"model.layers.{ctx.num_layers + k}." for k in range(depths, ctx.mtp_layers))
@@ -120,6 +148,9 @@ def _account_for_every_tensor(plan: ImportPlan, hf: HFDirectory, ctx: LayoutCont
             f"holds tensors config.json does not account for: {_names(sorted(leftover))}",
             file=str(entry.file), hint=f"check {hf.config_path} (model_type, layer counts, "
                                        "num_nextn_predict_layers)")])
-    if plan.skipped:
+    if plan.skipped and mtp_from:
+        plan.notes.append(f"the checkpoint's own MTP depths ({ctx.mtp_layers}) are not "
+                          f"imported: --mtp-from {mtp_from} gives them")
+    elif plan.skipped:
         plan.notes.append(f"MTP depths {depths + 1}..{ctx.mtp_layers} of the checkpoint are not "
                           f"imported (mtp.num_layers is {depths})")

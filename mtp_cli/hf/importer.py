@@ -1,8 +1,9 @@
 """`mtp import`: a Hugging Face model directory as an mtp-cli run directory at step 0.
 
 ```
-RUN_DIR/spec.yaml                        model and mtp from config.json; train/data/parallel
-                                         from KEY=VALUE overrides or the defaults
+RUN_DIR/spec.yaml                        model and mtp from config.json; train and mtp settings
+                                         from mtp_cli_training.json (what `mtp export` records)
+                                         or the defaults; KEY=VALUE overrides on top
 RUN_DIR/tokenizer/tokenizer.json         the model's tokenizer, when it has one (data.tokenizer)
 RUN_DIR/checkpoints/step_0000000/        what `mtp train` writes, so that
 RUN_DIR/checkpoints/latest               `mtp train RUN_DIR/spec.yaml --run-dir RUN_DIR` resumes
@@ -12,9 +13,11 @@ Architectures: DeepseekV3ForCausalLM, Glm4MoeForCausalLM, LlamaForCausalLM, Qwen
 (`model_type`; `auto_map` remote code is never run). The MTP layers present (DeepSeek-V3 layout,
 `model.layers.{N+k}`) are imported; their `embed_tokens` / `shared_head.head` copies must equal
 the main embedding and head (a differing copy is refused, naming the tensor); depths beyond the
-checkpoint's (`mtp.num_layers=D` larger) are initialised fresh by name. Tied embeddings stay
-tied. Every check runs on the file headers before any value is read; the values then stream one
-Megatron tensor at a time into the checkpoint, each kept in its file's dtype.
+checkpoint's (`mtp.num_layers=D` larger), or declared by config.json but held by no file, are
+initialised fresh by name; `mtp_from` takes them from another checkpoint instead
+(`mtp_cli.hf.mtp_graft`). Tied embeddings stay tied. Every check runs on the file headers
+before any value is read; the values then stream one Megatron tensor at a time into the
+checkpoint, each kept in its file's dtype.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.hf.configs import spec_sections
 from mtp_cli.hf.hf_files import HFDirectory, open_hf_directory
-from mtp_cli.hf.import_plan import ImportPlan, plan_import
+from mtp_cli.hf.import_plan import ImportPlan, absent_depths, plan_import
 from mtp_cli.hf.mapping import ARCHITECTURES, FileTensor, LayoutContext, to_megatron_tensor
+from mtp_cli.hf.mtp_graft import GraftSource, open_graft_source, plan_graft
 from mtp_cli.hf.output_dir import StagedDirectory, check_output
 from mtp_cli.hf.step0_checkpoint import write_step0_checkpoint
 from mtp_cli.hf.tokenizer_files import keep_tokenizer
+from mtp_cli.hf.training_record import apply_training_record, defaults_note, read_training_record
 
 DEFAULT_SEQ_LENGTH = 4096
 SPEC_HEADER = ("# Imported by `mtp import` from {source} ({architecture}).\n"
@@ -64,8 +69,8 @@ def _config_error(hf: HFDirectory, error: UserError) -> UserError:
                                for p in error.problems])
 
 
-def _sections(hf: HFDirectory, overrides: list[str]) -> tuple[dict[str, Any], LayoutContext]:
-    """The spec as a mapping (config.json's model and mtp sections, the overrides applied)."""
+def _config_sections(hf: HFDirectory) -> tuple[dict[str, Any], LayoutContext]:
+    """config.json's model and mtp sections, checked to describe a valid model."""
     model_type = hf.config["model_type"]
     max_positions = hf.config.get("max_position_embeddings")
     seq_length = min(max_positions, DEFAULT_SEQ_LENGTH) if isinstance(max_positions, int) \
@@ -78,7 +83,12 @@ def _sections(hf: HFDirectory, overrides: list[str]) -> tuple[dict[str, Any], La
     except (TypeError, ValueError, KeyError, AttributeError) as error:
         raise UserError(problems=[Problem(f"does not describe a {model_type} model ({error})",
                                           file=str(hf.config_path))]) from None
-    data = copy.deepcopy(sections)
+    return copy.deepcopy(sections), context
+
+
+def _sections(hf: HFDirectory, overrides: list[str]) -> tuple[dict[str, Any], LayoutContext]:
+    """The spec as a mapping (config.json's model and mtp sections, the overrides applied)."""
+    data, context = _config_sections(hf)
     apply_overrides(data, overrides)
     return data, context
 
@@ -128,31 +138,59 @@ def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, spec: RunSpec,
     return produce
 
 
-def _tensor_sources(hf: HFDirectory, plan: ImportPlan, spec: RunSpec, ctx: LayoutContext,
-                    shapes: dict[str, tuple[int, ...]], scaled: dict[str, bool]
-                    ) -> dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]:
-    sources = {}
-    for item in plan.imported:
-        dtype = hf.tensors[item.hf[0]].dtype
-        sources[item.megatron] = (shapes[item.megatron], dtype, _producer(hf, item, ctx))
+Sources = dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]
+
+
+def _tensor_sources(plans: list[tuple[HFDirectory, LayoutContext, ImportPlan]], spec: RunSpec,
+                    shapes: dict[str, tuple[int, ...]], scaled: dict[str, bool]) -> Sources:
+    """Every Megatron tensor's shape, dtype and producer: read from the directory whose plan
+    imports it (in its file's dtype), or fresh in the dtype most tensors have."""
+    sources: Sources = {}
+    for hf, ctx, plan in plans:
+        for item in plan.imported:
+            dtype = hf.tensors[item.hf[0]].dtype
+            sources[item.megatron] = (shapes[item.megatron], dtype, _producer(hf, item, ctx))
     counts: dict[torch.dtype, int] = {}
     for _, dtype, _ in sources.values():
         counts[dtype] = counts.get(dtype, 0) + 1
     main_dtype = max(counts, key=lambda d: counts[d]) if counts else torch.float32
-    for name in plan.fresh:
+    for name in (name for _, _, plan in plans for name in plan.fresh):
         dtype = torch.float32 if name.endswith("expert_bias") else main_dtype
         sources[name] = (shapes[name], dtype, _fresh(name, shapes[name], dtype, spec,
                                                       scaled.get(name, False)))
     return {name: sources[name] for name in shapes}
 
 
+def _override_keys(overrides: list[str]) -> set[str]:
+    return {text.partition("=")[0].strip() for text in overrides}
+
+
+def _import_sections(hf: HFDirectory, overrides: list[str], graft: Path | None
+                     ) -> tuple[dict[str, Any], LayoutContext, GraftSource | None, list[str]]:
+    """The spec mapping of an import: config.json's model, the recorded training settings (or
+    the defaults, said in a note), `--mtp-from`'s depth count, then the overrides."""
+    data, ctx = _config_sections(hf)
+    source = None if graft is None else open_graft_source(graft, hf.config["model_type"], ctx)
+    if source is not None:
+        data["mtp"]["num_layers"] = source.ctx.mtp_layers
+    record = read_training_record(hf.root)
+    if record is not None:
+        apply_training_record(data, record)
+    apply_overrides(data, overrides)
+    notes = []
+    if record is None:
+        notes.append(defaults_note(load_spec(data), _override_keys(overrides)))
+    return data, ctx, source, notes
+
+
 def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...] = (), *,
-                 overwrite: bool = False) -> ImportResult:
-    """Write run directory `out` from Hugging Face model directory `hf_dir` (module doc)."""
+                 overwrite: bool = False, mtp_from: Path | None = None) -> ImportResult:
+    """Write run directory `out` from Hugging Face model directory `hf_dir` (module doc);
+    `mtp_from`: a directory of the same architecture whose MTP depths are taken instead."""
     out = Path(out)
     check_output(out, overwrite=overwrite, source=Path(hf_dir))
     hf = open_hf_directory(Path(hf_dir), ARCHITECTURES)
-    data, ctx = _sections(hf, list(overrides))
+    data, ctx, graft, notes = _import_sections(hf, list(overrides), mtp_from)
     if (Path(hf_dir) / "tokenizer.json").is_file():
         data.setdefault("data", {}).setdefault(
             "tokenizer", str(out.resolve() / "tokenizer" / "tokenizer.json"))
@@ -160,20 +198,31 @@ def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...]
     shapes, scaled = _shapes_and_init(spec)
     tied = spec.model.share_embeddings_and_output_weights
     arch = ARCHITECTURES[hf.config["model_type"]]
-    plan = plan_import(arch, ctx, hf, shapes, tied=tied, depths=spec.mtp.num_layers)
+    plan = plan_import(arch, ctx, hf, shapes, tied=tied, depths=spec.mtp.num_layers,
+                       mtp_from=None if graft is None else str(graft.hf.root))
+    plans = [(hf, ctx, plan)]
+    if graft is not None:  # every header check before the first value is read
+        plans.append((graft.hf, graft.ctx, plan_graft(arch, graft, ctx, shapes,
+                                                      depths=spec.mtp.num_layers)))
     _check_copies(hf, plan)
-    sources = _tensor_sources(hf, plan, spec, ctx, shapes, scaled)
+    sources = _tensor_sources(plans, spec, shapes, scaled)
+    fresh = [name for _, _, p in plans for name in p.fresh]
     architecture = (hf.config.get("architectures") or [arch.name])[0]
+    provenance = {"path": str(Path(hf_dir).resolve()), "architecture": architecture,
+                  "fresh": fresh}
+    if graft is not None:
+        provenance["mtp_from"] = str(graft.hf.root.resolve())
     with StagedDirectory(out, overwrite=overwrite, source=Path(hf_dir)) as temp:
         keep_tokenizer(Path(hf_dir), temp)
         header = SPEC_HEADER.format(source=Path(hf_dir).resolve(), architecture=architecture,
                                     spec=out / "spec.yaml", run_dir=out)
         (temp / "spec.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
-        largest_file = max(path.stat().st_size for path in hf.files())
-        write_step0_checkpoint(temp, spec, sources, {"imported_from": {
-            "path": str(Path(hf_dir).resolve()), "architecture": architecture,
-            "fresh": plan.fresh}}, file_bytes=largest_file)
-    return ImportResult(out, architecture, len(plan.imported), plan.fresh, plan.notes)
+        largest_file = max(path.stat().st_size for d, _, _ in plans for path in d.files())
+        write_step0_checkpoint(temp, spec, sources, {"imported_from": provenance},
+                               file_bytes=largest_file)
+    imported = sum(len(p.imported) for _, _, p in plans)
+    return ImportResult(out, architecture, imported, fresh,
+                        notes + [note for _, _, p in plans for note in p.notes])
 
 
 def load_hf_model_state(hf_dir: Path) -> tuple[RunSpec, dict[str, torch.Tensor], list[str]]:
@@ -182,11 +231,17 @@ def load_hf_model_state(hf_dir: Path) -> tuple[RunSpec, dict[str, torch.Tensor],
     writing a run directory (`mtp generate` and `mtp eval` read exported models this way)."""
     hf = open_hf_directory(Path(hf_dir), ARCHITECTURES)
     data, ctx = _sections(hf, [])
+    absent, notes = absent_depths(hf, ctx), []
+    if absent:  # fresh depths would only draft noise: the model as its files hold it
+        data["mtp"]["num_layers"] = absent[0]
+        notes.append(f"config.json declares {ctx.mtp_layers} MTP depths, the weight files hold "
+                     f"{absent[0]}: loaded with those")
     spec = load_spec(data)
     shapes, scaled = _shapes_and_init(spec)
     arch = ARCHITECTURES[hf.config["model_type"]]
     plan = plan_import(arch, ctx, hf, shapes, tied=spec.model.share_embeddings_and_output_weights,
                        depths=spec.mtp.num_layers)
     _check_copies(hf, plan)
-    sources = _tensor_sources(hf, plan, spec, ctx, shapes, scaled)
-    return spec, {name: produce() for name, (_, _, produce) in sources.items()}, plan.notes
+    sources = _tensor_sources([(hf, ctx, plan)], spec, shapes, scaled)
+    return spec, {name: produce() for name, (_, _, produce) in sources.items()}, \
+        notes + plan.notes
