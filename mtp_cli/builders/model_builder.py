@@ -57,6 +57,10 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu", *,
 def state_dict_shapes(spec: RunSpec, *, allow_imports: bool = False) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the spec's model state dict and its shape, from a build on the meta
     device (nothing allocated): the names and shapes a checkpoint stores under `model.`."""
-    model = build_model(spec, "meta", allow_imports=allow_imports)
+    return model_shapes(build_model(spec, "meta", allow_imports=allow_imports))
+
+
+def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of `model`'s state dict and its shape."""
     return {name: tuple(value.shape) for name, value in model.state_dict().items()
             if isinstance(value, torch.Tensor)}
