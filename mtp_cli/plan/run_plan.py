@@ -52,6 +52,11 @@ class RunPlan:
         return self.depths if self.spec.mtp.use_repeated_layer else 1
 
 
+def whole_model_stage(spec: RunSpec) -> Stage:
+    """The stage holding every layer of a loaded spec's model (no stage plan needed)."""
+    return Stage.whole_model(spec.model.num_layers, mtp_depths(spec))
+
+
 def mtp_depths(spec: RunSpec) -> int:
     """D of a loaded spec, for code that holds a spec and no plan (the plan's `depths`)."""
     return spec.mtp.num_layers
