@@ -20,8 +20,7 @@ class LossConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """Optimisation. Batch sizes are in samples of seq_length tokens (their rules:
-    `mtp_cli.plan.rules`)."""
+    """Optimisation. Batch sizes are in samples of seq_length tokens."""
 
     steps: PositiveInt = Field(default=200, description="Optimizer steps.")
     micro_batch_size: PositiveInt = Field(
