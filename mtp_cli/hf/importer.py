@@ -39,6 +39,7 @@ from mtp_cli.hf.mapping import ARCHITECTURES, FileTensor, LayoutContext, to_mega
 from mtp_cli.hf.output_dir import StagedDirectory, check_output
 from mtp_cli.hf.step0_checkpoint import write_step0_checkpoint
 from mtp_cli.hf.tokenizer_files import keep_tokenizer
+from mtp_cli.plan.run_plan import mtp_depths
 
 DEFAULT_SEQ_LENGTH = 4096
 SPEC_HEADER = ("# Imported by `mtp import` from {source} ({architecture}).\n"
@@ -160,7 +161,7 @@ def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...]
     shapes, scaled = _shapes_and_init(spec)
     tied = spec.model.share_embeddings_and_output_weights
     arch = ARCHITECTURES[hf.config["model_type"]]
-    plan = plan_import(arch, ctx, hf, shapes, tied=tied, depths=spec.mtp.num_layers)
+    plan = plan_import(arch, ctx, hf, shapes, tied=tied, depths=mtp_depths(spec))
     _check_copies(hf, plan)
     sources = _tensor_sources(hf, plan, spec, ctx, shapes, scaled)
     architecture = (hf.config.get("architectures") or [arch.name])[0]
@@ -186,7 +187,7 @@ def load_hf_model_state(hf_dir: Path) -> tuple[RunSpec, dict[str, torch.Tensor],
     shapes, scaled = _shapes_and_init(spec)
     arch = ARCHITECTURES[hf.config["model_type"]]
     plan = plan_import(arch, ctx, hf, shapes, tied=spec.model.share_embeddings_and_output_weights,
-                       depths=spec.mtp.num_layers)
+                       depths=mtp_depths(spec))
     _check_copies(hf, plan)
     sources = _tensor_sources(hf, plan, spec, ctx, shapes, scaled)
     return spec, {name: produce() for name, (_, _, produce) in sources.items()}, plan.notes
