@@ -5,9 +5,27 @@
     model = build_model(spec)
 """
 
-from mtp_cli.config.loader import load_spec
+from mtp_cli.config.loader import add_spec_check, load_spec
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import SpecError, UserError
+from mtp_cli.plan.rules import check_spec
+
+
+def _check_rules(spec: RunSpec, allow_imports: bool) -> None:
+    check_spec(spec)
+
+
+def _check_module_trees(spec: RunSpec, allow_imports: bool) -> None:
+    """The `modules` section's trees name registered modules (imported only here: torch)."""
+    from mtp_cli.builders.module_trees import parse_module_trees
+
+    parse_module_trees(spec, allow_imports=allow_imports)
+
+
+# `load_spec` (config) runs the rules of the floors above it, wired here, in this order: the
+# spec's rules (`mtp_cli.plan.rules`), then its module trees (`mtp_cli.builders`).
+add_spec_check(_check_rules)
+add_spec_check(_check_module_trees)
 
 
 def build_model(spec, device="cpu", **kwargs):

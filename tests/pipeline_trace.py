@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtp_cli.parallel.pipeline_order import Message
 from mtp_cli.parallel.pipeline_p2p import PipelineP2P, Post
+from mtp_cli.plan.pipeline_order import Message
 
 
 @dataclass(frozen=True)

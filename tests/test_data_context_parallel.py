@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from mtp_cli import load_spec
 from mtp_cli.data import (
     Batch,
     MicroBatchLoader,
@@ -156,11 +157,23 @@ def test_loader_shards_for_context_parallel_and_can_pad_for_a_larger_cp():
     assert torch.equal(sharded.next_batch().input_ids, want.input_ids)
 
 
-def test_sequence_that_does_not_divide_by_two_cp_is_an_error():
+def test_sequence_that_does_not_divide_by_two_cp_is_refused_at_load():
+    """The spec's rules refuse such a run when it loads (`mtp_cli.plan.rules`); the sharding
+    functions only guard their arguments."""
+    model = {"vocab_size": 64, "hidden_size": 8, "num_layers": 1, "num_attention_heads": 2,
+             "seq_length": 12}
+    with pytest.raises(UserError, match=r"must divide by 2 x context \(8\)") as error:
+        load_spec({"model": model, "parallel": {"context": 4}})
+    assert error.value.problems[0].key == "parallel.context"
+    with pytest.raises(UserError, match="must divide by 8 to pad packed documents") as error:
+        load_spec({"model": model, "parallel": {"context": 2},
+                   "train": {"micro_batch_size": 1, "global_batch_size": 2},
+                   "data": {"packed": True, "pad_documents_to": 8}})
+    assert error.value.problems[0].key == "data.pad_documents_to"
     batch = plain_batch(torch.arange(13).reshape(1, 13))  # s = 12
-    with pytest.raises(UserError, match=r"divide by 2 x parallel.context \(8\)"):
+    with pytest.raises(ValueError, match="does not split into 2 x 4 equal chunks"):
         shard_for_context_parallel(batch, 0, 4)
-    with pytest.raises(UserError, match="must divide by 8"):
+    with pytest.raises(ValueError, match="does not divide by 8"):
         shard_for_context_parallel(packed_batch(torch.arange(13), EOD), 0, 4)
 
 

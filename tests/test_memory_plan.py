@@ -17,9 +17,9 @@ from mtp_cli import build_model, load_spec
 from mtp_cli.builders.describe import describe_build
 from mtp_cli.builders.stage_tensors import build_memory_plan
 from mtp_cli.mtp import MTPRunState
-from mtp_cli.parallel.pipeline_order import live_output_bound
 from mtp_cli.parallel.recompute import apply_activation_checkpointing
 from mtp_cli.plan.memory import activation_peak, parse_memory
+from mtp_cli.plan.pipeline_order import live_output_bound
 from tests.cli_helpers import SPECS, run_mtp
 
 # gpt_125m's kind of layer (LayerNorm, GELU, learned positions, tied head), small

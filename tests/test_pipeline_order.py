@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from mtp_cli.parallel.pipeline_order import check_group_size, interleaved_1f1b
 from mtp_cli.parallel.pipeline_position import PipelinePosition
 from mtp_cli.parallel.pipeline_schedule import PipelineSchedule
+from mtp_cli.plan.pipeline_order import check_group_size, interleaved_1f1b
 from mtp_cli.plan.stages import Stage, StagePlan
 from tests.pipeline_cases import one_thread  # noqa: F401
 from tests.pipeline_trace import RecordingP2P, assert_pairs_match, replay_nccl

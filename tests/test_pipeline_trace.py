@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 
 from mtp_cli.parallel.mesh import build_mesh
-from mtp_cli.parallel.pipeline_order import Exchange
 from mtp_cli.parallel.pipeline_p2p import TorchP2P
 from mtp_cli.parallel.pipeline_schedule import PipelineSchedule
 from mtp_cli.parallel.tensor_parallel import parallelize_tensor
 from mtp_cli.plan.dims import ParallelDims
+from mtp_cli.plan.pipeline_order import Exchange
 from tests.dist_utils import run_distributed
 from tests.pipeline_cases import (  # noqa: F401
     SEQ,

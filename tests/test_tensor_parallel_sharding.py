@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtp_cli import UserError, build_model
+from mtp_cli import build_model
 from mtp_cli.models.output import OutputHead
 from mtp_cli.parallel.tensor_parallel import canonical_name, parallelize_tensor
 from mtp_cli.parallel.tp_sharding import COLUMN, GATED_COLUMN, ROW
@@ -47,6 +47,6 @@ def test_tensor_parallel_size_one_leaves_the_model_unchanged():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     name = "decoder.layers.0.mlp.linear_fc1.weight"
     assert plan.gather_like_parameter(name, before[name]) is before[name]
-    with pytest.raises(UserError, match="sequence_parallel"):
+    with pytest.raises(ValueError, match="sequence parallel needs a tensor group"):
         parallelize_tensor(build_model(make_spec("llama", 1, False)), None,
                            sequence_parallel=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mtp_cli import UserError, build_model
+from mtp_cli import UserError, build_model, load_spec
 from mtp_cli.builders.init import initialize_parameters
 from mtp_cli.parallel.tensor_parallel import (
     gather_state_dict,
@@ -169,23 +169,29 @@ def test_init_by_global_name_and_state_dict_resharding():
     run_distributed(_init_worker, 2)
 
 
-def _size_check_worker(rank: int, world_size: int) -> None:
-    group = dist.group.WORLD
-    bad = [
-        ({"num_query_groups": 1}, False, "num_query_groups"),
-        ({"ffn_hidden_size": 47}, False, "ffn_hidden_size"),
-        ({"vocab_size": 15}, False, "vocab_size"),
-        ({"seq_length": 7}, True, "seq_length"),
-    ]
-    for overrides, sp, key in bad:
-        model = build_model(make_spec("gpt", 1, False, **overrides), "meta")
-        with pytest.raises(UserError, match=key):
-            parallelize_tensor(model, group, sequence_parallel=sp)
+def _already_parallel_worker(rank: int, world_size: int) -> None:
     model = build_model(make_spec("gpt", 1, False), "meta")
-    parallelize_tensor(model, group)
+    parallelize_tensor(model, dist.group.WORLD)
     with pytest.raises(ValueError, match="already"):
-        parallelize_tensor(model, group)
+        parallelize_tensor(model, dist.group.WORLD)
 
 
-def test_rejects_sizes_that_do_not_divide():
-    run_distributed(_size_check_worker, 2)
+@pytest.mark.parametrize(("overrides", "key", "message"), [
+    (["model.num_query_groups=1"], "parallel.tensor", "must divide model.num_query_groups (1)"),
+    (["model.ffn_hidden_size=47"], "parallel.tensor", "must divide model.ffn_hidden_size (47)"),
+    (["model.vocab_size=15"], "parallel.tensor", "must divide model.vocab_size (15)"),
+    (["model.seq_length=7", "parallel.sequence_parallel=true"], "parallel.sequence_parallel",
+     "needs seq_length (7) divisible by tensor (2)"),
+])
+def test_sizes_that_do_not_divide_are_refused_once_at_load(overrides, key, message):
+    """The model sizes tensor parallel splits are a rule of the spec, checked when it loads
+    (`mtp_cli.plan.rules`), not again when the model is sharded."""
+    base = make_spec("gpt", 1, False).model_dump(mode="json")
+    with pytest.raises(UserError) as error:
+        load_spec(base, ["parallel.tensor=2", *overrides])
+    assert [p.key for p in error.value.problems] == [key]
+    assert message in error.value.problems[0].message
+
+
+def test_a_model_is_made_tensor_parallel_once():
+    run_distributed(_already_parallel_worker, 2)

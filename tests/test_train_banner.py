@@ -8,16 +8,16 @@ import pytest
 from mtp_cli.checkpoint.run_dir import RunDir
 from mtp_cli.config.loader import load_spec
 from mtp_cli.launch.banner import DataSummary, overwrite_summary, start_banner
-from mtp_cli.plan.dims import ParallelDims
+from mtp_cli.plan.run_plan import RunPlan
 from tests.cli_helpers import SPECS
 from tests.train_helpers import TINY, run_train
 
 
 def test_banner_names_model_world_run_and_data(tmp_path):
     spec = load_spec(SPECS / "tiny.yaml", ["parallel.tensor=2"])
-    dims = ParallelDims.from_spec(spec, 4)
+    plan = RunPlan.of(spec, 4)
     data = DataSummary("/data/corpus", 12, 34_567, 890)
-    text = start_banner(spec, dims, RunDir(tmp_path / "run"), parameters=353_472, nproc=2,
+    text = start_banner(plan, RunDir(tmp_path / "run"), parameters=353_472, nproc=2,
                         nnodes=2, resume_step=None, data=data)
     assert text.splitlines() == [
         "mtp train: 353,472 parameters (D=2 MTP depths), world size 4 = data 2 x tensor 2 x "
@@ -26,7 +26,7 @@ def test_banner_names_model_world_run_and_data(tmp_path):
         "data: /data/corpus: 12 training documents, 34,567 training tokens (890 held out); "
         "16 x 64 = 1,024 tokens per step",
     ]
-    resumed = start_banner(spec, dims, RunDir(tmp_path / "run"), parameters=1, nproc=2,
+    resumed = start_banner(plan, RunDir(tmp_path / "run"), parameters=1, nproc=2,
                            nnodes=2, resume_step=100, data=data)
     assert f"{tmp_path / 'run'}: resuming from step 100 of 300 (checkpoint step_0000100)" in \
         resumed
@@ -34,7 +34,7 @@ def test_banner_names_model_world_run_and_data(tmp_path):
 
 def test_banner_names_the_expert_parallel_size(tmp_path):
     spec = load_spec(SPECS / "tiny_moe.yaml", ["parallel.expert=2"])
-    text = start_banner(spec, ParallelDims.from_spec(spec, 4), RunDir(tmp_path / "run"),
+    text = start_banner(RunPlan.of(spec, 4), RunDir(tmp_path / "run"),
                         parameters=1, nproc=4, nnodes=1, resume_step=None,
                         data=DataSummary("x", 1, 1, 1))
     assert "world size 4 = data 4 x tensor 1 x pipeline 1 x context 1, expert 2 of data x " \

@@ -9,6 +9,7 @@ import torch
 
 from mtp_cli import build_model, load_spec
 from mtp_cli.models.moe.run_state import moe_routers
+from mtp_cli.plan.run_plan import RunPlan
 from mtp_cli.train.moe_metrics import MoEStepMetrics
 from mtp_cli.train.optim import build_optimizer
 from mtp_cli.train.progress import summary_text
@@ -46,7 +47,7 @@ def test_step_metrics_follow_megatron_averaging():
     for router in routers:
         router.register_forward_hook(hook)
     train_step(model, optimizer, _batches(3), settings)
-    metrics = MoEStepMetrics(spec)
+    metrics = MoEStepMetrics(RunPlan.of(spec))
     values = metrics.collect([model], num_microbatches=3)
 
     aux = z = 0.0
@@ -72,4 +73,4 @@ def test_step_metrics_follow_megatron_averaging():
 def test_dense_models_log_no_moe_metrics():
     spec = load_spec({"model": {k: v for k, v in SPEC["model"].items()
                                 if not k.startswith(("moe_", "num_moe"))}})
-    assert MoEStepMetrics(spec).collect([build_model(spec)], num_microbatches=1) == {}
+    assert MoEStepMetrics(RunPlan.of(spec)).collect([build_model(spec)], num_microbatches=1) == {}

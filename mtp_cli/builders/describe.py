@@ -34,7 +34,7 @@ class BuildDescription:
     def as_dict(self) -> dict[str, Any]:
         return {
             "backend": self.spec.model.backend,
-            "mtp_depths": self.spec.mtp.num_layers,
+            "mtp_depths": self.model.stage.mtp_layers,  # the whole model: all D
             "parameters": self.counts.as_dict(),
             "build_seconds": round(self.build_seconds, 4),
             **self.extra,

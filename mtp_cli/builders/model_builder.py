@@ -12,6 +12,7 @@ from mtp_cli.models.gpt import GPTModel
 from mtp_cli.models.moe.run_state import configure_moe_routers
 from mtp_cli.mtp.layer import get_mtp_block_spec
 from mtp_cli.mtp.loss import LossSettings
+from mtp_cli.plan.run_plan import whole_model_stage
 from mtp_cli.plan.stages import Stage
 
 
@@ -37,14 +38,15 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu", *,
     names are built with `requires_grad = False`.
     """
     whole = stage is None
-    stage = stage or Stage.whole_model(spec.model.num_layers, spec.mtp.num_layers)
+    stage = stage or whole_model_stage(spec)
     layer_spec, mtp_layer_spec, final_norm_spec = build_specs(spec, allow_imports=allow_imports)
     mtp_block_spec = get_mtp_block_spec(mtp_layer_spec, stage.mtp_layers)
     with torch.device(device):
         model = GPTModel(spec.model, layer_spec, final_norm_spec, mtp_block_spec, stage=stage,
                          mtp=spec.mtp, loss_settings=loss_settings_for(spec))
     if spec.model.num_moe_experts is not None:
-        configure_moe_routers(model, mtp_repeats=spec.mtp.num_layers
+        # the stage holding MTP layers holds all D of them (`mtp_cli.plan.placement`)
+        configure_moe_routers(model, mtp_repeats=stage.mtp_layers
                               if spec.mtp.use_repeated_layer else 1)
     if initialize and torch.device(device).type != "meta":
         initialize_parameters(model, spec)
@@ -57,6 +59,10 @@ def build_model(spec: RunSpec, device: str | torch.device = "cpu", *,
 def state_dict_shapes(spec: RunSpec, *, allow_imports: bool = False) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the spec's model state dict and its shape, from a build on the meta
     device (nothing allocated): the names and shapes a checkpoint stores under `model.`."""
-    model = build_model(spec, "meta", allow_imports=allow_imports)
+    return model_shapes(build_model(spec, "meta", allow_imports=allow_imports))
+
+
+def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of `model`'s state dict and its shape."""
     return {name: tuple(value.shape) for name, value in model.state_dict().items()
             if isinstance(value, torch.Tensor)}

@@ -33,6 +33,7 @@ from mtp_cli.nn.module_spec import (
     parse_module_tree,
     submodule_items,
 )
+from mtp_cli.plan.run_plan import mtp_depths
 
 
 def resolved_module_trees(spec: RunSpec) -> dict[str, dict[str, Any]]:
@@ -73,10 +74,11 @@ def parse_module_trees(spec: RunSpec, *, allow_imports: bool) -> dict[str, Modul
         path = f"modules.{name}"
         parsed[name] = parse_module_tree(tree, path, allow_imports=allow_imports)
         _check_complete(parsed[name], path)
-    if parsed["mtp_layer"].module != "MultiTokenPredictionLayer" and spec.mtp.num_layers:
+    depths = mtp_depths(spec)
+    if parsed["mtp_layer"].module != "MultiTokenPredictionLayer" and depths:
         check_module_name(str(parsed["mtp_layer"].module), "modules.mtp_layer.module",
                           allow_imports=allow_imports)
-    if spec.mtp.num_layers:
+    if depths:
         _check_mtp_attention_mask(spec, parsed["mtp_layer"])
     return parsed
 

@@ -1,7 +1,7 @@
 """Attention keys of `model:` beyond plain GQA: partial RoPE, QK norms, multi-latent attention.
 
-`ModelConfig` inherits these fields; `attention_problems` holds the cross-field rules as
-`(key, message)` pairs. Names and defaults are Megatron-Core's (`TransformerConfig` and
+`ModelConfig` inherits these fields; their cross-field rules are
+`mtp_cli.plan.rules.attention_rules`. Names and defaults are Megatron-Core's (`TransformerConfig` and
 `MLATransformerConfig`), except `rope_type`, whose default here is `rope` because the same
 schema describes GQA models.
 """
@@ -67,41 +67,3 @@ def rotary_dim(model: Any) -> int:
         return model.qk_pos_emb_head_dim
     return int(model.kv_channels * model.rotary_percent)
 
-
-def attention_problems(model: Any, given: set[str]) -> list[tuple[str, str]]:
-    """Rules linking the attention keys (after kv_channels and query groups are filled in);
-    `given`: the keys the spec sets."""
-    if not model.multi_latent_attention:
-        stray = changed_keys(model, given, (*MLA_KEYS, "rope_type", *YARN_KEYS))
-        if stray:
-            return [(stray[0], f"{stray[0]} is a multi-latent attention key; set "
-                               "multi_latent_attention: true")]
-        rotated = rotary_dim(model)
-        if model.position_embedding == "rope" and model.rotary_percent == 1 and rotated % 2:
-            return [("kv_channels", f"RoPE needs an even head width, got {model.kv_channels}")]
-        if model.position_embedding == "rope" and (rotated == 0 or rotated % 2):
-            return [("rotary_percent", f"RoPE needs an even, non-zero number of rotated channels; "
-                                       f"kv_channels x rotary_percent = {model.kv_channels} x "
-                                       f"{model.rotary_percent} gives {rotated}")]
-        return []
-    problems: list[tuple[str, str]] = []
-    if model.position_embedding != "rope":
-        problems.append(("position_embedding", "multi-latent attention rotates its decoupled key "
-                         "itself: set position_embedding: rope"))
-    if "kv_channels" in given and model.kv_channels != model.qk_head_dim + \
-            model.qk_pos_emb_head_dim:
-        problems.append(("kv_channels", "multi-latent attention has no kv_channels: its heads are "
-                         "qk_head_dim + qk_pos_emb_head_dim (query, key) and v_head_dim (value)"))
-    if "num_query_groups" in given and model.num_query_groups != model.num_attention_heads:
-        problems.append(("num_query_groups", "multi-latent attention has one key/value head per "
-                         "query head: leave num_query_groups out"))
-    if model.qk_pos_emb_head_dim % 2:
-        problems.append(("qk_pos_emb_head_dim", f"RoPE needs an even qk_pos_emb_head_dim, got "
-                                                f"{model.qk_pos_emb_head_dim}"))
-    if model.rotary_percent != 1.0:
-        problems.append(("rotary_percent", "multi-latent attention rotates all "
-                         "qk_pos_emb_head_dim channels: leave rotary_percent at 1"))
-    if model.rope_type == "yarn" and model.beta_fast <= model.beta_slow:
-        problems.append(("beta_fast", f"YaRN needs beta_fast ({model.beta_fast}) > beta_slow "
-                                      f"({model.beta_slow})"))
-    return problems

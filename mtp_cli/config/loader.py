@@ -11,7 +11,8 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -293,9 +294,19 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[KeyP
     return applied
 
 
-def _locate(problems: list[Problem], document: YamlDocument | None,
-            overrides: Mapping[KeyPath, str]) -> list[Problem]:
+@dataclass(frozen=True)
+class SpecSource:
+    """Where a spec came from: its YAML document (None for a mapping) and the overrides applied,
+    so that a problem found later, by key, can name its file and line."""
+
+    document: YamlDocument | None
+    overrides: Mapping[KeyPath, str]
+
+
+def locate_problems(problems: list[Problem], source: SpecSource | None) -> list[Problem]:
     """Attach file:line (or the override) to problems that carry only a key path."""
+    document = source.document if source else None
+    overrides = source.overrides if source else {}
     located = []
     for problem in problems:
         path: KeyPath = tuple(problem.key.split(".")) if problem.key else ()
@@ -313,19 +324,32 @@ def _locate(problems: list[Problem], document: YamlDocument | None,
     return located
 
 
+# The rules a spec must pass beyond its schema, installed by the floors that own them (the
+# package's `__init__` installs `mtp_cli.plan.rules.check_spec` and the module-tree check of
+# `mtp_cli.builders`): config imports neither. Each raises `SpecError` with problems by key.
+SpecCheck = Callable[[RunSpec, bool], None]
+_SPEC_CHECKS: list[SpecCheck] = []
+
+
+def add_spec_check(check: SpecCheck) -> None:
+    """Run `check(spec, allow_imports)` on every spec `load_spec` loads, after those added
+    before it."""
+    if check not in _SPEC_CHECKS:
+        _SPEC_CHECKS.append(check)
+
+
 def load_spec(
     path_or_mapping: str | Path | Mapping[str, Any],
     overrides: Iterable[str] = (),
     *,
     allow_imports: bool = False,
 ) -> RunSpec:
-    """Load, override and validate a run spec. Raises `SpecError` with located problems.
+    """Load, override and validate a run spec: its schema, then every check `add_spec_check`
+    installed (the spec's rules, its module trees). Raises `SpecError` with located problems.
 
     `allow_imports` permits `import:package.module:Class` modules in the `modules` section;
     without it such a spec is rejected (nothing is imported while loading either way).
     """
-    from mtp_cli.builders.module_trees import parse_module_trees
-
     document: YamlDocument | None = None
     if isinstance(path_or_mapping, Mapping):
         data = copy.deepcopy(dict(path_or_mapping))
@@ -337,8 +361,12 @@ def load_spec(
         spec = RunSpec.model_validate(data)
     except ValidationError as error:
         raise SpecError(problems=_problems_from_validation(error, document, applied)) from None
-    try:
-        parse_module_trees(spec, allow_imports=allow_imports)
-    except SpecError as error:
-        raise SpecError(problems=_locate(error.problems, document, applied)) from None
+    spec._source = SpecSource(document, applied)
+    if not _SPEC_CHECKS:
+        raise RuntimeError("no spec rules installed: import mtp_cli (its __init__ adds them)")
+    for check in _SPEC_CHECKS:
+        try:
+            check(spec, allow_imports)
+        except SpecError as error:
+            raise SpecError(problems=locate_problems(error.problems, spec.source)) from None
     return spec

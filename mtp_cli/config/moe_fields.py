@@ -1,7 +1,6 @@
 """The mixture-of-experts keys of `model:` (Megatron-Core's `moe_*` TransformerConfig fields).
 
-`ModelConfig` inherits these fields; `moe_problems` holds the cross-field rules, each returned as
-`(key, message)` so that the schema can attribute it to its line in the YAML file. Defaults are
+`ModelConfig` inherits these fields; their cross-field rules are `mtp_cli.plan.rules.moe_rules`. Defaults are
 Megatron-Core's. A model is MoE when `num_moe_experts` is set; `moe_layer_freq` then says which
 decoder layers are MoE layers (the MTP layers are built like the last decoder layer).
 """
@@ -11,8 +10,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
-
-from mtp_cli.config.attention_fields import changed_keys
 
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 Bit = Literal[0, 1]
@@ -74,44 +71,3 @@ def count_moe_layers(model: Any, mtp_layers: int) -> int:
     moe = sum(is_moe_layer(model.moe_layer_freq, i) for i in range(model.num_layers))
     return moe + mtp_layers
 
-
-def moe_problems(model: Any, given: set[str]) -> list[tuple[str, str]]:
-    """Cross-field rules of the MoE keys: `(key, message)` for each violation, in key order;
-    `given`: the keys the spec sets."""
-    experts = model.num_moe_experts
-    if experts is None:
-        set_keys = changed_keys(model, given, tuple(sorted(
-            k for k in MoEFields.model_fields if k.startswith("moe_"))))
-        return [(set_keys[0], f"{set_keys[0]} needs num_moe_experts")] if set_keys else []
-    problems: list[tuple[str, str]] = []
-    freq = model.moe_layer_freq
-    if isinstance(freq, list) and len(freq) != model.num_layers:
-        problems.append(("moe_layer_freq", f"moe_layer_freq lists {len(freq)} layers, "
-                                           f"num_layers is {model.num_layers}"))
-    topk = model.moe_router_topk
-    if topk > experts:
-        problems.append(("moe_router_topk", f"moe_router_topk ({topk}) exceeds num_moe_experts "
-                                            f"({experts})"))
-    groups, group_topk = model.moe_router_num_groups, model.moe_router_group_topk
-    if groups is not None and experts % groups:
-        problems.append(("moe_router_num_groups", f"moe_router_num_groups ({groups}) must divide "
-                                                  f"num_moe_experts ({experts})"))
-    if group_topk is not None:
-        if groups is None:
-            problems.append(("moe_router_group_topk",
-                             "group-limited routing needs moe_router_num_groups"))
-        elif group_topk > groups:
-            problems.append(("moe_router_group_topk", f"moe_router_group_topk ({group_topk}) "
-                             f"exceeds moe_router_num_groups ({groups})"))
-        elif group_topk > topk:
-            problems.append(("moe_router_group_topk", f"moe_router_group_topk ({group_topk}) "
-                             f"exceeds moe_router_topk ({topk}): groups are ranked by their "
-                             "top (topk / group_topk) scores"))
-        elif experts % groups == 0 and topk > group_topk * (experts // groups):
-            problems.append(("moe_router_topk", f"moe_router_topk ({topk}) exceeds the experts "
-                             f"of {group_topk} groups of {experts // groups}"))
-    if model.moe_router_score_function == "softmax" and topk == 1 \
-            and not model.moe_router_pre_softmax:
-        problems.append(("moe_router_pre_softmax", "top-1 softmax routing needs "
-                         "moe_router_pre_softmax: true (a softmax over one logit has no gradient)"))
-    return problems

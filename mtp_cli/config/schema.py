@@ -4,8 +4,8 @@ The schema is the documentation: every field carries a description and its bound
 turns typos into errors, and `mtp schema` exports the JSON Schema for editors. Defaults follow
 Megatron-Core's `TransformerConfig` so that a spec reads like the Megatron arguments users know.
 
-Cross-field rules raise `rule_error(field, message)`, which carries the offending key so that the
-loader can point at its line in the YAML file.
+The schema checks what each key may hold and fills the defaults; the rules that tie keys together
+(divisibility, what runs with what, the layout) are in `mtp_cli.plan.rules`, which the loader runs.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 import itertools
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
-from mtp_cli.config.attention_fields import AttentionFields, attention_problems
+from mtp_cli.config.attention_fields import AttentionFields
 from mtp_cli.config.base import NonNegativeInt, PositiveInt, StrictModel, rule_error
-from mtp_cli.config.moe_fields import MoEFields, moe_problems
+from mtp_cli.config.moe_fields import MoEFields
 from mtp_cli.config.train_config import LossConfig, TrainConfig  # noqa: F401  (re-exported)
 
 
@@ -79,9 +79,11 @@ class ModelConfig(StrictModel, AttentionFields, MoEFields):
         default="local", description="local = plain PyTorch; te = Transformer Engine (CUDA)."
     )
 
+    _given: frozenset[str] = PrivateAttr(default=frozenset())
+
     @model_validator(mode="after")
-    def _fill_defaults_and_check(self) -> ModelConfig:
-        given = set(self.model_fields_set)  # before the defaults below join it
+    def _fill_defaults(self) -> ModelConfig:
+        self._given = frozenset(self.model_fields_set)  # before the defaults below join it
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.ffn_hidden_size is None:
@@ -92,32 +94,14 @@ class ModelConfig(StrictModel, AttentionFields, MoEFields):
             self.moe_ffn_hidden_size = self.ffn_hidden_size
         if self.kv_channels is None and self.multi_latent_attention:
             self.kv_channels = self.qk_head_dim + self.qk_pos_emb_head_dim
-        if self.kv_channels is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise rule_error(
-                    "num_attention_heads",
-                    f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
-                    f"({self.hidden_size}) (or set kv_channels)",
-                )
+        if self.kv_channels is None:  # heads must divide hidden_size (`mtp_cli.plan.rules`)
             self.kv_channels = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_query_groups:
-            raise rule_error(
-                "num_query_groups",
-                f"num_query_groups ({self.num_query_groups}) must divide num_attention_heads "
-                f"({self.num_attention_heads})",
-            )
-        for field, message in [*attention_problems(self, given), *moe_problems(self, given)]:
-            raise rule_error(field, message)
-        if (
-            self.position_embedding == "learned_absolute"
-            and self.max_position_embeddings < self.seq_length
-        ):
-            raise rule_error(
-                "max_position_embeddings",
-                f"max_position_embeddings ({self.max_position_embeddings}) is shorter than "
-                f"seq_length ({self.seq_length})",
-            )
         return self
+
+    @property
+    def given_keys(self) -> frozenset[str]:
+        """The keys the spec sets (the rules of `mtp_cli.plan.rules` tell them from defaults)."""
+        return self._given
 
 
 class LossWeightStep(StrictModel):
@@ -217,12 +201,6 @@ class ParallelConfig(StrictModel):
     sequence_parallel: bool = Field(default=False, description="Megatron sequence parallel (TP).")
     fsdp: bool = Field(default=False, description="FSDP2 (fully_shard) instead of DDP.")
 
-    @model_validator(mode="after")
-    def _check(self) -> ParallelConfig:
-        if self.sequence_parallel and self.tensor == 1:
-            raise rule_error("sequence_parallel", "sequence_parallel needs tensor > 1")
-        return self
-
 
 class DataConfig(StrictModel):
     """Training data. No path: the Python standard library's sources, byte-tokenized."""
@@ -305,104 +283,10 @@ class RunSpec(StrictModel):
         default_factory=LoggingConfig, description="TensorBoard and W&B besides metrics.jsonl."
     )
 
-    @model_validator(mode="after")
-    def _check_cross_sections(self) -> RunSpec:
-        self._check_size_limits()
-        model, par = self.model, self.parallel
-        tp = par.tensor
-        for name, value in (
-            ("num_attention_heads", model.num_attention_heads),
-            ("num_query_groups", model.num_query_groups),
-            ("ffn_hidden_size", model.ffn_hidden_size),
-            ("vocab_size", model.vocab_size),
-        ):
-            if value % tp:
-                raise rule_error(
-                    "parallel.tensor", f"tensor parallel size {tp} must divide model.{name} ({value})"
-                )
-        moe_ffn = model.moe_ffn_hidden_size or model.ffn_hidden_size
-        if par.expert_tensor > 1 and model.num_moe_experts is not None and \
-                moe_ffn % par.expert_tensor:
-            raise rule_error("parallel.expert_tensor", f"expert tensor parallel size "
-                             f"{par.expert_tensor} must divide model.moe_ffn_hidden_size "
-                             f"({moe_ffn})")
-        if par.expert > 1 and (model.num_moe_experts or 1) % par.expert:
-            raise rule_error("parallel.expert", f"expert parallel size {par.expert} must divide "
-                             f"model.num_moe_experts ({model.num_moe_experts or 'unset: no MoE'})")
-        if par.context > 1 and model.seq_length % (2 * par.context):
-            raise rule_error(
-                "parallel.context",
-                f"model.seq_length ({model.seq_length}) must divide by 2 x context "
-                f"({2 * par.context}) for load-balanced context parallel",
-            )
-        if par.sequence_parallel and model.seq_length % tp:
-            raise rule_error(
-                "parallel.sequence_parallel",
-                f"sequence parallel needs seq_length ({model.seq_length}) divisible by tensor ({tp})",
-            )
-        if self.data.packed and self.train.micro_batch_size != 1:
-            raise rule_error(
-                "data.packed",
-                f"data.packed needs train.micro_batch_size 1 (THD packing puts the documents of "
-                f"a micro-batch in one sequence), got {self.train.micro_batch_size}",
-            )
-        pad = self.data.pad_documents_to
-        if pad is not None and pad % (2 * par.context):
-            raise rule_error(
-                "data.pad_documents_to",
-                f"data.pad_documents_to ({pad}) must be a multiple of 2 x context "
-                f"({2 * par.context})",
-            )
-        if self.mtp.use_repeated_layer and self.mtp.num_layers == 0:
-            raise rule_error("mtp.use_repeated_layer", "use_repeated_layer needs mtp.num_layers >= 1")
-        from mtp_cli.config.freeze_rules import freeze_problem
-
-        problem = freeze_problem(self.train.freeze, tied=model.share_embeddings_and_output_weights,
-                                 mtp_layers=self.mtp.num_layers)
-        if problem is not None:
-            raise rule_error("train.freeze", problem)
-        self._check_placement()
-        self._check_group_size()
-        return self
-
-    def _check_size_limits(self) -> None:
-        """Module count and tensor sizes (`mtp_cli.config.limits`), before anything else walks
-        the layers: a billion of them must be refused, not enumerated."""
-        from mtp_cli.config.limits import SizeLimitError, check_size_limits
-
-        try:
-            check_size_limits(self)
-        except SizeLimitError as error:
-            raise rule_error(error.key, error.message) from None
-
-    def _check_placement(self) -> None:
-        """Layout / layer-split rules (`mtp_cli.plan.placement`); a layout sets virtual_pipeline."""
-        from mtp_cli.plan.placement import PlacementError, validate_placement
-
-        try:
-            derived = validate_placement(self)
-        except PlacementError as error:
-            raise rule_error(error.field, error.detail) from None
-        if derived is not None and self.parallel.virtual_pipeline is None:
-            self.parallel.virtual_pipeline = derived
-
-    def _check_group_size(self) -> None:
-        """The rules of microbatch_group_size_per_vp_stage that need no world size (the rest
-        are in `mtp_cli.plan.dims`)."""
-        par = self.parallel
-        group = par.microbatch_group_size_per_vp_stage
-        if group is None:
-            return
-        key = "parallel.microbatch_group_size_per_vp_stage"
-        if (par.virtual_pipeline or 1) == 1:
-            raise rule_error(key, "microbatch_group_size_per_vp_stage applies to the interleaved "
-                                  "schedule only; it needs virtual_pipeline > 1 (or a layout "
-                                  "with more stages than pipeline ranks)")
-        if group < par.pipeline:
-            raise rule_error(key, f"the number of contiguous micro-batches in a virtual "
-                                  f"pipeline stage ({group}) must be at least pipeline "
-                                  f"({par.pipeline})")
+    _source: Any = PrivateAttr(default=None)
 
     @property
-    def mtp_enabled(self) -> bool:
-        return self.mtp.num_layers > 0
+    def source(self) -> Any:
+        """Where the spec was read from (`mtp_cli.config.loader.SpecSource`), so that a rule
+        checked later (against the world size) can name the file and line of its key."""
+        return self._source

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from mtp_cli.config.base import NonNegativeInt, PositiveInt, StrictModel, rule_error
+from mtp_cli.config.base import NonNegativeInt, PositiveInt, StrictModel
 
 
 class LossConfig(StrictModel):
@@ -88,15 +88,7 @@ class TrainConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
+    def _fill_defaults(self) -> TrainConfig:
         if self.decay_steps is None:
             self.decay_steps = self.steps
-        if self.global_batch_size % self.micro_batch_size:
-            raise rule_error(
-                "global_batch_size",
-                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"micro_batch_size ({self.micro_batch_size})",
-            )
-        if self.min_lr > self.lr:
-            raise rule_error("min_lr", f"min_lr ({self.min_lr}) exceeds lr ({self.lr})")
         return self

@@ -28,7 +28,6 @@ import itertools
 import torch
 
 from mtp_cli.data.batch import Batch, ranges
-from mtp_cli.errors import UserError
 from mtp_cli.nn.packed import PackedSeqParams
 from mtp_cli.plan.zigzag import zigzag_chunks
 
@@ -46,9 +45,9 @@ def pad_packed_documents(batch: Batch, multiple: int) -> Batch:
     if params is None or batch.input_ids.shape[0] != 1:
         raise ValueError("pad_packed_documents needs a packed batch of micro-batch size 1")
     length = batch.seq_length
-    if length % multiple:
-        raise UserError(f"model.seq_length ({length}) must divide by {multiple} to pad packed "
-                        f"documents for context parallel (2 x parallel.context)")
+    if length % multiple:  # a spec cannot ask for it (`mtp_cli.plan.rules`)
+        raise ValueError(f"a sequence of {length} positions does not divide by {multiple} to "
+                         f"pad packed documents")
     boundaries = params.attention_boundaries().to(torch.int64).cpu()
     slots = _lengths(boundaries)
     if all(slot % multiple == 0 for slot in slots):
@@ -107,9 +106,9 @@ def shard_for_context_parallel(batch: Batch, cp_rank: int, cp_size: int,
         batch = pad_packed_documents(batch, multiple)
     if cp_size == 1:
         return batch
-    if batch.seq_length % (2 * cp_size):
-        raise UserError(f"model.seq_length ({batch.seq_length}) must divide by 2 x "
-                        f"parallel.context ({2 * cp_size}) for load-balanced context parallel")
+    if batch.seq_length % (2 * cp_size):  # a spec cannot ask for it (`mtp_cli.plan.rules`)
+        raise ValueError(f"a sequence of {batch.seq_length} positions does not split into "
+                         f"2 x {cp_size} equal chunks")
     params = batch.packed_seq_params
     boundaries = params.attention_boundaries() if params is not None else [0, batch.seq_length]
     index = zigzag_index(boundaries, cp_rank, cp_size).to(batch.input_ids.device)

@@ -25,6 +25,7 @@ import torch
 from mtp_cli.config.schema import ModelConfig, RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.hf.mapping import LayoutContext
+from mtp_cli.plan.run_plan import mtp_depths
 
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
            "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
@@ -66,7 +67,7 @@ def layout_context(spec: RunSpec) -> LayoutContext:
     with `rope_interleave: true`, nothing to permute)."""
     model = spec.model
     return LayoutContext(
-        num_layers=model.num_layers, mtp_layers=spec.mtp.num_layers,
+        num_layers=model.num_layers, mtp_layers=mtp_depths(spec),
         num_experts=model.num_moe_experts or 0, heads=model.num_attention_heads,
         query_groups=model.num_query_groups or model.num_attention_heads,
         head_dim=model.kv_channels or 1, qk_head_dim=model.qk_head_dim,
@@ -181,7 +182,7 @@ def hf_target(spec: RunSpec, *, dtype: torch.dtype, eos_token_id: int | None = N
         "attention_dropout": 0.0, "use_cache": True,
         "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
         **keys,
-        "num_nextn_predict_layers": spec.mtp.num_layers,
+        "num_nextn_predict_layers": mtp_depths(spec),
         "dtype": str(dtype).removeprefix("torch."),
     }
     return HFTarget(model_type, config)

@@ -44,6 +44,7 @@ from mtp_cli.hf.output_dir import StagedDirectory, check_output
 from mtp_cli.hf.step0_checkpoint import write_step0_checkpoint
 from mtp_cli.hf.tokenizer_files import keep_tokenizer
 from mtp_cli.hf.training_record import apply_training_record, defaults_note, read_training_record
+from mtp_cli.plan.run_plan import mtp_depths
 
 DEFAULT_SEQ_LENGTH = 4096
 SPEC_HEADER = ("# Imported by `mtp import` from {source} ({architecture}).\n"
@@ -198,12 +199,13 @@ def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...]
     shapes, scaled = _shapes_and_init(spec)
     tied = spec.model.share_embeddings_and_output_weights
     arch = ARCHITECTURES[hf.config["model_type"]]
-    plan = plan_import(arch, ctx, hf, shapes, tied=tied, depths=spec.mtp.num_layers,
+    depths = mtp_depths(spec)
+    plan = plan_import(arch, ctx, hf, shapes, tied=tied, depths=depths,
                        mtp_from=None if graft is None else str(graft.hf.root))
     plans = [(hf, ctx, plan)]
     if graft is not None:  # every header check before the first value is read
         plans.append((graft.hf, graft.ctx, plan_graft(arch, graft, ctx, shapes,
-                                                      depths=spec.mtp.num_layers)))
+                                                      depths=depths)))
     _check_copies(hf, plan)
     sources = _tensor_sources(plans, spec, shapes, scaled)
     fresh = [name for _, _, p in plans for name in p.fresh]
@@ -240,7 +242,7 @@ def load_hf_model_state(hf_dir: Path) -> tuple[RunSpec, dict[str, torch.Tensor],
     shapes, scaled = _shapes_and_init(spec)
     arch = ARCHITECTURES[hf.config["model_type"]]
     plan = plan_import(arch, ctx, hf, shapes, tied=spec.model.share_embeddings_and_output_weights,
-                       depths=spec.mtp.num_layers)
+                       depths=mtp_depths(spec))
     _check_copies(hf, plan)
     sources = _tensor_sources([(hf, ctx, plan)], spec, shapes, scaled)
     return spec, {name: produce() for name, (_, _, produce) in sources.items()}, \

@@ -33,6 +33,7 @@ from mtp_cli.checkpoint.checksums import directory_checksums
 from mtp_cli.checkpoint.run_dir import checkpoint_name
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.hf.memory import release_freed_memory
+from mtp_cli.plan.run_plan import mtp_depths
 
 MODEL_KEY = "model."
 Producer = Callable[[], torch.Tensor]
@@ -99,7 +100,7 @@ class BoundedFileWriter(dcp.FileSystemWriter):
 
 def training_state(spec: RunSpec) -> dict[str, Any]:
     """What a fresh `mtp train` at step 0 would save besides the model and optimizer."""
-    train, depths = spec.train, spec.mtp.num_layers
+    train, depths = spec.train, mtp_depths(spec)
     trainer: dict[str, Any] = {"step": 0, "tokens": 0}
     if depths:
         trainer["mtp_correct"] = torch.zeros(depths, dtype=torch.float64)
@@ -114,7 +115,7 @@ def meta_json(spec: RunSpec, extra: dict[str, Any]) -> dict[str, Any]:
     """meta.json of a step-0 checkpoint (the keys `Checkpointer` writes, plus `extra`)."""
     from mtp_cli.train.checkpoint import META_FORMAT
 
-    depths = spec.mtp.num_layers
+    depths = mtp_depths(spec)
     return {
         "format": META_FORMAT, "step": 0, "tokens": 0,
         "spec": spec.model_dump(mode="json"), "losses": {}, "world_size": 1,

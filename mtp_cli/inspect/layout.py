@@ -13,6 +13,7 @@ from typing import Any
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.inspect.checkpoint import TensorInfo
 from mtp_cli.inspect.names import Naming, detect_naming, transformer_layer_spelling
+from mtp_cli.plan.run_plan import mtp_depths
 
 
 @dataclass
@@ -62,7 +63,7 @@ def infer_layout(tensors: Mapping[str, TensorInfo], spec: RunSpec | None,
     vocab, hidden = embedding.shape if embedding and len(embedding.shape) == 2 else (None, None)
     if spec is not None:
         return Layout(
-            naming, spec.mtp.num_layers, "spec", present, main_layers, spec.model.hidden_size,
+            naming, mtp_depths(spec), "spec", present, main_layers, spec.model.hidden_size,
             spec.model.vocab_size, spec.model.share_embeddings_and_output_weights,
             spec.mtp.use_repeated_layer, transformer_layer_spelling(tensors), spec_origin,
         )

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mtp_cli.checkpoint.run_dir import CHECKPOINT_PREFIX, TEMP_MARKER, RunDir, checkpoint_name
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.plan.dims import ParallelDims
+from mtp_cli.plan.run_plan import RunPlan
+
+if TYPE_CHECKING:
+    from torch.nn import Module
 
 
 @dataclass(frozen=True)
@@ -34,13 +38,14 @@ def data_summary(spec: RunSpec, train_documents: int, train_tokens: int,
     return DataSummary(source, train_documents, train_tokens, val_tokens)
 
 
-def count_parameters(spec: RunSpec, *, allow_imports: bool) -> int:
-    """Unique parameters of the whole model, built on the meta device (no memory); a model
-    that does not build there is refused before any worker starts."""
+def meta_model(spec: RunSpec, *, allow_imports: bool) -> Module:
+    """The whole model, built once on the meta device (no memory): the launcher counts its
+    parameters and compares its tensors with a checkpoint's; a model that does not build there
+    is refused before any worker starts."""
     from mtp_cli.builders.model_builder import build_model
 
     try:
-        model = build_model(spec, "meta", allow_imports=allow_imports)
+        return build_model(spec, "meta", allow_imports=allow_imports)
     except UserError:
         raise
     except Exception as error:  # a module given in `modules` that rejects its arguments
@@ -48,15 +53,15 @@ def count_parameters(spec: RunSpec, *, allow_imports: bool) -> int:
             f"the model does not build ({type(error).__name__}: {str(error)[:300]})",
             key="modules" if spec.modules.decoder_layer or spec.modules.mtp_layer else "model",
         )]) from None
-    return sum(p.numel() for p in model.parameters())
 
 
-def start_banner(spec: RunSpec, dims: ParallelDims, run_dir: RunDir, *, parameters: int,
+def start_banner(plan: RunPlan, run_dir: RunDir, *, parameters: int,
                  nproc: int, nnodes: int, resume_step: int | None, data: DataSummary,
                  resume_checkpoint: str | None = None) -> str:
     """Three lines: the model and the world, the run directory and the start (the checkpoint
     resumed from: `resume_checkpoint`, default the step's name), the data."""
-    depths = spec.mtp.num_layers
+    spec, dims, depths = plan.spec, plan.dims, plan.depths
+    assert dims is not None, "the launcher's plan knows its world size"
     layout = f"data {dims.dp} x tensor {dims.tp} x pipeline {dims.pp} x context {dims.cp}"
     if spec.parallel.expert > 1:  # carved from data x context, not a factor of the world
         layout += f", expert {spec.parallel.expert} of data x context"

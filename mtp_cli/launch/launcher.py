@@ -26,8 +26,8 @@ from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.launch.banner import (
     DataSummary,
-    count_parameters,
     data_summary,
+    meta_model,
     overwrite_summary,
     start_banner,
 )
@@ -36,6 +36,7 @@ from mtp_cli.launch.distributed import LAUNCHER_PID_ENV
 from mtp_cli.launch.interrupt import quiet_elastic_shutdown, stopped_message
 from mtp_cli.launch.start import START_METHODS, resolve_start_method, run_elastic
 from mtp_cli.plan.dims import ParallelDims
+from mtp_cli.plan.run_plan import RunPlan
 from mtp_cli.train.compatibility import ResumePlan, plan_resume
 from mtp_cli.train.stops import (
     STOPPED_EXIT,
@@ -78,12 +79,17 @@ def default_run_dir(spec_path: Path) -> Path:
 class LaunchPlan:
     """The outcome of the checks: what the launch will do."""
 
-    dims: ParallelDims
+    run_plan: RunPlan  # the spec's plan at this world size
     run_dir: RunDir
     resume: ResumePlan
     finished: bool
     parameters: int = 0  # unique parameters of the whole model (for the start banner)
     data: DataSummary | None = None
+
+    @property
+    def dims(self) -> ParallelDims:
+        assert self.run_plan.dims is not None
+        return self.run_plan.dims
 
     @property
     def resume_step(self) -> int | None:  # None: a fresh start
@@ -113,26 +119,33 @@ def check_options(options: LaunchOptions) -> None:
         raise UserError(problems=problems)
 
 
-def check_resume(spec: RunSpec, run_dir: RunDir, options: LaunchOptions) -> ResumePlan:
-    """What a resume starts from (`train.compatibility.plan_resume`); nothing with --overwrite."""
+def check_resume(spec: RunSpec, run_dir: RunDir, options: LaunchOptions,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> ResumePlan:
+    """What a resume starts from (`train.compatibility.plan_resume`); nothing with --overwrite.
+    `shapes`: the model's state-dict shapes, when the caller built it already."""
     if options.overwrite:
         return ResumePlan(None)
-    return plan_resume(spec, run_dir, allow_imports=options.allow_imports)
+    return plan_resume(spec, run_dir, allow_imports=options.allow_imports, shapes=shapes)
 
 
 def plan_launch(spec: RunSpec, options: LaunchOptions, *,
                 warn: Callable[[str], None] | None = None) -> LaunchPlan:
     """Every check that needs no process group; raises `UserError`; creates nothing. `warn`
     hears about data files that were skipped or do not look like text."""
+    from mtp_cli.builders.model_builder import model_shapes
     from mtp_cli.data import build_datasets
 
     check_options(options)
     check_rendezvous(options.rdzv_backend, options.rdzv_endpoint)
-    dims = ParallelDims.from_spec(spec, options.world_size)
-    dims.check_supported(spec)
+    run_plan = RunPlan.of(spec, options.world_size)
+    run_plan.dims.check_supported(spec)
     check_backend(spec)
-    # the meta build also checks every train.freeze entry names a parameter
-    parameters = count_parameters(spec, allow_imports=options.allow_imports)
+    # one meta build: its parameter count, its tensors against a checkpoint's, and every
+    # train.freeze entry names a parameter
+    model = meta_model(spec, allow_imports=options.allow_imports)
+    parameters = sum(p.numel() for p in model.parameters())
+    shapes = model_shapes(model)
+    del model
     train_set, val_set = build_datasets(spec, warn=warn)
     data = data_summary(spec, train_set.stream.num_documents, train_set.num_tokens,
                         val_set.num_tokens)
@@ -143,15 +156,15 @@ def plan_launch(spec: RunSpec, options: LaunchOptions, *,
     run_dir = RunDir(options.run_dir)
     check_creatable(run_dir.root)
     check_run_dir_entries(run_dir)
-    resume = check_resume(spec, run_dir, options)
+    resume = check_resume(spec, run_dir, options, shapes)
     finished = resume.step is not None and resume.step >= spec.train.steps
-    return LaunchPlan(dims=dims, run_dir=run_dir, resume=resume, finished=finished,
+    return LaunchPlan(run_plan=run_plan, run_dir=run_dir, resume=resume, finished=finished,
                       parameters=parameters, data=data)
 
 
 def _banner(spec: RunSpec, options: LaunchOptions, plan: LaunchPlan) -> str:
     checkpoint = plan.resume.checkpoint
-    return start_banner(spec, plan.dims, plan.run_dir, parameters=plan.parameters,
+    return start_banner(plan.run_plan, plan.run_dir, parameters=plan.parameters,
                         nproc=options.nproc, nnodes=options.nnodes,
                         resume_step=plan.resume_step, data=plan.data,
                         resume_checkpoint=checkpoint.path.name if checkpoint else None)

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from mtp_cli.parallel.pipeline_order import Message
+from mtp_cli.plan.pipeline_order import Message
 
 
 @dataclass(frozen=True)

@@ -172,22 +172,6 @@ def shard_state_dict(model: nn.Module, full: dict[str, torch.Tensor]
     return dict(full) if plan is None else plan.shard_state_dict(full)
 
 
-def _check_sizes(model: GPTModel, size: int, sequence_parallel: bool,
-                 expert_tensor: bool = False) -> None:
-    config = model.config
-    names = ["num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"]
-    if expert_tensor and config.num_moe_experts is not None:
-        names.append("moe_ffn_hidden_size")
-    for name in names:
-        value = getattr(config, name) or config.ffn_hidden_size  # moe_ffn unset: ffn's
-        if value % size:
-            raise UserError(f"parallel.tensor: tensor parallel size {size} must divide "
-                            f"model.{name} ({value})")
-    if sequence_parallel and config.seq_length % size:
-        raise UserError(f"parallel.sequence_parallel: seq_length ({config.seq_length}) must "
-                        f"divide by the tensor parallel size ({size})")
-
-
 def _expect(module: nn.Module, expected: type, path: str) -> None:
     if type(module) is not expected:
         raise UserError(
@@ -320,12 +304,11 @@ def parallelize_tensor(model: GPTModel, tp_group: dist.ProcessGroup | None, *,
     if getattr(model, "tensor_parallel_plan", None) is not None:
         raise ValueError("parallelize_tensor: the model is already tensor-parallel")
     size = group_size(tp_group)
-    if sequence_parallel and size == 1:
-        raise UserError("parallel.sequence_parallel: sequence parallel needs tensor > 1")
+    if sequence_parallel and size == 1:  # a spec cannot ask for it (`mtp_cli.plan.rules`)
+        raise ValueError("parallelize_tensor: sequence parallel needs a tensor group of size > 1")
     plan = TensorParallelPlan(tp_group, sequence_parallel,
                               expert_tensor=expert_tensor and size > 1)
-    if size > 1:
-        _check_sizes(model, size, sequence_parallel, plan.expert_tensor)
+    if size > 1:  # the sizes divide by `size`: `mtp_cli.plan.rules` checked them at load
         converter = _Converter(model, plan)
         converter.convert()
         converter.reject_leftovers()

@@ -9,7 +9,7 @@ the engine keeps them (`mtp_cli.train.engine.TrainingEngine`, `mtp_cli.train.ste
   expert parallel splits the routed experts; FSDP2 (`parallel.fsdp`, composed with tensor,
   pipeline and context parallel) shards everything a rank holds over data x context.
 * **activations**: `mtp_cli.plan.activations` per micro-batch and stage, times the micro-batches
-  alive at once, found by walking the rank's pipeline order (`mtp_cli.parallel.pipeline_order`:
+  alive at once, found by walking the rank's pipeline order (`mtp_cli.plan.pipeline_order`:
   1F1B holds at most `pp - r`, interleaved at most `min(M x vpp, 2(pp-r-1) + (vpp-1)g + 1)`
   (chunk, micro-batch) activations), plus the backward's working set (one layer recomputed
   under `recompute: full`, the gradient of the residual stream and of the widest intermediate).
@@ -41,7 +41,6 @@ from typing import Any
 from mtp_cli.config.moe_fields import is_moe_layer
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.parallel.pipeline_order import Compute, step_order
 from mtp_cli.plan.activations import (
     FP32,
     LayerShape,
@@ -52,6 +51,7 @@ from mtp_cli.plan.activations import (
     transformer_layer_bytes,
 )
 from mtp_cli.plan.dims import ParallelDims
+from mtp_cli.plan.pipeline_order import Compute, step_order
 from mtp_cli.plan.stages import Stage, StagePlan
 
 ADAM_MOMENTS = 2

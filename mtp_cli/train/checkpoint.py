@@ -98,7 +98,7 @@ class Checkpointer:
                     for_loading: bool = False) -> dict[str, Any]:
         engine = parts.engine
         model_sd, optim_sd = engine.load_placeholders() if for_loading else engine.state_dicts()
-        depths = self.spec.mtp.num_layers
+        depths = engine.depths
         cumulative = MTPLossLoggingHelper.state_dict()
         trainer: dict[str, Any] = {"step": train_state.step, "tokens": train_state.tokens}
         if depths:

@@ -101,15 +101,18 @@ def _get(section: Any, key: str) -> Any:
     return section.get(key) if isinstance(section, dict) else None
 
 
-def check_same_model(spec: RunSpec, checkpoint: ValidCheckpoint, *,
-                     allow_imports: bool = False) -> None:
+def check_same_model(spec: RunSpec, checkpoint: ValidCheckpoint, *, allow_imports: bool = False,
+                     shapes: dict[str, tuple[int, ...]] | None = None) -> None:
     """`UserError` naming the changed sections and parameters when `spec`'s model is not the
-    checkpoint's."""
+    checkpoint's; `shapes`: the model's state-dict shapes if the caller built it (the
+    launcher's one meta build), else a meta build here."""
     from mtp_cli.builders.model_builder import state_dict_shapes
 
     stored = checkpoint.meta.get("spec")
     sections = _changed_sections(stored, spec.model_dump(mode="json"))
-    diff = key_diff(checkpoint.metadata, state_dict_shapes(spec, allow_imports=allow_imports))
+    if shapes is None:
+        shapes = state_dict_shapes(spec, allow_imports=allow_imports)
+    diff = key_diff(checkpoint.metadata, shapes)
     if not sections and not diff:
         return
     where = ", ".join(sections) or "the model"
@@ -151,7 +154,8 @@ def schedule_change(stored_train: Any, train: TrainConfig, step: int) -> str | N
             f"{lr_at(step, old):.4g})")
 
 
-def plan_resume(spec: RunSpec, run_dir: RunDir, *, allow_imports: bool = False) -> ResumePlan:
+def plan_resume(spec: RunSpec, run_dir: RunDir, *, allow_imports: bool = False,
+                shapes: dict[str, tuple[int, ...]] | None = None) -> ResumePlan:
     """The checkpoint a launch resumes from, after every check; `UserError` (exit 2) when it
     cannot resume this spec or when checkpoints exist and none validates."""
     resolution = run_dir.resolve()
@@ -163,7 +167,7 @@ def plan_resume(spec: RunSpec, run_dir: RunDir, *, allow_imports: bool = False) 
         raise UserError(problems=[Problem(
             "stores no spec: cannot tell whether it holds this model",
             file=str(checkpoint.path / META_JSON), hint="--overwrite starts afresh")])
-    check_same_model(spec, checkpoint, allow_imports=allow_imports)
+    check_same_model(spec, checkpoint, allow_imports=allow_imports, shapes=shapes)
     check_same_batch(spec, checkpoint)
     plan.schedule_note = schedule_change(checkpoint.meta["spec"].get("train"), spec.train,
                                          checkpoint.step)

@@ -50,6 +50,7 @@ from mtp_cli.parallel.pipeline_schedule import PipelineSchedule
 from mtp_cli.parallel.recompute import apply_activation_checkpointing
 from mtp_cli.parallel.tensor_parallel import parallelize_tensor
 from mtp_cli.plan.placement import build_stage_plan
+from mtp_cli.plan.stages import StagePlan
 from mtp_cli.train.model_parallel import build_embedding_group
 from mtp_cli.train.model_parallel_state import (
     is_copy,
@@ -96,11 +97,11 @@ class TrainingEngine:
     """This rank's model parts under its layout; see the module docstring."""
 
     def __init__(self, spec: RunSpec, mesh: ParallelMesh, settings: StepSettings, *,
-                 allow_imports: bool = False) -> None:
+                 allow_imports: bool = False, plan: StagePlan | None = None) -> None:
         self.spec, self.mesh, self.settings = spec, mesh, settings
         dims = mesh.dims
-        self.depths = spec.mtp.num_layers
-        self.plan = build_stage_plan(spec)
+        self.plan = plan or build_stage_plan(spec)
+        self.depths = self.plan.mtp_depths
         self.tp_group = _group_if_parallel(mesh.group("tp"), dims.tp)
         self.pp_group = _group_if_parallel(mesh.group("pp"), dims.pp)
         self.cp_group = _group_if_parallel(mesh.group("cp"), dims.cp)
@@ -222,6 +223,7 @@ class TrainingEngine:
 
 
 def build_engine(spec: RunSpec, mesh: ParallelMesh, settings: StepSettings, *,
-                 allow_imports: bool = False) -> Engine:
-    """The engine for `spec`'s layout (one class for every layout)."""
-    return TrainingEngine(spec, mesh, settings, allow_imports=allow_imports)
+                 allow_imports: bool = False, plan: StagePlan | None = None) -> Engine:
+    """The engine for `spec`'s layout (one class for every layout); `plan`: the spec's stage
+    plan when the caller holds it (`RunPlan.stages`)."""
+    return TrainingEngine(spec, mesh, settings, allow_imports=allow_imports, plan=plan)

@@ -43,6 +43,7 @@ from mtp_cli.models.moe.run_state import (
     moe_layer_metrics,
     summarize_moe_metrics,
 )
+from mtp_cli.plan.run_plan import RunPlan
 
 LOAD_IMBALANCE = "load_imbalance"
 MOE_METRIC_NAMES = ("load_balancing_loss", "seq_load_balancing_loss", "z_loss", LOAD_IMBALANCE)
@@ -62,15 +63,15 @@ def logged_loss_names(spec: RunSpec) -> list[str]:
 class MoEStepMetrics:
     """Reads, reduces and clears the routers' records once per step (`collect`)."""
 
-    def __init__(self, spec: RunSpec, *, pp_group: Any = None, dp_cp_group: Any = None,
+    def __init__(self, plan: RunPlan, *, pp_group: Any = None, dp_cp_group: Any = None,
                  tp_cp_group: Any = None, tp_group: Any = None,
                  device: torch.device | None = None) -> None:
-        model = spec.model
+        model = plan.spec.model
         self.enabled = model.num_moe_experts is not None
-        self.names = logged_loss_names(spec) if self.enabled else []
-        self.slots = model.num_layers + spec.mtp.num_layers
+        self.names = logged_loss_names(plan.spec) if self.enabled else []
+        self.slots = model.num_layers + plan.depths
         self.experts = model.num_moe_experts or 0
-        self.num_moe_layers = count_moe_layers(model, spec.mtp.num_layers)
+        self.num_moe_layers = count_moe_layers(model, plan.depths)
         self.pp_group, self.dp_cp_group = pp_group, dp_cp_group
         self.tp_cp_group, self.tp_group = tp_cp_group, tp_group
         self.device = device or torch.device("cpu")

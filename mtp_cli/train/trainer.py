@@ -21,6 +21,7 @@ from mtp_cli.launch.distributed import DistEnv
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.parallel.mesh import build_mesh
 from mtp_cli.plan.dims import ParallelDims
+from mtp_cli.plan.run_plan import RunPlan
 from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
 from mtp_cli.train.engine import build_engine, set_mtp_loss_scaling_factor
 from mtp_cli.train.flop_rate import FlopRate
@@ -48,13 +49,16 @@ class Trainer:
                  allow_imports: bool = False) -> None:
         self.spec, self.run_dir, self.env = spec, run_dir, env
         seed_everything(spec.train.seed)
-        self.dims = ParallelDims.from_spec(spec, env.world_size)
+        self.plan = RunPlan.of(spec, env.world_size)
+        assert self.plan.dims is not None
+        self.dims: ParallelDims = self.plan.dims
         self.mesh = build_mesh(self.dims, env.device.type)
         self.train_set, self.val_set = build_datasets(spec)
         self.loader = self._loader(self.train_set, shuffle=True)
         self.num_microbatches = self.dims.num_microbatches(spec)
         self.settings = StepSettings.for_run(spec, self.dims, self.mesh, env.device)
-        self.engine = build_engine(spec, self.mesh, self.settings, allow_imports=allow_imports)
+        self.engine = build_engine(spec, self.mesh, self.settings, allow_imports=allow_imports,
+                                   plan=self.plan.stages)
         self.optimizer = self.engine.optimizer
         self.scheduler = build_scheduler(self.optimizer, spec.train)
         self.parts = Stateful(self.engine, self.scheduler, self.loader)
@@ -62,7 +66,7 @@ class Trainer:
                                          device=env.device)
         self.tokens_per_step = spec.train.global_batch_size * spec.model.seq_length
         self.flop_rate = FlopRate.for_run(spec, env.device, env.world_size)
-        self.depths = spec.mtp.num_layers
+        self.depths = self.plan.depths
         self.state = TrainState()
         self.is_main = env.rank == 0
         self.writer: MetricsWriter | None = None
@@ -74,7 +78,7 @@ class Trainer:
         self.guard = NonFiniteGuard(spec.train.nonfinite, spec.train.nonfinite_max_skips)
         sequence_parallel = spec.parallel.sequence_parallel
         self.moe_metrics = MoEStepMetrics(
-            spec, device=env.device,
+            self.plan, device=env.device,
             pp_group=self.mesh.group("pp") if self.dims.pp > 1 else None,
             dp_cp_group=self.mesh.dp_cp_group if self.dims.dp_cp > 1 else None,
             tp_cp_group=self.mesh.token_split_group(sequence_parallel=sequence_parallel),

@@ -78,7 +78,7 @@ def stage_table(report: BuildDescription) -> Table:
 def render_build(console: Console, report: BuildDescription, title: str) -> None:
     spec = report.spec
     console.print(module_tree(report.model, f"{title} [dim]({spec.model.backend} backend, "
-                                            f"D={spec.mtp.num_layers})[/]"))
+                                            f"D={report.model.stage.mtp_layers})[/]"))
     console.print(parameter_table(report))
     if spec.parallel.pipeline > 1 and report.extra.get("stages"):
         console.print(stage_table(report))

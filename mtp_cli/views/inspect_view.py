@@ -10,6 +10,7 @@ from rich.table import Table
 
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.inspect.inspection import CheckpointInspection
+from mtp_cli.plan.run_plan import mtp_depths
 
 
 def _fmt_count(value: int | None) -> str:
@@ -63,7 +64,7 @@ def _spec_line(spec: RunSpec, source: str) -> str:
             f"{m.num_layers}, heads {m.num_attention_heads}/{m.num_query_groups}, ffn "
             f"{m.ffn_hidden_size}, seq {m.seq_length}, {m.normalization}, {m.activation}, "
             f"{m.position_embedding}, tied output {m.share_embeddings_and_output_weights}; "
-            f"mtp D={mtp.num_layers}, λ={lam}, repeated layer {mtp.use_repeated_layer}, "
+            f"mtp D={mtp_depths(spec)}, λ={lam}, repeated layer {mtp.use_repeated_layer}, "
             f"detach heads {mtp.detach_heads}; parallel tp {par.tensor}, pp {par.pipeline}, "
             f"cp {par.context}")
 

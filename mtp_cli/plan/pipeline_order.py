@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtp_cli.plan.dims import group_size_problem
+from mtp_cli.plan.rules import group_size_problem
 
 
 @dataclass(frozen=True)
