@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mtp_cli.config.schema import ModelConfig
+from mtp_cli.models.backends import LocalSpecProvider, TESpecProvider
 from mtp_cli.models.moe.aux_losses import recompute_contexts
 from mtp_cli.mtp.roll import roll_tensor
 from mtp_cli.nn.comm import Group, ModelComm, ParallelGroups
@@ -316,8 +317,6 @@ def get_mtp_layer_spec_for_backend(transformer_layer_spec: ModuleSpec,
 def get_mtp_layer_spec(transformer_layer_spec: ModuleSpec,
                        use_transformer_engine: bool = False) -> ModuleSpec:
     """Megatron's entry point: the MTP layer spec for the TE or the local backend."""
-    from mtp_cli.builders.backends import LocalSpecProvider, TESpecProvider
-
     provider = TESpecProvider() if use_transformer_engine else LocalSpecProvider()
     return get_mtp_layer_spec_for_backend(transformer_layer_spec, provider)
 
