@@ -39,9 +39,9 @@ from torch import nn
 
 from mtp_cli.checkpoint.sharded_state import sharded_tensor
 from mtp_cli.errors import UserError
+from mtp_cli.gpt import GPTModel
 from mtp_cli.models.attention import SelfAttention
 from mtp_cli.models.embedding import LanguageModelEmbedding
-from mtp_cli.models.gpt import GPTModel
 from mtp_cli.models.linear import ColumnParallelLinear, RowParallelLinear
 from mtp_cli.models.mla import MLASelfAttention
 from mtp_cli.models.mlp import MLP

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mtp_cli.checkpoint.sharded_state import fsdp_coordinates, fsdp_rows, held, like
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 POSITION_EMBEDDING = "embedding.position_embeddings.weight"

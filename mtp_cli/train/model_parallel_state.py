@@ -29,7 +29,7 @@ from mtp_cli.checkpoint.sharded_state import (
     local_tensor,
     sharded_tensor,
 )
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 from mtp_cli.mtp.tying import (
     OUTPUT_LAYER_KEY,
     WORD_EMBEDDING_KEY,
