@@ -63,9 +63,10 @@ def _accept_legacy_layer_name(state_dict: dict[str, Any], prefix: str, *args: An
 def module_sharded_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Any]:
     """`module`'s state under `prefix` + local names, each value as DCP should get it.
 
-    Tensor parallel attaches `module.state_sharder` (global-name aware: it knows the module's
-    path), which turns a sharded weight into this rank's shards of the global tensor; without it
-    the values are the tensors themselves. The values are views of the parameters, so loading
+    Under tensor parallel, `attach_state_sharders` (`mtp_cli.checkpoint.sharded_state`) sets
+    `module.state_sharder` (global-name aware: it knows the module's path), which turns a sharded
+    weight into this rank's shards of the global tensor; without it the values are the tensors
+    themselves. The values are views of the parameters, so loading
     them with DCP writes straight into the model.
     """
     sharder = getattr(module, "state_sharder", None)
@@ -97,7 +98,7 @@ class MultiTokenPredictionLayer(nn.Module):
     """One MTP depth. `layer_number` is the 1-based global MTP index.
 
     Set from outside: `groups` (the model's process-group handles and their comm),
-    `state_sharder` (by tensor parallel, for `sharded_state_dict`),
+    `state_sharder` (for `sharded_state_dict`, by `mtp_cli.checkpoint.sharded_state`),
     `mtp_detach_heads` (by the block) and `recompute_granularity` ("full": `forward` goes through
     `_checkpointed_forward` in training; `mtp_cli.parallel.recompute` sets it).
     """

@@ -41,10 +41,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
-from mtp_cli.checkpoint.sharded_state import held
 from mtp_cli.models.moe.layer import MoELayer
 from mtp_cli.parallel.expert_dispatch import AllToAllTokenDispatcher, expert_block
 from mtp_cli.parallel.expert_tensor import ExpertTensorParallelDispatcher
+from mtp_cli.parallel.fsdp_local import held
 from mtp_cli.plan.dims import ParallelDims
 
 EXPERT_PARAM_MARK = ".local_experts."

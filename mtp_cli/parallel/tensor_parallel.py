@@ -21,7 +21,8 @@ same names, so `named_parameters()` / `state_dict()` keys are the single-process
 returned `TensorParallelPlan` maps names to shard rules: it slices full tensors (initialisation)
 and gathers local ones (comparing in tests), for parameters and for anything shaped like them
 (Adam's moments). Checkpoints never gather: they hand DCP each rank's shards
-(`mtp_cli.checkpoint.sharded_state`; the MTP layer's and block's `sharded_state_dict()`).
+(`mtp_cli.checkpoint.sharded_state`, whose `attach_state_sharders` also makes the MTP layer's
+and block's `sharded_state_dict()` offer them).
 
 Sequence parallel (`sequence_parallel=True`) keeps the activations between the TP regions split
 along the sequence; replicated parameters then see only this rank's tokens, so their gradients
@@ -37,7 +38,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtp_cli.checkpoint.sharded_state import sharded_tensor
 from mtp_cli.errors import UserError
 from mtp_cli.gpt import GPTModel
 from mtp_cli.models.attention import SelfAttention
@@ -46,7 +46,6 @@ from mtp_cli.models.linear import ColumnParallelLinear, RowParallelLinear
 from mtp_cli.models.mla import MLASelfAttention
 from mtp_cli.models.mlp import MLP
 from mtp_cli.models.moe.layer import MoELayer
-from mtp_cli.mtp.block import MultiTokenPredictionBlock
 from mtp_cli.mtp.layer import MultiTokenPredictionLayer
 from mtp_cli.parallel.expert_tensor import ExpertTensorParallelDispatcher
 from mtp_cli.parallel.tp_layers import (
@@ -134,21 +133,6 @@ class TensorParallelPlan:
         """This rank's state dict -> the full canonical one (collective; same keys on all ranks)."""
         return {k: self.gather_like_parameter(k, v) if isinstance(v, torch.Tensor) else v
                 for k, v in local.items()}
-
-
-@dataclass
-class ModuleSharder:
-    """`state_sharder` of a module at `path` in a tensor-parallel model: (local name, tensor)
-    -> this rank's shards of the global tensor for DCP (`sharded_state_dict`)."""
-
-    plan: TensorParallelPlan
-    path: str
-
-    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        rule = self.plan.rule(f"{self.path}.{name}" if self.path else name)
-        if rule is None or value.dim() == 0 or self.plan.size == 1:
-            return value
-        return sharded_tensor(value, rule, self.plan.rank, self.plan.size)
 
 
 def tensor_parallel_plan(model: nn.Module) -> TensorParallelPlan | None:
@@ -329,8 +313,5 @@ def parallelize_tensor(model: GPTModel, tp_group: dist.ProcessGroup | None, *,
         converter = _Converter(model, plan)
         converter.convert()
         converter.reject_leftovers()
-        for path, module in model.named_modules():
-            if isinstance(module, (MultiTokenPredictionLayer, MultiTokenPredictionBlock)):
-                module.state_sharder = ModuleSharder(plan, path)
     model.tensor_parallel_plan = plan
     return plan

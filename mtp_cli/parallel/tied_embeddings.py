@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtp_cli.checkpoint.sharded_state import fsdp_coordinates, fsdp_rows, held, like
 from mtp_cli.gpt import GPTModel
+from mtp_cli.parallel.fsdp_local import fsdp_coordinates, fsdp_rows, held, like
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 POSITION_EMBEDDING = "embedding.position_embeddings.weight"
