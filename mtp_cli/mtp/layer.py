@@ -34,6 +34,7 @@ from mtp_cli.mtp.roll import roll_tensor
 from mtp_cli.nn.comm import Group, ModelComm, ParallelGroups
 from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
 from mtp_cli.nn.packed import PackedSeqParams
+from mtp_cli.nn.sharding import LinearSplit, TensorParallelRule
 
 # Megatron-Core 0.19 names the MTP transformer layer `mtp_model_layer` in memory.
 LEGACY_TRANSFORMER_LAYER_NAME = "mtp_model_layer"
@@ -126,6 +127,11 @@ class MultiTokenPredictionLayer(nn.Module):
         )
         self.final_layernorm = build_module(submodules.layer_norm, config=config, hidden_size=h)
         self._register_load_state_dict_pre_hook(_accept_legacy_layer_name)
+
+    def tensor_parallel_rule(self) -> TensorParallelRule:
+        """`eh_proj` column-parallel with its output gathered: the transformer layer after it
+        takes the whole hidden state, as the decoder's layers do."""
+        return TensorParallelRule(linears=(LinearSplit("eh_proj", "column", gather_output=True),))
 
     @property
     def cp_group(self) -> Group:
