@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.builders.describe import describe_build
-from mtp_cli.builders.stage_tensors import build_memory_plan
+from mtp_cli.facts.describe import describe_build
+from mtp_cli.facts.stage_tensors import build_memory_plan
 from mtp_cli.mtp import MTPRunState
 from mtp_cli.parallel.pipeline_order import live_output_bound
 from mtp_cli.parallel.recompute import apply_activation_checkpointing
