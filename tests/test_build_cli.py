@@ -76,8 +76,8 @@ def test_materialize_beyond_memory_exits_2_before_allocating():
 
 
 def test_materialize_fits_against_a_stated_memory():
-    from mtp_cli.builders.describe import check_materialize_fits
     from mtp_cli.errors import UserError
+    from mtp_cli.facts.describe import check_materialize_fits
 
     spec = load_spec("specs/tiny.yaml")
     check_materialize_fits(spec, 1000, available=8000)  # exactly 8 bytes a parameter: fits

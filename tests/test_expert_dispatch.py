@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.builders.describe import describe_build
+from mtp_cli.facts.describe import describe_build
 from mtp_cli.parallel.expert_dispatch import expert_block, regroup_index
 from mtp_cli.parallel.expert_parallel import ExpertParallelGroups, apply_expert_parallel
 from tests.dist_utils import run_distributed

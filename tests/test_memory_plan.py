@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.builders.describe import describe_build
-from mtp_cli.builders.stage_tensors import build_memory_plan
+from mtp_cli.facts.describe import describe_build
+from mtp_cli.facts.stage_tensors import build_memory_plan
 from mtp_cli.mtp import MTPRunState
 from mtp_cli.parallel.recompute import apply_activation_checkpointing
 from mtp_cli.plan.memory import activation_peak, parse_memory
@@ -118,7 +118,7 @@ def test_parameters_follow_the_layout():
 def _engine_grad_sync(spec, world: int, rank: int) -> tuple[str, int]:
     """(how the real engine synchronises gradients, parameter elements it holds) for global
     rank `rank` of `world`, built in this process against torch's fake process group."""
-    from mtp_cli.checkpoint.sharded_state import held
+    from mtp_cli.parallel.fsdp_local import held
     from tests.fake_group import fake_rank_engine
 
     with fake_rank_engine(spec, world, rank) as engine:

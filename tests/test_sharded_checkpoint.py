@@ -20,7 +20,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from mtp_cli.checkpoint.sharded_state import fsdp_rows, local_tensor, sharded_tensor
+from mtp_cli.checkpoint.sharded_state import attach_state_sharders, local_tensor, sharded_tensor
+from mtp_cli.parallel.fsdp_local import fsdp_rows
 from mtp_cli.parallel.tp_sharding import COLUMN, GATED_COLUMN, ROW
 from tests.dist_utils import run_distributed
 from tests.tp_cases import make_spec, reference_and_parallel
@@ -100,6 +101,7 @@ def test_gated_shards_sit_at_gate_and_up_offsets():
 def _mtp_state_worker(rank: int, world_size: int, directory: str) -> None:
     spec = make_spec("llama", 2, False)
     reference, parallel, _plan = reference_and_parallel(spec, dist.group.WORLD, False)
+    attach_state_sharders(parallel)
     state = parallel.mtp.sharded_state_dict(prefix="mtp.")
     fc1 = "mtp.layers.0.transformer_layer.mlp.linear_fc1.weight"
     assert len(state[fc1].local_shards()) == 2

@@ -151,7 +151,7 @@ def test_an_etp2_checkpoint_resumes_at_one_process(runs, tmp_path):
 def test_memory_plan_counts_what_an_expert_tensor_parallel_rank_holds(overrides, world):
     """`mtp build --memory`'s per-rank parameters equal what the engine's rank 0 holds (built
     against torch's fake process group): the routed experts split by EP and by ETP."""
-    from mtp_cli.builders.stage_tensors import build_memory_plan
+    from mtp_cli.facts.stage_tensors import build_memory_plan
     from tests.test_memory_plan import _engine_grad_sync
 
     spec = load_spec(SPECS / "tiny_moe.yaml", overrides)

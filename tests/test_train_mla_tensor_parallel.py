@@ -38,7 +38,7 @@ def test_memory_plan_counts_what_a_tensor_parallel_rank_holds(overrides, world):
     against torch's fake process group): MLA's down projections and the routers whole, the rest
     of the attention split."""
     from mtp_cli import load_spec
-    from mtp_cli.builders.stage_tensors import build_memory_plan
+    from mtp_cli.facts.stage_tensors import build_memory_plan
     from tests.test_memory_plan import _engine_grad_sync
 
     spec = load_spec(SPECS / "tiny_moe.yaml", overrides)

@@ -18,7 +18,7 @@ import torch
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 
 HF_CONFIG = "config.json"
 

@@ -223,7 +223,7 @@ def dry_run(spec: RunSpec, rank: int, world_size: int, steps: int = 2, *,
     `expert_load` (`uniform` | `worst`): the synthetic expert-parallel routing."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from mtp_cli.builders.stage_tensors import build_memory_plan
+    from mtp_cli.facts.stage_tensors import build_memory_plan
     from mtp_cli.launch.memory_probe import measure_peak
     from mtp_cli.parallel.mesh import build_mesh
     from mtp_cli.train.engine import build_engine

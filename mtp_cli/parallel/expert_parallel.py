@@ -41,10 +41,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
-from mtp_cli.checkpoint.sharded_state import held
 from mtp_cli.models.moe.layer import MoELayer
 from mtp_cli.parallel.expert_dispatch import AllToAllTokenDispatcher, expert_block
 from mtp_cli.parallel.expert_tensor import ExpertTensorParallelDispatcher
+from mtp_cli.parallel.fsdp_local import held
 from mtp_cli.plan.dims import ParallelDims
 
 EXPERT_PARAM_MARK = ".local_experts."
@@ -218,7 +218,6 @@ class ExpertGradients:
                 dist.all_reduce(total, group=group)
         return total
 
-    @torch.no_grad()
     def clip(self, max_norm: float) -> float:
         """The global gradient norm (each expert counted once) and clipping to `max_norm`
         (0 = no clipping), the same on every rank (data parallel engine: no tensor or
@@ -234,29 +233,3 @@ class ExpertGradients:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm,
                                                  torch.tensor(norm, device=square.device))
         return norm
-
-
-def setup_expert_parallel(model: nn.Module, dims: ParallelDims, ep: int) -> ExpertGradients:
-    """Expert parallel on a whole model before data parallel wraps it: the groups, this rank's
-    experts and dispatcher, DDP told to skip the expert parameters; returns their gradients'
-    reduction (for `StepSettings.expert_grads`)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    groups = build_expert_groups(dims, ep)
-    names = apply_expert_parallel(model, groups)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-    return ExpertGradients(model, groups)
-
-
-def setup_model_parallel_experts(chunks: list[nn.Module], dims: ParallelDims, ep: int
-                                 ) -> ExpertGradients | None:
-    """Expert parallel on a rank's already built pipeline chunks (tensor parallel applied,
-    experts left whole); None when `ep` is 1. The engine instead prunes each chunk on the meta
-    device (`apply_expert_parallel` before materialising), so that no other rank's expert is
-    ever allocated; this form serves callers that hold a built model."""
-    if ep == 1:
-        return None
-    groups = build_expert_groups(dims, ep)
-    for chunk in chunks:
-        apply_expert_parallel(chunk, groups)
-    return ExpertGradients(nn.ModuleList(chunks), groups)

@@ -30,7 +30,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from mtp_cli.builders.model_builder import build_model, loss_settings_for
 from mtp_cli.config.schema import RunSpec
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 from mtp_cli.mtp.loss import LossSettings
 from mtp_cli.mtp.run_state import MTPRunState
 from mtp_cli.parallel.context_parallel import apply_context_parallel

@@ -36,12 +36,12 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from mtp_cli.checkpoint.sharded_state import held
 from mtp_cli.models.moe.run_state import set_moe_aux_loss_scale, update_expert_bias
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.parallel.data_parallel import gradient_sync
 from mtp_cli.parallel.expert_parallel import is_expert_parameter
+from mtp_cli.parallel.fsdp_local import held
 from mtp_cli.parallel.tied_embeddings import allreduce_embedding_grads
 from mtp_cli.parallel.tp_grads import grad_square_sum, sync_sequence_parallel_grads
 from mtp_cli.train.nonfinite import update_is_finite
