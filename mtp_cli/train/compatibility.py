@@ -15,7 +15,8 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata
 
-from mtp_cli.checkpoint import META_JSON, ValidCheckpoint, tensor_entries
+from mtp_cli.checkpoint import ValidCheckpoint, tensor_entries
+from mtp_cli.checkpoint.layout import meta_path
 from mtp_cli.checkpoint.run_dir import RunDir
 from mtp_cli.config.schema import RunSpec, TrainConfig
 from mtp_cli.errors import Problem, UserError
@@ -107,7 +108,7 @@ def check_same_model(spec: RunSpec, checkpoint: ValidCheckpoint, *,
     checkpoint's."""
     from mtp_cli.builders.model_builder import state_dict_shapes
 
-    stored = checkpoint.meta.get("spec")
+    stored = checkpoint.meta.spec
     sections = _changed_sections(stored, spec.model_dump(mode="json"))
     diff = key_diff(checkpoint.metadata, state_dict_shapes(spec, allow_imports=allow_imports))
     if not sections and not diff:
@@ -123,7 +124,7 @@ def check_same_model(spec: RunSpec, checkpoint: ValidCheckpoint, *,
 
 
 def check_same_batch(spec: RunSpec, checkpoint: ValidCheckpoint) -> None:
-    stored = checkpoint.meta.get("spec")
+    stored = checkpoint.meta.spec
     train = stored.get("train") if isinstance(stored, dict) else None
     old = train.get("global_batch_size") if isinstance(train, dict) else None
     if old != spec.train.global_batch_size:
@@ -159,12 +160,12 @@ def plan_resume(spec: RunSpec, run_dir: RunDir, *, allow_imports: bool = False) 
     plan = ResumePlan(checkpoint, list(resolution.warnings))
     if checkpoint is None:
         return plan
-    if not isinstance(checkpoint.meta.get("spec"), dict):
+    if checkpoint.meta.spec is None:
         raise UserError(problems=[Problem(
             "stores no spec: cannot tell whether it holds this model",
-            file=str(checkpoint.path / META_JSON), hint="--overwrite starts afresh")])
+            file=str(meta_path(checkpoint.path)), hint="--overwrite starts afresh")])
     check_same_model(spec, checkpoint, allow_imports=allow_imports)
     check_same_batch(spec, checkpoint)
-    plan.schedule_note = schedule_change(checkpoint.meta["spec"].get("train"), spec.train,
+    plan.schedule_note = schedule_change(checkpoint.meta.spec.get("train"), spec.train,
                                          checkpoint.step)
     return plan
