@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -12,6 +13,7 @@ from mtp_cli import build_model, load_spec
 from tests.cli_helpers import run_mtp
 
 
+@pytest.mark.slow  # a new interpreter
 def test_help_lists_the_commands():
     result = run_mtp("--help", real_process=True)  # once, as a user would
     assert result.returncode == 0

@@ -15,26 +15,10 @@ from collections import defaultdict
 from functools import cache
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mtp_cli"
 MODULE_NAME = re.compile(r"mtp_cli(\.[A-Za-z_]\w*)+")
 LAYOUT_ENTRY = re.compile(r"^  ([A-Za-z_]\w*)(/|\.py)(\s|$)")
-
-# Upward edges that other branches of issue 21 remove (each closes a loop): the spec's rules
-# (config<->plan, plan<->parallel, config<->builders) and the process groups and fault points
-# (launch<->train). Once they are merged this set is empty and the xfails below go.
-PENDING = {
-    ("config", "plan"),  # config/schema.py -> plan (spec rules worker)
-    ("config", "builders"),  # config/loader.py -> builders (spec rules worker)
-    ("plan", "parallel"),  # plan/memory.py -> parallel (spec rules worker)
-    ("train", "launch"),  # train/trainer.py, train/checkpoint.py -> launch (process groups worker)
-}
-PENDING_REASON = ("loops removed on other branches of issue 21: config<->plan, plan<->parallel, "
-                  "config<->builders (the spec's rules) and launch<->train (process groups, "
-                  "fault points)")
-
 
 def node_of(module: str) -> str | None:
     """The layout entry a dotted module belongs to: its top-level folder or file under mtp_cli
@@ -190,22 +174,14 @@ def test_layout_lists_every_folder_and_top_level_module_once():
     assert len(order) == len(set(order))
 
 
-def test_only_the_pending_upward_imports_remain():
-    """Every edge against the Layout order is one another branch removes (see PENDING)."""
-    unexpected = {edge: where for edge, where in upward_edges().items() if edge not in PENDING}
-    assert unexpected == {}
-
-
 def test_parallel_imports_no_mtp_module():
     """Sharding rules are declared beside the modules; parallel/ applies them by name."""
     assert [where for edge, where in import_graph().items() if edge == ("parallel", "mtp")] == []
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING_REASON)
 def test_imports_follow_the_layout_order():
     assert upward_edges() == {}
 
 
-@pytest.mark.xfail(strict=True, reason=PENDING_REASON)
 def test_folder_import_graph_is_acyclic():
     assert cycles(set(import_graph())) == []

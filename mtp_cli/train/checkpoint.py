@@ -40,10 +40,10 @@ from mtp_cli.checkpoint.publish import publish_directory, temp_sibling
 from mtp_cli.checkpoint.run_dir import RunDir
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.launch import faults
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.plan.dims import ParallelDims
 from mtp_cli.train.engine import Engine
+from mtp_cli.train.faults import NO_FAULTS, FaultPoints
 from mtp_cli.train.nonfinite import finite_json
 from mtp_cli.train.optim import load_scheduler_state, scheduler_state
 from mtp_cli.train.stops import disk_full
@@ -86,9 +86,9 @@ class Checkpointer:
     """Saves and loads checkpoints of one run directory (every rank calls every method)."""
 
     def __init__(self, run_dir: RunDir, spec: RunSpec, dims: ParallelDims, *, rank: int,
-                 device: torch.device) -> None:
+                 device: torch.device, faults: FaultPoints = NO_FAULTS) -> None:
         self.run_dir, self.spec, self.dims = run_dir, spec, dims
-        self.rank, self.device = rank, device
+        self.rank, self.device, self.faults = rank, device, faults
 
     # --- the state dict ------------------------------------------------------------------------
     def _state_dict(self, parts: Stateful, train_state: TrainState, *,
@@ -120,8 +120,8 @@ class Checkpointer:
         final = self.run_dir.checkpoints / name
         state = self._state_dict(parts, train_state)
         try:
-            save_state(state, temp, before_write=lambda: faults.maybe_disk_full(step, rank))
-            faults.maybe_fail_during_checkpoint(step, rank)
+            save_state(state, temp, before_write=lambda: self.faults.disk_full(step, rank))
+            self.faults.fail_during_checkpoint(step, rank)
             if rank == 0:
                 self._write_meta(temp, train_state, losses)
                 self._publish(temp, final)

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
     from mtp_cli.parallel.mesh import ParallelMesh
     from mtp_cli.plan.dims import ParallelDims
 
+# called with this rank's model parts once a step's gradients are reduced (a fault point)
+GradientHook = Callable[[Sequence[nn.Module]], None]
+
 
 @dataclass
 class StepSettings:
@@ -247,7 +250,10 @@ class StepRunner:
             grad.copy_(reduced)
 
     # --- a step --------------------------------------------------------------------------------
-    def train_step(self, batches: list[Any]) -> StepOutput:
+    def train_step(self, batches: list[Any], *, before_norm: GradientHook | None = None
+                   ) -> StepOutput:
+        """One optimizer step over `batches`; `before_norm` sees the reduced gradients before
+        the norm and the non-finite check (the trainer's fault point)."""
         totals = torch.zeros(2, dtype=torch.float64, device=self.settings.device)
         self.run(batches, totals, train=True)
         totals = self._reduce_totals(totals)
@@ -255,6 +261,8 @@ class StepRunner:
             sync_sequence_parallel_grads(chunk)
         allreduce_embedding_grads(self.chunks, self.layout.embedding_group)
         self._reduce_gradients(float(totals[1]))
+        if before_norm is not None:
+            before_norm(self.chunks)
         grad_norm = clip_gradients(self.chunks, self.settings.grad_clip, self.layout,
                                    self.settings.device)
         lm_loss = float(totals[0] / totals[1].clamp(min=1))
