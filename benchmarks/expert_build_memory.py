@@ -56,7 +56,6 @@ def measure(ep: int, way: str) -> dict:
     from mtp_cli import build_model, load_spec
     from mtp_cli.parallel.expert_parallel import (
         apply_expert_parallel,
-        build_expert_groups,
         is_expert_parameter,
     )
     from mtp_cli.parallel.mesh import build_mesh
@@ -86,7 +85,7 @@ def measure(ep: int, way: str) -> dict:
             model = build_model(spec, "cpu", initialize=False)
         materialize(model, spec, torch.device("cpu"))
         if ep > 1:
-            apply_expert_parallel(model, build_expert_groups(dims, ep))
+            apply_expert_parallel(model, mesh.expert_groups(ep))
     peak = _hwm_bytes() - before
     kept = sum(p.numel() * 4 for p in model.parameters())
     dist.destroy_process_group()

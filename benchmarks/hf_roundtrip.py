@@ -12,7 +12,6 @@ Run: `python benchmarks/hf_roundtrip.py [--keep DIR]`.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
@@ -63,19 +62,21 @@ def make_run_dir(root: Path) -> tuple[Path, float]:
     import torch.distributed.checkpoint as dcp
 
     from mtp_cli import build_model, load_spec
-    from mtp_cli.hf.step0_checkpoint import meta_json, training_state
+    from mtp_cli.checkpoint.meta import write_meta
+    from mtp_cli.checkpoint.run_dir import RunDir, checkpoint_name
+    from mtp_cli.hf.step0_checkpoint import step0_meta, training_state
 
     spec = load_spec(SPEC)
     state = build_model(spec).state_dict()
     largest = max(t.numel() * t.element_size() for t in state.values()) / MIB
     run_dir = root / "run"
-    directory = run_dir / "checkpoints" / "step_0000000"
+    directory = RunDir(run_dir).checkpoints / checkpoint_name(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({"model": state, **training_state(spec)}, checkpoint_id=directory,
                  no_dist=True)
-    (directory / "meta.json").write_text(json.dumps(meta_json(spec, {})))
-    (run_dir / "checkpoints" / "latest").write_text("step_0000000\n")
+    write_meta(directory, step0_meta(spec, {}))
+    RunDir(run_dir).point_latest(directory.name)
     return run_dir, largest
 
 

@@ -156,8 +156,8 @@ def _launch(spec_path: str, world: int, overrides: list[str], steps: int,
 def planned(spec_path: str, world: int, overrides: list[str]) -> dict[int, tuple[float, float]]:
     """(total, build phase) per pipeline rank."""
     sys.path.insert(0, str(REPO_ROOT))
-    from mtp_cli.builders.stage_tensors import build_memory_plan
     from mtp_cli.config.loader import load_spec
+    from mtp_cli.facts.stage_tensors import build_memory_plan
 
     plan = build_memory_plan(load_spec(REPO_ROOT / spec_path, overrides), world, device="cpu")
     return {rank.pp_rank: (rank.total, rank.phases["build"]) for rank in plan.ranks}

@@ -5,6 +5,10 @@
     model = build_model(spec)
 """
 
+# Bound before the imports below: a module they load may read it (`from mtp_cli import
+# __version__`) without finding the package half-initialised, so any floor may.
+__version__ = "0.1.0"
+
 from mtp_cli.config.loader import add_spec_check, load_spec
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import SpecError, UserError
@@ -35,5 +39,4 @@ def build_model(spec, device="cpu", **kwargs):
     return _build_model(spec, device, **kwargs)
 
 
-__version__ = "0.1.0"
 __all__ = ["RunSpec", "SpecError", "UserError", "__version__", "build_model", "load_spec"]

@@ -93,9 +93,9 @@ def build(
                                 "the tightest rank fits.")] = None,
 ) -> None:
     """Validate SPEC, compile it on the meta device and show the model."""
-    from mtp_cli.builders.describe import describe_build, materialize_check
     from mtp_cli.builders.module_trees import resolved_module_trees
     from mtp_cli.config.loader import load_spec
+    from mtp_cli.facts.describe import describe_build, materialize_check
     from mtp_cli.views.build_view import render_build
 
     run_spec = load_spec(spec, overrides or (), allow_imports=allow_imports)
@@ -120,7 +120,7 @@ def build(
 def _memory_plan(spec: Path, run_spec: Any, world_size: int | None, device_memory: str | None,
                  as_json: bool, allow_imports: bool, *, requested: bool) -> None:
     """`mtp build --memory`: plan, then render."""
-    from mtp_cli.builders.stage_tensors import build_memory_plan
+    from mtp_cli.facts.stage_tensors import build_memory_plan
     from mtp_cli.plan.memory import parse_memory
     from mtp_cli.views.memory_view import render_memory
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -63,17 +63,3 @@ class UserError(Exception):
 
 class SpecError(UserError):
     """A spec file (or override) that does not load or does not validate."""
-
-
-@dataclass
-class ProblemList:
-    """Collects problems, then raises them together."""
-
-    problems: list[Problem] = field(default_factory=list)
-
-    def add(self, problem: Problem) -> None:
-        self.problems.append(problem)
-
-    def raise_if_any(self, error_type: type[UserError] = SpecError) -> None:
-        if self.problems:
-            raise error_type(problems=self.problems)

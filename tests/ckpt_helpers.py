@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from mtp_cli import build_model, load_spec
@@ -101,3 +103,29 @@ def rewrite_dcp(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], 
     _save(state, dst)
     shutil.copy(src / "meta.json", dst / "meta.json")
     return dst
+
+
+def tiles(chunks: list[tuple[list[int], list[int]]], shape: list[int]) -> bool:
+    """The boxes cover `shape` exactly once (every element counted)."""
+    cover = torch.zeros(shape, dtype=torch.int32)
+    for offsets, sizes in chunks:
+        cover[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))] += 1
+    return bool((cover == 1).all())
+
+
+def assert_nothing_stored_whole(checkpoint: Path) -> int:
+    """FSDP2 (with or without TP): every weight and Adam moment of more than one row is stored
+    as chunks that tile it, none full-size. Returns how many tensors were checked."""
+    metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    checked = 0
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata) or len(entry.size) == 0 or \
+                entry.size[0] < 2:
+            continue
+        if not (key.startswith("model.") or key.endswith((".exp_avg", ".exp_avg_sq"))):
+            continue
+        boxes = [(list(c.offsets), list(c.sizes)) for c in entry.chunks]
+        assert len(boxes) >= 2 and all(s != list(entry.size) for _, s in boxes), (key, boxes)
+        assert tiles(boxes, list(entry.size)), key
+        checked += 1
+    return checked

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import multiprocessing.process
 import os
+import subprocess
 import sys
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +34,48 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("distributed") is not None:
             item.add_marker(pytest.mark.slow)
+
+
+# ctypes.util.find_library runs ldconfig: a library lookup, not a process the test starts
+LIBRARY_LOOKUP = os.path.join("ctypes", "util.py")
+
+
+@contextlib.contextmanager
+def _no_processes(item: pytest.Item) -> Iterator[None]:
+    """The tier rule, enforced: a test not marked `slow` (or `distributed`) that starts a
+    process (subprocess, multiprocessing, torch.multiprocessing: the CLI out of process, a
+    launch, gloo workers) fails, naming itself, so the fast tier stays fast."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+
+    def refuse(self: object, original: Callable[..., object], *args: object,
+               **kwargs: object) -> object:
+        stack = traceback.extract_stack()
+        if any(frame.filename.endswith(LIBRARY_LOOKUP) for frame in stack):
+            return original(self, *args, **kwargs)
+        ours = [f"{frame.filename}:{frame.lineno}" for frame in stack
+                if frame.filename.startswith(str(REPO_ROOT)) and "conftest" not in frame.filename]
+        pytest.fail(f"{item.nodeid} starts a process (at {ours[-1] if ours else '?'}): mark it "
+                    "slow (or distributed), or run it in process", pytrace=False)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for owner, name in ((subprocess.Popen, "_execute_child"),
+                            (multiprocessing.process.BaseProcess, "start")):
+            patch.setattr(owner, name, functools.partialmethod(refuse, getattr(owner, name)))
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _no_processes(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _no_processes(item):
+        yield
 
 
 @pytest.fixture(autouse=True)

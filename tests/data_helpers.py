@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 from mtp_cli.config.schema import RunSpec
@@ -36,3 +37,14 @@ def write_text_files(root: Path, files: dict[str, bytes]) -> None:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
+
+
+def index_bytes(code: int, lengths: list[int], pointers: list[int], doc_index: list[int]
+                 ) -> bytes:
+    """An .idx written by hand from the documented layout (independent of the writer)."""
+    return b"".join([
+        b"MMIDIDX\x00\x00", struct.pack("<Q", 1), struct.pack("<B", code),
+        struct.pack("<Q", len(lengths)), struct.pack("<Q", len(doc_index)),
+        struct.pack(f"<{len(lengths)}i", *lengths), struct.pack(f"<{len(pointers)}q", *pointers),
+        struct.pack(f"<{len(doc_index)}q", *doc_index),
+    ])

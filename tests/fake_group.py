@@ -28,3 +28,14 @@ def fake_rank_engine(spec: Any, world: int, rank: int) -> Iterator[Any]:
                                                             torch.device("cpu")))
     finally:
         dist.destroy_process_group()
+
+
+def engine_grad_sync(spec, world: int, rank: int) -> tuple[str, int]:
+    """(how the real engine synchronises gradients, parameter elements it holds) for global
+    rank `rank` of `world`, built in this process against torch's fake process group."""
+    from mtp_cli.parallel.fsdp_local import held
+
+    with fake_rank_engine(spec, world, rank) as engine:
+        held_elements = sum(held(p).numel() for chunk in engine.chunks
+                            for p in chunk.parameters())
+        return engine.runner.layout.grad_sync, held_elements

@@ -14,7 +14,7 @@ from mtp_cli.generate.decode import decode_plain
 from mtp_cli.generate.sampling import SamplingSettings
 from mtp_cli.generate.sequences import Sequences
 from mtp_cli.generate.speculative import SpeculativeDecoder
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 from tests.cli_helpers import SPECS
 
 GREEDY = SamplingSettings()

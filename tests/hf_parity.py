@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from mtp_cli import build_model, load_spec
+from mtp_cli.gpt import GPTModel
 from mtp_cli.hf.configs import spec_sections
 from mtp_cli.hf.mapping import ARCHITECTURES, hf_to_megatron
-from mtp_cli.models.gpt import GPTModel
 from mtp_cli.models.moe.router import TopKRouter
 
 SEQ = 20  # longer than the DeepSeek config's original_max_position_embeddings (YaRN active)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 from mtp_cli.parallel.pipeline_position import PipelinePosition
 from mtp_cli.parallel.pipeline_schedule import PipelineSchedule, StepRecord
 from mtp_cli.plan.placement import build_stage_plan

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -12,6 +13,7 @@ from mtp_cli import build_model, load_spec
 from tests.cli_helpers import run_mtp
 
 
+@pytest.mark.slow  # a new interpreter
 def test_help_lists_the_commands():
     result = run_mtp("--help", real_process=True)  # once, as a user would
     assert result.returncode == 0
@@ -76,8 +78,8 @@ def test_materialize_beyond_memory_exits_2_before_allocating():
 
 
 def test_materialize_fits_against_a_stated_memory():
-    from mtp_cli.builders.describe import check_materialize_fits
     from mtp_cli.errors import UserError
+    from mtp_cli.facts.describe import check_materialize_fits
 
     spec = load_spec("specs/tiny.yaml")
     check_materialize_fits(spec, 1000, available=8000)  # exactly 8 bytes a parameter: fits

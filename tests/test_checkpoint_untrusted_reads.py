@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mtp_cli.checkpoint import CheckpointFileError, load_state, read_metadata
 from mtp_cli.checkpoint.disk_full import find_disk_full, save_state
-from mtp_cli.launch import faults
+from mtp_cli.launch.faults import EnvFaults, raise_disk_full
 from tests.hostile_files import MarkerPickle, plant_marker_pickle, shard
 
 
@@ -81,7 +81,7 @@ def test_checkpoint_file_errors_survive_pickling_across_ranks(tmp_path):
 
 def test_a_full_disk_is_found_behind_torch_saves_error_and_through_dcp(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError) as raised:
-        faults._raise_disk_full()  # what torch.save raises on a full disk
+        raise_disk_full()  # what torch.save raises on a full disk
     assert "unexpected pos" in str(raised.value)
     assert find_disk_full(raised.value).errno == errno.ENOSPC
     assert find_disk_full(pickle.loads(pickle.dumps(raised.value))) is None  # context lost
@@ -89,6 +89,6 @@ def test_a_full_disk_is_found_behind_torch_saves_error_and_through_dcp(tmp_path,
     with pytest.raises(CheckpointException) as gathered, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         save_state({"w": torch.ones(4)}, tmp_path / "full",
-                   before_write=lambda: faults.maybe_disk_full(7, 0))
+                   before_write=lambda: EnvFaults().disk_full(7, 0))
     found = find_disk_full(pickle.loads(pickle.dumps(gathered.value)))  # as other ranks see it
     assert found is not None and found.errno == errno.ENOSPC

@@ -153,7 +153,7 @@ def test_trainer_step_equals_plain_and_uses_forward_gradients(per_token, monkeyp
     """`mtp_cli.train.step.train_step` (two micro-batches, SGD) moves every parameter as with the
     plain head, and its masked reduction lets every head keep its forward-pass gradients."""
     from mtp_cli.train.step import StepSettings, train_step
-    from tests.test_train_step import batch as make_train_batch
+    from tests.step_helpers import batch as make_train_batch
 
     recomputed = []
     original = chunked_ce._recompute_grads
@@ -179,7 +179,7 @@ def test_trainer_step_equals_plain_and_uses_forward_gradients(per_token, monkeyp
 
 def test_bf16_autocast_trainer_step_runs_chunked():
     from mtp_cli.train.step import StepSettings, train_step
-    from tests.test_train_step import batch as make_train_batch
+    from tests.step_helpers import batch as make_train_batch
 
     tokens = torch.randint(0, 320, (2, SEQ + 1), generator=torch.Generator().manual_seed(6))
     settings = StepSettings(num_microbatches=1, per_token_loss=False, grad_clip=1.0, bf16=True,

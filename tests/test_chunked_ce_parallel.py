@@ -87,7 +87,6 @@ def _tensor_parallel_worker(rank: int, world_size: int) -> None:
     """The tensor-parallel suite's check (TP model vs single process: losses, trackers, every
     gathered gradient, grad norm, logits), with the TP model's heads chunked and the reference's
     plain, for D = 0..2, tied/untied, with/without sequence parallel, both gradient modes."""
-    import tests.test_tensor_parallel as suite
     from tests import tp_cases
 
     chunked_ce.CHUNKED_AUTO_MIN_LOGITS = 0  # `auto` chunks even 24 tokens x 16 vocab
@@ -103,8 +102,8 @@ def _tensor_parallel_worker(rank: int, world_size: int) -> None:
             parallel.loss_settings.chunked_grads_in_forward = in_forward
             return reference, parallel, plan
 
-        suite.reference_and_parallel = plain_reference
-        suite._worker(rank, world_size, suite._cases("llama", (0, 1, 2)))
+        tp_cases.tp_worker(rank, world_size, tp_cases.tp_cases("llama", (0, 1, 2)),
+                           build=plain_reference)
     assert len(calls) == 2 * 2 * 2 * (1 + 2 + 3)  # modes x tied x sp x heads of D = 0, 1, 2
 
 
@@ -115,7 +114,7 @@ def test_tp2_chunked_model_matches_single_process_plain_model():
 
 def _context_parallel_worker(rank: int, world_size: int, packed_lengths) -> None:
     """test_context_parallel's check (CP model vs unsharded) with every head chunked."""
-    from tests.test_context_parallel import _run as check_context_parallel
+    from tests.cp_cases import check_context_parallel
 
     chunked_ce.CHUNKED_AUTO_MIN_LOGITS = 0  # `auto` chunks even its 16 x 40 logits
     chunked_ce.CHUNK_LOGITS = 40 * 3  # 3 tokens per chunk

@@ -23,6 +23,7 @@ from mtp_cli.data import (
 )
 from mtp_cli.errors import UserError
 from mtp_cli.mtp import roll_tensor
+from mtp_cli.parallel.comm import DIST_COMM
 from tests.data_helpers import EOD
 from tests.dist_utils import run_distributed
 
@@ -193,7 +194,7 @@ def _roll_worker(rank: int, world_size: int) -> None:
             full, local = getattr(batch, name), getattr(shard, name)
             for depth in (1, 2, 3):  # MTP depths roll cumulatively
                 full, _ = roll_tensor(full, -1, -1, None, params)
-                local, _ = roll_tensor(local, -1, -1, dist.group.WORLD, params)
+                local, _ = roll_tensor(local, -1, -1, dist.group.WORLD, params, comm=DIST_COMM)
                 want = shard_for_context_parallel(
                     Batch(*(full if n == name else getattr(batch, n) for n in FIELDS),
                           packed_seq_params=params), rank, world_size)

@@ -13,9 +13,8 @@ import pytest
 
 from mtp_cli.data import build_datasets
 from mtp_cli.errors import UserError
-from tests.data_helpers import make_spec
+from tests.data_helpers import index_bytes, make_spec
 from tests.hostile_helpers import assert_refused, run_bounded, tree
-from tests.test_data_indexed import _index_bytes
 from tests.train_helpers import TINY, make_corpus
 
 TEXT = b"plain text, " * 40
@@ -90,7 +89,7 @@ def test_missing_data_path_shows_where_it_resolved(tmp_path, monkeypatch):
 # --- crafted Megatron indexes ----------------------------------------------------------------
 def write_crafted(tmp_path: Path, lengths, pointers, documents, tokens: int = 8) -> Path:
     (tmp_path / "ds.bin").write_bytes(struct.pack(f"<{tokens}i", *range(tokens)))
-    (tmp_path / "ds.idx").write_bytes(_index_bytes(4, lengths, pointers, documents))
+    (tmp_path / "ds.idx").write_bytes(index_bytes(4, lengths, pointers, documents))
     return tmp_path / "ds"
 
 

@@ -9,20 +9,9 @@ import torch
 
 from mtp_cli.data import build_datasets, read_indexed_dataset, write_indexed_dataset
 from mtp_cli.errors import UserError
-from tests.data_helpers import EOD, make_spec
+from tests.data_helpers import EOD, index_bytes, make_spec
 
 DOCS = [[5, 6, 7], [300, 1], [9, 9, 9, 9, EOD], [42]]
-
-
-def _index_bytes(code: int, lengths: list[int], pointers: list[int], doc_index: list[int]
-                 ) -> bytes:
-    """An .idx written by hand from the documented layout (independent of the writer)."""
-    return b"".join([
-        b"MMIDIDX\x00\x00", struct.pack("<Q", 1), struct.pack("<B", code),
-        struct.pack("<Q", len(lengths)), struct.pack("<Q", len(doc_index)),
-        struct.pack(f"<{len(lengths)}i", *lengths), struct.pack(f"<{len(pointers)}q", *pointers),
-        struct.pack(f"<{len(doc_index)}q", *doc_index),
-    ])
 
 
 @pytest.mark.parametrize("dtype, code, char", [
@@ -33,7 +22,7 @@ def test_writer_produces_the_documented_layout(tmp_path, dtype, code, char):
     size = struct.calcsize(char)
     lengths = [len(d) for d in DOCS]
     pointers = [sum(lengths[:i]) * size for i in range(len(DOCS))]
-    assert (tmp_path / "ds.idx").read_bytes() == _index_bytes(code, lengths, pointers,
+    assert (tmp_path / "ds.idx").read_bytes() == index_bytes(code, lengths, pointers,
                                                               [0, 1, 2, 3, 4])
     flat = [t for d in DOCS for t in d]
     assert (tmp_path / "ds.bin").read_bytes() == struct.pack(f"<{len(flat)}{char}", *flat)
@@ -50,7 +39,7 @@ def test_reader_joins_the_sequences_of_a_document_and_follows_pointers(tmp_path)
         pointers[s] = len(data)
         data += struct.pack(f"<{len(seqs[s])}h", *seqs[s])
     (tmp_path / "x.bin").write_bytes(data)
-    (tmp_path / "x.idx").write_bytes(_index_bytes(
+    (tmp_path / "x.idx").write_bytes(index_bytes(
         3, [len(seqs[s]) for s in range(3)], [pointers[s] for s in range(3)], [0, 2, 3]))
     tokens, lengths = read_indexed_dataset(tmp_path / "x.idx")
     assert tokens.tolist() == [1, 2, 3, 4, 5, 6] and lengths.tolist() == [3, 3]

@@ -12,6 +12,7 @@ import pytest
 from tests.cli_helpers import REPO_ROOT, run_mtp
 
 
+@pytest.mark.slow  # each script in its own interpreter
 @pytest.mark.parametrize("script", ["python_api.py", "packed_documents.py"])
 def test_python_examples_run(script):
     result = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / script)],

@@ -11,19 +11,11 @@ import torch
 import torch.distributed as dist
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.builders.describe import describe_build
+from mtp_cli.facts.describe import describe_build
 from mtp_cli.parallel.expert_dispatch import expert_block, regroup_index
 from mtp_cli.parallel.expert_parallel import ExpertParallelGroups, apply_expert_parallel
 from tests.dist_utils import run_distributed
-
-SPEC = {
-    "model": {"vocab_size": 64, "hidden_size": 16, "num_layers": 2, "num_attention_heads": 2,
-              "ffn_hidden_size": 32, "seq_length": 8, "normalization": "RMSNorm",
-              "activation": "swiglu", "position_embedding": "rope", "add_bias_linear": False,
-              "num_moe_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 8,
-              "moe_shared_expert_intermediate_size": 8, "moe_layer_freq": [0, 1],
-              "moe_router_load_balancing_type": "none"},
-}
+from tests.expert_helpers import DISPATCH_SPEC
 
 
 def test_received_rows_are_regrouped_local_expert_major():
@@ -43,7 +35,7 @@ def _tokens(rank: int) -> torch.Tensor:
 
 
 def _check_dispatch(rank: int, world: int) -> None:
-    spec = load_spec(SPEC)
+    spec = load_spec(DISPATCH_SPEC)
     reference = build_model(spec).decoder.layers["1"].mlp  # all four experts, one device
     layer = build_model(spec).decoder.layers["1"].mlp
     groups = ExpertParallelGroups(ep_size=world, ep_rank=rank, ep_group=dist.group.WORLD,
@@ -90,7 +82,7 @@ def _check_dispatch(rank: int, world: int) -> None:
 
 def _check_per_rank_count(rank: int, world: int) -> None:
     """What `mtp build` quotes per expert-parallel rank is what a rank holds."""
-    spec = load_spec({**SPEC, "mtp": {"num_layers": 1}, "parallel": {"expert": world}})
+    spec = load_spec({**DISPATCH_SPEC, "mtp": {"num_layers": 1}, "parallel": {"expert": world}})
     model = build_model(spec)
     groups = ExpertParallelGroups(ep_size=world, ep_rank=rank, ep_group=dist.group.WORLD,
                                   edp_group=None, dp_cp_size=world)

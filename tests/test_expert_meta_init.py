@@ -88,10 +88,10 @@ def test_a_rank_materialises_only_its_experts_of_the_single_process_weights(worl
 def test_the_memory_plan_holds_the_engines_expert_shards(overrides, world):
     """`mtp build --memory`'s per-rank parameters are what the engine holds under expert
     parallel, with and without FSDP2 (built against the fake process group)."""
-    from mtp_cli.builders.stage_tensors import build_memory_plan
-    from tests.test_memory_plan import _engine_grad_sync
+    from mtp_cli.facts.stage_tensors import build_memory_plan
+    from tests.fake_group import engine_grad_sync
 
     spec = load_spec(SPECS / "tiny_moe.yaml", [*SMALL, *overrides])
     plan = build_memory_plan(spec, world, device="cpu")
-    _, elements = _engine_grad_sync(spec, world, rank=world - 1)
+    _, elements = engine_grad_sync(spec, world, rank=world - 1)
     assert sum(s.parameters for s in plan.ranks[0].stages) == pytest.approx(elements, rel=0.01)

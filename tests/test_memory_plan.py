@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.builders.describe import describe_build
-from mtp_cli.builders.stage_tensors import build_memory_plan
+from mtp_cli.facts.describe import describe_build
+from mtp_cli.facts.stage_tensors import build_memory_plan
 from mtp_cli.mtp import MTPRunState
 from mtp_cli.parallel.recompute import apply_activation_checkpointing
 from mtp_cli.plan.memory import activation_peak, parse_memory
 from mtp_cli.plan.pipeline_order import live_output_bound
 from tests.cli_helpers import SPECS, run_mtp
+from tests.fake_group import engine_grad_sync
 
 # gpt_125m's kind of layer (LayerNorm, GELU, learned positions, tied head), small
 GPT_LIKE = ["model.hidden_size=96", "model.num_attention_heads=4", "model.num_layers=2",
@@ -115,18 +116,6 @@ def test_parameters_follow_the_layout():
     assert fsdp.ranks[0].stages[0].parameters == round(total / 4)
 
 
-def _engine_grad_sync(spec, world: int, rank: int) -> tuple[str, int]:
-    """(how the real engine synchronises gradients, parameter elements it holds) for global
-    rank `rank` of `world`, built in this process against torch's fake process group."""
-    from mtp_cli.checkpoint.sharded_state import held
-    from tests.fake_group import fake_rank_engine
-
-    with fake_rank_engine(spec, world, rank) as engine:
-        held_elements = sum(held(p).numel() for chunk in engine.chunks
-                            for p in chunk.parameters())
-        return engine.runner.layout.grad_sync, held_elements
-
-
 @pytest.mark.parametrize("overrides,world,engine", [
     ([], 1, "allreduce"),  # one replica: no DDP, nothing to reduce
     ([], 2, "ddp"),
@@ -141,7 +130,7 @@ def test_gradient_sync_and_shards_follow_the_engine(overrides, world, engine):
     over data x context with tensor / pipeline parallel inside, else the step's all-reduce."""
     spec = load_spec(SPECS / "tiny.yaml", overrides)
     plan = build_memory_plan(spec, world, device="cpu")
-    sync, elements = _engine_grad_sync(spec, world, rank=0)
+    sync, elements = engine_grad_sync(spec, world, rank=0)
     assert plan.engine == engine
     assert sync == {"fsdp2": "fsdp"}.get(engine, engine)
     assert sum(s.parameters for s in plan.ranks[0].stages) == pytest.approx(elements, rel=0.01)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from mtp_cli import build_model, load_spec
 from mtp_cli.mtp import roll_tensor
+from mtp_cli.nn import comm as comm_module
 from mtp_cli.nn.comm import LOCAL_COMM, LocalComm, ParallelGroups, comm_for
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mtp_cli"
@@ -48,8 +49,8 @@ def test_the_walk_finds_every_way_of_reaching_torch_distributed(snippet):
     assert distributed_references(snippet)
 
 
-@pytest.mark.parametrize("package", ["models", "mtp"])
-def test_model_and_mtp_packages_never_reference_torch_distributed(package):
+@pytest.mark.parametrize("package", ["nn", "models", "mtp", "gpt"])
+def test_model_packages_never_reference_torch_distributed(package):
     files = sorted((PACKAGE / package).rglob("*.py"))
     assert files
     offences = {str(f.relative_to(PACKAGE)): refs for f in files
@@ -64,6 +65,17 @@ def test_comm_for_gives_local_comm_without_a_group_and_the_installed_one_with():
     from mtp_cli.parallel.comm import DIST_COMM  # installs itself on import
 
     assert comm_for(object()) is DIST_COMM
+
+
+def test_comm_for_a_group_with_no_comm_installed_fails_instead_of_importing_one(monkeypatch):
+    """The seam never reaches up to `mtp_cli.parallel` by itself: parallel/ installs it."""
+    monkeypatch.setattr(comm_module, "_group_comm", None)
+    assert comm_for(None) is LOCAL_COMM
+    with pytest.raises(RuntimeError, match="none is installed"):
+        comm_for(object())
+    own = LocalComm()
+    comm_module.install_group_comm(own)
+    assert comm_for(object()) is own
 
 
 class FakeContextParallel(LocalComm):

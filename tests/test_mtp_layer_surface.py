@@ -14,7 +14,7 @@ from mtp_cli.builders.init import initialize_parameters
 from mtp_cli.builders.model_builder import build_model, loss_settings_for
 from mtp_cli.builders.module_trees import build_specs
 from mtp_cli.errors import SpecError
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 from mtp_cli.mtp import (
     SUPPORTED_ATTN_MASK,
     MTPRunState,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.builders.counts import count_parameters
+from mtp_cli.facts.counts import count_parameters
 from tests.cli_helpers import run_mtp
 
 

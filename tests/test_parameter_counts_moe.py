@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.builders.counts import count_parameters
-from mtp_cli.builders.describe import describe_build
+from mtp_cli.facts.counts import count_parameters
+from mtp_cli.facts.describe import describe_build
 from mtp_cli.hf.configs import spec_sections
 from mtp_cli.plan.placement import build_stage_plan
 from tests.cli_helpers import run_mtp

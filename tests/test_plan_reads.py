@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mtp_cli"
 ALLOWED_READS = {
     # GPTModel takes the MTP architecture (MTPConfig) itself, not a spec: built alone, with no
     # stage given, it holds every layer, and its MTP config is the only place D is written.
-    "models/gpt.py": 1,
+    "gpt/model.py": 1,
 }
 
 

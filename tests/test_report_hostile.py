@@ -11,7 +11,7 @@ import pytest
 
 from mtp_cli.report import build_report
 from tests.hostile_helpers import assert_refused, run_bounded
-from tests.test_report import write_run
+from tests.report_helpers import write_run
 
 
 def report(run_dir):

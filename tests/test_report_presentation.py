@@ -9,7 +9,7 @@ import stat
 from mtp_cli.report.metrics import read_metrics
 from mtp_cli.report.plots import acceptance_figure, loss_figure
 from tests.inspect_fixtures import invoke
-from tests.test_report import write_run
+from tests.report_helpers import write_run
 
 
 def test_acceptance_rates_get_their_own_table_in_percent(tmp_path):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from mtp_cli.mtp import PackedSeqParams, _roll_tensor_packed_seq, roll_tensor
+from tests.cp_cases import zigzag_shard
 from tests.dist_utils import run_distributed
 
 
@@ -67,17 +66,6 @@ def test_other_shifts_are_rejected():
 
 
 # --- context parallel ---------------------------------------------------------------------------
-
-def zigzag_shard(sequence: torch.Tensor, boundaries: list[int], rank: int, cp: int
-                 ) -> torch.Tensor:
-    """Rank `rank`'s load-balanced shard: per document, chunk r then chunk 2cp-1-r."""
-    pieces = []
-    for start, end in itertools.pairwise(boundaries):
-        chunk = (end - start) // (2 * cp)
-        doc = sequence[..., start:end]
-        pieces += [doc[..., rank * chunk:(rank + 1) * chunk],
-                   doc[..., (2 * cp - 1 - rank) * chunk:(2 * cp - rank) * chunk]]
-    return torch.cat(pieces, dim=-1)
 
 
 def _check_cp_roll(rank: int, world: int, sequence: torch.Tensor, boundaries: list[int] | None

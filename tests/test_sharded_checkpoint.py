@@ -20,8 +20,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from mtp_cli.checkpoint.sharded_state import fsdp_rows, local_tensor, sharded_tensor
+from mtp_cli.checkpoint.sharded_state import attach_state_sharders, local_tensor, sharded_tensor
+from mtp_cli.parallel.fsdp_local import fsdp_rows
 from mtp_cli.parallel.tp_sharding import COLUMN, GATED_COLUMN, ROW
+from tests.ckpt_helpers import tiles
 from tests.dist_utils import run_distributed
 from tests.tp_cases import make_spec, reference_and_parallel
 from tests.train_helpers import corpus, metrics, run_train  # noqa: F401
@@ -35,14 +37,6 @@ BASE = ["model.add_bias_linear=false", "model.num_query_groups=4", "train.adam_e
 
 
 # --- no processes -----------------------------------------------------------------------------
-def _tiles(chunks: list[tuple[list[int], list[int]]], shape: list[int]) -> bool:
-    """The boxes cover `shape` exactly once (every element counted)."""
-    cover = torch.zeros(shape, dtype=torch.int32)
-    for offsets, sizes in chunks:
-        cover[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))] += 1
-    return bool((cover == 1).all())
-
-
 @pytest.mark.parametrize("rule", [COLUMN, GATED_COLUMN, ROW], ids=["column", "gated", "row"])
 @pytest.mark.parametrize("size", [2, 4])
 def test_each_rank_offers_its_blocks_and_the_blocks_tile_the_tensor(rule, size):
@@ -61,7 +55,7 @@ def test_each_rank_offers_its_blocks_and_the_blocks_tile_the_tensor(rule, size):
             assert shard.tensor.data_ptr() >= local.data_ptr()  # a view, no copy
             boxes.append((offsets, sizes))
         assert torch.equal(local_tensor(value, rule), local)
-    assert _tiles(boxes, [16, 8])
+    assert tiles(boxes, [16, 8])
 
 
 @pytest.mark.parametrize("rule", [None, COLUMN, GATED_COLUMN, ROW],
@@ -87,7 +81,7 @@ def test_fsdp_rows_of_tp_shards_tile_the_tensor(rule, dp):
                 assert torch.equal(shard.tensor, region)
                 boxes.append((offsets, sizes))
             assert local_tensor(value) is rows
-    assert _tiles(boxes, [16, 8])
+    assert tiles(boxes, [16, 8])
 
 
 def test_gated_shards_sit_at_gate_and_up_offsets():
@@ -100,6 +94,7 @@ def test_gated_shards_sit_at_gate_and_up_offsets():
 def _mtp_state_worker(rank: int, world_size: int, directory: str) -> None:
     spec = make_spec("llama", 2, False)
     reference, parallel, _plan = reference_and_parallel(spec, dist.group.WORLD, False)
+    attach_state_sharders(parallel)
     state = parallel.mtp.sharded_state_dict(prefix="mtp.")
     fc1 = "mtp.layers.0.transformer_layer.mlp.linear_fc1.weight"
     assert len(state[fc1].local_shards()) == 2
@@ -162,7 +157,7 @@ def assert_sharded_checkpoint(checkpoint: Path, tp: int) -> int:
         parts = 2 if "linear_fc1" in name else 1
         assert len(boxes) == tp * parts, (key, boxes)
         assert all(sizes != shape for _, sizes in boxes), key
-        assert _tiles(boxes, shape), key
+        assert tiles(boxes, shape), key
         for index, stored in metadata.storage_data.items():
             if index.fqn != key:
                 continue
@@ -174,22 +169,7 @@ def assert_sharded_checkpoint(checkpoint: Path, tp: int) -> int:
     return checked
 
 
-def assert_nothing_stored_whole(checkpoint: Path) -> int:
-    """FSDP2 (with or without TP): every weight and Adam moment of more than one row is stored
-    as chunks that tile it, none full-size. Returns how many tensors were checked."""
-    metadata = FileSystemReader(str(checkpoint)).read_metadata()
-    checked = 0
-    for key, entry in metadata.state_dict_metadata.items():
-        if not isinstance(entry, TensorStorageMetadata) or len(entry.size) == 0 or \
-                entry.size[0] < 2:
-            continue
-        if not (key.startswith("model.") or key.endswith((".exp_avg", ".exp_avg_sq"))):
-            continue
-        boxes = [(list(c.offsets), list(c.sizes)) for c in entry.chunks]
-        assert len(boxes) >= 2 and all(s != list(entry.size) for _, s in boxes), (key, boxes)
-        assert _tiles(boxes, list(entry.size)), key
-        checked += 1
-    return checked
+
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def test_absurd_sizes_are_refused_naming_the_key(override, key, needle):
 def test_build_refuses_quickly_in_bounded_memory(override):
     outcome = run_bounded("build", "specs/tiny.yaml", override)
     assert_refused(outcome, f"override '{override}'", override.split("=")[0])
-    assert outcome.seconds < 30
+    assert outcome.cpu_seconds < 30  # a refusal is ~3 s of CPU (mostly importing torch)
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def test_hostile_spec_is_refused_in_bounded_memory(tmp_path: Path, name):
     needle = CASES[name][1]
     outcome = run_bounded("build", str(spec), cwd=tmp_path)
     assert_refused(outcome, str(spec), needle)
-    assert outcome.seconds < 30
+    assert outcome.cpu_seconds < 30  # a refusal is ~3 s of CPU (mostly importing torch)
 
 
 @pytest.mark.slow

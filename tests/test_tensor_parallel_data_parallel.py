@@ -18,7 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 from mtp_cli import build_model
 from mtp_cli.mtp import MTPLossAutoScaler
 from mtp_cli.parallel.tensor_parallel import parallelize_tensor
-from mtp_cli.parallel.tp_grads import clip_grad_norm_, sync_sequence_parallel_grads
+from mtp_cli.parallel.tp_grads import sync_sequence_parallel_grads
+from mtp_cli.train.step import StepLayout, clip_gradients
 from tests.dist_utils import run_distributed
 from tests.tp_cases import assert_close, make_batch, make_spec
 
@@ -56,7 +57,8 @@ def _run(wrap: str, sequence_parallel: bool) -> None:
         model = DistributedDataParallel(model, process_group=dp_mesh.get_group())
     ref_opt, opt = (torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-6)
                     for m in (reference, model))
-    sum_groups = [dp_mesh.get_group()] if wrap == "fsdp" else []
+    # FSDP2 leaves each data rank rows of every gradient: the norm sums them over the data group
+    layout = StepLayout(dp_cp_group=dp_mesh.get_group(), grad_sync=wrap)
     for step in range(3):
         batches = [make_batch(seed=200 + 2 * step + i) for i in range(2)]
         ref_opt.zero_grad()
@@ -67,7 +69,8 @@ def _run(wrap: str, sequence_parallel: bool) -> None:
         _masked_mean_backward(model, batches[dp_mesh.get_local_rank()], 1.0)
         sync_sequence_parallel_grads(model)
         expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
-        norm = clip_grad_norm_(model, 0.5, sum_groups=sum_groups)
+        plain = model.module if wrap == "ddp" else model  # the step clips the plain model
+        norm = torch.tensor(clip_gradients([plain], 0.5, layout, torch.device("cpu")))
         assert_close(norm, expected_norm, f"{wrap} sp={sequence_parallel} step {step} norm")
         ref_opt.step()
         opt.step()

@@ -19,8 +19,8 @@ import pytest
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from tests.test_sharded_checkpoint import _tiles
-from tests.test_train_expert_parallel import _assert_same_run, _train
+from tests.ckpt_helpers import tiles
+from tests.expert_helpers import assert_same_ep_run, train_ep
 from tests.train_helpers import metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -31,8 +31,8 @@ EXPERTS = 8  # tiny_moe.yaml's routed experts
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ep_fsdp")
-    _train(root / "single", nproc=1, expert=1)
-    _train(root / "ep2fsdp", 4, 2, "parallel.fsdp=true")
+    train_ep(root / "single", nproc=1, expert=1)
+    train_ep(root / "ep2fsdp", 4, 2, "parallel.fsdp=true")
     return root
 
 
@@ -44,15 +44,15 @@ def _assert_same_norms(reference: Path, run_dir: Path) -> None:
 
 
 def test_ep2_fsdp2_over_dp4_gives_the_single_process_run(runs):
-    _assert_same_run(runs / "single", runs / "ep2fsdp")
+    assert_same_ep_run(runs / "single", runs / "ep2fsdp")
     _assert_same_norms(runs / "single", runs / "ep2fsdp")
 
 
 def test_ep2_fsdp2_on_two_processes_gives_the_single_process_run(runs, tmp_path):
     """Expert data parallel 1: each expert's FSDP2 unit spans one rank (its reduction is a
     copy), the dense weights still shard over both."""
-    _train(tmp_path / "ep2", 2, 2, "parallel.fsdp=true")
-    _assert_same_run(runs / "single", tmp_path / "ep2")
+    train_ep(tmp_path / "ep2", 2, 2, "parallel.fsdp=true")
+    assert_same_ep_run(runs / "single", tmp_path / "ep2")
     _assert_same_norms(runs / "single", tmp_path / "ep2")
 
 
@@ -76,7 +76,7 @@ def test_the_experts_are_stored_as_their_replicas_row_blocks_under_global_names(
         boxes = [(list(c.offsets), list(c.sizes)) for c in entry.chunks]
         assert shape[0] in (64, 128) and shape[1] in (64, 128), (key, shape)  # whole expert
         assert len(boxes) == 2 and all(sizes != shape for _, sizes in boxes), (key, boxes)
-        assert _tiles(boxes, shape), key
+        assert tiles(boxes, shape), key
         # written by the rank that holds the rows: expert-data-parallel rank `row block` of
         # the expert's block (global rank = edp rank x EP + ep rank)
         expert = int(key.split(".local_experts.")[1].split(".")[0])
@@ -93,6 +93,6 @@ def test_an_ep2_fsdp2_checkpoint_resumes_on_one_process(runs, tmp_path):
     run_dir = tmp_path / "ep1"
     shutil.copytree(runs / "ep2fsdp", run_dir)
     (run_dir / "checkpoints/latest").write_text("step_0000003\n")
-    _train(run_dir, nproc=1, expert=1)
-    _assert_same_run(runs / "single", run_dir)
+    train_ep(run_dir, nproc=1, expert=1)
+    assert_same_ep_run(runs / "single", run_dir)
     _assert_same_norms(runs / "single", run_dir)

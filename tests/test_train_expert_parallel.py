@@ -11,52 +11,28 @@ near-zero gradient elements (see test_train_model_parallel); the dense model dri
 
 from __future__ import annotations
 
-import functools
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.cli_helpers import SPECS, run_mtp
-from tests.train_helpers import assert_same_training, metrics
+from tests.cli_helpers import SPECS
+from tests.expert_helpers import MLA_KEYS, assert_same_ep_run, train_ep
+from tests.train_helpers import metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-STEPS = 5
-OVERRIDES = [
-    "model.num_layers=2", "model.moe_layer_freq=[0, 1]", "model.seq_length=32",
-    "model.moe_z_loss_coeff=1.0e-3", f"train.steps={STEPS}", "train.micro_batch_size=2",
-    "model.layernorm_epsilon=1.0e-6",  # DeepSeek-V3's: the EP2 checkpoint exports
-    "train.global_batch_size=8", "train.warmup_steps=1", "train.eval_interval=0",
-    "train.log_interval=1", "checkpoint.interval=3", "checkpoint.keep_last=2",
-    "logging.tensorboard=false",
-]
-KEYS = ("lm_loss", "mtp_1_loss", "mtp_2_loss", "seq_load_balancing_loss", "z_loss",
-        "load_imbalance")
-_assert_same_run = functools.partial(assert_same_training, keys=KEYS, steps=STEPS)
-
-
-def _train(run_dir: Path, nproc: int, expert: int, *extra: str,
-           spec: Path = SPECS / "tiny_moe.yaml") -> None:
-    done = run_mtp("train", str(spec), *OVERRIDES, *extra,
-                   f"parallel.expert={expert}", "--run-dir", str(run_dir), "--nproc", str(nproc),
-                   timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    if expert > 1:  # DDP skips the experts: no find_unused_parameters traversal (nor warning)
-        assert "Warning" not in done.stderr, done.stderr[-3000:]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ep")
-    _train(root / "single", nproc=1, expert=1)
-    _train(root / "ep2", nproc=2, expert=2)
+    train_ep(root / "single", nproc=1, expert=1)
+    train_ep(root / "ep2", nproc=2, expert=2)
     return root
 
 
 def test_ep2_gives_the_single_process_run(runs):
-    _assert_same_run(runs / "single", runs / "ep2")
+    assert_same_ep_run(runs / "single", runs / "ep2")
     first = metrics(runs / "ep2")[0][0]
     assert first["seq_load_balancing_loss"] > 0 and first["z_loss"] > 0
     assert first["load_imbalance"] >= 1.0
@@ -82,8 +58,8 @@ def test_an_ep2_checkpoint_exports_like_the_single_process_one(runs, tmp_path):
 
 
 def test_ep2_dp2_gives_the_single_process_run(runs):
-    _train(runs / "ep2dp2", nproc=4, expert=2)
-    _assert_same_run(runs / "single", runs / "ep2dp2")
+    train_ep(runs / "ep2dp2", nproc=4, expert=2)
+    assert_same_ep_run(runs / "single", runs / "ep2dp2")
 
 
 @pytest.mark.parametrize(("nproc", "expert"), [(1, 1), (4, 4)])
@@ -92,17 +68,15 @@ def test_an_ep2_checkpoint_resumes_at_another_expert_parallel_size(runs, tmp_pat
     run_dir = tmp_path / f"ep{expert}"
     shutil.copytree(runs / "ep2", run_dir)
     (run_dir / "checkpoints/latest").write_text("step_0000003\n")
-    _train(run_dir, nproc=nproc, expert=expert)
-    _assert_same_run(runs / "single", run_dir)
+    train_ep(run_dir, nproc=nproc, expert=expert)
+    assert_same_ep_run(runs / "single", run_dir)
 
 
 def test_ep2_pp2_with_the_mtp_layers_on_the_last_stage_gives_the_single_process_run(runs):
-    _train(runs / "ep2pp2", 4, 2, "parallel.pipeline=2")
-    _assert_same_run(runs / "single", runs / "ep2pp2")
+    train_ep(runs / "ep2pp2", 4, 2, "parallel.pipeline=2")
+    assert_same_ep_run(runs / "single", runs / "ep2pp2")
 
 
-MLA_KEYS = ("multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
-            "qk_pos_emb_head_dim", "v_head_dim")
 TP_SAFE = ["model.qk_layernorm=false", "model.num_query_groups=2", "train.adam_eps=1e-6",
            "train.lr=1e-3"]
 
@@ -113,6 +87,6 @@ def test_ep2_tp2_gives_the_single_process_run(tmp_path):
         source["model"].pop(key)
     spec = tmp_path / "gqa_moe.yaml"
     spec.write_text(yaml.safe_dump(source))
-    _train(tmp_path / "single", 1, 1, *TP_SAFE, spec=spec)
-    _train(tmp_path / "ep2tp2", 4, 2, *TP_SAFE, "parallel.tensor=2", spec=spec)
-    _assert_same_run(tmp_path / "single", tmp_path / "ep2tp2")
+    train_ep(tmp_path / "single", 1, 1, *TP_SAFE, spec=spec)
+    train_ep(tmp_path / "ep2tp2", 4, 2, *TP_SAFE, "parallel.tensor=2", spec=spec)
+    assert_same_ep_run(tmp_path / "single", tmp_path / "ep2tp2")

@@ -33,7 +33,7 @@ from mtp_cli import build_model, load_spec
 from mtp_cli.parallel.tensor_parallel import parallelize_tensor
 from tests.cli_helpers import SPECS, run_mtp
 from tests.dist_utils import run_distributed
-from tests.test_expert_dispatch import SPEC
+from tests.expert_helpers import DISPATCH_SPEC
 from tests.train_helpers import assert_same_training, checkpoint_dir, metrics
 
 pytestmark = [pytest.mark.distributed]
@@ -41,7 +41,7 @@ LAYER = "decoder.layers.1.mlp."
 
 
 def _check_layer(rank: int, world: int) -> None:
-    spec = load_spec(SPEC)
+    spec = load_spec(DISPATCH_SPEC)
     for sp in (False, True):
         reference = build_model(spec)
         model = build_model(spec)
@@ -151,10 +151,10 @@ def test_an_etp2_checkpoint_resumes_at_one_process(runs, tmp_path):
 def test_memory_plan_counts_what_an_expert_tensor_parallel_rank_holds(overrides, world):
     """`mtp build --memory`'s per-rank parameters equal what the engine's rank 0 holds (built
     against torch's fake process group): the routed experts split by EP and by ETP."""
-    from mtp_cli.builders.stage_tensors import build_memory_plan
-    from tests.test_memory_plan import _engine_grad_sync
+    from mtp_cli.facts.stage_tensors import build_memory_plan
+    from tests.fake_group import engine_grad_sync
 
     spec = load_spec(SPECS / "tiny_moe.yaml", overrides)
     plan = build_memory_plan(spec, world, device="cpu")
-    _, elements = _engine_grad_sync(spec, world, rank=0)
+    _, elements = engine_grad_sync(spec, world, rank=0)
     assert sum(s.parameters for s in plan.ranks[0].stages) == elements

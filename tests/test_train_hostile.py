@@ -89,12 +89,12 @@ def test_a_structurally_corrupt_shard_exits_2_naming_it(run_dir, corpus):
 
 def test_a_nan_run_stops_at_the_first_bad_step_and_is_not_restarted(tmp_path, corpus):
     run_dir = tmp_path / "nan"
-    result = run_train(run_dir, corpus, "train.lr=1e6", "train.warmup_steps=0",
-                       "checkpoint.interval=1", "train.eval_interval=0", nproc=2,
-                       flags=("--max-restarts", "2"))
+    result = run_train(run_dir, corpus, "checkpoint.interval=1", "train.eval_interval=0",
+                       nproc=2, flags=("--max-restarts", "2"),
+                       env={"MTP_TEST_NONFINITE_AT_STEP": "2"})
     err = _clean_exit(result, 1)
     assert "error: non-finite gradient norm at step 2: lm_loss " in err
-    assert "train.nonfinite: stop" in err
+    assert "grad_norm inf (train.nonfinite: stop)" in err
     assert "latest still names step_0000001, the last good checkpoint" in err
     assert "resumed from" not in result.stdout  # exit 0 from every worker: no restart
     assert (run_dir / "checkpoints/latest").read_text() == "step_0000001\n"
@@ -103,20 +103,23 @@ def test_a_nan_run_stops_at_the_first_bad_step_and_is_not_restarted(tmp_path, co
     lines = strict_json_lines(run_dir / "metrics.jsonl")
     assert [x["step"] for x in lines] == [1, 2]
     assert lines[1]["nonfinite"] is True and lines[1]["grad_norm"] is None
+    assert isinstance(lines[1]["lm_loss"], float)  # the gradients went bad, not the loss
     assert lines[1]["skipped"] is False
 
 
 def test_skip_step_skips_then_stops_after_max_skips_in_a_row(tmp_path, corpus):
     run_dir = tmp_path / "skip"
-    result = run_train(run_dir, corpus, "train.lr=1e6", "train.warmup_steps=0",
-                       "checkpoint.interval=1", "checkpoint.keep_last=10", "train.eval_interval=0",
-                       "train.nonfinite=skip_step", "train.nonfinite_max_skips=2")
+    result = run_train(run_dir, corpus, "train.warmup_steps=0", "checkpoint.interval=1",
+                       "checkpoint.keep_last=10", "train.eval_interval=0",
+                       "train.nonfinite=skip_step", "train.nonfinite_max_skips=2",
+                       env={"MTP_TEST_NONFINITE_AT_STEP": "2,3,4"})
     err = _clean_exit(result, 1)
     assert "non-finite gradient norm at step 4" in err and "after 2 skipped steps in a row" in err
     assert "latest still names step_0000003" in err
     lines = strict_json_lines(run_dir / "metrics.jsonl")
     assert [(x["step"], x.get("skipped")) for x in lines if x.get("nonfinite")] == [
         (2, True), (3, True), (4, True)]
+    assert [x["step"] for x in lines if not x.get("nonfinite")] == [1]
     rates = [x["lr"] for x in lines if x.get("nonfinite")]
     assert rates[0] > rates[1] > rates[2]  # the schedule moved on over the skipped steps
     meta = json.loads((run_dir / "checkpoints/step_0000003/meta.json").read_text())

@@ -203,6 +203,7 @@ def test_entry_check_names_each_wrong_entry(tmp_path):
     ]
 
 
+@pytest.mark.slow  # chattr (as root) runs as a process
 def test_entry_check_finds_an_unwritable_directory(tmp_path):
     run = RunDir(tmp_path / "run")
     run.checkpoints.mkdir(parents=True)

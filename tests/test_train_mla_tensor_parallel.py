@@ -27,7 +27,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from tests.cli_helpers import SPECS, run_mtp
 from tests.dist_utils import run_distributed
-from tests.test_tensor_parallel import _check_case
+from tests.tp_cases import check_case
 from tests.train_helpers import assert_same_training, checkpoint_dir
 
 
@@ -38,18 +38,18 @@ def test_memory_plan_counts_what_a_tensor_parallel_rank_holds(overrides, world):
     against torch's fake process group): MLA's down projections and the routers whole, the rest
     of the attention split."""
     from mtp_cli import load_spec
-    from mtp_cli.builders.stage_tensors import build_memory_plan
-    from tests.test_memory_plan import _engine_grad_sync
+    from mtp_cli.facts.stage_tensors import build_memory_plan
+    from tests.fake_group import engine_grad_sync
 
     spec = load_spec(SPECS / "tiny_moe.yaml", overrides)
     plan = build_memory_plan(spec, world, device="cpu")
-    _, elements = _engine_grad_sync(spec, world, rank=0)
+    _, elements = engine_grad_sync(spec, world, rank=0)
     assert sum(s.parameters for s in plan.ranks[0].stages) == elements
 
 
 def _worker(rank: int, world_size: int, cases: list[tuple]) -> None:
     for case in cases:
-        _check_case(*case)
+        check_case(*case)
 
 
 @pytest.mark.distributed

@@ -18,8 +18,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from tests.ckpt_helpers import assert_nothing_stored_whole
 from tests.cli_helpers import run_mtp
-from tests.test_sharded_checkpoint import assert_nothing_stored_whole
 from tests.train_helpers import corpus, metrics, run_train  # noqa: F401
 
 pytestmark = pytest.mark.distributed

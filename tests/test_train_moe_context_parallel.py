@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from tests.cli_helpers import SPECS
-from tests.test_train_expert_parallel import MLA_KEYS, STEPS, _train
+from tests.expert_helpers import MLA_KEYS, STEPS, train_ep
 from tests.train_helpers import assert_same_training, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -51,8 +51,8 @@ TP_SAFE = ["model.qk_layernorm=false", "model.num_query_groups=2", "train.adam_e
 
 
 def test_ep2_cp2_mla_moe_gives_the_single_process_run(tmp_path):
-    _train(tmp_path / "single", 1, 1, *LEAN, *YARN)
-    _train(tmp_path / "ep2cp2", 4, 2, *LEAN, *YARN, "parallel.context=2")
+    train_ep(tmp_path / "single", 1, 1, *LEAN, *YARN)
+    train_ep(tmp_path / "ep2cp2", 4, 2, *LEAN, *YARN, "parallel.context=2")
     _assert_same_run(tmp_path / "single", tmp_path / "ep2cp2")
     first = metrics(tmp_path / "ep2cp2")[0][0]
     assert first["seq_load_balancing_loss"] > 0 and first["z_loss"] > 0
@@ -66,7 +66,7 @@ def test_tp2_cp2_sequence_parallel_moe_gives_the_single_process_run(tmp_path):
     spec = tmp_path / "gqa_moe.yaml"
     spec.write_text(yaml.safe_dump(source))
     per_token = "train.calculate_per_token_loss=true"
-    _train(tmp_path / "single", 1, 1, *LEAN, *TP_SAFE, per_token, spec=spec)
-    _train(tmp_path / "tp2cp2sp", 4, 1, *LEAN, *TP_SAFE, per_token, "parallel.tensor=2",
+    train_ep(tmp_path / "single", 1, 1, *LEAN, *TP_SAFE, per_token, spec=spec)
+    train_ep(tmp_path / "tp2cp2sp", 4, 1, *LEAN, *TP_SAFE, per_token, "parallel.tensor=2",
            "parallel.context=2", "parallel.sequence_parallel=true", spec=spec)
     _assert_same_run(tmp_path / "single", tmp_path / "tp2cp2sp", keys=AUX_KEYS)

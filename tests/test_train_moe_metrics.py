@@ -14,7 +14,7 @@ from mtp_cli.train.moe_metrics import MoEStepMetrics
 from mtp_cli.train.optim import build_optimizer
 from mtp_cli.train.progress import summary_text
 from mtp_cli.train.step import StepSettings, train_step
-from tests.test_train_step_moe import SPEC, _batches
+from tests.step_helpers import MOE_STEP_SPEC, moe_batches
 
 E, TOPK = 4, 2
 
@@ -32,7 +32,7 @@ def _hand_aux_and_z(logits: torch.Tensor) -> tuple[float, float]:
 
 
 def test_step_metrics_follow_megatron_averaging():
-    spec = load_spec({**SPEC, "model": {**SPEC["model"], "moe_z_loss_coeff": 0.001}})
+    spec = load_spec({**MOE_STEP_SPEC, "model": {**MOE_STEP_SPEC["model"], "moe_z_loss_coeff": 0.001}})
     model = build_model(spec)
     optimizer = build_optimizer(model, spec.train)
     settings = StepSettings(num_microbatches=3, per_token_loss=False, grad_clip=0.0, bf16=False,
@@ -46,7 +46,7 @@ def test_step_metrics_follow_megatron_averaging():
     routers = moe_routers(model)
     for router in routers:
         router.register_forward_hook(hook)
-    train_step(model, optimizer, _batches(3), settings)
+    train_step(model, optimizer, moe_batches(3), settings)
     metrics = MoEStepMetrics(RunPlan.of(spec))
     values = metrics.collect([model], num_microbatches=3)
 
@@ -71,6 +71,6 @@ def test_step_metrics_follow_megatron_averaging():
 
 
 def test_dense_models_log_no_moe_metrics():
-    spec = load_spec({"model": {k: v for k, v in SPEC["model"].items()
+    spec = load_spec({"model": {k: v for k, v in MOE_STEP_SPEC["model"].items()
                                 if not k.startswith(("moe_", "num_moe"))}})
     assert MoEStepMetrics(RunPlan.of(spec)).collect([build_model(spec)], num_microbatches=1) == {}

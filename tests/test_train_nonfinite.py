@@ -13,7 +13,7 @@ from mtp_cli import build_model, load_spec
 from mtp_cli.train.nonfinite import NonFiniteGuard, finite_json
 from mtp_cli.train.step import StepSettings, train_step
 from mtp_cli.train.stops import NonFiniteStop
-from tests.test_train_step import OVERRIDES, batch
+from tests.step_helpers import OVERRIDES, batch
 
 SETTINGS = StepSettings(num_microbatches=1, per_token_loss=False, grad_clip=1.0, bf16=False,
                         device=torch.device("cpu"), dp_cp_size=1, dp_cp_group=None)

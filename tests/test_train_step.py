@@ -14,19 +14,9 @@ import pytest
 import torch
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.data import Batch
 from mtp_cli.mtp import MTPLossAutoScaler
 from mtp_cli.train.step import StepSettings, train_step
-
-OVERRIDES = ["model.num_layers=1", "model.hidden_size=32", "model.seq_length=16",
-             "model.ffn_hidden_size=64", "mtp.num_layers=2", "mtp.loss_scaling_factor=1.0"]
-
-
-def batch(tokens: torch.Tensor) -> Batch:
-    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    positions = torch.arange(inputs.shape[1]).expand_as(inputs).contiguous()
-    return Batch(input_ids=inputs, labels=labels, loss_mask=torch.ones_like(inputs,
-                 dtype=torch.float32), position_ids=positions, packed_seq_params=None)
+from tests.step_helpers import OVERRIDES, batch
 
 
 def settings(num_microbatches: int, per_token: bool) -> StepSettings:

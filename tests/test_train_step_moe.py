@@ -6,32 +6,14 @@ from __future__ import annotations
 import torch
 
 from mtp_cli import build_model, load_spec
-from mtp_cli.data.batch import plain_batch
 from mtp_cli.models.moe.run_state import moe_routers
 from mtp_cli.train.optim import build_optimizer
 from mtp_cli.train.step import StepSettings, train_step
-
-SPEC = {
-    "model": {"vocab_size": 64, "hidden_size": 16, "num_layers": 2, "num_attention_heads": 2,
-              "ffn_hidden_size": 32, "seq_length": 8, "normalization": "RMSNorm",
-              "activation": "swiglu", "position_embedding": "rope", "add_bias_linear": False,
-              "num_moe_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 8,
-              "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
-              "moe_router_bias_update_rate": 0.01, "moe_layer_freq": [0, 1],
-              "moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": 0.01},
-    "mtp": {"num_layers": 1},
-    "train": {"micro_batch_size": 2, "global_batch_size": 6, "grad_clip": 0.0},
-}
-
-
-def _batches(count: int) -> list:
-    generator = torch.Generator().manual_seed(0)
-    return [plain_batch(torch.randint(0, 64, (2, 9), generator=generator))
-            for _ in range(count)]
+from tests.step_helpers import MOE_STEP_SPEC, moe_batches
 
 
 def test_train_step_scales_aux_losses_and_updates_the_expert_bias():
-    spec = load_spec(SPEC)
+    spec = load_spec(MOE_STEP_SPEC)
     model = build_model(spec)
     optimizer = build_optimizer(model, spec.train)
     settings = StepSettings(num_microbatches=3, per_token_loss=False, grad_clip=0.0, bf16=False,
@@ -41,7 +23,7 @@ def test_train_step_scales_aux_losses_and_updates_the_expert_bias():
     counts = []
     for router in routers:  # what the step's forwards will count, recorded as they run
         router.register_forward_hook(lambda m, i, out: counts.append((m, out[1].sum(0))))
-    train_step(model, optimizer, _batches(3), settings)
+    train_step(model, optimizer, moe_batches(3), settings)
     for router in routers:
         assert router.aux_loss_scale.value == 1 / 3 and not router.aux_loss_scale.per_token
         step_counts = sum(c for m, c in counts if m is router).float()
@@ -50,5 +32,5 @@ def test_train_step_scales_aux_losses_and_updates_the_expert_bias():
         torch.testing.assert_close(router.expert_bias, expected)
         assert router.local_tokens_per_expert.abs().sum() == 0  # reset for the next step
     settings.per_token_loss = True
-    train_step(model, optimizer, _batches(3), settings)
+    train_step(model, optimizer, moe_batches(3), settings)
     assert all(r.aux_loss_scale.value == 1.0 and r.aux_loss_scale.per_token for r in routers)

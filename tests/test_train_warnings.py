@@ -12,7 +12,7 @@ from mtp_cli import build_model, load_spec
 from mtp_cli.models.norms import RMSNorm
 from mtp_cli.parallel.data_parallel import _own_output
 from mtp_cli.train.step import StepSettings, train_step
-from tests.test_train_step import OVERRIDES, batch
+from tests.step_helpers import OVERRIDES, batch
 
 
 def test_a_bf16_step_on_cpu_raises_no_warning():

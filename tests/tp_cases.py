@@ -7,6 +7,8 @@ same worker process; the tensor-parallel model is a deep copy of it, converted i
 from __future__ import annotations
 
 import copy
+import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,7 +16,13 @@ import torch.distributed as dist
 
 from mtp_cli import build_model, load_spec
 from mtp_cli.mtp import MTPLossLoggingHelper
-from mtp_cli.parallel.tensor_parallel import TensorParallelPlan, parallelize_tensor
+from mtp_cli.parallel.tensor_parallel import (
+    TensorParallelPlan,
+    gather_state_dict,
+    parallelize_tensor,
+)
+from mtp_cli.parallel.tp_grads import sync_sequence_parallel_grads
+from mtp_cli.train.step import StepLayout, clip_gradients
 
 VOCAB = 16  # small, so that random heads get some argmax hits to compare
 SEQ = 8
@@ -90,3 +98,52 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, label: str,
     """`torch.testing.assert_close` to an absolute 1e-5, keeping its report of the mismatch."""
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0,
                                msg=lambda report: f"{label}: {report}")
+
+
+def check_case(arch: str, depths: int, tied: bool, sp: bool, overrides: dict, *,
+               build: Callable | None = None) -> int:
+    """Compare one configuration (the TP model vs the single-process one: losses, trackers,
+    every gathered gradient, grad norm, state, logits); returns the reference's argmax hits (to
+    check coverage). `build` makes the pair (default `reference_and_parallel`)."""
+    label = f"{arch} D={depths} tied={tied} sp={sp} {overrides}"
+    spec = make_spec(arch, depths, tied, **overrides)
+    reference, parallel, plan = (build or reference_and_parallel)(spec, dist.group.WORLD, sp)
+    batch = make_batch(seed=depths + 10 * tied)
+    expected_loss, expected_tracker = forward_backward(reference, batch)
+    loss, tracker = forward_backward(parallel, batch)
+    if sp:  # before the sum over TP ranks, replicated gradients are partial
+        norm_grad = parallel.decoder.final_layernorm.weight.grad
+        assert not torch.allclose(norm_grad, reference.decoder.final_layernorm.weight.grad), label
+    sync_sequence_parallel_grads(parallel)
+
+    assert_close(loss, expected_loss, label)
+    assert_trackers_equal(tracker, expected_tracker, label)
+    expected_grads = {n: p.grad for n, p in reference.named_parameters()}
+    grads = full_grads(parallel, plan)
+    assert grads.keys() == expected_grads.keys(), label
+    for name, grad in grads.items():
+        assert_close(grad, expected_grads[name], f"{label}: grad {name}")
+    norm = clip_gradients([parallel], 0.0, StepLayout(), torch.device("cpu"))  # 0: no clipping
+    assert_close(torch.tensor(norm), reference_grad_norm(reference), label)
+
+    full_state, expected_state = gather_state_dict(parallel), reference.state_dict()
+    assert full_state.keys() == expected_state.keys(), label
+    assert all(torch.equal(full_state[k], expected_state[k]) for k in full_state), label
+
+    reference.eval()
+    parallel.eval()
+    with torch.no_grad():
+        ids, positions, _, _ = batch
+        assert_close(parallel(ids, positions), reference(ids, positions), f"{label}: logits")
+    return int(expected_tracker.get("correct", torch.zeros(1)).sum())
+
+
+def tp_worker(rank: int, world_size: int, cases: list[tuple], build: Callable | None = None
+              ) -> None:
+    hits = sum(check_case(*case, build=build) for case in cases)
+    assert hits > 0, "no case had an argmax hit: acceptance counts were not exercised"
+
+
+def tp_cases(arch: str, depths, overrides: dict | None = None) -> list[tuple]:
+    return [(arch, d, tied, sp, overrides or {})
+            for d, tied, sp in itertools.product(depths, (False, True), (False, True))]

@@ -8,7 +8,7 @@ from mtp_cli.builders.freeze import apply_freeze, check_freeze
 from mtp_cli.builders.init import initialize_parameters
 from mtp_cli.builders.module_trees import build_specs
 from mtp_cli.config.schema import RunSpec
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 from mtp_cli.models.moe.run_state import configure_moe_routers
 from mtp_cli.mtp.layer import get_mtp_block_spec
 from mtp_cli.mtp.loss import LossSettings

@@ -13,9 +13,9 @@ import dataclasses
 from typing import Any
 
 import mtp_cli.models  # noqa: F401  (registers the modules)
-from mtp_cli.builders.backends import BackendSpecProvider, LocalSpecProvider, TESpecProvider
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem
+from mtp_cli.models.backends import BackendSpecProvider, LocalSpecProvider, TESpecProvider
 from mtp_cli.models.layer_specs import decoder_layer_spec
 from mtp_cli.models.transformer_layer import transformer_layer_spec
 from mtp_cli.mtp.layer import (

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from mtp_cli.checkpoint.files import CheckpointFileError, is_regular_file
+from mtp_cli.checkpoint.layout import META_JSON, meta_path
 
 CHUNK = 1 << 20
-EXCLUDED = frozenset({"meta.json"})
+EXCLUDED = frozenset({META_JSON})
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -39,7 +40,7 @@ def verify_checksums(directory: Path, recorded: Any, required: list[str]) -> Non
     """Every file in `recorded` ({name: sha256}) still has its digest, and every file in
     `required` (the shards and .metadata) is among them; `CheckpointFileError` otherwise."""
     directory = Path(directory)
-    meta = directory / "meta.json"
+    meta = meta_path(directory)
     if not isinstance(recorded, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and _HEX.fullmatch(v)
             for k, v in recorded.items()):

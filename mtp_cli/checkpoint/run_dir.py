@@ -17,7 +17,7 @@ pruning of checkpoints older than the one `latest` names.
 
 Which checkpoint a run resumes from (`RunDir.resolve`, shared by `mtp train` and
 `inspect-ckpt`): the one `latest` names when `latest` is a bare sibling name and that checkpoint
-validates (`checkpoint_io.validate`); otherwise the newest one that validates, with a warning
+validates (`checkpoint.validate`); otherwise the newest one that validates, with a warning
 saying which and why; none validating while some exist is an error, never a fresh start.
 """
 
@@ -28,7 +28,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import stat
 from dataclasses import dataclass
@@ -36,23 +35,17 @@ from pathlib import Path
 from typing import Any
 
 from mtp_cli.checkpoint.files import MARKER_LIMIT, CheckpointFileError, read_text
+from mtp_cli.checkpoint.layout import (
+    ABANDONED,
+    CHECKPOINTS,
+    LATEST,
+    TEMP_MARKER,
+    checkpoint_step,
+)
+from mtp_cli.checkpoint.layout import checkpoint_name as checkpoint_name  # importable here too
+from mtp_cli.checkpoint.publish import atomic_write_text
 from mtp_cli.checkpoint.validate import ValidCheckpoint, validate_checkpoint
 from mtp_cli.errors import Problem, UserError
-
-CHECKPOINT_PREFIX = "step_"
-TEMP_MARKER = ".tmp-"
-ABANDONED = "abandoned"
-_CHECKPOINT_NAME = re.compile(r"step_(\d+)")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:07d}"
-
-
-def checkpoint_step(name: str) -> int | None:
-    """The step of a checkpoint directory name (`step_0000300` -> 300); None for other names."""
-    match = _CHECKPOINT_NAME.fullmatch(name)
-    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -84,11 +77,11 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / CHECKPOINTS
 
     @property
     def latest_marker(self) -> Path:
-        return self.checkpoints / "latest"
+        return latest_marker(self.checkpoints)
 
     @property
     def lock_file(self) -> Path:
@@ -165,10 +158,20 @@ def checkpoint_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
     return sorted((step, p) for step, p in found if step is not None and p.is_dir())
 
 
+def latest_marker(checkpoints: Path) -> Path:
+    """The `latest` marker of a run directory's `checkpoints/`."""
+    return checkpoints / LATEST
+
+
+def has_checkpoints(checkpoints: Path) -> bool:
+    """Whether `checkpoints` holds a checkpoint directory or a `latest` marker (even a bad one)."""
+    return bool(checkpoint_dirs(checkpoints)) or os.path.lexists(latest_marker(checkpoints))
+
+
 def read_latest(checkpoints: Path) -> tuple[str | None, str | None]:
     """(the checkpoint name `latest` holds, None) when it is a bare name of a directory beside
     it; else (None, what is wrong with it)."""
-    marker = checkpoints / "latest"
+    marker = latest_marker(checkpoints)
     if not os.path.lexists(marker):
         return None, f"{marker} is missing"
     try:
@@ -192,12 +195,12 @@ def resolve_checkpoints(checkpoints: Path, *, checksums: bool = True) -> Resolut
         try:
             chosen = validate_checkpoint(checkpoints / name, step, checksums=checksums)
         except CheckpointFileError as error:
-            problem = f"{checkpoints / 'latest'} names {name}, which does not validate ({error})"
+            problem = f"{latest_marker(checkpoints)} names {name}, which does not validate ({error})"
             rejected.append(error)
         else:
             return Resolution(chosen, newer=tuple(p for s, p in found if s > step))
     if not found:
-        present = os.path.lexists(checkpoints / "latest")
+        present = os.path.lexists(latest_marker(checkpoints))
         return Resolution(None, (f"{problem}; no checkpoint to resume from",) if present else ())
     for step, path in reversed(found):
         if any(error.path.is_relative_to(path) for error in rejected):
@@ -218,16 +221,6 @@ def resolve_checkpoints(checkpoints: Path, *, checksums: bool = True) -> Resolut
                 hint="repair or move them, or pass --overwrite to delete them and start afresh"),
         *[Problem(error.reason, file=str(error.path)) for error in rejected],
     ])
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync it, then `os.replace` it in."""
-    tmp = path.with_name(f"{path.name}{TEMP_MARKER}{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.api import ShardedTensorBase
@@ -35,9 +36,9 @@ from torch.distributed._shard.sharding_spec._internals import (
     check_tensor,
     validate_non_overlapping_shards_metadata,
 )
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor import Shard as DTensorShard
 
+from mtp_cli.parallel.fsdp_local import fsdp_rows
+from mtp_cli.parallel.tensor_parallel import TensorParallelPlan, tensor_parallel_plan
 from mtp_cli.parallel.tp_sharding import ShardRule
 
 
@@ -46,37 +47,6 @@ class LocalShards(ShardedTensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl  # size() is the global shape
     held: torch.Tensor  # the rank's tensor the local shards are views of
-
-
-def held(value: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds: an FSDP2 DTensor's local rows, or the tensor itself."""
-    return value.to_local() if isinstance(value, DTensor) else value
-
-
-def fsdp_coordinates(like: torch.Tensor) -> tuple[int, int]:
-    """(rank, size) of FSDP2's 1-D data(-and-context) mesh that `like` is sharded over."""
-    if not isinstance(like, DTensor):
-        return 0, 1
-    if like.device_mesh.ndim != 1 or like.placements != (DTensorShard(0),):
-        raise ValueError(f"unexpected FSDP2 layout {like.placements} over {like.device_mesh}")
-    return like.device_mesh.get_local_rank(), like.device_mesh.size()
-
-
-def like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """`local` (held rows) as a tensor laid out like `param` (a DTensor under FSDP2)."""
-    if not isinstance(param, DTensor):
-        return local
-    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                              shape=param.shape, stride=param.stride())
-
-
-def fsdp_rows(length: int, rank: int, size: int) -> tuple[int, int]:
-    """The rows [start, end) of a dimension of `length` that FSDP2's `Shard(0)` gives `rank`
-    of `size` (torch.chunk's split: ceil(length / size) rows each, the last ones short or
-    empty)."""
-    step = -(-length // size)
-    start = min(rank * step, length)
-    return start, min(start + step, length)
 
 
 @dataclass(frozen=True)
@@ -156,3 +126,30 @@ def local_tensor(value: torch.Tensor | ShardedTensor, rule: ShardRule | None = N
                  ) -> torch.Tensor:
     """The rank's held tensor back from what `sharded_tensor` made (or a plain tensor)."""
     return value.held if isinstance(value, LocalShards) else value
+
+
+@dataclass
+class ModuleSharder:
+    """`state_sharder` of a module at `path` in a tensor-parallel model: (local name, tensor)
+    -> this rank's shards of the global tensor for DCP (`sharded_state_dict`)."""
+
+    plan: TensorParallelPlan
+    path: str
+
+    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        rule = self.plan.rule(f"{self.path}.{name}" if self.path else name)
+        if rule is None or value.dim() == 0 or self.plan.size == 1:
+            return value
+        return sharded_tensor(value, rule, self.plan.rank, self.plan.size)
+
+
+def attach_state_sharders(model: nn.Module) -> None:
+    """Let the modules of a tensor-parallel `model` that offer Megatron's `sharded_state_dict()`
+    (the MTP layer and block) offer this rank's shards under global shapes: each gets the
+    sharder of its path under the plan `parallelize_tensor` attached. Without a plan, nothing."""
+    plan = tensor_parallel_plan(model)
+    if plan is None:
+        return
+    for path, module in model.named_modules():
+        if callable(getattr(module, "sharded_state_dict", None)):
+            module.state_sharder = ModuleSharder(plan, path)

@@ -13,7 +13,7 @@ from mtp_cli.generate.kv_cache import KVCache
 from mtp_cli.generate.sampling import SamplingSettings, choose
 from mtp_cli.generate.sequences import Sequences
 from mtp_cli.generate.streams import main_forward
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 
 
 @torch.no_grad()

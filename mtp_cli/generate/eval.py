@@ -36,7 +36,7 @@ PROMPTS = 8
 
 
 def eval_path(run_dir: Any, step: int) -> Any:
-    from mtp_cli.checkpoint.run_dir import checkpoint_name
+    from mtp_cli.checkpoint.layout import checkpoint_name
 
     return run_dir / EVAL_DIR / f"{checkpoint_name(step)}.json"
 
@@ -156,7 +156,7 @@ def _speculative(loaded: LoadedModel, windows: torch.Tensor) -> dict[str, Any]:
 
 
 def _write(loaded: LoadedModel, result: dict[str, Any]) -> Any:
-    from mtp_cli.checkpoint.run_dir import atomic_write_text
+    from mtp_cli.checkpoint.publish import atomic_write_text
 
     path = eval_path(loaded.run_dir, loaded.step)
     try:

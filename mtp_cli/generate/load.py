@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from mtp_cli.checkpoint.layout import run_dir_of
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 
 HF_CONFIG = "config.json"
 
@@ -73,20 +74,18 @@ def _build(spec: RunSpec, state: dict[str, torch.Tensor], where: Path) -> GPTMod
 
 
 def _load_checkpoint(path: Path) -> LoadedModel:
-    from mtp_cli.hf.export import _spec_of
     from mtp_cli.inspect.checkpoint import open_checkpoint
+    from mtp_cli.inspect.expected import checkpoint_spec
 
     checkpoint = open_checkpoint(path)
-    spec = _spec_of(checkpoint, None)
+    spec = checkpoint_spec(checkpoint, None)
     from mtp_cli.builders.model_builder import state_dict_shapes
 
     names = list(state_dict_shapes(spec))
     present = [n for n in names if n in checkpoint.tensors]
     state = checkpoint.read(present) if present else {}
     model = _build(spec, state, checkpoint.path)
-    run_dir = None
-    if checkpoint.kind == "dcp" and checkpoint.path.parent.name == "checkpoints":
-        run_dir = checkpoint.path.parent.parent
+    run_dir = run_dir_of(checkpoint.path) if checkpoint.kind == "dcp" else None
     try:
         tokenizer = load_tokenizer(spec.data.tokenizer, spec.model.vocab_size)
     except UserError as error:

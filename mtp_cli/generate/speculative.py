@@ -27,7 +27,7 @@ from mtp_cli.generate.sampling import SamplingSettings, distribution, sample
 from mtp_cli.generate.sequences import Sequences
 from mtp_cli.generate.stats import SpeculativeCounts
 from mtp_cli.generate.streams import depth_forward, gather_rows, main_forward, scatter_rows
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mtp_cli.generate.kv_cache import KVCache
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 
 
 def max_positions(model: GPTModel) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 
 
 @torch.no_grad()

@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from mtp_cli.config.loader import load_spec
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.hf.export_config import HFTarget, generation_config, hf_target, layout_context
@@ -83,22 +82,6 @@ class ExportResult:
     def as_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "architecture": self.architecture, "shards": self.shards,
                 "tensors": self.tensors, "bytes": self.nbytes, "notes": self.notes}
-
-
-def _spec_of(checkpoint: Any, spec_path: Path | None) -> RunSpec:
-    if spec_path is not None:
-        return load_spec(spec_path)
-    stored = (checkpoint.meta or {}).get("spec")
-    if not isinstance(stored, dict):
-        raise UserError(problems=[Problem("stores no spec (no meta.json with one)",
-                                          file=str(checkpoint.path),
-                                          hint="pass --spec SPEC.yaml")])
-    try:
-        return load_spec(stored)
-    except UserError as error:
-        raise UserError(problems=[Problem(f"its stored spec does not load: {p.render()}",
-                                          file=str(checkpoint.path / "meta.json"))
-                                  for p in error.problems]) from None
 
 
 def _expected_shapes(spec: RunSpec) -> dict[str, tuple[int, ...]]:
@@ -194,11 +177,12 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
     """Write the Hugging Face model directory `out` of checkpoint `path` (see module doc)."""
     from mtp_cli.data.tokenizer import load_tokenizer
     from mtp_cli.inspect.checkpoint import open_checkpoint
+    from mtp_cli.inspect.expected import checkpoint_spec
 
     limit = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
     check_output(Path(out), overwrite=overwrite, source=Path(path))
     checkpoint = open_checkpoint(Path(path))
-    spec = _spec_of(checkpoint, spec_path)
+    spec = checkpoint_spec(checkpoint, spec_path)
     notes = list(checkpoint.notes)
     try:
         eod: int | None = load_tokenizer(spec.data.tokenizer, spec.model.vocab_size).eod

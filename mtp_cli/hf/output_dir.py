@@ -1,30 +1,19 @@
 """An output directory that appears whole or not at all (`mtp export --out`, `mtp import --out`).
 
 Everything is written into a temporary sibling `NAME.tmp-<random>`, fsynced, then renamed to
-NAME. An existing NAME needs `--overwrite`: it is renamed aside first, the new directory renamed
-in, and the old one deleted, so NAME never holds a half-written result; a failure (or Ctrl-C)
-deletes the temporary directory.
+NAME (`mtp_cli.checkpoint.publish`, the staged publish `mtp train` uses for its checkpoints). An
+existing NAME needs `--overwrite`: it is renamed aside first, the new directory renamed in, and
+the old one deleted, so NAME never holds a half-written result; a failure (or Ctrl-C) deletes the
+temporary directory.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 from pathlib import Path
-from types import TracebackType
 
+from mtp_cli.checkpoint import publish
 from mtp_cli.errors import Problem, UserError
-
-TEMP_MARKER = ".tmp-"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_output(final: Path, *, overwrite: bool, option: str = "--out",
@@ -50,36 +39,12 @@ def check_output(final: Path, *, overwrite: bool, option: str = "--out",
                                           "directory", file=str(final))])
 
 
-class StagedDirectory:
+class StagedDirectory(publish.StagedDirectory):
     """`with StagedDirectory(final, overwrite=...) as temp:` write into `temp`; on a clean exit
-    it becomes `final`, on an exception it is deleted."""
+    it becomes `final`, on an exception it is deleted. `check_output` decides first whether
+    `final` may be written at all."""
 
     def __init__(self, final: Path, *, overwrite: bool, option: str = "--out",
                  source: Path | None = None) -> None:
-        self.final = Path(final)
-        check_output(self.final, overwrite=overwrite, option=option, source=source)
-        self.temp = self.final.with_name(f"{self.final.name}{TEMP_MARKER}{secrets.token_hex(4)}")
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.temp.mkdir()
-        return self.temp
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        if kind is not None:
-            shutil.rmtree(self.temp, ignore_errors=True)
-            return
-        self.publish()
-
-    def publish(self) -> None:
-        _fsync(self.temp)
-        old = None
-        if os.path.lexists(self.final):
-            old = self.final.with_name(f"{self.final.name}{TEMP_MARKER}old-"
-                                       f"{secrets.token_hex(4)}")
-            os.replace(self.final, old)
-        os.replace(self.temp, self.final)
-        _fsync(self.final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        check_output(Path(final), overwrite=overwrite, option=option, source=source)
+        super().__init__(final)

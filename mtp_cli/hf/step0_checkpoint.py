@@ -15,12 +15,11 @@ cuts the rank's items, in order, into files of at most `file_bytes` (`__0_0.dist
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import queue
 import warnings
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from mtp_cli import __version__
 from mtp_cli.checkpoint.checksums import directory_checksums
-from mtp_cli.checkpoint.run_dir import checkpoint_name
+from mtp_cli.checkpoint.meta import CheckpointMeta, created_now, write_meta
+from mtp_cli.checkpoint.run_dir import RunDir, checkpoint_name
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.hf.memory import release_freed_memory
 from mtp_cli.plan.run_plan import mtp_depths
@@ -111,19 +111,14 @@ def training_state(spec: RunSpec) -> dict[str, Any]:
     return {"scheduler": {"last_epoch": 0}, "trainer": trainer, "data.rank0": data}
 
 
-def meta_json(spec: RunSpec, extra: dict[str, Any]) -> dict[str, Any]:
-    """meta.json of a step-0 checkpoint (the keys `Checkpointer` writes, plus `extra`)."""
-    from mtp_cli.train.checkpoint import META_FORMAT
-
+def step0_meta(spec: RunSpec, extra: dict[str, Any]) -> CheckpointMeta:
+    """The meta record of a step-0 checkpoint (what `Checkpointer` records, plus `extra`)."""
     depths = mtp_depths(spec)
-    return {
-        "format": META_FORMAT, "step": 0, "tokens": 0,
-        "spec": spec.model_dump(mode="json"), "losses": {}, "world_size": 1,
-        "parallel": {"data": 1, "tensor": 1, "pipeline": 1, "context": 1},
-        "mtp_cumulative": {"correct": [0] * depths, "total": [0] * depths},
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "mtp_cli_version": __version__, **extra,
-    }
+    return CheckpointMeta(
+        step=0, tokens=0, spec=spec.model_dump(mode="json"), losses={}, world_size=1,
+        parallel={"data": 1, "tensor": 1, "pipeline": 1, "context": 1},
+        mtp_cumulative={"correct": [0] * depths, "total": [0] * depths},
+        created=created_now(), mtp_cli_version=__version__, extra=dict(extra))
 
 
 def write_step0_checkpoint(run_dir: Path, spec: RunSpec,
@@ -131,9 +126,10 @@ def write_step0_checkpoint(run_dir: Path, spec: RunSpec,
                            extra_meta: dict[str, Any], *, file_bytes: int = 2**30) -> Path:
     """`run_dir/checkpoints/step_0000000` from `{name: (shape, dtype, producer)}` in DCP files
     of at most `file_bytes`, then `latest`; returns the checkpoint directory. `run_dir` is
-    itself a staging directory."""
-    checkpoints = run_dir / "checkpoints"
-    directory = checkpoints / checkpoint_name(0)
+    itself a staging directory (published whole by `mtp import`); `meta.json` and `latest` are
+    written atomically all the same, as `mtp train` writes them."""
+    run = RunDir(run_dir)
+    directory = run.checkpoints / checkpoint_name(0)
     directory.mkdir(parents=True)
     placeholders = {name: torch.empty(shape, dtype=dtype, device="meta")
                     for name, (shape, dtype, _) in tensors.items()}
@@ -143,9 +139,9 @@ def write_step0_checkpoint(run_dir: Path, spec: RunSpec,
         warnings.simplefilter("ignore")  # no_dist: "assuming the intent is ... single process"
         dcp.save(state, storage_writer=BoundedFileWriter(directory, file_bytes),
                  planner=LazySavePlanner(producers, trim_every=file_bytes), no_dist=True)
-    meta = meta_json(spec, extra_meta)
+    meta = step0_meta(spec, extra_meta)
     if spec.checkpoint.checksums:  # as `mtp train` records them, verified on resume
-        meta["checksums"] = directory_checksums(directory)
-    (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (checkpoints / "latest").write_text(directory.name + "\n")
+        meta = dataclasses.replace(meta, checksums=directory_checksums(directory))
+    write_meta(directory, meta)
+    run.point_latest(directory.name)
     return directory

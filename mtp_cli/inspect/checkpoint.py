@@ -13,13 +13,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from mtp_cli import checkpoint as checkpoint_io
-from mtp_cli.checkpoint import META_JSON, METADATA_FILE
-from mtp_cli.checkpoint.run_dir import checkpoint_dirs, resolve_checkpoints
+from mtp_cli.checkpoint import META_JSON, METADATA_FILE, CheckpointMeta
+from mtp_cli.checkpoint.layout import checkpoints_of, meta_path
+from mtp_cli.checkpoint.run_dir import has_checkpoints, resolve_checkpoints
 from mtp_cli.errors import UserError
 from mtp_cli.inspect.torch_file import read_state_dict_file
 
@@ -49,7 +49,7 @@ class Checkpoint:
     others: dict[str, TensorInfo] = field(default_factory=dict)  # optimizer, rng, ...
     values: list[str] = field(default_factory=list)  # non-tensor entries, never read
     skipped: list[str] = field(default_factory=list)  # entries not loaded (_extra_state, ...)
-    meta: dict[str, Any] | None = None  # meta.json
+    meta: CheckpointMeta | None = None  # meta.json, validated
     notes: list[str] = field(default_factory=list)
     step: int | None = None
 
@@ -79,8 +79,8 @@ def resolve_checkpoint_dir(path: Path) -> tuple[Path, list[str]]:
     checkpoints/) resumes from, with notes on how it was chosen."""
     if os.path.lexists(path / METADATA_FILE):
         return path, []
-    checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if checkpoint_dirs(checkpoints) or os.path.lexists(checkpoints / "latest"):
+    checkpoints = checkpoints_of(path)
+    if has_checkpoints(checkpoints):
         resolution = resolve_checkpoints(checkpoints)
         if resolution.checkpoint is not None:
             chosen = resolution.checkpoint.path.name
@@ -99,11 +99,12 @@ def _model_prefix(keys: list[str]) -> str:
     return ""
 
 
-def _read_meta_json(directory: Path) -> dict[str, Any] | None:
-    """`meta.json` beside the shards (written last by `mtp train`), or None when absent."""
-    if not os.path.lexists(directory / META_JSON):
+def _read_meta_json(directory: Path) -> CheckpointMeta | None:
+    """`meta.json` beside the shards (written last by `mtp train`) through the meta record's
+    reader, or None when absent."""
+    if not os.path.lexists(meta_path(directory)):
         return None
-    return checkpoint_io.read_json_object(directory / META_JSON)
+    return checkpoint_io.read_meta(directory)
 
 
 def _open_dcp(directory: Path) -> Checkpoint:
@@ -128,10 +129,9 @@ def _open_dcp(directory: Path) -> Checkpoint:
 
     notes = [] if meta is not None else [f"{directory}: no {META_JSON} (no stored spec, step "
                                          "or losses)"]
-    step = meta.get("step") if meta else None
     return Checkpoint("dcp", directory, tensors, reader, others=others,
                       values=checkpoint_io.value_entries(metadata), meta=meta, notes=notes,
-                      step=step if isinstance(step, int) else None)
+                      step=meta.step if meta is not None else None)
 
 
 def _open_torch_file(path: Path) -> Checkpoint:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mtp_cli.checkpoint import CheckpointMeta
 from mtp_cli.inspect.checkpoint import Checkpoint
 from mtp_cli.inspect.checks import Check, name_list
 
@@ -21,9 +22,9 @@ def _floating(dtype: str) -> bool:
     return isinstance(value, torch.dtype) and value.is_floating_point
 
 
-def _bad_losses(meta: dict[str, Any] | None) -> list[str]:
-    losses = (meta or {}).get("losses")
-    if not isinstance(losses, dict):
+def _bad_losses(meta: CheckpointMeta | None) -> list[str]:
+    losses = meta.losses if meta is not None else None
+    if losses is None:
         return []
     return sorted(k for k, v in losses.items()
                   if v is None or (isinstance(v, float) and not math.isfinite(v)))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mtp_cli.checkpoint import META_JSON
+from mtp_cli.checkpoint.layout import meta_path
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import UserError
 from mtp_cli.inspect.checkpoint import Checkpoint, TensorInfo, open_checkpoint
@@ -75,10 +76,10 @@ class CheckpointInspection:
         return [{"section": name, **row} for name, row in found.items()]
 
     def as_dict(self) -> dict[str, Any]:
-        ckpt, meta = self.checkpoint, self.checkpoint.meta or {}
+        ckpt, meta = self.checkpoint, self.checkpoint.meta
         out: dict[str, Any] = {
             "path": str(ckpt.path), "format": ckpt.kind, "step": ckpt.step,
-            "tokens": meta.get("tokens"), "losses": meta.get("losses"),
+            "tokens": meta.tokens if meta else None, "losses": meta.losses if meta else None,
             "spec_source": self.spec_source,
             "spec": self.spec.model_dump(mode="json") if self.spec else None,
             "layout": self.layout.as_dict(),
@@ -92,8 +93,8 @@ class CheckpointInspection:
             "passed": self.passed,
         }
         for key in ("world_size", "parallel", "mtp_cumulative", "created", "mtp_cli_version"):
-            if key in meta:
-                out.setdefault("meta", {})[key] = meta[key]
+            if meta is not None and getattr(meta, key) is not None:
+                out.setdefault("meta", {})[key] = getattr(meta, key)
         if self.matched is not None:
             out["tensors"] = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype,
                                "parameters": t.numel} for t in self.matched]
@@ -143,9 +144,9 @@ def _spec_for(checkpoint: Checkpoint, spec: RunSpec | None) -> tuple[RunSpec | N
     if spec is not None:
         return spec, "--spec"
     if checkpoint.meta is not None:
-        stored = spec_from_meta(checkpoint.meta, checkpoint.path / META_JSON)
+        stored = spec_from_meta(checkpoint.meta, meta_path(checkpoint.path))
         if stored is not None:
-            return stored, "meta.json"
+            return stored, META_JSON
     return None, None
 
 

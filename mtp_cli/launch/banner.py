@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtp_cli.checkpoint.run_dir import CHECKPOINT_PREFIX, TEMP_MARKER, RunDir, checkpoint_name
+from mtp_cli.checkpoint.layout import checkpoint_name, is_published
+from mtp_cli.checkpoint.run_dir import RunDir
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.plan.run_plan import RunPlan
@@ -85,8 +86,7 @@ def overwrite_summary(run_dir: RunDir) -> str | None:
     """What `--overwrite` removes (metrics.jsonl, tb/, checkpoints/), or None when none exist."""
     removed = []
     if run_dir.checkpoints.is_dir():
-        names = sorted(p.name for p in run_dir.checkpoints.iterdir()
-                       if p.name.startswith(CHECKPOINT_PREFIX) and TEMP_MARKER not in p.name)
+        names = sorted(p.name for p in run_dir.checkpoints.iterdir() if is_published(p.name))
         newest = f", newest {names[-1]}" if names else ""
         removed.append(f"checkpoints/ ({len(names)} checkpoint{'s' if len(names) != 1 else ''}"
                        f"{newest})")

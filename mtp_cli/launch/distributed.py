@@ -4,6 +4,9 @@ One device per process: CUDA device LOCAL_RANK with nccl when CUDA is available,
 gloo otherwise. A worker must never outlive its launcher (an orphan would keep writing the run
 directory after the job is gone): on Linux the kernel SIGKILLs it when the launcher dies
 (`PR_SET_PDEATHSIG`); elsewhere a watchdog thread notices the launcher is gone.
+
+The default process group is initialised here and nowhere else (the worker's real one, and the
+dry run's fake one); every other group is the mesh's (`mtp_cli.parallel.mesh`).
 """
 
 from __future__ import annotations
@@ -16,21 +19,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from mtp_cli.parallel.mesh import DistEnv
+
 LAUNCHER_PID_ENV = "MTP_LAUNCHER_PID"
 PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
 
 
 def exit_with_launcher() -> None:
@@ -67,5 +63,18 @@ def distributed() -> Iterator[DistEnv]:
     try:
         yield DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(),
                       local_rank=local_rank, device=device)
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def fake_distributed(rank: int, world_size: int) -> Iterator[None]:
+    """A fake default process group (collectives return at once, nothing is sent): a dry run
+    builds rank `rank`'s share of a `world_size`-rank job in this one process."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
+    try:
+        yield
     finally:
         dist.destroy_process_group()

@@ -221,9 +221,8 @@ def dry_run(spec: RunSpec, rank: int, world_size: int, steps: int = 2, *,
     """Build global rank `rank`'s shards at `world_size`, train `steps` steps, save its
     checkpoint shard to a temporary directory (deleted), and measure its peak memory.
     `expert_load` (`uniform` | `worst`): the synthetic expert-parallel routing."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from mtp_cli.builders.stage_tensors import build_memory_plan
+    from mtp_cli.facts.stage_tensors import build_memory_plan
+    from mtp_cli.launch.distributed import fake_distributed
     from mtp_cli.launch.memory_probe import measure_peak
     from mtp_cli.parallel.mesh import build_mesh
     from mtp_cli.train.engine import build_engine
@@ -233,9 +232,8 @@ def dry_run(spec: RunSpec, rank: int, world_size: int, steps: int = 2, *,
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     plan = build_memory_plan(spec, world_size, device=device.type, allow_imports=allow_imports)
     started = time.perf_counter()
-    dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
     losses, norms = [], []
-    try:
+    with fake_distributed(rank, world_size):
         mesh = build_mesh(dims, device.type)
         count = dims.num_microbatches(spec)
         settings = StepSettings.for_run(spec, dims, mesh, device)
@@ -248,8 +246,6 @@ def dry_run(spec: RunSpec, rank: int, world_size: int, steps: int = 2, *,
             with measure_peak(device) as memory:
                 _train_and_save(engine, spec, count, steps, rank, losses, norms)
         pp_rank = mesh.mesh.get_local_rank("pp")
-    finally:
-        dist.destroy_process_group()
     planned = plan.ranks[pp_rank]
     return DryRunResult(rank, world_size, pp_rank, steps, losses, norms,
                         max(build.peak, memory.peak), max(build.rss_peak, memory.rss_peak),

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mtp_cli.checkpoint.run_dir import RunDir
     from mtp_cli.config.loader import load_spec
+    from mtp_cli.launch.faults import EnvFaults
     from mtp_cli.train.stops import TrainingStopped, report_stop
     from mtp_cli.train.trainer import Trainer
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(json.loads(args.spec), allow_imports=args.allow_imports)
         with distributed() as env:
             rank = env.rank
-            Trainer(spec, run_dir, env, allow_imports=args.allow_imports).run()
+            Trainer(spec, run_dir, env, allow_imports=args.allow_imports,
+                    faults=EnvFaults()).run()
     except TrainingStopped as stop:
         return report_stop(stop, run_dir, is_main=rank == 0)
     except UserError as error:

@@ -1,10 +1,8 @@
 """Plain PyTorch modules. Importing this package registers them for ModuleSpecs.
 
-`GPTModel` is imported on first use: it stands on the MTP package (`mtp_cli.mtp`), which itself
-uses this package's single-device pieces (`comm`), so importing it here would close a cycle.
+The MTP package (`mtp_cli.mtp`) is built from these pieces, and the GPT model that joins the
+decoder and the MTP block sits above both (`mtp_cli.gpt`).
 """
-
-from typing import Any
 
 from mtp_cli.models import (
     attention,
@@ -19,7 +17,6 @@ from mtp_cli.models import (
 from mtp_cli.models.moe import experts, layer, router, shared_experts
 
 __all__ = [
-    "GPTModel",
     "attention",
     "embedding",
     "experts",
@@ -34,10 +31,3 @@ __all__ = [
     "transformer_layer",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "GPTModel":
-        from mtp_cli.models.gpt import GPTModel
-
-        return GPTModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

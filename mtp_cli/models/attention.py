@@ -23,6 +23,7 @@ from mtp_cli.models.embedding import apply_rotary_pos_emb
 from mtp_cli.models.inference import InferenceContext
 from mtp_cli.nn.module_spec import ModuleSpec, SpecTreeError, build_module, register_module
 from mtp_cli.nn.packed import PackedSeqParams
+from mtp_cli.nn.sharding import LinearSplit, TensorParallelRule
 
 
 def packed_document_mask(seq_len: int, packed_seq_params: PackedSeqParams,
@@ -137,6 +138,12 @@ class SelfAttention(nn.Module):
             config.hidden_size, config=config, bias=config.add_bias_linear,
         )
         self.q_layernorm, self.k_layernorm = qk_norms(config, submodules, self.head_dim)
+
+    def tensor_parallel_rule(self) -> TensorParallelRule:
+        """Heads split: the fused QKV by rows (laid out per query group, so contiguous row
+        blocks are whole groups), the output projection by input columns."""
+        return TensorParallelRule(linears=(LinearSplit("linear_qkv", "column"),
+                                           LinearSplit("linear_proj", "row")))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None,

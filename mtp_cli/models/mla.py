@@ -39,6 +39,7 @@ from mtp_cli.models.inference import InferenceContext
 from mtp_cli.models.rope import mla_softmax_scale, yarn_concentration_factor
 from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
 from mtp_cli.nn.packed import PackedSeqParams
+from mtp_cli.nn.sharding import LinearSplit, TensorParallelRule
 
 
 @dataclass
@@ -95,6 +96,19 @@ class MLASelfAttention(nn.Module):
         self.rotary_mscale = yarn_concentration_factor(config)
         # `[s, b, rope]` shared key -> the layout the query heads read (see the module doc)
         self.shared_key_region: Callable[[torch.Tensor], torch.Tensor] = _identity
+
+    def tensor_parallel_rule(self) -> TensorParallelRule:
+        """Megatron-Core's TE layout of MLA: the up projections split by heads (their rows are
+        per head, so contiguous blocks are whole heads), the down projections and latent norms
+        whole, the shared RoPE key in the heads' shared region, `linear_proj` row-parallel."""
+        query = (LinearSplit("linear_q_down_proj", "duplicate"),
+                 LinearSplit("linear_q_up_proj", "column")) if self.compress_query else \
+            (LinearSplit("linear_q_proj", "column"),)
+        return TensorParallelRule(
+            linears=(*query, LinearSplit("linear_kv_down_proj", "duplicate"),
+                     LinearSplit("linear_kv_up_proj", "column"),
+                     LinearSplit("linear_proj", "row")),
+            shared_across_heads="shared_key_region")
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 rotary_pos_emb: torch.Tensor | None = None,

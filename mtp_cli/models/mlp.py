@@ -11,6 +11,7 @@ from torch import nn
 
 from mtp_cli.config.schema import ModelConfig
 from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
+from mtp_cli.nn.sharding import LinearSplit, TensorParallelRule
 
 
 @dataclass
@@ -36,6 +37,13 @@ class MLP(nn.Module):
                                        config=config, bias=config.add_bias_linear)
         self.linear_fc2 = build_module(submodules.linear_fc2, ffn, config.hidden_size,
                                        config=config, bias=config.add_bias_linear)
+
+    def tensor_parallel_rule(self) -> TensorParallelRule:
+        """`linear_fc1` by rows (SwiGLU's `[gate; up]` halves apart), `linear_fc2` by input
+        columns; a routed expert's only under expert tensor parallel."""
+        fc1 = "gated_column" if self.gated else "column"
+        return TensorParallelRule(linears=(LinearSplit("linear_fc1", fc1),
+                                           LinearSplit("linear_fc2", "row")))
 
     def forward(self, hidden_states: torch.Tensor,
                 per_token_scale: torch.Tensor | None = None) -> torch.Tensor:

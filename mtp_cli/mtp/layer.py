@@ -28,11 +28,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mtp_cli.config.schema import ModelConfig
+from mtp_cli.models.backends import LocalSpecProvider, TESpecProvider
 from mtp_cli.models.moe.aux_losses import recompute_contexts
 from mtp_cli.mtp.roll import roll_tensor
 from mtp_cli.nn.comm import Group, ModelComm, ParallelGroups
 from mtp_cli.nn.module_spec import ModuleSpec, build_module, register_module
 from mtp_cli.nn.packed import PackedSeqParams
+from mtp_cli.nn.sharding import LinearSplit, TensorParallelRule
 
 # Megatron-Core 0.19 names the MTP transformer layer `mtp_model_layer` in memory.
 LEGACY_TRANSFORMER_LAYER_NAME = "mtp_model_layer"
@@ -62,9 +64,10 @@ def _accept_legacy_layer_name(state_dict: dict[str, Any], prefix: str, *args: An
 def module_sharded_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Any]:
     """`module`'s state under `prefix` + local names, each value as DCP should get it.
 
-    Tensor parallel attaches `module.state_sharder` (global-name aware: it knows the module's
-    path), which turns a sharded weight into this rank's shards of the global tensor; without it
-    the values are the tensors themselves. The values are views of the parameters, so loading
+    Under tensor parallel, `attach_state_sharders` (`mtp_cli.checkpoint.sharded_state`) sets
+    `module.state_sharder` (global-name aware: it knows the module's path), which turns a sharded
+    weight into this rank's shards of the global tensor; without it the values are the tensors
+    themselves. The values are views of the parameters, so loading
     them with DCP writes straight into the model.
     """
     sharder = getattr(module, "state_sharder", None)
@@ -96,7 +99,7 @@ class MultiTokenPredictionLayer(nn.Module):
     """One MTP depth. `layer_number` is the 1-based global MTP index.
 
     Set from outside: `groups` (the model's process-group handles and their comm),
-    `state_sharder` (by tensor parallel, for `sharded_state_dict`),
+    `state_sharder` (for `sharded_state_dict`, by `mtp_cli.checkpoint.sharded_state`),
     `mtp_detach_heads` (by the block) and `recompute_granularity` ("full": `forward` goes through
     `_checkpointed_forward` in training; `mtp_cli.parallel.recompute` sets it).
     """
@@ -124,6 +127,11 @@ class MultiTokenPredictionLayer(nn.Module):
         )
         self.final_layernorm = build_module(submodules.layer_norm, config=config, hidden_size=h)
         self._register_load_state_dict_pre_hook(_accept_legacy_layer_name)
+
+    def tensor_parallel_rule(self) -> TensorParallelRule:
+        """`eh_proj` column-parallel with its output gathered: the transformer layer after it
+        takes the whole hidden state, as the decoder's layers do."""
+        return TensorParallelRule(linears=(LinearSplit("eh_proj", "column", gather_output=True),))
 
     @property
     def cp_group(self) -> Group:
@@ -316,8 +324,6 @@ def get_mtp_layer_spec_for_backend(transformer_layer_spec: ModuleSpec,
 def get_mtp_layer_spec(transformer_layer_spec: ModuleSpec,
                        use_transformer_engine: bool = False) -> ModuleSpec:
     """Megatron's entry point: the MTP layer spec for the TE or the local backend."""
-    from mtp_cli.builders.backends import LocalSpecProvider, TESpecProvider
-
     provider = TESpecProvider() if use_transformer_engine else LocalSpecProvider()
     return get_mtp_layer_spec_for_backend(transformer_layer_spec, provider)
 

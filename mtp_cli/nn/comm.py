@@ -7,17 +7,17 @@ tied-copy checks - call a `ModelComm` instead of `torch.distributed`. Process gr
 handles (`Group`) that the model passes back to the comm it was given; it never looks inside.
 
 `LOCAL_COMM` is the single-device implementation (every group has one member, nothing moves).
-`mtp_cli.parallel.comm.DIST_COMM` implements the protocol with torch.distributed; the parallel
-transforms inject it at the model's seams (`GPTModel.groups.comm`, the output head's `comm`), the
-way they inject the vocab-parallel output head. Megatron-named functions that take a group
-(`roll_tensor(..., cp_group)`, `tie_*_state_dict(..., tp_group, dp_cp_group)`,
-`MTPLossLoggingHelper.save_loss_to_tracker(..., reduce_group, avg_group)`) find the comm for
-their group with `comm_for`.
+This module is the floor below `models/` and `mtp/` and imports nothing above it: the
+torch.distributed implementation is injected from above. `mtp_cli.parallel` injects it at the
+model's seams (`GPTModel.groups.comm`, the output head's `comm`), the way it injects the
+vocab-parallel output head, and installs it (`install_group_comm`) for the Megatron-named
+functions that take a raw group (`roll_tensor(..., cp_group)`, `tie_*_state_dict(..., tp_group,
+dp_cp_group)`, `MTPLossLoggingHelper.save_loss_to_tracker(..., reduce_group, avg_group)`), which
+find the comm for their group with `comm_for`.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -25,11 +25,6 @@ import torch
 
 Group = Any  # an opaque process-group handle; only a ModelComm interprets it
 ReduceOp = Literal["sum", "avg", "max", "min"]
-
-# Where the torch.distributed implementation lives. Megatron's functions take raw process groups,
-# so a caller may hand one to `roll_tensor` without having set anything up: `comm_for` then loads
-# this module, whose import installs its comm (the model package never imports it by name).
-_GROUP_COMM_MODULE = "mtp_cli.parallel.comm"
 
 
 @runtime_checkable
@@ -94,22 +89,26 @@ _group_comm: ModelComm | None = None
 
 
 def install_group_comm(comm: ModelComm) -> None:
-    """The comm that `comm_for` gives groups (called by `mtp_cli.parallel.comm` on import)."""
+    """The comm that `comm_for` gives a group passed without one (the torch.distributed comm,
+    installed by `mtp_cli.parallel` when it is imported)."""
     global _group_comm
     _group_comm = comm
 
 
 def comm_for(group: Group, comm: ModelComm | None = None) -> ModelComm:
-    """`comm` if given; else the single-device comm for no group, the installed one otherwise."""
+    """`comm` if given; else the single-device comm for no group, the installed one otherwise.
+
+    A group with no comm given and none installed is a caller's mistake (a process group made
+    without `mtp_cli.parallel`): it fails here rather than at the first collective.
+    """
     if comm is not None:
         return comm
     if group is None:
         return LOCAL_COMM
     if _group_comm is None:
-        importlib.import_module(_GROUP_COMM_MODULE)
-    if _group_comm is None:
-        raise RuntimeError(f"a process group was given but {_GROUP_COMM_MODULE} installed no "
-                           "communication for it")
+        raise RuntimeError("a process group was given without a ModelComm and none is installed: "
+                           "pass comm=, or import mtp_cli.parallel.comm first (it installs the "
+                           "torch.distributed one)")
     return _group_comm
 
 

@@ -1,9 +1,10 @@
 """`ModelComm` over torch.distributed: the collectives the model's forward and loss may need.
 
 The model calls the protocol of `mtp_cli.nn.comm` with opaque group handles; here those
-handles are `torch.distributed` process groups. Importing this module installs `DIST_COMM` as the
-comm that `mtp_cli.nn.comm.comm_for` gives any non-None group, and the parallel transforms
-inject it at the model's seams (`GPTModel.groups`, `VocabParallelOutputHead.comm`).
+handles are `torch.distributed` process groups. The seam is injected from here, never looked up
+from below: the parallel transforms set `DIST_COMM` at the model's seams (`GPTModel.groups`,
+`VocabParallelOutputHead.comm`), and importing this module (every transform and the mesh do)
+installs it as the comm that `mtp_cli.nn.comm.comm_for` gives a raw process group.
 """
 
 from __future__ import annotations

@@ -79,11 +79,6 @@ def _shardable_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside a DDP wrapper (FSDP2 shards in place: the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Synchronise gradients in this backward only when `enabled` (the last micro-batch)."""

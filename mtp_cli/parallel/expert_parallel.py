@@ -33,19 +33,17 @@ groups.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
-from mtp_cli.checkpoint.sharded_state import held
 from mtp_cli.models.moe.layer import MoELayer
 from mtp_cli.parallel.expert_dispatch import AllToAllTokenDispatcher, expert_block
 from mtp_cli.parallel.expert_tensor import ExpertTensorParallelDispatcher
-from mtp_cli.plan.dims import ParallelDims
+from mtp_cli.parallel.fsdp_local import held
+from mtp_cli.parallel.mesh import ExpertParallelGroups
 
 EXPERT_PARAM_MARK = ".local_experts."
 
@@ -53,58 +51,6 @@ EXPERT_PARAM_MARK = ".local_experts."
 def is_expert_parameter(name: str) -> bool:
     """Whether a parameter (by its model name) belongs to a routed expert."""
     return EXPERT_PARAM_MARK in name
-
-
-@dataclass
-class ExpertParallelGroups:
-    """This rank's expert-parallel and expert-data-parallel groups (None: one member)."""
-
-    ep_size: int
-    ep_rank: int
-    ep_group: dist.ProcessGroup | None
-    edp_group: dist.ProcessGroup | None
-    dp_cp_size: int
-
-
-def dp_cp_rank_lists(dims: ParallelDims) -> list[list[int]]:
-    """The global ranks of every data x context group, in the (pp, dp, cp, tp) mesh's order
-    (row major; data x context flattened data-major)."""
-    lists = []
-    for p in range(dims.pp):
-        for t in range(dims.tp):
-            lists.append([((p * dims.dp + d) * dims.cp + c) * dims.tp + t
-                          for d in range(dims.dp) for c in range(dims.cp)])
-    return lists
-
-
-def build_expert_groups(dims: ParallelDims, ep: int) -> ExpertParallelGroups:
-    """Create every expert-parallel and expert-data-parallel group (collective: all ranks call
-    it in the same order) and return this rank's."""
-    rank = dist.get_rank()
-    mine: dict[str, dist.ProcessGroup | None] = {"ep": None, "edp": None}
-    ep_rank = 0
-    for ranks in dp_cp_rank_lists(dims):
-        blocks = [ranks[i:i + ep] for i in range(0, len(ranks), ep)]
-        strided = [ranks[j::ep] for j in range(ep)]
-        for kind, members_list in (("ep", blocks), ("edp", strided)):
-            for members in members_list:
-                group = dist.new_group(members) if len(members) > 1 else None
-                if rank in members:
-                    mine[kind] = group
-                    if kind == "ep":
-                        ep_rank = members.index(rank)
-    return ExpertParallelGroups(ep_size=ep, ep_rank=ep_rank, ep_group=mine["ep"],
-                                edp_group=mine["edp"], dp_cp_size=dims.dp_cp)
-
-
-def expert_data_mesh(dims: ParallelDims, ep: int, device_type: str) -> DeviceMesh:
-    """This rank's 1-D expert-data-parallel mesh (the ranks holding the same experts, size
-    data x context / EP, possibly 1), for FSDP2 over the experts. Collective: every rank builds
-    the same (pp, edp, ep, tp) mesh, whose data x context index is `edp * ep + ep_rank` as in
-    `build_expert_groups`."""
-    ranks = torch.arange(dims.world_size).reshape(dims.pp, dims.dp_cp // ep, ep, dims.tp)
-    mesh = DeviceMesh(device_type, ranks, mesh_dim_names=("pp", "edp", "ep", "tp"))
-    return mesh["edp"]
 
 
 def shard_experts(model: nn.Module, mesh: DeviceMesh) -> None:
@@ -218,7 +164,6 @@ class ExpertGradients:
                 dist.all_reduce(total, group=group)
         return total
 
-    @torch.no_grad()
     def clip(self, max_norm: float) -> float:
         """The global gradient norm (each expert counted once) and clipping to `max_norm`
         (0 = no clipping), the same on every rank (data parallel engine: no tensor or
@@ -234,29 +179,3 @@ class ExpertGradients:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm,
                                                  torch.tensor(norm, device=square.device))
         return norm
-
-
-def setup_expert_parallel(model: nn.Module, dims: ParallelDims, ep: int) -> ExpertGradients:
-    """Expert parallel on a whole model before data parallel wraps it: the groups, this rank's
-    experts and dispatcher, DDP told to skip the expert parameters; returns their gradients'
-    reduction (for `StepSettings.expert_grads`)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    groups = build_expert_groups(dims, ep)
-    names = apply_expert_parallel(model, groups)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
-    return ExpertGradients(model, groups)
-
-
-def setup_model_parallel_experts(chunks: list[nn.Module], dims: ParallelDims, ep: int
-                                 ) -> ExpertGradients | None:
-    """Expert parallel on a rank's already built pipeline chunks (tensor parallel applied,
-    experts left whole); None when `ep` is 1. The engine instead prunes each chunk on the meta
-    device (`apply_expert_parallel` before materialising), so that no other rank's expert is
-    ever allocated; this form serves callers that hold a built model."""
-    if ep == 1:
-        return None
-    groups = build_expert_groups(dims, ep)
-    for chunk in chunks:
-        apply_expert_parallel(chunk, groups)
-    return ExpertGradients(nn.ModuleList(chunks), groups)

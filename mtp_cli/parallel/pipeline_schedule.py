@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 from mtp_cli.parallel.pipeline_p2p import PipelineP2P, Post
 from mtp_cli.parallel.pipeline_position import PipelinePosition
 from mtp_cli.plan.pipeline_order import Action, Compute, Exchange, Message, step_order

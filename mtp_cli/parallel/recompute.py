@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 from mtp_cli.models.moe.aux_losses import recompute_contexts
 
 RecomputeMode = Literal["none", "full", "selective"]

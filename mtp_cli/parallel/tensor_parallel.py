@@ -1,7 +1,9 @@
 """Megatron-style tensor parallelism applied from outside to a single-device `GPTModel`.
 
 `parallelize_tensor(model, tp_group)` converts a model built by `build_model` (the whole model
-or one pipeline stage) in place:
+or one pipeline stage) in place. Each module declares its own part beside its class
+(`tensor_parallel_rule()`, in the vocabulary of `mtp_cli.nn.sharding`); this transform applies
+the rules it finds and names no model class but the embedding and the linears it checks:
 
     linear_qkv, linear_fc1, eh_proj   column-parallel (rows; SwiGLU's [gate; up] halves apart)
     linear_proj, linear_fc2           row-parallel (input columns; bias replicated)
@@ -21,7 +23,8 @@ same names, so `named_parameters()` / `state_dict()` keys are the single-process
 returned `TensorParallelPlan` maps names to shard rules: it slices full tensors (initialisation)
 and gathers local ones (comparing in tests), for parameters and for anything shaped like them
 (Adam's moments). Checkpoints never gather: they hand DCP each rank's shards
-(`mtp_cli.checkpoint.sharded_state`; the MTP layer's and block's `sharded_state_dict()`).
+(`mtp_cli.checkpoint.sharded_state`, whose `attach_state_sharders` also makes the MTP layer's
+and block's `sharded_state_dict()` offer them).
 
 Sequence parallel (`sequence_parallel=True`) keeps the activations between the TP regions split
 along the sequence; replicated parameters then see only this rank's tokens, so their gradients
@@ -37,17 +40,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtp_cli.checkpoint.sharded_state import sharded_tensor
 from mtp_cli.errors import UserError
-from mtp_cli.models.attention import SelfAttention
+from mtp_cli.gpt import GPTModel
 from mtp_cli.models.embedding import LanguageModelEmbedding
-from mtp_cli.models.gpt import GPTModel
 from mtp_cli.models.linear import ColumnParallelLinear, RowParallelLinear
-from mtp_cli.models.mla import MLASelfAttention
-from mtp_cli.models.mlp import MLP
-from mtp_cli.models.moe.layer import MoELayer
-from mtp_cli.mtp.block import MultiTokenPredictionBlock
-from mtp_cli.mtp.layer import MultiTokenPredictionLayer
+from mtp_cli.nn.sharding import LinearSplit, TensorParallelRule
 from mtp_cli.parallel.expert_tensor import ExpertTensorParallelDispatcher
 from mtp_cli.parallel.tp_layers import (
     ColumnShardedLinear,
@@ -60,6 +57,8 @@ from mtp_cli.parallel.tp_mappings import group_rank, group_size
 from mtp_cli.parallel.tp_sharding import COLUMN, GATED_COLUMN, ROW, VOCAB, ShardRule
 from mtp_cli.parallel.vocab_parallel import TensorParallelEmbedding, VocabParallelOutputHead
 
+# The shard rule of each column split a module's rule may name.
+_COLUMN_RULES = {"column": COLUMN, "gated_column": GATED_COLUMN}
 # Name segments that wrappers insert (DDP, torch.compile, activation checkpointing).
 _WRAPPER_SEGMENTS = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 
@@ -136,21 +135,6 @@ class TensorParallelPlan:
                 for k, v in local.items()}
 
 
-@dataclass
-class ModuleSharder:
-    """`state_sharder` of a module at `path` in a tensor-parallel model: (local name, tensor)
-    -> this rank's shards of the global tensor for DCP (`sharded_state_dict`)."""
-
-    plan: TensorParallelPlan
-    path: str
-
-    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        rule = self.plan.rule(f"{self.path}.{name}" if self.path else name)
-        if rule is None or value.dim() == 0 or self.plan.size == 1:
-            return value
-        return sharded_tensor(value, rule, self.plan.rank, self.plan.size)
-
-
 def tensor_parallel_plan(model: nn.Module) -> TensorParallelPlan | None:
     """The plan `parallelize_tensor` attached to `model` (through a DDP wrapper too), if any."""
     inner = getattr(model, "module", model)
@@ -223,49 +207,47 @@ class _Converter:
         _expect(source, ColumnParallelLinear, f"{path}.{attr}")
         setattr(parent, attr, DuplicatedLinear(source))
 
-    def routed_expert(self, module: MLP, path: str) -> None:
+    def split(self, module: nn.Module, path: str, linear: LinearSplit) -> None:
+        """One child linear as its module's rule says."""
+        if linear.split == "row":
+            self.row(module, path, linear.attr)
+        elif linear.split == "duplicate":
+            self.duplicate(module, path, linear.attr)
+        else:
+            self.column(module, path, linear.attr, _COLUMN_RULES[linear.split],
+                        gather_output=linear.gather_output)
+
+    def routed_expert(self, module: nn.Module, path: str, rule: TensorParallelRule) -> None:
         """Expert tensor parallel: the expert's linears split like a dense MLP's but with no
         communication (the MoE layer's dispatcher enters and leaves the region)."""
-        fc1 = GATED_COLUMN if module.gated else COLUMN
-        for attr, rule in (("linear_fc1", fc1), ("linear_fc2", ROW)):
-            source, full_path = getattr(module, attr), f"{path}.{attr}"
-            _expect(source, RowParallelLinear if rule is ROW else ColumnParallelLinear,
+        for linear in rule.linears:
+            shard = ROW if linear.split == "row" else _COLUMN_RULES[linear.split]
+            source, full_path = getattr(module, linear.attr), f"{path}.{linear.attr}"
+            _expect(source, RowParallelLinear if shard is ROW else ColumnParallelLinear,
                     full_path)
-            setattr(module, attr, ExpertShardedLinear(source, rule, group=self.group))
-            self._record(full_path, source, rule, None)
+            setattr(module, linear.attr, ExpertShardedLinear(source, shard, group=self.group))
+            self._record(full_path, source, shard, None)
 
-    def multi_latent_attention(self, module: MLASelfAttention, path: str) -> None:
-        """Megatron-Core's TE layout of MLA: the up projections split by heads (their rows are
-        per head, so contiguous blocks are whole heads), the down projections and latent norms
-        whole, the shared RoPE key moved into the heads' region, `linear_proj` row-parallel."""
-        if module.compress_query:
-            self.duplicate(module, path, "linear_q_down_proj")
-            self.column(module, path, "linear_q_up_proj", COLUMN)
-        else:
-            self.column(module, path, "linear_q_proj", COLUMN)
-        self.duplicate(module, path, "linear_kv_down_proj")
-        self.column(module, path, "linear_kv_up_proj", COLUMN)
-        self.row(module, path, "linear_proj")
-        module.shared_key_region = SharedAcrossHeads(self.group, self.sp)
+    def apply(self, module: nn.Module, path: str, rule: TensorParallelRule) -> None:
+        """What `module`'s own rule asks for (`mtp_cli.nn.sharding`)."""
+        if _is_routed_expert(path):
+            if self.plan.expert_tensor:  # else whole (ETP 1, DeepSeek-V3's layout)
+                self.routed_expert(module, path, rule)
+            return
+        for linear in rule.linears:
+            self.split(module, path, linear)
+        if rule.shared_across_heads is not None:
+            setattr(module, rule.shared_across_heads, SharedAcrossHeads(self.group, self.sp))
+        if rule.expert_dispatcher is not None and self.plan.expert_tensor:
+            dispatcher = getattr(module, rule.expert_dispatcher)
+            setattr(module, rule.expert_dispatcher,
+                    ExpertTensorParallelDispatcher(dispatcher, self.group, self.sp))
 
     def convert(self) -> None:
         for path, module in list(self.model.named_modules()):
-            if isinstance(module, SelfAttention):
-                self.column(module, path, "linear_qkv", COLUMN)
-                self.row(module, path, "linear_proj")
-            elif isinstance(module, MLASelfAttention):
-                self.multi_latent_attention(module, path)
-            elif isinstance(module, MLP) and _is_routed_expert(path):
-                if self.plan.expert_tensor:  # else whole (ETP 1, DeepSeek-V3's layout)
-                    self.routed_expert(module, path)
-            elif isinstance(module, MLP):
-                self.column(module, path, "linear_fc1", GATED_COLUMN if module.gated else COLUMN)
-                self.row(module, path, "linear_fc2")
-            elif isinstance(module, MoELayer) and self.plan.expert_tensor:
-                module.token_dispatcher = ExpertTensorParallelDispatcher(
-                    module.token_dispatcher, self.group, self.sp)
-            elif isinstance(module, MultiTokenPredictionLayer):
-                self.column(module, path, "eh_proj", COLUMN, gather_output=True)
+            rule_of = getattr(module, "tensor_parallel_rule", None)
+            if callable(rule_of):
+                self.apply(module, path, rule_of())
         model = self.model
         if model.embedding is not None:
             _expect(model.embedding, LanguageModelEmbedding, "embedding")
@@ -312,8 +294,5 @@ def parallelize_tensor(model: GPTModel, tp_group: dist.ProcessGroup | None, *,
         converter = _Converter(model, plan)
         converter.convert()
         converter.reject_leftovers()
-        for path, module in model.named_modules():
-            if isinstance(module, (MultiTokenPredictionLayer, MultiTokenPredictionBlock)):
-                module.state_sharder = ModuleSharder(plan, path)
     model.tensor_parallel_plan = plan
     return plan

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtp_cli.checkpoint.sharded_state import fsdp_coordinates, fsdp_rows, held, like
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
+from mtp_cli.parallel.fsdp_local import fsdp_coordinates, fsdp_rows, held, like
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
 POSITION_EMBEDDING = "embedding.position_embeddings.weight"
@@ -82,21 +82,3 @@ def allreduce_embedding_grads(chunks: Sequence[GPTModel],
                 copy.grad = like(copy, total.clone())
             else:
                 held(copy.grad).copy_(total)
-
-
-def broadcast_embeddings(chunks: Sequence[GPTModel], group: dist.ProcessGroup | None,
-                         src_rank: int) -> None:
-    """Make every copy equal to the first stage's (global `src_rank`) at set-up."""
-    copies = embedding_copies(chunks)
-    if not copies[WORD_EMBEDDING] or group is None:
-        return
-    position_shape = _position_shape(chunks[0])
-    with torch.no_grad():
-        for name, tensors in copies.items():
-            if name == POSITION_EMBEDDING and position_shape is None:
-                continue
-            buffer = tensors[0].data if tensors else copies[WORD_EMBEDDING][0].new_empty(
-                position_shape)
-            dist.broadcast(buffer, src=src_rank, group=group)
-            for copy in tensors[1:]:
-                copy.copy_(buffer)

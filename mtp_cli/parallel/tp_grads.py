@@ -78,24 +78,3 @@ def grad_square_sum(model: nn.Module, tp_group: dist.ProcessGroup | None = None,
         if reduce_group is not None and dist.get_world_size(reduce_group) > 1:
             dist.all_reduce(total, group=reduce_group)
     return total
-
-
-def tensor_parallel_grad_norm(model: nn.Module, tp_group: dist.ProcessGroup | None = None, *,
-                              skip: Callable[[str], bool] | None = None,
-                              sum_groups: Sequence[dist.ProcessGroup] = ()) -> torch.Tensor:
-    """The L2 norm of the full model's gradient, each logical parameter counted once."""
-    return grad_square_sum(model, tp_group, skip=skip, sum_groups=sum_groups).sqrt()
-
-
-def clip_grad_norm_(model: nn.Module, max_norm: float,
-                    tp_group: dist.ProcessGroup | None = None, *,
-                    skip: Callable[[str], bool] | None = None,
-                    sum_groups: Sequence[dist.ProcessGroup] = ()) -> torch.Tensor:
-    """Scale the gradients so their norm (as `tensor_parallel_grad_norm`) is at most `max_norm`;
-    returns the norm before clipping, as `torch.nn.utils.clip_grad_norm_` does."""
-    norm = tensor_parallel_grad_norm(model, tp_group, skip=skip, sum_groups=sum_groups)
-    coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, coefficient.to(grads[0].device))
-    return norm

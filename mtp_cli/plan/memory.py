@@ -78,7 +78,7 @@ def parse_memory(text: str, key: str = "--device-memory") -> int:
 @dataclass(frozen=True)
 class StageCounts:
     """Parameter counts (elements) of one stage, whole (before any sharding); counted on the
-    meta device by `mtp_cli.builders.stage_tensors.stage_tensors`.
+    meta device by `mtp_cli.facts.stage_tensors.stage_tensors`.
 
     `matrices`: 2-D weights tensor parallel splits (linears, embedding tables, output weight);
     `vectors`: norms and biases, replicated; `matmul_weights`: what autocast casts to bf16 (the

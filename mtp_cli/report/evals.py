@@ -15,7 +15,7 @@ def latest_eval(run_dir: Path, warnings: list[str] | None = None) -> dict[str, A
     """The eval of the highest step that reads as a JSON object (None when there is none);
     unreadable files are skipped, with a warning appended to `warnings`."""
     from mtp_cli.checkpoint.files import read_json_object
-    from mtp_cli.checkpoint.run_dir import checkpoint_step
+    from mtp_cli.checkpoint.layout import checkpoint_step
 
     directory = Path(run_dir) / EVAL_DIR
     if not directory.is_dir():

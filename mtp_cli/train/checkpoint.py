@@ -3,10 +3,10 @@ half-written checkpoint where a resume would take it.
 
 Every rank writes its shards into `checkpoints/step_NNNNNNN.tmp-<random>/`; rank 0 then writes
 `meta.json` (last), renames the directory into place and replaces the `latest` marker
-atomically. A checkpoint is complete exactly when its final name exists with a meta.json, and
-`latest` only ever names such a one.
+atomically (`mtp_cli.checkpoint.meta` and `.publish`). A checkpoint is complete exactly when its
+final name exists with a meta.json, and `latest` only ever names such a one.
 
-Every read goes through `checkpoint_io` (the allow-list unpickler for `.metadata`, the file
+Every read goes through `mtp_cli.checkpoint` (the allow-list unpickler for `.metadata`, the file
 named when a shard does not load); a save on a full disk removes its temporary directory and
 stops with `DiskFull`, leaving `latest` where it was.
 
@@ -20,13 +20,9 @@ them - each rank's own shards under the canonical names and global shapes, never
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import secrets
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +34,19 @@ from mtp_cli.checkpoint.checksums import directory_checksums
 from mtp_cli.checkpoint.dcp_files import load_state, read_metadata
 from mtp_cli.checkpoint.disk_full import save_state
 from mtp_cli.checkpoint.files import CheckpointFileError
-from mtp_cli.checkpoint.run_dir import TEMP_MARKER, RunDir, atomic_write_text, checkpoint_name
+from mtp_cli.checkpoint.layout import checkpoint_name
+from mtp_cli.checkpoint.meta import CheckpointMeta, created_now, write_meta
+from mtp_cli.checkpoint.publish import publish_directory, temp_sibling
+from mtp_cli.checkpoint.run_dir import RunDir
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
-from mtp_cli.launch import faults
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.plan.dims import ParallelDims
 from mtp_cli.train.engine import Engine
+from mtp_cli.train.faults import NO_FAULTS, FaultPoints
 from mtp_cli.train.nonfinite import finite_json
 from mtp_cli.train.optim import load_scheduler_state, scheduler_state
 from mtp_cli.train.stops import disk_full
-
-META_FORMAT = "mtp-cli-checkpoint/1"
 
 
 @dataclass
@@ -89,9 +86,9 @@ class Checkpointer:
     """Saves and loads checkpoints of one run directory (every rank calls every method)."""
 
     def __init__(self, run_dir: RunDir, spec: RunSpec, dims: ParallelDims, *, rank: int,
-                 device: torch.device) -> None:
+                 device: torch.device, faults: FaultPoints = NO_FAULTS) -> None:
         self.run_dir, self.spec, self.dims = run_dir, spec, dims
-        self.rank, self.device = rank, device
+        self.rank, self.device, self.faults = rank, device, faults
 
     # --- the state dict ------------------------------------------------------------------------
     def _state_dict(self, parts: Stateful, train_state: TrainState, *,
@@ -123,8 +120,8 @@ class Checkpointer:
         final = self.run_dir.checkpoints / name
         state = self._state_dict(parts, train_state)
         try:
-            save_state(state, temp, before_write=lambda: faults.maybe_disk_full(step, rank))
-            faults.maybe_fail_during_checkpoint(step, rank)
+            save_state(state, temp, before_write=lambda: self.faults.disk_full(step, rank))
+            self.faults.fail_during_checkpoint(step, rank)
             if rank == 0:
                 self._write_meta(temp, train_state, losses)
                 self._publish(temp, final)
@@ -141,7 +138,7 @@ class Checkpointer:
 
     def _temp_name(self, name: str) -> str:
         """A fresh temporary directory name, chosen by rank 0 for everyone."""
-        box = [f"{name}{TEMP_MARKER}{secrets.token_hex(4)}" if self.rank == 0 else None]
+        box = [temp_sibling(Path(name)).name if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         return str(box[0])
 
@@ -149,39 +146,28 @@ class Checkpointer:
                     losses: dict[str, float]) -> None:
         cumulative = MTPLossLoggingHelper.state_dict()
         losses, nonfinite = finite_json(losses)  # JSON has no NaN: null, and say so
-        meta: dict[str, Any] = {
-            "format": META_FORMAT,
-            "step": train_state.step,
-            "tokens": train_state.tokens,
-            "spec": self.spec.model_dump(mode="json"),
-            "losses": losses,
-            "world_size": self.dims.world_size,
-            "parallel": self.dims.as_dict(),
-            "mtp_cumulative": {
+        write_meta(directory, CheckpointMeta(
+            step=train_state.step,
+            tokens=train_state.tokens,
+            spec=self.spec.model_dump(mode="json"),
+            losses=losses,
+            world_size=self.dims.world_size,
+            parallel=self.dims.as_dict(),
+            mtp_cumulative={
                 "correct": [int(v) for v in cumulative.get("correct", torch.zeros(0)).tolist()],
                 "total": [int(v) for v in cumulative.get("total", torch.zeros(0)).tolist()],
             },
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "mtp_cli_version": __version__,
-        }
-        if nonfinite:
-            meta["nonfinite"] = True
-        if self.spec.checkpoint.checksums:
-            meta["checksums"] = directory_checksums(directory)
-        atomic_write_text(directory / "meta.json", json.dumps(meta, indent=2) + "\n")
+            created=created_now(),
+            mtp_cli_version=__version__,
+            nonfinite=nonfinite,
+            checksums=directory_checksums(directory) if self.spec.checkpoint.checksums else None,
+        ))
 
     def _publish(self, temp: Path, final: Path) -> None:
-        """Rename the finished directory into place, then point `latest` at it."""
-        _fsync_directory(temp)
-        if final.exists():  # the same step written again (a run extended past its end)
-            old = final.with_name(f"{final.name}{TEMP_MARKER}old")
-            os.replace(final, old)
-            os.replace(temp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temp, final)
-        _fsync_directory(final.parent)
-        atomic_write_text(self.run_dir.latest_marker, final.name + "\n")
+        """Rename the finished directory into place (the same step written again, when a run
+        is extended past its end, replaces it), then point `latest` at it."""
+        publish_directory(temp, final)
+        self.run_dir.point_latest(final.name)
 
     # --- load ----------------------------------------------------------------------------------
     def load(self, path: Path, parts: Stateful) -> TrainState:
@@ -235,11 +221,3 @@ def _has(stored: dict[str, Any], prefix: str) -> bool:
     """Whether the checkpoint holds an entry under `prefix` (DCP flattens nested dicts)."""
     return any(key == prefix or key.startswith(prefix + ".") for key in stored)
 
-
-def _fsync_directory(path: Path) -> None:
-    """Make a rename or a new file in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,7 +15,8 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata
 
-from mtp_cli.checkpoint import META_JSON, ValidCheckpoint, tensor_entries
+from mtp_cli.checkpoint import ValidCheckpoint, tensor_entries
+from mtp_cli.checkpoint.layout import meta_path
 from mtp_cli.checkpoint.run_dir import RunDir
 from mtp_cli.config.schema import RunSpec, TrainConfig
 from mtp_cli.errors import Problem, UserError
@@ -108,7 +109,7 @@ def check_same_model(spec: RunSpec, checkpoint: ValidCheckpoint, *, allow_import
     launcher's one meta build), else a meta build here."""
     from mtp_cli.builders.model_builder import state_dict_shapes
 
-    stored = checkpoint.meta.get("spec")
+    stored = checkpoint.meta.spec
     sections = _changed_sections(stored, spec.model_dump(mode="json"))
     if shapes is None:
         shapes = state_dict_shapes(spec, allow_imports=allow_imports)
@@ -126,7 +127,7 @@ def check_same_model(spec: RunSpec, checkpoint: ValidCheckpoint, *, allow_import
 
 
 def check_same_batch(spec: RunSpec, checkpoint: ValidCheckpoint) -> None:
-    stored = checkpoint.meta.get("spec")
+    stored = checkpoint.meta.spec
     train = stored.get("train") if isinstance(stored, dict) else None
     old = train.get("global_batch_size") if isinstance(train, dict) else None
     if old != spec.train.global_batch_size:
@@ -163,12 +164,12 @@ def plan_resume(spec: RunSpec, run_dir: RunDir, *, allow_imports: bool = False,
     plan = ResumePlan(checkpoint, list(resolution.warnings))
     if checkpoint is None:
         return plan
-    if not isinstance(checkpoint.meta.get("spec"), dict):
+    if checkpoint.meta.spec is None:
         raise UserError(problems=[Problem(
             "stores no spec: cannot tell whether it holds this model",
-            file=str(checkpoint.path / META_JSON), hint="--overwrite starts afresh")])
+            file=str(meta_path(checkpoint.path)), hint="--overwrite starts afresh")])
     check_same_model(spec, checkpoint, allow_imports=allow_imports, shapes=shapes)
     check_same_batch(spec, checkpoint)
-    plan.schedule_note = schedule_change(checkpoint.meta["spec"].get("train"), spec.train,
+    plan.schedule_note = schedule_change(checkpoint.meta.spec.get("train"), spec.train,
                                          checkpoint.step)
     return plan

@@ -30,7 +30,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from mtp_cli.builders.model_builder import build_model, loss_settings_for
 from mtp_cli.config.schema import RunSpec
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 from mtp_cli.mtp.loss import LossSettings
 from mtp_cli.mtp.run_state import MTPRunState
 from mtp_cli.parallel.context_parallel import apply_context_parallel
@@ -38,8 +38,6 @@ from mtp_cli.parallel.data_parallel import apply_data_parallel, shard_fully
 from mtp_cli.parallel.expert_parallel import (
     ExpertGradients,
     apply_expert_parallel,
-    build_expert_groups,
-    expert_data_mesh,
     shard_experts,
 )
 from mtp_cli.parallel.mesh import ParallelMesh
@@ -60,7 +58,13 @@ from mtp_cli.train.model_parallel_state import (
     sharded_optimizer_state,
 )
 from mtp_cli.train.optim import build_optimizer
-from mtp_cli.train.step import StepLayout, StepOutput, StepRunner, StepSettings
+from mtp_cli.train.step import (
+    GradientHook,
+    StepLayout,
+    StepOutput,
+    StepRunner,
+    StepSettings,
+)
 
 
 class Engine(Protocol):
@@ -71,7 +75,8 @@ class Engine(Protocol):
     loss_settings: LossSettings  # the run's, shared by every chunk (λ is updated here)
     mtp_state: MTPRunState  # the run's MTP tracker and loss scale, shared by every chunk
 
-    def train_step(self, batches: list[Any]) -> StepOutput: ...
+    def train_step(self, batches: list[Any], *, before_norm: GradientHook | None = None
+                   ) -> StepOutput: ...
     def evaluate(self, loader: Any, num_batches: int) -> dict[str, float]: ...
     def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]: ...
     def load_placeholders(self) -> tuple[dict[str, Any], dict[str, Any]]: ...
@@ -110,8 +115,8 @@ class TrainingEngine:
         # expert parallel: the groups first, so each stage keeps only this rank's experts
         # while still on the meta device; then their gradients' reduction
         ep = spec.parallel.expert
-        self.expert_groups = build_expert_groups(dims, ep) if ep > 1 else None
-        self.expert_mesh = (expert_data_mesh(dims, ep, settings.device.type)
+        self.expert_groups = mesh.expert_groups(ep) if ep > 1 else None
+        self.expert_mesh = (mesh.expert_data_mesh(ep)
                             if ep > 1 and spec.parallel.fsdp else None)
         self.chunks = [self._build_chunk(vp, allow_imports) for vp in self._virtual_stages()]
         etp_group = self.tp_group if spec.parallel.expert_tensor > 1 else None
@@ -192,9 +197,10 @@ class TrainingEngine:
             microbatch_group_size=self.spec.parallel.microbatch_group_size_per_vp_stage)
 
     # --- a step and validation -----------------------------------------------------------------
-    def train_step(self, batches: list[Any]) -> StepOutput:
+    def train_step(self, batches: list[Any], *, before_norm: GradientHook | None = None
+                   ) -> StepOutput:
         with self.mtp_state.activate():
-            return self.runner.train_step(batches)
+            return self.runner.train_step(batches, before_norm=before_norm)
 
     def evaluate(self, loader: Any, num_batches: int) -> dict[str, float]:
         with self.mtp_state.activate():

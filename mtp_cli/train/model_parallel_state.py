@@ -21,21 +21,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from mtp_cli.checkpoint.sharded_state import (
-    fsdp_coordinates,
-    fsdp_rows,
-    held,
-    like,
-    local_tensor,
-    sharded_tensor,
-)
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.checkpoint.sharded_state import local_tensor, sharded_tensor
+from mtp_cli.gpt import GPTModel
 from mtp_cli.mtp.tying import (
     OUTPUT_LAYER_KEY,
     WORD_EMBEDDING_KEY,
     tie_output_layer_state_dict,
     tie_word_embeddings_state_dict,
 )
+from mtp_cli.parallel.fsdp_local import fsdp_coordinates, fsdp_rows, held, like
 from mtp_cli.parallel.tensor_parallel import tensor_parallel_plan
 from mtp_cli.parallel.tp_sharding import ShardRule
 

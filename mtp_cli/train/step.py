@@ -36,12 +36,12 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from mtp_cli.checkpoint.sharded_state import held
 from mtp_cli.models.moe.run_state import set_moe_aux_loss_scale, update_expert_bias
 from mtp_cli.mtp.autoscaler import MTPLossAutoScaler
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.parallel.data_parallel import gradient_sync
 from mtp_cli.parallel.expert_parallel import is_expert_parameter
+from mtp_cli.parallel.fsdp_local import held
 from mtp_cli.parallel.tied_embeddings import allreduce_embedding_grads
 from mtp_cli.parallel.tp_grads import grad_square_sum, sync_sequence_parallel_grads
 from mtp_cli.train.nonfinite import update_is_finite
@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from mtp_cli.config.schema import RunSpec
     from mtp_cli.parallel.mesh import ParallelMesh
     from mtp_cli.plan.dims import ParallelDims
+
+# called with this rank's model parts once a step's gradients are reduced (a fault point)
+GradientHook = Callable[[Sequence[nn.Module]], None]
 
 
 @dataclass
@@ -247,7 +250,10 @@ class StepRunner:
             grad.copy_(reduced)
 
     # --- a step --------------------------------------------------------------------------------
-    def train_step(self, batches: list[Any]) -> StepOutput:
+    def train_step(self, batches: list[Any], *, before_norm: GradientHook | None = None
+                   ) -> StepOutput:
+        """One optimizer step over `batches`; `before_norm` sees the reduced gradients before
+        the norm and the non-finite check (the trainer's fault point)."""
         totals = torch.zeros(2, dtype=torch.float64, device=self.settings.device)
         self.run(batches, totals, train=True)
         totals = self._reduce_totals(totals)
@@ -255,6 +261,8 @@ class StepRunner:
             sync_sequence_parallel_grads(chunk)
         allreduce_embedding_grads(self.chunks, self.layout.embedding_group)
         self._reduce_gradients(float(totals[1]))
+        if before_norm is not None:
+            before_norm(self.chunks)
         grad_norm = clip_gradients(self.chunks, self.settings.grad_clip, self.layout,
                                    self.settings.device)
         lm_loss = float(totals[0] / totals[1].clamp(min=1))

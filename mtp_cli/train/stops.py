@@ -20,7 +20,8 @@ from typing import Any
 
 from mtp_cli.checkpoint.disk_full import find_disk_full
 from mtp_cli.checkpoint.files import CheckpointFileError, read_json_object
-from mtp_cli.checkpoint.run_dir import RunDir, atomic_write_text, read_latest
+from mtp_cli.checkpoint.publish import atomic_write_text
+from mtp_cli.checkpoint.run_dir import RunDir, read_latest
 
 STOPPED_EXIT = 3  # a worker printed why it stopped; the launcher exits STOPPED_RUN_EXIT
 STOPPED_RUN_EXIT = 1
@@ -48,7 +49,7 @@ def last_good_checkpoint(run_dir: RunDir) -> str:
     name, _ = read_latest(run_dir.checkpoints)
     if name is None:
         return "no checkpoint has been completed yet"
-    return f"{run_dir.checkpoints / 'latest'} still names {name}, the last good checkpoint"
+    return f"{run_dir.latest_marker} still names {name}, the last good checkpoint"
 
 
 def disk_full(error: BaseException, doing: str) -> DiskFull | None:

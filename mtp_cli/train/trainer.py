@@ -16,14 +16,13 @@ import torch.distributed as dist
 from mtp_cli.checkpoint.run_dir import RunDir, truncate_metrics
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.data import MicroBatchLoader, build_datasets
-from mtp_cli.launch import faults
-from mtp_cli.launch.distributed import DistEnv
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
-from mtp_cli.parallel.mesh import build_mesh
+from mtp_cli.parallel.mesh import DistEnv, build_mesh
 from mtp_cli.plan.dims import ParallelDims
 from mtp_cli.plan.run_plan import RunPlan
 from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
 from mtp_cli.train.engine import build_engine, set_mtp_loss_scaling_factor
+from mtp_cli.train.faults import NO_FAULTS, FaultPoints
 from mtp_cli.train.flop_rate import FlopRate
 from mtp_cli.train.metrics import IntervalMetrics, MetricsWriter, peak_memory_mb
 from mtp_cli.train.moe_metrics import MoEStepMetrics
@@ -43,11 +42,12 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Trains `spec` in `run_dir` on this process's share of the job."""
+    """Trains `spec` in `run_dir` on this process's share of the job; `faults` are the test
+    fault points (none by default)."""
 
     def __init__(self, spec: RunSpec, run_dir: RunDir, env: DistEnv, *,
-                 allow_imports: bool = False) -> None:
-        self.spec, self.run_dir, self.env = spec, run_dir, env
+                 allow_imports: bool = False, faults: FaultPoints = NO_FAULTS) -> None:
+        self.spec, self.run_dir, self.env, self.faults = spec, run_dir, env, faults
         seed_everything(spec.train.seed)
         self.plan = RunPlan.of(spec, env.world_size)
         assert self.plan.dims is not None
@@ -63,7 +63,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, spec.train)
         self.parts = Stateful(self.engine, self.scheduler, self.loader)
         self.checkpointer = Checkpointer(run_dir, spec, self.dims, rank=env.rank,
-                                         device=env.device)
+                                         device=env.device, faults=faults)
         self.tokens_per_step = spec.train.global_batch_size * spec.model.seq_length
         self.flop_rate = FlopRate.for_run(spec, env.device, env.world_size)
         self.depths = self.plan.depths
@@ -127,7 +127,7 @@ class Trainer:
             if self.is_main:
                 print(f"resumed from {path.name} (step {self.state.step})", flush=True)
         if self.is_main:
-            faults.maybe_disk_full_at_start(self.env.rank)
+            self.faults.disk_full_at_start(self.env.rank)
             truncate_metrics(self.run_dir.metrics, self.state.step)
         dist.barrier()
 
@@ -143,12 +143,12 @@ class Trainer:
             if step % train.log_interval == 0 or last:
                 self._log(totals, output)
                 totals = IntervalMetrics()
-            faults.maybe_kill_rank(step, self.env.rank)
+            self.faults.kill_rank(step, self.env.rank)
             if train.eval_interval and (step % train.eval_interval == 0 or last):
                 self._validate()
             if last or (checkpoint.interval and step % checkpoint.interval == 0):
                 self._save(output)
-            faults.maybe_hang(step)
+            self.faults.hang(step)
         if self.progress is not None:
             self.progress.note(f"finished: step {self.state.step}, {self.state.tokens} tokens; "
                                f"run directory {self.run_dir.root}")
@@ -160,11 +160,12 @@ class Trainer:
         set_mtp_loss_scaling_factor(self.engine, self.mtp_loss_scale)
         self.lr = self.optimizer.param_groups[0]["lr"]
         batches = [self.loader.next_batch() for _ in range(self.num_microbatches)]
-        output = self.engine.train_step(batches)
+        step = self.state.step + 1
+        output = self.engine.train_step(
+            batches, before_norm=lambda chunks: self.faults.corrupt_gradients(step, chunks))
         self.scheduler.step()
-        self.state.step += 1
+        self.state.step = step
         self.state.tokens += self.tokens_per_step
-        step = self.state.step
         tb = self.writer.tb if self.writer is not None else None
         wandb = self.writer.wandb if self.writer is not None else None
         # a non-finite step's MTP losses stay out of the interval's averages

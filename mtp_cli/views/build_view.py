@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from mtp_cli.builders.describe import BuildDescription
+from mtp_cli.facts.describe import BuildDescription
 from mtp_cli.views.model_tree import module_tree
 
 

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mtp_cli.checkpoint import CheckpointMeta
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.inspect.inspection import CheckpointInspection
 from mtp_cli.plan.run_plan import mtp_depths
@@ -18,28 +19,34 @@ def _fmt_count(value: int | None) -> str:
 
 
 def _header_lines(report: CheckpointInspection) -> list[str]:
-    ckpt, meta = report.checkpoint, report.checkpoint.meta or {}
+    ckpt = report.checkpoint
     kind = "DCP checkpoint" if ckpt.kind == "dcp" else "torch.save state dict"
     lines = [f"[bold]{escape(str(ckpt.path))}[/] [dim]({kind})[/]"]
-    facts = []
-    if ckpt.step is not None:
-        facts.append(f"step {ckpt.step:,}")
-    if isinstance(meta.get("tokens"), int):
-        facts.append(f"tokens {meta['tokens']:,}")
-    losses = meta.get("losses")
-    if isinstance(losses, dict) and losses:
-        facts.append("last losses " + ", ".join(f"{k} {_num(v)}" for k, v in losses.items()))
-    parallel = meta.get("parallel")
-    if isinstance(parallel, dict):
-        facts.append(f"world size {meta.get('world_size', '?')} ("
-                     + ", ".join(f"{k} {v}" for k, v in parallel.items()) + ")")
-    acceptance = _cumulative_acceptance(meta.get("mtp_cumulative"))
-    if acceptance:
-        facts.append(f"cumulative acceptance {acceptance}")
+    facts = [f"step {ckpt.step:,}"] if ckpt.step is not None else []
+    if ckpt.meta is not None:
+        facts += _meta_facts(ckpt.meta)
     if facts:
         lines.append(" · ".join(facts))
     lines += [f"[dim]note: {escape(n)}[/]" for n in ckpt.notes]
     return lines
+
+
+def _meta_facts(meta: CheckpointMeta) -> list[str]:
+    """Tokens, last losses, layout and MTP acceptance, as far as meta.json records them."""
+    facts = []
+    if meta.tokens is not None:
+        facts.append(f"tokens {meta.tokens:,}")
+    if meta.losses:
+        facts.append("last losses " + ", ".join(f"{k} {_num(v)}" for k, v in
+                                                 meta.losses.items()))
+    if meta.parallel is not None:
+        world = meta.world_size if meta.world_size is not None else "?"
+        facts.append(f"world size {world} ("
+                     + ", ".join(f"{k} {v}" for k, v in meta.parallel.items()) + ")")
+    acceptance = _cumulative_acceptance(meta.mtp_cumulative)
+    if acceptance:
+        facts.append(f"cumulative acceptance {acceptance}")
+    return facts
 
 
 def _cumulative_acceptance(cumulative: Any) -> str:

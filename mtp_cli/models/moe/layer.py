@@ -25,6 +25,7 @@ from mtp_cli.errors import Problem
 from mtp_cli.models.mlp import mlp_spec
 from mtp_cli.models.moe.dispatcher import LocalTokenDispatcher, TokenDispatcher
 from mtp_cli.nn.module_spec import ModuleSpec, SpecTreeError, build_module, register_module
+from mtp_cli.nn.sharding import TensorParallelRule
 
 
 @dataclass
@@ -57,6 +58,11 @@ class MoELayer(nn.Module):
                     hint="add shared_experts: {module: SharedExpertMLP, ...}")])
             self.shared_experts = build_module(submodules.shared_experts, config=config)
         self.token_dispatcher: TokenDispatcher = LocalTokenDispatcher(expert_indices)
+
+    def tensor_parallel_rule(self) -> TensorParallelRule:
+        """Under expert tensor parallel the dispatcher enters and leaves the experts' region
+        (the experts themselves split as MLPs); otherwise nothing changes here."""
+        return TensorParallelRule(expert_dispatcher="token_dispatcher")
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`[s, b, h]` -> `[s, b, h]`."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.gpt import GPTModel
 from mtp_cli.models.moe.layer import MoELayer
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from mtp_cli.builders.counts import routed_expert_parameters
-from mtp_cli.builders.describe import stage_modules
 from mtp_cli.builders.model_builder import build_model
 from mtp_cli.config.schema import RunSpec
+from mtp_cli.facts.counts import routed_expert_parameters
+from mtp_cli.facts.describe import stage_modules
 from mtp_cli.plan.memory import MemoryPlan, StageCounts, plan_memory
 from mtp_cli.plan.placement import build_stage_plan
 from mtp_cli.plan.stages import StagePlan

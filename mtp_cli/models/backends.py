@@ -1,7 +1,9 @@
 """Backend providers: which class fills each `backend.*` slot of a ModuleSpec.
 
 `LocalSpecProvider` answers with plain PyTorch modules, `TESpecProvider` with Transformer
-Engine's (imported only when a TE model is built).
+Engine's (imported only when a TE model is built). They sit with the modules they name, below the
+MTP package (as in Megatron-Core, `megatron.core.models.backends`), so that the MTP layer's spec
+(`get_mtp_layer_spec`) and the default module trees of `mtp_cli.builders` both read them.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from mtp_cli.nn.module_spec import ModuleSpec
 from mtp_cli.nn.packed import PackedSeqParams
 from mtp_cli.plan.stages import Stage
 
-__all__ = ["GPTModel", "ParallelGroups"]
+__all__ = ["GPTModel"]
 
 
 class GPTModel(nn.Module):

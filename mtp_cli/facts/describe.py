@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtp_cli.builders.counts import ParameterCounts, count_parameters, routed_expert_parameters
 from mtp_cli.builders.model_builder import build_model
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import UserError
-from mtp_cli.models.gpt import GPTModel
+from mtp_cli.facts.counts import ParameterCounts, count_parameters, routed_expert_parameters
+from mtp_cli.gpt import GPTModel
 from mtp_cli.mtp.run_state import MTPRunState
 from mtp_cli.plan.placement import build_stage_plan
 from mtp_cli.plan.stages import Stage, StagePlan
