@@ -21,6 +21,7 @@ from torch import nn
 
 from mtp_cli import build_model, load_spec
 from mtp_cli.config.schema import RunSpec
+from mtp_cli.inspect.checkpoint import open_checkpoint
 
 VOCAB = 320  # >= 257: the byte tokenizer fits
 
@@ -175,3 +176,27 @@ def qwen2_config(**overrides: Any) -> Any:
     config = Qwen2Config(**args)
     config.num_mtp_layers = overrides.get("num_mtp_layers", 2)
     return config
+
+
+SEED = 4  # the seed of the random models import tests save
+
+
+def saved_model(tmp_path: Path, config, *, shard: str = "40KB", dtype=None):
+    """A random transformers model saved sharded, with its MTP depths written after it."""
+    main, mtp = transformers_pair(config, SEED)
+    if dtype is not None:
+        main, mtp = main.to(dtype), mtp.to(dtype)
+    directory = tmp_path / "hf"
+    main.save_pretrained(directory, max_shard_size=shard)
+    if len(mtp.layers):
+        write_mtp_layers(directory, main, mtp)
+    return directory, main, mtp
+
+
+def imported_model(run_dir: Path):
+    """The model of an import's step-0 checkpoint, loaded by name (every tensor present)."""
+    checkpoint = open_checkpoint(run_dir)
+    spec = load_spec(run_dir / "spec.yaml")
+    model = build_model(spec).eval()
+    model.load_state_dict(checkpoint.read(list(checkpoint.tensors)), strict=True)
+    return spec, model

@@ -22,11 +22,11 @@ from mtp_cli.hf.export import export_checkpoint
 from mtp_cli.hf.importer import import_model
 from mtp_cli.inspect.checkpoint import open_checkpoint
 from tests.hf_models import (
+    imported_model,
     llama_config,
     qwen2_config,
     read_safetensors_dir,
-    transformers_pair,
-    write_mtp_layers,
+    saved_model,
 )
 from tests.hf_parity import (
     ParityPair,
@@ -37,7 +37,6 @@ from tests.hf_parity import (
 )
 
 pytest.importorskip("transformers")
-SEED = 4
 CASES = {
     "llama": lambda: llama_config(),
     "llama_all_biases": lambda: llama_config(attention_bias=True, mlp_bias=True,
@@ -48,27 +47,6 @@ CASES = {
                                                                 rope_interleave=False),
     "glm4_moe": lambda: glm_config(),
 }
-
-
-def saved_model(tmp_path: Path, config, *, shard: str = "40KB", dtype=None):
-    """A random transformers model saved sharded, with its MTP depths written after it."""
-    main, mtp = transformers_pair(config, SEED)
-    if dtype is not None:
-        main, mtp = main.to(dtype), mtp.to(dtype)
-    directory = tmp_path / "hf"
-    main.save_pretrained(directory, max_shard_size=shard)
-    if len(mtp.layers):
-        write_mtp_layers(directory, main, mtp)
-    return directory, main, mtp
-
-
-def imported_model(run_dir: Path):
-    """The model of an import's step-0 checkpoint, loaded by name (every tensor present)."""
-    checkpoint = open_checkpoint(run_dir)
-    spec = load_spec(run_dir / "spec.yaml")
-    model = build_model(spec).eval()
-    model.load_state_dict(checkpoint.read(list(checkpoint.tensors)), strict=True)
-    return spec, model
 
 
 SLOW_CASES = {"llama_all_biases", "deepseek_v3_rope_not_interleaved", "glm4_moe"}

@@ -20,9 +20,15 @@ from mtp_cli.hf.training_record import RECORD
 from mtp_cli.inspect.checkpoint import open_checkpoint
 from tests.ckpt_helpers import write_dcp_checkpoint
 from tests.cli_helpers import run_mtp
-from tests.hf_models import dense_sections, llama_config, random_model, transformers_pair
+from tests.hf_models import (
+    dense_sections,
+    imported_model,
+    llama_config,
+    random_model,
+    saved_model,
+    transformers_pair,
+)
 from tests.hf_parity import deepseek_config, our_depth_logits
-from tests.test_hf_import import imported_model, saved_model
 
 pytest.importorskip("transformers")
 
