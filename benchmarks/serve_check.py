@@ -46,6 +46,7 @@ SHORT = ("train.global_batch_size=8", "train.warmup_steps=10", "train.eval_inter
 DENSE = ("specs/tiny.yaml", "model.num_attention_heads=2", "model.num_query_groups=2",
          "train.steps=150", *SHORT)
 MLA = ("specs/tiny_moe.yaml", "model.kv_lora_rank=512", "model.qk_pos_emb_head_dim=64",
+       "model.layernorm_epsilon=1e-6",
        "train.steps=100", *SHORT)
 
 
@@ -81,7 +82,7 @@ def mtp_generate(python: str, run: Path, depths: int | None) -> dict[str, Any]:
 
 def engine(model: Path, spec_tokens: int, mla: bool, workaround: bool) -> dict[str, Any]:
     """One vLLM engine in a fresh process of this interpreter: texts and spec-decode counters."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     args = [sys.executable, __file__, "--engine", str(model), "--spec-tokens", str(spec_tokens)]
     args += ["--mla"] if mla else []
