@@ -316,9 +316,13 @@ def export(
     )] = None,
     overwrite: OverwriteOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    target: Annotated[str, typer.Option(
+        "--target", help="transformers, vllm or sglang: the engine whose layout a dense model's "
+                         "MTP depths get (vllm/sglang: MiMo's). DeepSeek-V3 and GLM-4.5 exports "
+                         "are the same for all three.")] = "transformers",
 ) -> None:
     """Write CHECKPOINT as a Hugging Face model (config.json, sharded safetensors with the MTP
-    depths at model.layers.{N+k}, tokenizer) that transformers, vLLM and SGLang load."""
+    depths at model.layers.{N+k}, or in MiMo's layout for --target vllm/sglang, tokenizer)."""
     from mtp_cli.hf.export import DTYPES, export_checkpoint
 
     if dtype is not None and dtype not in DTYPES:
@@ -326,7 +330,8 @@ def export(
                                           key="--dtype")])
     echo = None if as_json else (lambda text: console.print(text, highlight=False, markup=False))
     result = export_checkpoint(checkpoint, out, spec_path=spec, dtype=dtype,
-                               shard_size=shard_size, overwrite=overwrite, echo=echo)
+                               shard_size=shard_size, overwrite=overwrite, echo=echo,
+                               target=target)
     if as_json:
         print_json(result.as_dict())
         return

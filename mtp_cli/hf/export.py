@@ -14,6 +14,9 @@ DIR/mtp_cli_training.json             the spec's train and mtp sections (and mod
                                       which `mtp import` of DIR restores
 ```
 
+`target` (`--target vllm|sglang`) writes a dense model in MiMo's layout instead
+(`mtp_cli.hf.serving`). Every file is mode 0644.
+
 Streaming: the file tensors are grouped into output shards of at most `--shard-size` bytes
 first (from the checkpoint's shapes alone), then each shard is one DCP read of the Megatron
 tensors it needs (DCP re-reads `.metadata` on every call: reading tensor by tensor would cost
@@ -35,9 +38,10 @@ import torch
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.hf.export_config import HFTarget, generation_config, hf_target, layout_context
-from mtp_cli.hf.mapping import ARCHITECTURES, FileTensor, LayoutContext, file_tensors, to_hf_tensors
+from mtp_cli.hf.mapping import FileTensor, LayoutContext, to_hf_tensors
 from mtp_cli.hf.memory import release_freed_memory
 from mtp_cli.hf.output_dir import StagedDirectory, check_output
+from mtp_cli.hf.serving import BESIDE, check_target, serving_plan
 from mtp_cli.hf.tokenizer_files import write_tokenizer
 from mtp_cli.hf.training_record import RECORD, training_record
 
@@ -172,13 +176,15 @@ def _write_shard(shard: Shard, read: Callable[[list[str]], dict[str, torch.Tenso
 
 def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
                       dtype: str | None = None, shard_size: str | int = "5GB",
-                      overwrite: bool = False, echo: Callable[[str], None] | None = None
-                      ) -> ExportResult:
-    """Write the Hugging Face model directory `out` of checkpoint `path` (see module doc)."""
+                      overwrite: bool = False, echo: Callable[[str], None] | None = None,
+                      target: str = "transformers") -> ExportResult:
+    """Write the Hugging Face model directory `out` of checkpoint `path` (see module doc) for
+    the engine `target` (`mtp_cli.hf.serving`)."""
     from mtp_cli.data.tokenizer import load_tokenizer
     from mtp_cli.inspect.checkpoint import open_checkpoint
     from mtp_cli.inspect.expected import checkpoint_spec
 
+    check_target(target)
     limit = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
     check_output(Path(out), overwrite=overwrite, source=Path(path))
     checkpoint = open_checkpoint(Path(path))
@@ -202,12 +208,11 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
     for name, shape in expected.items():
         by_bytes[dtype_of(name)] = by_bytes.get(dtype_of(name), 0) + _numel(shape)
     main_dtype = max(by_bytes, key=lambda d: by_bytes[d])
-    target = hf_target(spec, dtype=main_dtype, eos_token_id=eod, bos_token_id=eod)
+    hf = hf_target(spec, dtype=main_dtype, eos_token_id=eod, bos_token_id=eod)
     ctx = layout_context(spec)
-    items = file_tensors(ARCHITECTURES[target.model_type], ctx, expected,
-                         tied=spec.model.share_embeddings_and_output_weights,
-                         repeated_mtp=spec.mtp.use_repeated_layer)
-    shards = plan_shards(items, expected, dtype_of, ctx, limit)
+    plan = serving_plan(spec, hf, ctx, list(expected), target)
+    notes += plan.notes
+    shards = plan_shards(plan.items, expected, dtype_of, ctx, limit)
     weight_map: dict[str, str] = {}
     with StagedDirectory(Path(out), overwrite=overwrite, source=Path(path)) as temp:
         for index, shard in enumerate(shards):
@@ -217,12 +222,18 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
             release_freed_memory()
             if echo is not None:
                 echo(f"wrote {name} ({shard.nbytes / 1e6:.1f} MB)")
+        if plan.beside:
+            (temp / BESIDE).mkdir()
+            _write_shard(Shard(plan.beside), checkpoint.read, ctx, dtype_of,
+                         temp / BESIDE / "model.safetensors")
         total = sum(s.nbytes for s in shards)
         _write_json(temp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _write_metadata(temp, target, spec if eod is not None else None)
+        _write_metadata(temp, HFTarget(hf.model_type, plan.config),
+                        spec if eod is not None else None)
         _write_json(temp / RECORD, training_record(spec))
-    return ExportResult(Path(out), target.architecture, len(shards), len(weight_map), total,
-                        notes=notes)
+        _readable_by_all(temp)
+    return ExportResult(Path(out), plan.config["architectures"][0], len(shards),
+                        len(weight_map), total, notes=notes)
 
 
 def _write_metadata(directory: Path, target: HFTarget, spec: RunSpec | None) -> None:
@@ -231,6 +242,14 @@ def _write_metadata(directory: Path, target: HFTarget, spec: RunSpec | None) -> 
     _write_json(directory / "generation_config.json", generation_config(target))
     if spec is not None:
         write_tokenizer(directory, spec.data.tokenizer)
+
+
+def _readable_by_all(directory: Path) -> None:
+    """Every exported file 0644: safetensors' `save_file` creates 0600 files, which a serving
+    engine running as another user (a container, a shared model cache) cannot read."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -106,11 +106,12 @@ def _moe(model: ModelConfig) -> dict[str, Any]:
     if model.add_bias_linear:
         raise refuse("add_bias_linear in a MoE model", "model.add_bias_linear")
     if model.moe_router_score_function != "sigmoid":
-        raise refuse("softmax router scores (DeepSeek-V3 and GLM-4.5 route on sigmoid scores)",
-                     "model.moe_router_score_function")
+        raise refuse("softmax router scores (transformers' DeepSeek-V3 and GLM-4.5, and vLLM's "
+                     "GLM-4-MoE, route on sigmoid scores)", "model.moe_router_score_function")
     if not model.moe_router_enable_expert_bias:
-        raise refuse("no expert bias (their routers always add e_score_correction_bias; set "
-                     "moe_router_enable_expert_bias: true)", "model.moe_router_enable_expert_bias")
+        raise refuse("no expert bias (their routers always add e_score_correction_bias, vLLM's "
+                     "GLM-4-MoE too; set moe_router_enable_expert_bias: true)",
+                     "model.moe_router_enable_expert_bias")
     shared, width = model.moe_shared_expert_intermediate_size, model.moe_ffn_hidden_size
     if not shared or shared % width:
         raise refuse("shared experts must be n x moe_ffn_hidden_size wide (their MoE layers "
@@ -126,7 +127,26 @@ def _moe(model: ModelConfig) -> dict[str, Any]:
             "moe_intermediate_size": width, "n_shared_experts": shared // width,
             "n_group": groups, "topk_group": group_topk, "norm_topk_prob": topk > 1,
             "routed_scaling_factor": model.moe_router_topk_scaling_factor or 1.0,
-            "first_k_dense_replace": _first_dense_layers(model)}
+            "first_k_dense_replace": _first_dense_layers(model), **_router_keys(model)}
+
+
+def _router_keys(model: ModelConfig) -> dict[str, Any]:
+    """The routing keys serving engines read and transformers ignores (the released
+    DeepSeek-V3 config.json has them): vLLM and SGLang create `e_score_correction_bias` only for
+    `topk_method: noaux_tc` and default `scoring_func` to softmax, so without them an export
+    fails to load or silently computes another function (`_moe` admits only sigmoid scores
+    with an expert bias: always noaux_tc). `moe_layer_freq` 1: every layer after
+    the first `first_k_dense_replace` is MoE (SGLang reads it without a default)."""
+    return {"topk_method": "noaux_tc", "scoring_func": model.moe_router_score_function,
+            "moe_layer_freq": 1}
+
+
+def _legacy_rope(rope: dict[str, Any]) -> dict[str, Any]:
+    """`rope_theta` / `rope_scaling` beside `rope_parameters`: the keys released checkpoints
+    carry, read by engines and tools that predate transformers 5 (transformers 5 reads
+    `rope_scaling` first: the same dict, so both agree)."""
+    scaling = None if rope["rope_type"] == "default" else {**rope, "type": rope["rope_type"]}
+    return {"rope_theta": rope["rope_theta"], "rope_scaling": scaling}
 
 
 def _mla(model: ModelConfig) -> dict[str, Any]:
@@ -152,6 +172,7 @@ def _mla(model: ModelConfig) -> dict[str, Any]:
 def _glm(model: ModelConfig) -> dict[str, Any]:
     return {"num_key_value_heads": model.num_query_groups, "head_dim": model.kv_channels,
             "attention_bias": model.add_qkv_bias, "use_qk_norm": model.qk_layernorm,
+            "partial_rotary_factor": model.rotary_percent,  # SGLang's default is 0.5
             "rope_parameters": {"rope_type": "default", "rope_theta": model.rotary_base,
                                 "partial_rotary_factor": model.rotary_percent}}
 
@@ -185,6 +206,7 @@ def hf_target(spec: RunSpec, *, dtype: torch.dtype, eos_token_id: int | None = N
         "num_nextn_predict_layers": mtp_depths(spec),
         "dtype": str(dtype).removeprefix("torch."),
     }
+    config.update(_legacy_rope(config["rope_parameters"]))
     return HFTarget(model_type, config)
 
 

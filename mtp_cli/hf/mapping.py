@@ -14,6 +14,10 @@ Layouts (how a Megatron tensor is made of its HF tensors):
 - `qkv`: GQA `linear_qkv`, rows grouped per query group `[q heads of g; k_g; v_g]`, from
   `q_proj`, `k_proj`, `v_proj` (weights and biases);
 - `expert`: row `e` of HF's stacked `[E, ...]` expert tensor is Megatron's expert `{e}`;
+- `swap_halves`: the two column halves exchanged (Megatron's `eh_proj` takes
+  `[embedding, hidden]`, MiMo's `input_proj` `[hidden, embedding]`; its own inverse);
+- `zero_qkv_bias`: export only, zero q/k/v biases shaped after `linear_qkv.weight` (a Qwen2
+  block always has them; zeros compute a Llama block's function);
 - `rope_q` / `rope_kv`: MLA tensors whose rotary rows (the last `qk_pos_emb_head_dim` rows of
   each query head / of the kv down projection) are permuted when the HF config has
   `rope_interleave: false` (Megatron's MLA always rotates adjacent pairs); copied otherwise.
@@ -225,6 +229,8 @@ def to_megatron_tensor(layout: str, parts: list[torch.Tensor], ctx: LayoutContex
         return _qkv_to_megatron(*parts, ctx)
     if layout in ("rope_q", "rope_kv"):
         return _permute_rope(parts[0], ctx, per_head=layout == "rope_q", inverse=False)
+    if layout == "swap_halves":
+        return _swap_halves(parts[0])
     raise ValueError(f"unknown layout {layout!r}")
 
 
@@ -238,7 +244,16 @@ def to_hf_tensors(layout: str, tensor: torch.Tensor, ctx: LayoutContext, count: 
         return _qkv_to_hf(tensor, ctx)
     if layout in ("rope_q", "rope_kv"):
         return [_permute_rope(tensor, ctx, per_head=layout == "rope_q", inverse=True)]
+    if layout == "swap_halves":
+        return [_swap_halves(tensor)]
+    if layout == "zero_qkv_bias":
+        return [tensor.new_zeros(t.shape[:1]) for t in _qkv_to_hf(tensor, ctx)]
     raise ValueError(f"unknown layout {layout!r}")
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    first, second = tensor.chunk(2, dim=1)
+    return torch.cat([second, first], dim=1)
 
 
 # --- whole state dicts -----------------------------------------------------------------------
