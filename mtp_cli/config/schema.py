@@ -144,6 +144,18 @@ class MTPConfig(StrictModel):
         default=False,
         description="Train the MTP heads without gradients into the main model.",
     )
+    distill: bool = Field(
+        default=False,
+        description="Depth k also learns the main model's distribution: adds distill_weight x "
+        "KL(main softmax at row i+k, detached || depth k's at row i) to its cross-entropy "
+        "(healing the heads after fine-tuning the main model).",
+    )
+    distill_weight: Annotated[float, Field(ge=0)] = Field(
+        default=1.0, description="w of mtp.distill's KL term (before loss_scaling_factor / D)."
+    )
+    distill_temperature: Annotated[float, Field(gt=0)] = Field(
+        default=1.0, description="Softmax temperature T of mtp.distill (no T^2 factor)."
+    )
 
     @model_validator(mode="after")
     def _check_schedule(self) -> MTPConfig:
@@ -406,3 +418,16 @@ class RunSpec(StrictModel):
     @property
     def mtp_enabled(self) -> bool:
         return self.mtp.num_layers > 0
+
+    @model_validator(mode="after")
+    def _check_distill(self) -> RunSpec:
+        """mtp.distill reads the main head's full logits and needs depths to distil into."""
+        if not self.mtp.distill:
+            return self
+        if self.mtp.num_layers == 0:
+            raise rule_error("mtp.distill", "needs mtp.num_layers >= 1 (a depth to distil into)")
+        if self.train.loss.chunked is True:
+            raise rule_error("train.loss.chunked", "chunked losses never hold the main head's "
+                             "logits that mtp.distill reads; set it to false or auto (auto "
+                             "chunks nothing while distilling)")
+        return self
