@@ -17,11 +17,18 @@ from mtp_cli.plan.stages import Stage
 
 
 def loss_settings_for(spec: RunSpec, tokens_seen: float = 0) -> LossSettings:
-    """The loss settings `spec` asks for (`train.*` and λ after `tokens_seen` tokens)."""
+    """The loss settings `spec` asks for (`train.*` and λ after `tokens_seen` tokens).
+
+    `mtp.distill` reads the main head's full logits, so `train.loss.chunked: auto` chunks
+    nothing while distilling (the spec refuses `chunked: true` with it)."""
+    distill = spec.mtp.distill  # plan.rules: only with depths
     return LossSettings(
         mtp_loss_scaling_factor=spec.mtp.loss_scale_at(tokens_seen),
         calculate_per_token_loss=spec.train.calculate_per_token_loss,
-        chunked=spec.train.loss.chunked,
+        chunked=False if distill else spec.train.loss.chunked,
+        mtp_distill=distill,
+        mtp_distill_weight=spec.mtp.distill_weight,
+        mtp_distill_temperature=spec.mtp.distill_temperature,
     )
 
 

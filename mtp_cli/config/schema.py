@@ -128,6 +128,18 @@ class MTPConfig(StrictModel):
         default=False,
         description="Train the MTP heads without gradients into the main model.",
     )
+    distill: bool = Field(
+        default=False,
+        description="Depth k also learns the main model's distribution: adds distill_weight x "
+        "KL(main softmax at row i+k, detached || depth k's at row i) to its cross-entropy "
+        "(healing the heads after fine-tuning the main model).",
+    )
+    distill_weight: Annotated[float, Field(ge=0)] = Field(
+        default=1.0, description="w of mtp.distill's KL term (before loss_scaling_factor / D)."
+    )
+    distill_temperature: Annotated[float, Field(gt=0)] = Field(
+        default=1.0, description="Softmax temperature T of mtp.distill (no T^2 factor)."
+    )
 
     @model_validator(mode="after")
     def _check_schedule(self) -> MTPConfig:

@@ -27,6 +27,7 @@ from mtp_cli.models.output import OutputHead
 from mtp_cli.models.rope import rotary_embedding_for
 from mtp_cli.models.transformer_layer import TransformerBlock
 from mtp_cli.mtp.block import MultiTokenPredictionBlock
+from mtp_cli.mtp.distill import MTPDistillation
 from mtp_cli.mtp.layer import MultiTokenPredictionBlockSubmodules, MultiTokenPredictionLayer
 from mtp_cli.mtp.loss import (
     LossSettings,
@@ -206,10 +207,13 @@ class GPTModel(nn.Module):
                 mtp_mask = torch.ones_like(labels, dtype=torch.float32) \
                     if loss_mask is None else loss_mask
             head_weight = weight.detach() if self.detach_heads else weight
+            distill = MTPDistillation.start(self.loss_settings, head, weight, head_weight, hidden,
+                                            self.stage.mtp_depths_in_loss) \
+                if self.training else None
             hidden = process_mtp_loss(
                 hidden, mtp_labels, mtp_mask, partial(head.token_loss_and_hits, weight=head_weight),
                 self._mtp_settings(), training=self.training or self.track_mtp_in_eval,
-                packed_seq_params=packed_seq_params,
+                packed_seq_params=packed_seq_params, distill=distill,
             )
         elif self.stage.mtp_depths_in_loss > 0 and (
             hidden.shape[0] != head.local_sequence_length(input_ids.shape[1])

@@ -64,6 +64,18 @@ class OutputHead:
         """Full `[s, b, V]` logits."""
         return logits_from_hidden(hidden_states, weight)
 
+    def local_logits(self, hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This process's vocabulary shard of the logits `[s, b, V]` (here: all of it)."""
+        return logits_from_hidden(hidden_states, weight)
+
+    def loss_and_hits_from_logits(self, logits: torch.Tensor, labels: torch.Tensor,
+                                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`token_loss_and_hits` from `local_logits` already computed (`mtp.distill` reads the
+        same logits for its KL term, so the depth's projection runs once)."""
+        with torch.no_grad():
+            hits = argmax_hits(logits, labels, mask)
+        return cross_entropy_per_token(logits, labels), hits
+
     def per_token_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor,
                        weight: torch.Tensor) -> torch.Tensor:
         """Unmasked per-token cross-entropy `[b, s]` (fp32)."""

@@ -21,6 +21,8 @@ import torch
 from mtp_cli.mtp.run_state import current_run_state
 from mtp_cli.nn.comm import Group, comm_for
 
+_DISTILL = ("distill", "distill_count")  # `mtp.distill`'s tracker rows
+
 
 class _CurrentRunTracker(type):
     """`MTPLossLoggingHelper.tracker` / `.cumulative` read and write the current run's state."""
@@ -43,7 +45,9 @@ class _CurrentRunTracker(type):
 
 
 class MTPLossLoggingHelper(metaclass=_CurrentRunTracker):
-    """The current run's tracker: `values`, `count`, `correct`, `total` (tensors of length D)."""
+    """The current run's tracker: `values`, `count`, `correct`, `total` (tensors of length D);
+    with `mtp.distill` also `distill` and `distill_count` (each depth's KL, logged as
+    `mtp_{k}_distill`)."""
 
     @staticmethod
     def _slot(name: str, num_layers: int, device: torch.device) -> torch.Tensor:
@@ -78,6 +82,14 @@ class MTPLossLoggingHelper(metaclass=_CurrentRunTracker):
         )
 
     @staticmethod
+    def save_distill_to_tracker(kl: torch.Tensor, layer_number: int, num_layers: int) -> None:
+        """Add one micro-batch's normalised distillation KL of depth `layer_number` (0-based)."""
+        MTPLossLoggingHelper._slot("distill", num_layers, kl.device)[layer_number] += (
+            kl.detach().float()
+        )
+        MTPLossLoggingHelper._slot("distill_count", num_layers, kl.device)[layer_number] += 1
+
+    @staticmethod
     def ensure_tracker(num_layers: int, device: torch.device, reduce_group: Group = None,
                        avg_group: Group = None) -> None:
         """Create zeroed slots and set the groups on every rank, including pipeline stages
@@ -93,7 +105,7 @@ class MTPLossLoggingHelper(metaclass=_CurrentRunTracker):
     def clean_loss_in_tracker() -> None:
         """Zero the tracker for the next iteration."""
         tracker = MTPLossLoggingHelper.tracker
-        for name in ("values", "count", "correct", "total"):
+        for name in ("values", "count", "correct", "total", *_DISTILL):
             if name in tracker:
                 tracker[name].zero_()
         tracker["reduce_group"] = None
@@ -110,15 +122,19 @@ class MTPLossLoggingHelper(metaclass=_CurrentRunTracker):
         if "values" not in tracker:
             return
         reduce_group, avg_group = tracker.get("reduce_group"), tracker.get("avg_group")
+        # the distillation rows ride along (zeros without it) so every rank's collective matches
         stats = torch.stack([tracker[n] if n in tracker else torch.zeros_like(tracker["values"])
-                             for n in ("values", "count", "correct", "total")])
+                             for n in ("values", "count", "correct", "total", *_DISTILL)])
         comm_for(reduce_group).all_reduce(stats, reduce_group)
         values = stats[0] / stats[1].clamp(min=1)
+        distill = stats[4] / stats[5].clamp(min=1)
         avg_comm = comm_for(avg_group)
         avg_comm.all_reduce(values, avg_group, "avg")
-        avg_comm.all_reduce(stats[2:], avg_group)
+        avg_comm.all_reduce(distill, avg_group, "avg")
+        avg_comm.all_reduce(stats[2:4], avg_group)
         tracker["values"], tracker["count"] = values, torch.ones_like(values)
         tracker["correct"], tracker["total"] = stats[2].clone(), stats[3].clone()
+        tracker["distill"], tracker["distill_count"] = distill, stats[5].clone()
 
     @staticmethod
     def track_mtp_metrics(iteration: int, writer: Any = None, wandb_writer: Any = None,
@@ -145,6 +161,8 @@ class MTPLossLoggingHelper(metaclass=_CurrentRunTracker):
             metrics[f"mtp_{i + 1}_cumulative_acceptance_rate"] = float(
                 100.0 * cumulative["correct"][i] / cumulative["total"][i].clamp(min=1)
             )
+            if float(tracker["distill_count"][i]) > 0:
+                metrics[f"mtp_{i + 1}_distill"] = float(tracker["distill"][i])
         for name, value in metrics.items():
             if writer is not None:
                 writer.add_scalar(name, value, iteration)

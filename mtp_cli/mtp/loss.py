@@ -8,6 +8,9 @@ the objective of a micro-batch is
     L_main + (λ/D) Σ_k sum(L_k) / max(N_k, 1)              (per-micro-batch mode)
     L_main + (λ/D) Σ_k sum(L_k) * N0 / max(N_k, 1)         (per-token mode; L_main a sum)
 
+With `mtp.distill` (`mtp_cli.mtp.distill`) the per-token loss is
+`L_k = mask_k * (CE + w * KL_k)`, KL_k from the main model's logits rolled like the labels.
+
 Under context parallel the sums and counts are all-reduced over the CP group before dividing,
 so the losses do not depend on how a sequence is sharded (a deliberate departure from the
 reference, which divides by rank-local counts). Those sums, and the rolls' boundary exchange, go
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -27,6 +30,9 @@ from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.mtp.roll import roll_tensor
 from mtp_cli.nn.comm import Group, ModelComm, comm_for
 from mtp_cli.nn.packed import PackedSeqParams
+
+if TYPE_CHECKING:
+    from mtp_cli.mtp.distill import MTPDistillation
 
 # (hidden [s, b, h], labels [b, s], mask [b, s]) -> (per-token loss [b, s], argmax hits)
 TokenLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -40,13 +46,17 @@ class LossSettings:
     `mtp_loss_scaling_factor` is λ in force (the engine follows `mtp.loss_scaling_factor`'s
     schedule by updating this object, shared by all its model chunks);
     `calculate_per_token_loss` is Megatron's per-token mode; `chunked` is `train.loss.chunked`
-    and `chunked_grads_in_forward` the chunked head's gradient mode (None: by size).
+    and `chunked_grads_in_forward` the chunked head's gradient mode (None: by size);
+    `mtp_distill*` are `mtp.distill`, its weight w and temperature T (`mtp_cli.mtp.distill`).
     """
 
     mtp_loss_scaling_factor: float = 0.1
     calculate_per_token_loss: bool = False
     chunked: Literal["auto"] | bool = "auto"
     chunked_grads_in_forward: bool | None = None
+    mtp_distill: bool = False
+    mtp_distill_weight: float = 1.0
+    mtp_distill_temperature: float = 1.0
 
 
 @dataclass
@@ -92,10 +102,14 @@ def process_mtp_loss(
     *,
     training: bool = True,
     packed_seq_params: PackedSeqParams | None = None,
+    distill: MTPDistillation | None = None,
 ) -> torch.Tensor:
     """Split `[(1+D)*s, b, h]`, compute and inject every depth's loss; return `h0`.
 
     `token_loss_fn` computes the head's per-token cross-entropy and argmax hits for one depth.
+    `distill` (`mtp.distill`) adds each depth's weighted KL from the main model's rolled logits
+    to its per-token loss, under the same mask and normalisation; the logged `mtp_k loss` stays
+    the cross-entropy and the KL is logged beside it.
     Returns the main hidden states `h0` carrying the MTP terms for the backward pass.
     """
     depths = settings.num_depths
@@ -109,7 +123,11 @@ def process_mtp_loss(
         mtp_labels, _ = roll_tensor(mtp_labels, -1, -1, cp_group, packed_seq_params, comm=comm)
         mtp_mask, num_tokens = roll_tensor(mtp_mask, -1, -1, cp_group, packed_seq_params,
                                            comm=comm)
-        per_token, correct = token_loss_fn(chunks[depth + 1], mtp_labels, mtp_mask)
+        if distill is None:
+            per_token, correct = token_loss_fn(chunks[depth + 1], mtp_labels, mtp_mask)
+        else:
+            per_token, correct, kl = distill.depth_losses(
+                chunks[depth + 1], mtp_labels, mtp_mask, cp_group, packed_seq_params, comm)
         per_token = mtp_mask * per_token
         num_tokens = _cp_sum(num_tokens.float(), cp_group, comm).clamp(min=1)
         if training:
@@ -119,6 +137,12 @@ def process_mtp_loss(
                 reduce_group=settings.reduce_group, avg_group=settings.avg_group,
             )
             MTPLossLoggingHelper.save_acceptance_to_tracker(correct, mtp_mask.sum(), depth, depths)
+        if distill is not None:
+            kl = mtp_mask * kl
+            if training:
+                kl_sum = _cp_sum(kl.detach().sum(), cp_group, comm)
+                MTPLossLoggingHelper.save_distill_to_tracker(kl_sum / num_tokens, depth, depths)
+            per_token = per_token + distill.weight * kl
         if settings.calculate_per_token_loss:
             normalized = scale * per_token * (num_tokens_main / num_tokens)
         else:

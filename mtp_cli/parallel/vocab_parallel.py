@@ -177,6 +177,13 @@ class VocabParallelOutputHead:
                        weight: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(self.local_logits(hidden, weight), labels, self.group)
 
+    def loss_and_hits_from_logits(self, logits: torch.Tensor, labels: torch.Tensor,
+                                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`token_loss_and_hits` from this rank's `local_logits` (`mtp.distill` reuses them)."""
+        predicted = vocab_parallel_argmax(logits, self.group).transpose(0, 1)  # [b, s]
+        hits = ((predicted == labels) & (mask > 0)).sum()
+        return vocab_parallel_cross_entropy(logits, labels, self.group), hits
+
     def token_loss_and_hits(self, hidden: torch.Tensor, labels: torch.Tensor,
                             mask: torch.Tensor, *, weight: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -256,6 +256,12 @@ def _data_rules(spec: RunSpec) -> Rule | None:
 def _mtp_rules(spec: RunSpec) -> Rule | None:
     if spec.mtp.use_repeated_layer and spec.mtp.num_layers == 0:
         return "mtp.use_repeated_layer", "use_repeated_layer needs mtp.num_layers >= 1"
+    if spec.mtp.distill and spec.mtp.num_layers == 0:
+        return "mtp.distill", "needs mtp.num_layers >= 1 (a depth to distil into)"
+    if spec.mtp.distill and spec.train.loss.chunked is True:
+        return ("train.loss.chunked", "chunked losses never hold the main head's logits that "
+                "mtp.distill reads; set it to false or auto (auto chunks nothing while "
+                "distilling)")
     problem = freeze_problem(spec.train.freeze, tied=spec.model.share_embeddings_and_output_weights,
                              mtp_layers=spec.mtp.num_layers)
     return ("train.freeze", problem) if problem is not None else None

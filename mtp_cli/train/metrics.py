@@ -64,6 +64,7 @@ class IntervalMetrics:
     lm_loss: float = 0.0
     mtp_losses: dict[str, float] = field(default_factory=dict)
     acceptance: dict[str, float] = field(default_factory=dict)
+    distill: dict[str, float] = field(default_factory=dict)  # `mtp_{k}_distill` (mtp.distill)
     moe: dict[str, float] = field(default_factory=dict)  # MoE metrics (train/moe_metrics.py)
 
     def add_moe(self, values: dict[str, float]) -> None:
@@ -79,6 +80,8 @@ class IntervalMetrics:
         for name, value in mtp_metrics.items():
             if name.endswith("_acceptance_rate") and "cumulative" not in name:
                 self.acceptance[name] = self.acceptance.get(name, 0.0) + value
+            elif name.endswith("_distill"):
+                self.distill[name] = self.distill.get(name, 0.0) + value
 
     def averages(self, depths: int, mtp_metrics: dict[str, float]) -> dict[str, float]:
         """lm and per-depth losses and acceptance rates averaged over the interval; the
@@ -91,6 +94,7 @@ class IntervalMetrics:
                 f"mtp_{k}_acceptance_rate", 0.0) / n
             out[f"mtp_{k}_cumulative_acceptance_rate"] = mtp_metrics.get(
                 f"mtp_{k}_cumulative_acceptance_rate", 0.0)
+        out.update({name: value / n for name, value in self.distill.items()})
         out.update({name: value / n for name, value in self.moe.items()})
         return out
 
