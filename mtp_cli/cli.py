@@ -316,10 +316,11 @@ def export(
     )] = None,
     overwrite: OverwriteOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    target: Annotated[str, typer.Option(
+    target: Annotated[str | None, typer.Option(
         "--target", help="transformers, vllm or sglang: the engine whose layout a dense model's "
-                         "MTP depths get (vllm/sglang: MiMo's). DeepSeek-V3 and GLM-4.5 exports "
-                         "are the same for all three.")] = "transformers",
+                         "MTP depths get (vllm/sglang: MiMo's). Default: the layout all three "
+                         "load (MiMo's for a Qwen2-shaped dense model). DeepSeek-V3 and GLM-4.5 "
+                         "exports are the same for all three.")] = None,
 ) -> None:
     """Write CHECKPOINT as a Hugging Face model (config.json, sharded safetensors with the MTP
     depths at model.layers.{N+k}, or in MiMo's layout for --target vllm/sglang, tokenizer)."""

@@ -44,7 +44,7 @@ def _export(tmp_path, spec, model, **options):
     run = tmp_path / "run"
     write_dcp_checkpoint(run, spec, model_state=model.state_dict())
     out = tmp_path / "hf"
-    export_checkpoint(run, out, **{"shard_size": "40KB", **options})
+    export_checkpoint(run, out, **{"shard_size": "40KB", "target": "transformers", **options})
     return out
 
 
@@ -173,7 +173,7 @@ def test_export_dtype_option_and_default(tmp_path):
     out = _export(tmp_path, spec, ours)
     assert {t.dtype for t in read_safetensors_dir(out).values()} == {torch.float32}
     bf16 = tmp_path / "bf16"
-    export_checkpoint(tmp_path / "run", bf16, dtype="bf16")
+    export_checkpoint(tmp_path / "run", bf16, dtype="bf16", target="transformers")
     files, full = read_safetensors_dir(bf16), read_safetensors_dir(out)
     assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
     assert all(files[k].dtype == torch.bfloat16 and torch.equal(files[k], full[k].bfloat16())

@@ -71,7 +71,7 @@ def test_import_matches_transformers_and_exports_back_bit_for_bit(case, tmp_path
     for depth, (a, b) in enumerate(zip(theirs, mine, strict=True)):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=f"depth {depth}")
     exported = tmp_path / "exported"
-    export_checkpoint(run, exported, shard_size="40KB")
+    export_checkpoint(run, exported, shard_size="40KB", target="transformers")
     original, back = read_safetensors_dir(hf_dir), read_safetensors_dir(exported)
     assert sorted(original) == sorted(back)
     permuted = ("q_b_proj.weight", "kv_a_proj_with_mqa.weight")  # rotary rows (see below)
@@ -94,7 +94,7 @@ def test_bf16_import_keeps_the_dtype_and_exports_back_bit_for_bit(tmp_path):
     import_model(hf_dir, tmp_path / "run")
     checkpoint = open_checkpoint(tmp_path / "run")
     assert {info.dtype for info in checkpoint.tensors.values()} == {"bfloat16"}
-    export_checkpoint(tmp_path / "run", tmp_path / "back")
+    export_checkpoint(tmp_path / "run", tmp_path / "back", target="transformers")
     assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"
     original, back = read_safetensors_dir(hf_dir), read_safetensors_dir(tmp_path / "back")
     assert sorted(original) == sorted(back)

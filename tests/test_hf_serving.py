@@ -215,3 +215,53 @@ def test_every_exported_file_is_readable_by_all(tmp_path):
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) > 5 and any(p.parent.name == "mtp" for p in files)
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_vllm_target_export_imports_back_bit_for_bit(tied, tmp_path):
+    """`mtp import` reads MiMo's layout: every tensor of the exported model comes back equal
+    (eh_proj's halves swapped back), plus the zero q/k/v biases a Qwen2 block carries; the
+    imported model computes the exported one's logits at every depth."""
+    from mtp_cli.hf.importer import import_model
+    from tests.hf_models import imported_model
+
+    sections = dense_sections(depths=2, share_embeddings_and_output_weights=tied)
+    spec, ours = random_model(sections, SEED)
+    out = _export(tmp_path, spec, ours, target="vllm")
+    import_model(out, tmp_path / "back")
+    back_spec, back = imported_model(tmp_path / "back")
+    assert back_spec.mtp.num_layers == 2 and back_spec.model.add_qkv_bias
+    original, imported = ours.state_dict(), back.state_dict()
+    for name, tensor in original.items():
+        assert torch.equal(imported[name], tensor), name
+    extra = set(imported) - set(original)
+    assert extra and all(name.endswith("linear_qkv.bias") for name in extra)
+    assert not any(imported[name].any() for name in extra)
+    ids = torch.randint(0, spec.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    for mine, theirs in zip(our_depth_logits(ours.eval(), ids), our_depth_logits(back, ids),
+                            strict=True):
+        torch.testing.assert_close(theirs, mine, atol=1e-6, rtol=0)
+
+
+def test_a_mimo_directory_without_its_depths_imports_them_fresh(tmp_path):
+    from mtp_cli.hf.importer import import_model
+    from tests.hf_models import imported_model
+
+    spec, ours = random_model(dense_sections(depths=2), SEED)
+    out = _export(tmp_path, spec, ours, target="vllm")
+    files = read_safetensors_dir(out)
+    from safetensors.torch import save_file
+
+    for shard in out.glob("*.safetensors"):
+        shard.unlink()
+    save_file({k: v for k, v in files.items() if not k.startswith("model.mtp_layers.1.")},
+              str(out / "model.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: "model.safetensors" for k in files
+                           if not k.startswith("model.mtp_layers.1.")}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = import_model(out, tmp_path / "back")
+    assert any("depth 2" in note for note in result.notes), result.notes
+    _, back = imported_model(tmp_path / "back")
+    assert torch.equal(back.state_dict()["mtp.layers.0.eh_proj.weight"],
+                       ours.state_dict()["mtp.layers.0.eh_proj.weight"])

@@ -177,7 +177,7 @@ def _write_shard(shard: Shard, read: Callable[[list[str]], dict[str, torch.Tenso
 def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
                       dtype: str | None = None, shard_size: str | int = "5GB",
                       overwrite: bool = False, echo: Callable[[str], None] | None = None,
-                      target: str = "transformers") -> ExportResult:
+                      target: str | None = None) -> ExportResult:
     """Write the Hugging Face model directory `out` of checkpoint `path` (see module doc) for
     the engine `target` (`mtp_cli.hf.serving`)."""
     from mtp_cli.data.tokenizer import load_tokenizer

@@ -20,9 +20,11 @@ import torch
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.hf.hf_files import HFDirectory
 from mtp_cli.hf.mapping import Architecture, FileTensor, LayoutContext, file_tensors, to_hf_tensors
+from mtp_cli.hf.serving import is_mimo, mimo_depth_items
 
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # old checkpoints stored RoPE tables
 LAYER = re.compile(r"model\.layers\.(\d+)\.")
+MIMO_LAYER = re.compile(r"model\.mtp_layers\.(\d+)\.")
 SHOWN = 6
 
 
@@ -55,8 +57,31 @@ def expected_hf_shapes(item: FileTensor, shape: tuple[int, ...], ctx: LayoutCont
 
 def absent_depths(hf: HFDirectory, ctx: LayoutContext) -> list[int]:
     """The MTP depths config.json declares (0-based) that no weight file holds a tensor of."""
+    if is_mimo(hf.config):
+        held = {int(m.group(1)) for name in hf.tensors if (m := MIMO_LAYER.match(name))}
+        return [k for k in range(ctx.mtp_layers) if k not in held]
     held = {int(m.group(1)) for name in hf.tensors if (m := LAYER.match(name))}
     return [k for k in range(ctx.mtp_layers) if ctx.num_layers + k not in held]
+
+
+def depth_prefix(hf: HFDirectory, ctx: LayoutContext, k: int) -> str:
+    """Where depth k's tensors are in the files: MiMo's `model.mtp_layers.{k}.` or DeepSeek-V3's
+    `model.layers.{N+k}.`."""
+    if is_mimo(hf.config):
+        return f"model.mtp_layers.{k}."
+    return f"model.layers.{ctx.num_layers + k}."
+
+
+def planned_file_tensors(arch: Architecture, ctx: LayoutContext, hf: HFDirectory,
+                         shapes: dict[str, tuple[int, ...]], *, tied: bool, depths: int
+                         ) -> list[FileTensor]:
+    """The file tensors of the spec's model with `depths` MTP depths, in the directory's
+    layout (MiMo's, as `mtp export --target vllm` writes it, or the DeepSeek-V3 one)."""
+    if not is_mimo(hf.config):
+        return file_tensors(arch, dataclasses.replace(ctx, mtp_layers=depths), shapes, tied=tied)
+    main = [name for name in shapes if not name.startswith("mtp.")]
+    return (file_tensors(arch, dataclasses.replace(ctx, mtp_layers=0), main, tied=tied)
+            + mimo_depth_items(list(shapes), depths))
 
 
 def plan_import(arch: Architecture, ctx: LayoutContext, hf: HFDirectory,
@@ -72,7 +97,7 @@ def plan_import(arch: Architecture, ctx: LayoutContext, hf: HFDirectory,
     plan, missing = ImportPlan(), []
     main_of = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
                "output_layer.weight": "lm_head.weight"}
-    for item in file_tensors(arch, dataclasses.replace(ctx, mtp_layers=own), shapes, tied=tied):
+    for item in planned_file_tensors(arch, ctx, hf, shapes, tied=tied, depths=own):
         present = [name in hf.tensors for name in item.hf]
         depth = _depth_of(item.megatron)
         if item.copy:
@@ -133,7 +158,7 @@ def _account_for_every_tensor(plan: ImportPlan, hf: HFDirectory, ctx: LayoutCont
                               depths: int, mtp_from: str | None) -> None:
     used = {name for item in plan.imported for name in item.hf}
     used |= {name for pair in plan.copies for name in pair}
-    beyond = tuple(f"model.layers.{ctx.num_layers + k}." for k in range(depths, ctx.mtp_layers))
+    beyond = tuple(depth_prefix(hf, ctx, k) for k in range(depths, ctx.mtp_layers))
     leftover = []
     for name in hf.tensors:
         if name in used or IGNORED.match(name):

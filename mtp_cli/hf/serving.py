@@ -2,8 +2,9 @@
 
 - DeepSeek-V3, GLM-4.5, any target: depth k at `model.layers.{N+k}`, the released layout that
   transformers, vLLM and SGLang all load.
-- dense, `transformers` (the default): the same layout (transformers' `MtpModel` reads it).
-- dense, `vllm`: MiMo's layout, every depth at `model.mtp_layers.{k}`.
+- dense, `transformers`: the same layout (transformers' `MtpModel` reads it).
+- dense, `vllm`: MiMo's layout, every depth at `model.mtp_layers.{k}`; the default for a dense
+  model Qwen2's block can compute (it loads in all three; `mtp import` reads it back).
 - dense, `sglang`: MiMo's layout with depth 1 only; every depth in `mtp/model.safetensors`.
 
 vLLM's and SGLang's Llama / Qwen2 loaders are strict: a tensor their model does not have
@@ -39,6 +40,7 @@ from mtp_cli.hf.mapping import (
     file_tensors,
     rule,
 )
+from mtp_cli.plan.run_plan import mtp_depths
 
 TARGETS = ("transformers", "vllm", "sglang")
 BESIDE = "mtp"  # OUT/mtp/model.safetensors: every depth, for a target that serves fewer
@@ -77,17 +79,46 @@ class ServingPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def check_target(target: str) -> str:
-    if target not in TARGETS:
+def check_target(target: str | None) -> str | None:
+    """`--target` as given (None: `default_target` chooses once the model is known)."""
+    if target is not None and target not in TARGETS:
         raise UserError(problems=[Problem(f"{target!r} is not one of {', '.join(TARGETS)}",
                                           key="--target")])
     return target
 
 
+def default_target(spec: RunSpec, hf: HFTarget) -> tuple[str, list[str]]:
+    """The layout an export without `--target` gets, and what to say about it: the one that
+    loads in transformers, vLLM and SGLang. DeepSeek-V3 / GLM-4.5: their own (the same for
+    every target); a dense model Qwen2 can compute: MiMo's (`vllm`: transformers loads it as
+    Qwen2, vLLM and SGLang as MiMo; `mtp import` reads it back); any other dense model:
+    `transformers`, whose MTP tensors vLLM's and SGLang's strict loaders refuse."""
+    if hf.model_type in ("deepseek_v3", "glm4_moe") or not mtp_depths(spec):
+        return "transformers", []
+    reason = _qwen2_mismatch(spec.model)
+    if reason is None:
+        return "vllm", ["layout: MiMo's (--target vllm; transformers loads it as Qwen2, vLLM and "
+                        "SGLang as MiMoForCausalLM; SGLang drafts with one depth: --target sglang "
+                        "for D > 1; --target transformers for DeepSeek-V3's layout)"]
+    return "transformers", [f"layout: transformers' (DeepSeek-V3's, MTP depths at "
+                            f"model.layers.{{N+k}}), which vLLM's and SGLang's loaders refuse: "
+                            f"MiMo's layout needs a Qwen2-shaped model ({reason[0]})"]
+
+
 def serving_plan(spec: RunSpec, hf: HFTarget, ctx: LayoutContext, names: list[str],
-                 target: str) -> ServingPlan:
-    """What `mtp export --target TARGET` writes (see the module doc)."""
+                 target: str | None) -> ServingPlan:
+    """What `mtp export --target TARGET` writes (see the module doc); None: the default."""
     check_target(target)
+    notes: list[str] = []
+    if target is None:
+        target, notes = default_target(spec, hf)
+    plan = _serving_plan(spec, hf, ctx, names, target)
+    plan.notes[:0] = notes
+    return plan
+
+
+def _serving_plan(spec: RunSpec, hf: HFTarget, ctx: LayoutContext, names: list[str],
+                  target: str) -> ServingPlan:
     tied = spec.model.share_embeddings_and_output_weights
     repeated = spec.mtp.use_repeated_layer
     arch = ARCHITECTURES[hf.model_type]
@@ -105,8 +136,7 @@ def serving_plan(spec: RunSpec, hf: HFTarget, ctx: LayoutContext, names: list[st
         items += [FileTensor(f"decoder.layers.{i}.{QKV_WEIGHT}",
                              _qkv_biases(f"model.layers.{i}."), "zero_qkv_bias")
                   for i in range(ctx.num_layers)]
-    for k in range(inline):
-        items += _mimo_depth(names, k, 0 if repeated else k)
+    items += mimo_depth_items(names, inline, repeated=repeated)
     if inline and tied:  # MiMo's MTP model has its own lm_head (vLLM then shares the main one)
         items.append(FileTensor("embedding.word_embeddings.weight", ("lm_head.weight",),
                                 copy=True))
@@ -118,6 +148,21 @@ def serving_plan(spec: RunSpec, hf: HFTarget, ctx: LayoutContext, names: list[st
 
 def _qkv_biases(prefix: str) -> tuple[str, ...]:
     return tuple(f"{prefix}self_attn.{p}_proj.bias" for p in "qkv")
+
+
+def is_mimo(config: dict[str, Any]) -> bool:
+    """Whether a model directory is in MiMo's layout (its depths at `model.mtp_layers.{k}`)."""
+    return config.get("architectures") == ["MiMoForCausalLM"]
+
+
+def mimo_depth_items(names: list[str], depths: int, *, repeated: bool = False
+                     ) -> list[FileTensor]:
+    """Depths 0..`depths`-1 of the model whose Megatron tensors are `names`, in MiMo's layout
+    (what `--target vllm` writes and `mtp import` reads back)."""
+    items: list[FileTensor] = []
+    for k in range(depths):
+        items += _mimo_depth(names, k, 0 if repeated else k)
+    return items
 
 
 def _mimo_depth(names: list[str], k: int, source: int) -> list[FileTensor]:
@@ -135,21 +180,24 @@ def _mimo_depth(names: list[str], k: int, source: int) -> list[FileTensor]:
     return items
 
 
-def _refuse_non_qwen2(spec: RunSpec, target: str) -> None:
-    model = spec.model
-
-    def refuse(reason: str, key: str) -> UserError:
-        return UserError(problems=[Problem(
-            f"--target {target} writes MiMo's layout (a Qwen2 model): {reason}; "
-            "--target transformers exports this model", key=key)])
-
+def _qwen2_mismatch(model: Any) -> tuple[str, str] | None:
+    """(why, key) when Qwen2's block cannot compute this model's layers, else None."""
     if model.add_bias_linear:
-        raise refuse("Qwen2 has biases on q/k/v only, this model on every linear layer",
-                     "model.add_bias_linear")
+        return ("Qwen2 has biases on q/k/v only, this model on every linear layer",
+                "model.add_bias_linear")
     if (model.kv_channels or 0) * model.num_attention_heads != model.hidden_size:
-        raise refuse(f"Qwen2's head dim is hidden_size / heads = "
-                     f"{model.hidden_size // model.num_attention_heads}, this model's "
-                     f"{model.kv_channels}", "model.kv_channels")
+        return (f"Qwen2's head dim is hidden_size / heads = "
+                f"{model.hidden_size // model.num_attention_heads}, this model's "
+                f"{model.kv_channels}", "model.kv_channels")
+    return None
+
+
+def _refuse_non_qwen2(spec: RunSpec, target: str) -> None:
+    mismatch = _qwen2_mismatch(spec.model)
+    if mismatch is not None:
+        raise UserError(problems=[Problem(
+            f"--target {target} writes MiMo's layout (a Qwen2 model): {mismatch[0]}; "
+            "--target transformers exports this model", key=mismatch[1])])
 
 
 def _mimo_config(spec: RunSpec, hf: HFTarget, depths: int) -> dict[str, Any]:
