@@ -181,14 +181,17 @@ class MLASelfAttention(nn.Module):
         weight = self.linear_kv_up_proj.weight.view(heads, self.qk_head_dim + self.v_head_dim,
                                                     rank)
         w_uk, w_uv = weight.split([self.qk_head_dim, self.v_head_dim], dim=1)
-        q_latent = torch.einsum("sbhd,hdr->bhsr", q_nope, w_uk)
-        query = torch.cat([q_latent, q_pe.permute(1, 2, 0, 3)], dim=-1)
-        query = query.reshape(b, 1, heads * s, rank + self.rope_dim)  # row h * s + i
+        # [h, b * s, qk] @ [h, qk, r]: each head's query in latent space
+        q_latent = q_nope.permute(2, 1, 0, 3).reshape(heads, b * s, -1) @ w_uk
+        query = torch.cat([q_latent.view(heads, b, s, rank), q_pe.permute(2, 1, 0, 3)], dim=-1)
+        query = query.transpose(0, 1).reshape(b, 1, heads * s, -1)  # row h * s + i
         key = cached.transpose(0, 1).unsqueeze(1)  # [b, 1, S, rank + rope]
         mask = mask[:, :, None].expand(-1, -1, heads, -1, -1).reshape(-1, 1, heads * s, slots)
         out = F.scaled_dot_product_attention(query, key, key[..., :rank], attn_mask=~mask,
                                              scale=self.softmax_scale)  # [b, 1, heads * s, r]
-        context = torch.einsum("bhsr,hvr->sbhv", out.view(b, heads, s, rank), w_uv)
+        # [h, b * s, r] @ [h, r, v]: back out of latent space, then [s, b, h * v]
+        out = out.view(b, heads, s, rank).transpose(0, 1).reshape(heads, b * s, rank)
+        context = (out @ w_uv.transpose(1, 2)).view(heads, b, s, -1).permute(2, 1, 0, 3)
         return self.linear_proj(context.reshape(s, b, heads * self.v_head_dim))
 
 
