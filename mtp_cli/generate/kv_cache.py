@@ -22,10 +22,12 @@ import torch
 
 
 class KVCache:
-    """Per-layer keys/values `[capacity, b, groups, d]` and per-row lengths (committed slots).
+    """Per-layer keys/values `[capacity, b, groups, d]` (MLA: latents `[capacity, b, d]`) and
+    per-row lengths (committed slots).
 
     Protocol: `begin(s)` before each forward of `s` new positions per row; the model's attention
-    calls `update_kv` once per layer; then `commit(new_lengths)` (or `advance(counts)`).
+    calls `update_kv` (MLA: `update_latent`) once per layer; then `commit(new_lengths)` (or
+    `advance(counts)`).
     """
 
     def __init__(self, batch: int, capacity: int, device: torch.device | str = "cpu", *,
