@@ -53,15 +53,17 @@ def prompts_of(lengths: list[int], vocab: int, seed: int = 0) -> list[torch.Tens
 
 def decode(model: GPTModel, prompts: list[torch.Tensor], new: int, draft_depths: int = 0, *,
            settings: SamplingSettings = GREEDY, seed: int = 0, eod: int | None = None,
-           record: bool = False) -> tuple[list[list[int]], Any]:
-    """(generated ids per prompt, the speculative decoder or None)."""
+           record: bool = False, expanded_mla: bool = False) -> tuple[list[list[int]], Any]:
+    """(generated ids per prompt, the speculative decoder or None); `expanded_mla`: the
+    reference KV cache of per-head MLA keys and values."""
     limit = int(model.config.max_position_embeddings)
     seqs = Sequences(prompts, new, limit, eod, torch.device("cpu"), scratch=draft_depths + 1)
     generator = torch.Generator().manual_seed(seed)
     if not draft_depths:
-        decode_plain(model, seqs, settings, generator)
+        decode_plain(model, seqs, settings, generator, expanded_mla=expanded_mla)
         return seqs.generated(), None
-    decoder = SpeculativeDecoder(model, seqs, settings, draft_depths, generator, record=record)
+    decoder = SpeculativeDecoder(model, seqs, settings, draft_depths, generator, record=record,
+                                 expanded_mla=expanded_mla)
     decoder.run()
     return seqs.generated(), decoder
 

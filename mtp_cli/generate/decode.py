@@ -18,10 +18,11 @@ from mtp_cli.gpt import GPTModel
 
 @torch.no_grad()
 def decode_plain(model: GPTModel, seqs: Sequences, settings: SamplingSettings,
-                 generator: torch.Generator | None = None) -> int:
-    """Decode `seqs` to completion; returns the number of main-model forwards."""
+                 generator: torch.Generator | None = None, *, expanded_mla: bool = False) -> int:
+    """Decode `seqs` to completion; returns the number of main-model forwards.
+    `expanded_mla`: the reference cache of per-head MLA keys (`KVCache`), for tests only."""
     batch = seqs.batch
-    cache = KVCache(batch, seqs.capacity, seqs.device)
+    cache = KVCache(batch, seqs.capacity, seqs.device, expanded_mla=expanded_mla)
     rows = torch.arange(batch, device=seqs.device)
     prompt = seqs.tokens[:, :int(seqs.count.max())]
     hidden = main_forward(model, cache, prompt)  # [s, b, h]

@@ -8,7 +8,12 @@ a row with fewer real positions computes filler positions after them, which no r
 lengths back: slots past a row's length are masked and overwritten later, never read.
 
 Keys and values are pre-allocated per layer (`capacity` slots), created on first use with the
-dtype and shape the attention hands over (GQA groups, MLA's per-head keys alike).
+dtype and shape the attention hands over: GQA's keys and values per group (`update_kv`), MLA's
+compressed latent per token (`update_latent`: `kv_lora_rank + qk_pos_emb_head_dim` values, which
+the MLA layer decodes from with its up-projections absorbed, `mtp_cli.models.mla`).
+`expanded_mla=True` makes MLA layers cache their per-head keys and values instead, the path
+before the compressed cache: kept only as the reference the tests and `benchmarks/mla_cache.py`
+compare against.
 """
 
 from __future__ import annotations
@@ -17,17 +22,21 @@ import torch
 
 
 class KVCache:
-    """Per-layer keys/values `[capacity, b, groups, d]` and per-row lengths (committed slots).
+    """Per-layer keys/values `[capacity, b, groups, d]` (MLA: latents `[capacity, b, d]`) and
+    per-row lengths (committed slots).
 
     Protocol: `begin(s)` before each forward of `s` new positions per row; the model's attention
-    calls `update_kv` once per layer; then `commit(new_lengths)` (or `advance(counts)`).
+    calls `update_kv` (MLA: `update_latent`) once per layer; then `commit(new_lengths)` (or
+    `advance(counts)`).
     """
 
-    def __init__(self, batch: int, capacity: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, batch: int, capacity: int, device: torch.device | str = "cpu", *,
+                 expanded_mla: bool = False) -> None:
         self.batch, self.capacity = batch, capacity
         self.device = torch.device(device)
+        self.expanded_mla = expanded_mla
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layers: dict[int, tuple[torch.Tensor, ...]] = {}
         self._slots: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._start: int | None = None
@@ -54,25 +63,41 @@ class KVCache:
 
     def update_kv(self, layer_number: int, key: torch.Tensor, value: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys, values = self._store(layer_number, key, value)
+        return keys, values, self._mask
+
+    def update_latent(self, layer_number: int, latent: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLA: store the `[s, b, d]` latent of the new positions; return `([S, b, d], mask)`."""
+        (latents,) = self._store(layer_number, latent)
+        return latents, self._mask
+
+    def _store(self, layer_number: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write each `[s, b, ...]` tensor at this forward's slots of its buffer (allocated on
+        first use); return every buffer's used slots `[S, b, ...]`."""
         if self._slots is None:
             raise RuntimeError("KVCache.begin() must precede a forward")
         if layer_number not in self._layers:
-            shape_k = (self.capacity, self.batch, *key.shape[2:])
-            shape_v = (self.capacity, self.batch, *value.shape[2:])
-            self._layers[layer_number] = (
-                torch.zeros(shape_k, dtype=key.dtype, device=key.device),
-                torch.zeros(shape_v, dtype=value.dtype, device=value.device))
-        keys, values = self._layers[layer_number]
-        if self._start is not None:
-            keys[self._start:self._start + key.shape[0]] = key
-            values[self._start:self._start + key.shape[0]] = value
-        else:
-            slot_index = self._slots.transpose(0, 1)  # [s, b]
-            rows = torch.arange(self.batch, device=key.device)[None, :]
-            keys[slot_index, rows] = key
-            values[slot_index, rows] = value
-        used = self._used
-        return keys[:used], values[:used], self._mask
+            self._layers[layer_number] = tuple(
+                torch.zeros((self.capacity, self.batch, *t.shape[2:]), dtype=t.dtype,
+                            device=t.device) for t in new)
+        buffers = self._layers[layer_number]
+        for buffer, t in zip(buffers, new, strict=True):
+            if self._start is not None:
+                buffer[self._start:self._start + t.shape[0]] = t
+            else:
+                slot_index = self._slots.transpose(0, 1)  # [s, b]
+                rows = torch.arange(self.batch, device=t.device)[None, :]
+                buffer[slot_index, rows] = t
+        return tuple(buffer[:self._used] for buffer in buffers)
+
+    def stored(self, layer_number: int) -> tuple[torch.Tensor, ...]:
+        """The buffers of one layer, `[capacity, b, ...]` each (what the cache holds)."""
+        return self._layers[layer_number]
+
+    def bytes_per_token(self) -> int:
+        """Bytes held per slot and row, summed over the layers stored so far."""
+        return sum(t[0, 0].nbytes for buffers in self._layers.values() for t in buffers)
 
     def commit(self, lengths: torch.Tensor) -> None:
         """Set every row's committed length (advance after a forward, or rewind)."""

@@ -49,14 +49,16 @@ def _sync(device: torch.device) -> None:
 class SpeculativeDecoder:
     def __init__(self, model: GPTModel, seqs: Sequences, settings: SamplingSettings,
                  draft_depths: int, generator: torch.Generator | None = None,
-                 record: bool = False, clock: Callable[[], float] = time.perf_counter) -> None:
+                 record: bool = False, clock: Callable[[], float] = time.perf_counter,
+                 expanded_mla: bool = False) -> None:
         """`clock` times the draft and verify steps (a benchmark on a shared CPU may pass
-        `time.process_time`)."""
+        `time.process_time`); `expanded_mla`: the reference caches (`KVCache`), tests only."""
         self.model, self.seqs, self.settings = model, seqs, settings
         self.clock = clock
         self.K, self.generator, self.record = draft_depths, generator, record
         b, cap, device = seqs.batch, seqs.capacity, seqs.device
-        self.caches = [KVCache(b, cap, device) for _ in range(draft_depths + 1)]
+        self.caches = [KVCache(b, cap, device, expanded_mla=expanded_mla)
+                       for _ in range(draft_depths + 1)]
         dtype = model.output_weight().dtype
         h = model.config.hidden_size
         self.hidden = [torch.zeros(b, cap, h, dtype=dtype, device=device)
