@@ -186,8 +186,9 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
 
     check_target(target)
     limit = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
-    check_output(Path(out), overwrite=overwrite, source=Path(path))
+    check_output(Path(out), overwrite=overwrite, sources=[Path(path)])
     checkpoint = open_checkpoint(Path(path))
+    sources = [Path(path), Path(checkpoint.path)]
     spec = checkpoint_spec(checkpoint, spec_path)
     notes = list(checkpoint.notes)
     try:
@@ -214,7 +215,8 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
     notes += plan.notes
     shards = plan_shards(plan.items, expected, dtype_of, ctx, limit)
     weight_map: dict[str, str] = {}
-    with StagedDirectory(Path(out), overwrite=overwrite, source=Path(path)) as temp:
+    staged = StagedDirectory(Path(out), overwrite=overwrite, sources=sources, tool="mtp export")
+    with staged as temp:
         for index, shard in enumerate(shards):
             name = shard_name(index, len(shards))
             for hf_name in _write_shard(shard, checkpoint.read, ctx, dtype_of, temp / name):
@@ -232,6 +234,7 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
                         spec if eod is not None else None)
         _write_json(temp / RECORD, training_record(spec))
         _readable_by_all(temp)
+    notes += [f"removed {p}, left by an export or import that was killed" for p in staged.removed]
     return ExportResult(Path(out), plan.config["architectures"][0], len(shards),
                         len(weight_map), total, notes=notes)
 
