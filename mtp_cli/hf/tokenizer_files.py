@@ -16,14 +16,16 @@ from typing import Any
 
 from mtp_cli.data.tokenizer import BYTE_EOD, EOD_CANDIDATES
 from mtp_cli.hf.copied_files import (
+    SPECIAL_TOKENS_MAP,
     TOKENIZER,
+    TOKENIZER_CONFIG,
     allowed_roots,
     read_copied_file,
     read_copied_files,
 )
 
 EOD_TOKEN = "<|endoftext|>"
-SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+SIDE_FILES = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)
 
 
 def byte_symbols() -> list[str]:
@@ -79,26 +81,24 @@ def eod_token(tokenizer_json: dict[str, Any]) -> str | None:
     return next((t for t in EOD_CANDIDATES if t in added or t in vocab), None)
 
 
-def write_tokenizer(out: Path, tokenizer_path: str | None) -> None:
-    """The tokenizer files of a run (`data.tokenizer`, or the byte tokenizer) into `out`: the
-    spec names tokenizer.json (wherever a link takes it); its side files are copied from its
-    directory only (`mtp_cli.hf.copied_files`)."""
+def read_run_tokenizer(tokenizer_path: str | None) -> dict[str, bytes]:
+    """{file name: bytes} of a run's tokenizer files (`data.tokenizer`, or the byte tokenizer),
+    read and checked before anything is written: the spec names tokenizer.json (wherever a
+    link takes it); its side files are copied from its directory only
+    (`mtp_cli.hf.copied_files`)."""
     if tokenizer_path is None:
-        (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(), ensure_ascii=False))
-        (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(EOD_TOKEN),
-                                                              indent=2))
-        return
+        return {TOKENIZER: json.dumps(byte_tokenizer_json(), ensure_ascii=False).encode(),
+                TOKENIZER_CONFIG: json.dumps(_tokenizer_config(EOD_TOKEN), indent=2).encode()}
     source = Path(tokenizer_path)
-    tokenizer = read_copied_file(source.resolve(), [source.resolve().parent], TOKENIZER)
+    files = {TOKENIZER: read_copied_file(source.resolve(), [source.resolve().parent],
+                                         TOKENIZER)}
     roots = [*allowed_roots(source.parent), source.resolve().parent]
-    side = {name: read_copied_file(source.parent / name, roots) for name in SIDE_FILES
-            if (source.parent / name).is_symlink() or (source.parent / name).exists()}
-    (out / TOKENIZER).write_bytes(tokenizer)
-    for name, data in side.items():
-        (out / name).write_bytes(data)
-    if "tokenizer_config.json" not in side:
-        eos = eod_token(json.loads(tokenizer))
-        (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(eos), indent=2))
+    files.update({name: read_copied_file(source.parent / name, roots) for name in SIDE_FILES
+                  if (source.parent / name).is_symlink() or (source.parent / name).exists()})
+    if TOKENIZER_CONFIG not in files:
+        eos = eod_token(json.loads(files[TOKENIZER]))
+        files[TOKENIZER_CONFIG] = json.dumps(_tokenizer_config(eos), indent=2).encode()
+    return files
 
 
 def read_kept_tokenizer(hf_dir: Path) -> dict[str, bytes]:
