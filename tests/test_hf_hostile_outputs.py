@@ -384,3 +384,20 @@ def test_import_on_a_full_disk_exits_2_and_creates_nothing(world, small_disk):
     assert_one_line_refusal(result, str(small_disk / "run"), "No space left on device",
                             "was not created")
     assert but_its_mtime(listing(small_disk)) == but_its_mtime(before)
+
+
+def test_a_file_size_limit_fault_exits_2_naming_it(world):
+    """Another I/O fault than a full disk, with no root needed: the file size limit
+    (`RLIMIT_FSIZE`, EFBIG; Python ignores SIGXFSZ) stops the shard mid-write."""
+    import resource
+
+    out = world / "hf_again"
+    before = listing(world)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        result = run_mtp("export", str(world / "runs" / "src"), "--out", str(out))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert_one_line_refusal(result, str(out), "File too large", "was not created")
+    assert but_its_mtime(listing(world)) == but_its_mtime(before)
