@@ -10,6 +10,7 @@ outside `--out` (and for a refusal nothing at all) may be created, changed or re
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import stat
@@ -195,7 +196,6 @@ def test_exported_shards_are_0644_even_under_umask_077(world):
 # --- item 1: a killed export's leftover ----------------------------------------------------
 
 def _leftover(world: Path, target: Path, pid: int, tool: str = "mtp export") -> Path:
-    import json
     import socket
 
     path = target.with_name(target.name + ".tmp-deadbeef")
@@ -217,10 +217,10 @@ def test_only_provably_own_leftovers_are_removed(world):
     users = out.with_name("out.tmp-notes")
     users.mkdir()
     dead = _leftover(world, out, 2**31 - 2)  # no such process
-    result = run_mtp("export", str(world / "runs" / "src"), "--out", str(out))
+    result = run_mtp("export", str(world / "runs" / "src"), "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr
     assert not dead.exists() and alive.is_dir() and other.is_dir() and users.is_dir()
-    assert f"removed {dead}" in " ".join(result.stdout.split())
+    assert any(note.startswith(f"removed {dead}") for note in json.loads(result.stdout)["notes"])
 
 
 @pytest.mark.slow
