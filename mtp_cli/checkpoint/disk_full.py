@@ -20,16 +20,17 @@ import torch.distributed.checkpoint as dcp
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-def find_disk_full(error: BaseException | None) -> OSError | None:
-    """The `OSError` (ENOSPC/EDQUOT) behind `error`: itself, its cause or context, or a rank's
-    failure inside a DCP `CheckpointException`; None when the disk was not full."""
+def find_disk_full(error: BaseException | None,
+                   errnos: frozenset[int] = DISK_FULL_ERRNOS) -> OSError | None:
+    """The `OSError` (ENOSPC/EDQUOT, or one of `errnos`) behind `error`: itself, its cause or
+    context, or a rank's failure inside a DCP `CheckpointException`; None when there is none."""
     stack, seen = [error], set()
     while stack:
         current = stack.pop()
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+        if isinstance(current, OSError) and current.errno in errnos:
             return current
         stack += [current.__cause__, current.__context__]
         failures = getattr(current, "failures", None)  # CheckpointException: rank -> (exc, tb)

@@ -57,7 +57,12 @@ def publish_directory(temp: Path, final: Path) -> None:
     if os.path.lexists(final):
         old = temp_sibling(final, "old-")
         os.replace(final, old)
-    os.replace(temp, final)
+    try:
+        os.replace(temp, final)
+    except OSError:
+        if old is not None:  # the previous directory back under its name, then the error
+            os.replace(old, final)
+        raise
     fsync_directory(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

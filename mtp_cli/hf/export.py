@@ -28,6 +28,8 @@ each tensor is the checkpoint's.
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +44,7 @@ from mtp_cli.hf.mapping import FileTensor, LayoutContext, to_hf_tensors
 from mtp_cli.hf.memory import release_freed_memory
 from mtp_cli.hf.output_dir import StagedDirectory, check_output
 from mtp_cli.hf.serving import BESIDE, check_target, serving_plan
-from mtp_cli.hf.tokenizer_files import write_tokenizer
+from mtp_cli.hf.tokenizer_files import read_run_tokenizer
 from mtp_cli.hf.training_record import RECORD, training_record
 
 INDEX = "model.safetensors.index.json"
@@ -170,7 +172,13 @@ def _write_shard(shard: Shard, read: Callable[[list[str]], dict[str, torch.Tenso
         del parts
         if last_use[item.megatron] == i:
             del sources[item.megatron], source
-    save_file(out, str(path), metadata={"format": "pt"})
+    try:
+        save_file(out, str(path), metadata={"format": "pt"})
+    except Exception as error:  # safetensors' own error type, "... I/O error: ... (os error 28)"
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from error
     return list(out)
 
 
@@ -186,8 +194,9 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
 
     check_target(target)
     limit = parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size)
-    check_output(Path(out), overwrite=overwrite, source=Path(path))
+    check_output(Path(out), overwrite=overwrite, sources=[Path(path)])
     checkpoint = open_checkpoint(Path(path))
+    sources = [Path(path), Path(checkpoint.path)]
     spec = checkpoint_spec(checkpoint, spec_path)
     notes = list(checkpoint.notes)
     try:
@@ -213,8 +222,10 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
     plan = serving_plan(spec, hf, ctx, list(expected), target)
     notes += plan.notes
     shards = plan_shards(plan.items, expected, dtype_of, ctx, limit)
+    tokenizer = read_run_tokenizer(spec.data.tokenizer) if eod is not None else None
     weight_map: dict[str, str] = {}
-    with StagedDirectory(Path(out), overwrite=overwrite, source=Path(path)) as temp:
+    staged = StagedDirectory(Path(out), overwrite=overwrite, sources=sources, tool="mtp export")
+    with staged as temp:
         for index, shard in enumerate(shards):
             name = shard_name(index, len(shards))
             for hf_name in _write_shard(shard, checkpoint.read, ctx, dtype_of, temp / name):
@@ -228,20 +239,21 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
                          temp / BESIDE / "model.safetensors")
         total = sum(s.nbytes for s in shards)
         _write_json(temp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _write_metadata(temp, HFTarget(hf.model_type, plan.config),
-                        spec if eod is not None else None)
+        _write_metadata(temp, HFTarget(hf.model_type, plan.config), tokenizer)
         _write_json(temp / RECORD, training_record(spec))
         _readable_by_all(temp)
+    notes += [f"removed {p}, left by an export or import that was killed" for p in staged.removed]
     return ExportResult(Path(out), plan.config["architectures"][0], len(shards),
                         len(weight_map), total, notes=notes)
 
 
-def _write_metadata(directory: Path, target: HFTarget, spec: RunSpec | None) -> None:
-    """config.json, generation_config.json and (given the spec) the tokenizer files."""
+def _write_metadata(directory: Path, target: HFTarget, tokenizer: dict[str, bytes] | None
+                    ) -> None:
+    """config.json, generation_config.json and (given them) the tokenizer files."""
     _write_json(directory / "config.json", target.config)
     _write_json(directory / "generation_config.json", generation_config(target))
-    if spec is not None:
-        write_tokenizer(directory, spec.data.tokenizer)
+    for name, data in (tokenizer or {}).items():
+        (directory / name).write_bytes(data)
 
 
 def _readable_by_all(directory: Path) -> None:

@@ -42,7 +42,7 @@ from mtp_cli.hf.mapping import ARCHITECTURES, FileTensor, LayoutContext, to_mega
 from mtp_cli.hf.mtp_graft import GraftSource, open_graft_source, plan_graft
 from mtp_cli.hf.output_dir import StagedDirectory, check_output
 from mtp_cli.hf.step0_checkpoint import write_step0_checkpoint
-from mtp_cli.hf.tokenizer_files import keep_tokenizer
+from mtp_cli.hf.tokenizer_files import keep_tokenizer, read_kept_tokenizer
 from mtp_cli.hf.training_record import apply_training_record, defaults_note, read_training_record
 from mtp_cli.plan.run_plan import mtp_depths
 
@@ -189,10 +189,12 @@ def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...]
     """Write run directory `out` from Hugging Face model directory `hf_dir` (module doc);
     `mtp_from`: a directory of the same architecture whose MTP depths are taken instead."""
     out = Path(out)
-    check_output(out, overwrite=overwrite, source=Path(hf_dir))
+    inputs = [Path(hf_dir)] + ([Path(mtp_from)] if mtp_from is not None else [])
+    check_output(out, overwrite=overwrite, sources=inputs, replace_run=True)
     hf = open_hf_directory(Path(hf_dir), ARCHITECTURES)
     data, ctx, graft, notes = _import_sections(hf, list(overrides), mtp_from)
-    if (Path(hf_dir) / "tokenizer.json").is_file():
+    tokenizer = read_kept_tokenizer(Path(hf_dir))
+    if tokenizer:
         data.setdefault("data", {}).setdefault(
             "tokenizer", str(out.resolve() / "tokenizer" / "tokenizer.json"))
     spec = load_spec(data)
@@ -214,8 +216,10 @@ def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...]
                   "fresh": fresh}
     if graft is not None:
         provenance["mtp_from"] = str(graft.hf.root.resolve())
-    with StagedDirectory(out, overwrite=overwrite, source=Path(hf_dir)) as temp:
-        keep_tokenizer(Path(hf_dir), temp)
+    staged = StagedDirectory(out, overwrite=overwrite, sources=inputs, replace_run=True,
+                             tool="mtp import")
+    with staged as temp:
+        keep_tokenizer(tokenizer, temp)
         header = SPEC_HEADER.format(source=Path(hf_dir).resolve(), architecture=architecture,
                                     spec=out / "spec.yaml", run_dir=out)
         (temp / "spec.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
@@ -223,6 +227,7 @@ def import_model(hf_dir: Path, out: Path, overrides: list[str] | tuple[str, ...]
         write_step0_checkpoint(temp, spec, sources, {"imported_from": provenance},
                                file_bytes=largest_file)
     imported = sum(len(p.imported) for _, _, p in plans)
+    notes += [f"removed {p}, left by an export or import that was killed" for p in staged.removed]
     return ImportResult(out, architecture, imported, fresh,
                         notes + [note for _, _, p in plans for note in p.notes])
 

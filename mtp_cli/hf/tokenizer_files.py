@@ -4,20 +4,28 @@ A run on the embedded corpus tokenizes bytes (id i = byte i, 256 = end of docume
 gets a `tokenizer.json` that `tokenizers` (and so `AutoTokenizer`) reads as exactly that: a
 byte-level BPE with no merges whose vocabulary is the 256 byte symbols in byte order, and
 `<|endoftext|>` as id 256. A run with `data.tokenizer` gets that file copied, with the
-`tokenizer_config.json` / `special_tokens_map.json` found beside it.
+`tokenizer_config.json` / `special_tokens_map.json` found beside it, each checked first
+(`mtp_cli.hf.copied_files`: inside its directory, bounded, parsed as what it claims to be).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from mtp_cli.data.tokenizer import BYTE_EOD, EOD_CANDIDATES
+from mtp_cli.hf.copied_files import (
+    SPECIAL_TOKENS_MAP,
+    TOKENIZER,
+    TOKENIZER_CONFIG,
+    allowed_roots,
+    read_copied_file,
+    read_copied_files,
+)
 
 EOD_TOKEN = "<|endoftext|>"
-SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+SIDE_FILES = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)
 
 
 def byte_symbols() -> list[str]:
@@ -73,36 +81,42 @@ def eod_token(tokenizer_json: dict[str, Any]) -> str | None:
     return next((t for t in EOD_CANDIDATES if t in added or t in vocab), None)
 
 
-def write_tokenizer(out: Path, tokenizer_path: str | None) -> None:
-    """The tokenizer files of a run (`data.tokenizer`, or the byte tokenizer) into `out`."""
+def read_run_tokenizer(tokenizer_path: str | None) -> dict[str, bytes]:
+    """{file name: bytes} of a run's tokenizer files (`data.tokenizer`, or the byte tokenizer),
+    read and checked before anything is written: the spec names tokenizer.json (wherever a
+    link takes it); its side files are copied from its directory only
+    (`mtp_cli.hf.copied_files`)."""
     if tokenizer_path is None:
-        (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(), ensure_ascii=False))
-        (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(EOD_TOKEN),
-                                                              indent=2))
-        return
+        return {TOKENIZER: json.dumps(byte_tokenizer_json(), ensure_ascii=False).encode(),
+                TOKENIZER_CONFIG: json.dumps(_tokenizer_config(EOD_TOKEN), indent=2).encode()}
     source = Path(tokenizer_path)
-    shutil.copyfile(source, out / "tokenizer.json")
-    copied = False
-    for name in SIDE_FILES:
-        if (source.parent / name).is_file():
-            shutil.copyfile(source.parent / name, out / name)
-            copied = copied or name == "tokenizer_config.json"
-    if not copied:
-        with open(source, encoding="utf-8") as handle:
-            eos = eod_token(json.load(handle))
-        (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(eos), indent=2))
+    files = {TOKENIZER: read_copied_file(source.resolve(), [source.resolve().parent],
+                                         TOKENIZER)}
+    roots = [*allowed_roots(source.parent), source.resolve().parent]
+    files.update({name: read_copied_file(source.parent / name, roots) for name in SIDE_FILES
+                  if (source.parent / name).is_symlink() or (source.parent / name).exists()})
+    if TOKENIZER_CONFIG not in files:
+        eos = eod_token(json.loads(files[TOKENIZER]))
+        files[TOKENIZER_CONFIG] = json.dumps(_tokenizer_config(eos), indent=2).encode()
+    return files
 
 
-def keep_tokenizer(hf_dir: Path, run_dir: Path) -> Path | None:
-    """Copy an imported model's tokenizer.json (and its side files) into the run directory;
+def read_kept_tokenizer(hf_dir: Path) -> dict[str, bytes]:
+    """An imported model's tokenizer.json and side files, checked, read before anything is
+    written (`mtp_cli.hf.copied_files`); empty when the model has no tokenizer.json."""
+    source = hf_dir / TOKENIZER
+    if not (source.is_symlink() or source.exists()):
+        return {}
+    return read_copied_files(hf_dir, (TOKENIZER, *SIDE_FILES))
+
+
+def keep_tokenizer(files: dict[str, bytes], run_dir: Path) -> Path | None:
+    """Write the files `read_kept_tokenizer` returned into the run directory's `tokenizer/`;
     returns where tokenizer.json went, or None when the model has none."""
-    source = hf_dir / "tokenizer.json"
-    if not source.is_file():
+    if TOKENIZER not in files:
         return None
     target = run_dir / "tokenizer"
     target.mkdir()
-    shutil.copyfile(source, target / "tokenizer.json")
-    for name in SIDE_FILES:
-        if (hf_dir / name).is_file():
-            shutil.copyfile(hf_dir / name, target / name)
-    return target / "tokenizer.json"
+    for name, data in files.items():
+        (target / name).write_bytes(data)
+    return target / TOKENIZER
