@@ -433,7 +433,10 @@ def eval_(
     from mtp_cli.generate.eval import evaluate
     from mtp_cli.views.generate_view import render_eval
 
-    result = evaluate(load_for_generation(checkpoint), split=split, tokens=tokens)
+    loaded = load_for_generation(checkpoint)
+    for note in loaded.notes:  # which checkpoint, when not the one `latest` names
+        error_console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    result = evaluate(loaded, split=split, tokens=tokens)
     if as_json:
         print_json(result)
     else:

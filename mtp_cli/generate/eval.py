@@ -11,7 +11,8 @@ left out):
 Then `acceptance_length`: tokens per round, teacher-forced (1 + mean joint prefix) and measured
 by speculative decoding (greedy, every depth) of prompts cut from the split's first windows.
 
-Written to `RUN_DIR/eval/step_NNNNNNN.json` (a temporary file renamed into place: a training
+Written to `RUN_DIR/eval/step_NNNNNNN.json` (`step_NNNNNNN.train.json` for `--split train`;
+a temporary file renamed into place: a training
 job running beside it never sees half a file; no lock is taken).
 """
 
@@ -35,10 +36,13 @@ BATCH = 8
 PROMPTS = 8
 
 
-def eval_path(run_dir: Any, step: int) -> Any:
+def eval_path(run_dir: Any, step: int, split: str = "val") -> Any:
+    """`eval/step_N.json` for the validation split (what `mtp report` shows), and
+    `eval/step_N.train.json` for the training split: one never overwrites the other."""
     from mtp_cli.checkpoint.layout import checkpoint_name
 
-    return run_dir / EVAL_DIR / f"{checkpoint_name(step)}.json"
+    suffix = "" if split == "val" else f".{split}"
+    return run_dir / EVAL_DIR / f"{checkpoint_name(step)}{suffix}.json"
 
 
 def _windows(loaded: LoadedModel, split: str, tokens: int) -> torch.Tensor:
@@ -152,13 +156,13 @@ def _speculative(loaded: LoadedModel, windows: torch.Tensor) -> dict[str, Any]:
     prompts = [windows[i, :half] for i in range(min(PROMPTS, windows.shape[0]))]
     options = GenerateOptions(max_new_tokens=half, speculative="on", baseline=False)
     _, _, stats = decode_ids(loaded, prompts, options, loaded.mtp_depths)
-    return stats
+    return stats.as_dict() if stats is not None else {}
 
 
 def _write(loaded: LoadedModel, result: dict[str, Any]) -> Any:
     from mtp_cli.checkpoint.publish import atomic_write_text
 
-    path = eval_path(loaded.run_dir, loaded.step)
+    path = eval_path(loaded.run_dir, loaded.step, result["split"])
     try:
         path.parent.mkdir(exist_ok=True)
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
