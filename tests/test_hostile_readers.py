@@ -18,28 +18,10 @@ from mtp_cli.config.loader import load_spec
 from tests.cli_helpers import run_mtp
 from tests.generate_helpers import save_run_dir, tiny_spec
 from tests.hf_models import llama_config, saved_model
+from tests.hostile_checks import listing, refused
 from tests.train_helpers import make_corpus
 
 STEP0 = Path("checkpoints") / "step_0000000"
-
-
-def listing(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file and directory under `root`: (size, mtime in ns), to compare before/after."""
-    out = {}
-    for path in [root, *root.rglob("*")]:
-        info = path.lstat()
-        out[str(path.relative_to(root))] = (info.st_size, info.st_mtime_ns)
-    return out
-
-
-def refused(result, *needles: str) -> str:
-    """Exit 2, no traceback, every needle in the message; the message."""
-    text = result.stdout + result.stderr
-    assert result.returncode == 2, (result.returncode, text[-3000:])
-    assert "Traceback" not in text, text[-3000:]
-    for needle in needles:
-        assert needle in text, (needle, text[-3000:])
-    return text
 
 
 @pytest.fixture(scope="module")

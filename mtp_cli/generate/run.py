@@ -82,8 +82,8 @@ class GenerateResult:
         return out
 
 
-def _check_options(options: GenerateOptions, depths: int) -> int:
-    """The number of draft depths to use (0: plain decoding); UserError for bad options."""
+def check_option_values(options: GenerateOptions) -> None:
+    """`UserError` naming the flag of a value out of bounds: checked before a model loads."""
     if options.max_new_tokens < 1:
         raise UserError(problems=[Problem("must be at least 1", key="--max-new-tokens")])
     temperature = options.temperature
@@ -97,9 +97,14 @@ def _check_options(options: GenerateOptions, depths: int) -> int:
         raise UserError(problems=[Problem("must be in (0, 1]", key="--top-p")])
     if options.speculative not in ("auto", "on", "off"):
         raise UserError(problems=[Problem("must be auto, on or off", key="--speculative")])
-    wanted = options.draft_depths
-    if wanted is not None and wanted < 1:
+    if options.draft_depths is not None and options.draft_depths < 1:
         raise UserError(problems=[Problem("must be at least 1", key="--draft-depths")])
+
+
+def _check_options(options: GenerateOptions, depths: int) -> int:
+    """The number of draft depths to use (0: plain decoding); UserError for bad options."""
+    check_option_values(options)
+    wanted = options.draft_depths
     if options.speculative == "on" and depths == 0:
         raise UserError(problems=[Problem(
             "the checkpoint has no MTP layers to draft with", key="--speculative on",
