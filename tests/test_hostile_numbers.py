@@ -200,3 +200,14 @@ def test_load_spec_still_reads_a_bounded_meta_spec(run_dir):
     """The bound is on numbers, not on what a real checkpoint records."""
     meta = read_json_object(run_dir / "checkpoints" / "step_0000000" / "meta.json")
     assert load_spec(meta["spec"]).model.vocab_size == 320
+
+
+def test_resume_truncation_skips_lines_with_unreadable_numbers(tmp_path):
+    """metrics.jsonl read on resume: a 4,400-digit step or a string step is dropped, no
+    ValueError from Python's int() limit."""
+    from mtp_cli.checkpoint.run_dir import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": ' + HUGE + '}\n{"step": "2"}\n{"step": 3}\n')
+    truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1}\n'
