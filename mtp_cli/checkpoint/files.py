@@ -99,7 +99,7 @@ def read_json_object(path: Path, limit: int = META_JSON_LIMIT) -> dict[str, Any]
     if found is not None:
         key, number = found
         raise CheckpointFileError(path, f"{key or 'a value'}: {number.text} is not a number "
-                                        "mtp-cli reads (an integer past 10^18, or not finite)")
+                                        "mtp-cli reads (an integer past 10^18, or not a finite number)")
     return value
 
 
