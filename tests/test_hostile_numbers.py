@@ -211,3 +211,17 @@ def test_resume_truncation_skips_lines_with_unreadable_numbers(tmp_path):
     path.write_text('{"step": 1}\n{"step": ' + HUGE + '}\n{"step": "2"}\n{"step": 3}\n')
     truncate_metrics(path, 2)
     assert path.read_text() == '{"step": 1}\n'
+
+
+def test_a_stored_spec_larger_than_its_tensors_is_refused_before_allocating(run_dir, tmp_path):
+    """meta.json's spec declaring a 2^30-token vocabulary over the run's 320-token tensors:
+    generate and eval compare the shapes on the meta device first (building the model on the
+    CPU first would allocate 137 GB)."""
+    run = _copy(run_dir, tmp_path)
+    meta_file = run / "checkpoints" / "step_0000000" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["spec"]["model"]["vocab_size"] = 2**30
+    meta_file.write_text(json.dumps(meta))
+    for args in (("generate", run, "--prompt", "a"), ("eval", run)):
+        refused(run_mtp(*args), "step_0000000", "shapes differ",
+                "embedding.word_embeddings.weight")

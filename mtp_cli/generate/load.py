@@ -85,8 +85,15 @@ def _load_checkpoint(path: Path) -> LoadedModel:
                            "and read the exported directory")
     from mtp_cli.builders.model_builder import state_dict_shapes
 
-    names = list(state_dict_shapes(spec))
-    present = [n for n in names if n in checkpoint.tensors]
+    shapes = state_dict_shapes(spec)
+    present = [n for n in shapes if n in checkpoint.tensors]
+    missing = [n for n in shapes if n not in checkpoint.tensors]
+    changed = [n for n in present if tuple(checkpoint.tensors[n].shape) != tuple(shapes[n])]
+    if missing or changed:  # before anything is allocated: a stored spec may declare any size
+        what = (f"lacks {len(missing)} tensors of its spec's model: {', '.join(missing[:6])}"
+                if missing else f"tensor shapes differ from its spec's model: "
+                f"{', '.join(changed[:6])}")
+        raise UserError(problems=[Problem(what, file=str(checkpoint.path))])
     state = checkpoint.read(present) if present else {}
     model = _build(spec, state, checkpoint.path)
     run_dir = run_dir_of(checkpoint.path) if checkpoint.kind == "dcp" else None
