@@ -176,7 +176,6 @@ def test_decoding_past_free_memory_is_refused_before_allocating(tmp_path, monkey
     """Weak row: `max_position_embeddings: 2^40` accepted, then `--max-new-tokens 1e8` tried
     a 25.6 GB allocation up front. The caches are sized by what is asked, checked first."""
     import mtp_cli.generate.streams as streams
-
     from mtp_cli.hf.tokenizer_files import byte_tokenizer_json
 
     hf = _hf(tmp_path)

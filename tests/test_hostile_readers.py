@@ -295,3 +295,23 @@ def test_speculative_statistics_add_up_over_batches(monkeypatch, run_dir):
     for key in ("rounds", "mean_accepted_length"):
         assert split.speculative[key] == whole.speculative[key]
     assert split.speculative["main_forwards"] > whole.speculative["main_forwards"] > 0
+
+
+def test_eval_reads_the_split_one_batch_at_a_time(monkeypatch, run_dir):
+    """`--tokens 10^30` scores the whole split, never loading more than a batch of windows."""
+    from mtp_cli.data.windows import TokenWindows
+    from mtp_cli.generate import load_for_generation
+    from mtp_cli.generate.eval import BATCH, evaluate
+
+    read = []
+    original = TokenWindows.windows
+
+    def spy(self, indices):
+        read.append(len(indices))
+        return original(self, indices)
+
+    monkeypatch.setattr(TokenWindows, "windows", spy)
+    loaded = load_for_generation(run_dir, device="cpu")
+    result = evaluate(loaded, tokens=10**30, write=False)
+    assert result["windows"] > BATCH and max(read) <= BATCH
+    assert sum(read) == result["windows"] + min(8, result["windows"])  # + the prompts' windows
