@@ -401,13 +401,14 @@ def generate(
     """Decode prompts with a KV cache; with MTP layers, exact self-speculative decoding."""
     from mtp_cli.generate import GenerateOptions, load_for_generation
     from mtp_cli.generate import generate as run_generate
-    from mtp_cli.generate.run import collect_prompts
+    from mtp_cli.generate.run import check_option_values, collect_prompts
     from mtp_cli.views.generate_view import TextPrinter, render_generate
 
     texts, where = collect_prompts(prompt or [], prompt_file)
     options = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, seed=seed, speculative=speculative,  # type: ignore[arg-type]
                               draft_depths=draft_depths)
+    check_option_values(options)  # before the model loads
     loaded = load_for_generation(checkpoint)
     for note in loaded.notes:
         error_console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
@@ -434,7 +435,10 @@ def eval_(
     from mtp_cli.generate.eval import evaluate
     from mtp_cli.views.generate_view import render_eval
 
-    result = evaluate(load_for_generation(checkpoint), split=split, tokens=tokens)
+    loaded = load_for_generation(checkpoint)
+    for note in loaded.notes:  # which checkpoint, when not the one `latest` names
+        error_console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    result = evaluate(loaded, split=split, tokens=tokens)
     if as_json:
         print_json(result)
     else:

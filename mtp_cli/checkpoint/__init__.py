@@ -7,7 +7,9 @@ name, fsync, atomic rename), `run_dir` (the run directory, its lock, `latest` an
 checkpoint a resume uses), `validate` (whether one checkpoint directory can be resumed from),
 `sharded_state` (the model's state as DCP saves it). The untrusted reads: `safe_pickle` (the
 allow-list unpicklers), `dcp_files` (DCP metadata, shard checks and loads through them), `files`
-(bounded reads of small files, `CheckpointFileError`), `checksums` (SHA-256 per file).
+(bounded reads of small files and bounded JSON numbers, `CheckpointFileError`), `checksums`
+(SHA-256 per file), `torch_archive` (a `torch.save` zip checked before `torch.load`: records
+hold their storages, no stride-0 giants).
 """
 
 from mtp_cli.checkpoint.dcp_files import (

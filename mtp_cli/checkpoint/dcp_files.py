@@ -94,7 +94,12 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     (DCP itself loads them with `weights_only=False`)."""
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        safe = torch.load(value, weights_only=True)
+        try:
+            safe = torch.load(value, weights_only=True)
+        except Exception as error:  # torch's message quotes pages of its weights_only docs
+            fqn = getattr(getattr(read_item, "dest_index", None), "fqn", "?")
+            raise ValueError(f"stored value {fqn} is not a plain value torch.load(weights_only"
+                             f"=True) reads ({type(error).__name__})") from None
         buffer = io.BytesIO()
         torch.save(safe, buffer)
         buffer.seek(0)

@@ -232,9 +232,10 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # bad JSON, or an int past 4,300 digits
             continue
-        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+        step = record.get("step", 0) if isinstance(record, dict) else None
+        if type(step) is int and step <= last_step:
             kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
 

@@ -11,7 +11,8 @@ left out):
 Then `acceptance_length`: tokens per round, teacher-forced (1 + mean joint prefix) and measured
 by speculative decoding (greedy, every depth) of prompts cut from the split's first windows.
 
-Written to `RUN_DIR/eval/step_NNNNNNN.json` (a temporary file renamed into place: a training
+Written to `RUN_DIR/eval/step_NNNNNNN.json` (`step_NNNNNNN.train.json` for `--split train`;
+a temporary file renamed into place: a training
 job running beside it never sees half a file; no lock is taken).
 """
 
@@ -35,13 +36,18 @@ BATCH = 8
 PROMPTS = 8
 
 
-def eval_path(run_dir: Any, step: int) -> Any:
+def eval_path(run_dir: Any, step: int, split: str = "val") -> Any:
+    """`eval/step_N.json` for the validation split (what `mtp report` shows), and
+    `eval/step_N.train.json` for the training split: one never overwrites the other."""
     from mtp_cli.checkpoint.layout import checkpoint_name
 
-    return run_dir / EVAL_DIR / f"{checkpoint_name(step)}.json"
+    suffix = "" if split == "val" else f".{split}"
+    return run_dir / EVAL_DIR / f"{checkpoint_name(step)}{suffix}.json"
 
 
-def _windows(loaded: LoadedModel, split: str, tokens: int) -> torch.Tensor:
+def _windows(loaded: LoadedModel, split: str, tokens: int) -> tuple[Any, int]:
+    """The split's windows and how many of them `tokens` asks for (read per batch later:
+    `--tokens 10^12` never loads a whole split at once)."""
     from mtp_cli.data.datasets import build_datasets
 
     if split not in ("val", "train"):
@@ -54,7 +60,7 @@ def _windows(loaded: LoadedModel, split: str, tokens: int) -> torch.Tensor:
         raise UserError(problems=[Problem(f"the {split} split holds no window of "
                                           f"{windows.seq_length + 1} tokens", key="--split")])
     count = min(len(windows), max(1, math.ceil(tokens / windows.seq_length)))
-    return windows.windows(list(range(count)))
+    return windows, count
 
 
 class _Sums:
@@ -109,14 +115,15 @@ def evaluate(loaded: LoadedModel, *, split: str = "val", tokens: int = 16384,
              write: bool = True) -> dict[str, Any]:
     """Score `loaded` on `tokens` tokens of `split` (module doc); write the result."""
     start = time.perf_counter()
-    windows = _windows(loaded, split, tokens)
+    windows, count = _windows(loaded, split, tokens)
     model, depths = loaded.model, loaded.mtp_depths
     device = model.output_weight().device
     sums = _Sums(depths)
-    for first in range(0, windows.shape[0], BATCH):
-        chunk = windows[first:first + BATCH].to(device)
+    for first in range(0, count, BATCH):
+        chunk = windows.windows(list(range(first, min(first + BATCH, count)))).to(device)
         sums.add(depth_logits(model, chunk[:, :-1]), chunk[:, 1:])
-    spec_stats = _speculative(loaded, windows) if depths else None
+    first_windows = windows.windows(list(range(min(PROMPTS, count))))
+    spec_stats = _speculative(loaded, first_windows) if depths else None
     per_depth = spec_stats["per_depth"] if spec_stats else []
     rows = []
     for k in range(depths):
@@ -132,7 +139,7 @@ def evaluate(loaded: LoadedModel, *, split: str = "val", tokens: int = 16384,
     mean_prefix = _rate(sums.prefix_total, sums.prefix_rows)
     result: dict[str, Any] = {
         "step": loaded.step, "checkpoint": str(loaded.source), "split": split,
-        "tokens": int(sums.lm_tokens), "windows": int(windows.shape[0]),
+        "tokens": int(sums.lm_tokens), "windows": count,
         "lm_loss": _rate(sums.lm_loss, sums.lm_tokens), "depths": rows,
         "acceptance_length": {
             "teacher_forced": None if mean_prefix is None else 1 + mean_prefix,
@@ -152,13 +159,13 @@ def _speculative(loaded: LoadedModel, windows: torch.Tensor) -> dict[str, Any]:
     prompts = [windows[i, :half] for i in range(min(PROMPTS, windows.shape[0]))]
     options = GenerateOptions(max_new_tokens=half, speculative="on", baseline=False)
     _, _, stats = decode_ids(loaded, prompts, options, loaded.mtp_depths)
-    return stats
+    return stats.as_dict() if stats is not None else {}
 
 
 def _write(loaded: LoadedModel, result: dict[str, Any]) -> Any:
     from mtp_cli.checkpoint.publish import atomic_write_text
 
-    path = eval_path(loaded.run_dir, loaded.step)
+    path = eval_path(loaded.run_dir, loaded.step, result["split"])
     try:
         path.parent.mkdir(exist_ok=True)
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")

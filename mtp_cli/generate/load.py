@@ -58,6 +58,7 @@ def load_for_generation(path: Path, device: torch.device | str | None = None,
 
 def _build(spec: RunSpec, state: dict[str, torch.Tensor], where: Path) -> GPTModel:
     from mtp_cli.builders.model_builder import build_model
+    from mtp_cli.inspect.finite import refuse_nonfinite
 
     model = build_model(spec, "cpu", initialize=False)
     expected = model.state_dict()
@@ -69,6 +70,7 @@ def _build(spec: RunSpec, state: dict[str, torch.Tensor], where: Path) -> GPTMod
     if changed:
         raise UserError(problems=[Problem(f"tensor shapes differ from its spec's model: "
                                           f"{', '.join(changed[:6])}", file=str(where))])
+    refuse_nonfinite({n: state[n] for n in expected}, where)  # NaN would decode as noise
     model.load_state_dict({n: state[n] for n in expected}, strict=True)
     return model
 
@@ -78,11 +80,20 @@ def _load_checkpoint(path: Path) -> LoadedModel:
     from mtp_cli.inspect.expected import checkpoint_spec
 
     checkpoint = open_checkpoint(path)
-    spec = checkpoint_spec(checkpoint, None)
+    spec = checkpoint_spec(checkpoint, None, hint="generate and eval read the spec a "
+                           "checkpoint stores; export it with `mtp export --spec SPEC.yaml` "
+                           "and read the exported directory")
     from mtp_cli.builders.model_builder import state_dict_shapes
 
-    names = list(state_dict_shapes(spec))
-    present = [n for n in names if n in checkpoint.tensors]
+    shapes = state_dict_shapes(spec)
+    present = [n for n in shapes if n in checkpoint.tensors]
+    missing = [n for n in shapes if n not in checkpoint.tensors]
+    changed = [n for n in present if tuple(checkpoint.tensors[n].shape) != tuple(shapes[n])]
+    if missing or changed:  # before anything is allocated: a stored spec may declare any size
+        what = (f"lacks {len(missing)} tensors of its spec's model: {', '.join(missing[:6])}"
+                if missing else f"tensor shapes differ from its spec's model: "
+                f"{', '.join(changed[:6])}")
+        raise UserError(problems=[Problem(what, file=str(checkpoint.path))])
     state = checkpoint.read(present) if present else {}
     model = _build(spec, state, checkpoint.path)
     run_dir = run_dir_of(checkpoint.path) if checkpoint.kind == "dcp" else None

@@ -13,6 +13,8 @@ were.
 from __future__ import annotations
 
 import codecs
+import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +29,12 @@ from mtp_cli.generate.load import LoadedModel
 from mtp_cli.generate.sampling import SamplingSettings
 from mtp_cli.generate.sequences import Sequences
 from mtp_cli.generate.speculative import SpeculativeDecoder
-from mtp_cli.generate.streams import max_positions
+from mtp_cli.generate.stats import SpeculativeCounts
+from mtp_cli.generate.streams import check_decode_memory, max_positions
 
 Speculative = Literal["auto", "on", "off"]
+MIN_TEMPERATURE = 1e-6  # logits / 1e-320 are inf: softmax gives NaN
+PROMPT_BATCH = 64  # prompts decoded together: a prompt file is read in batches of this many
 OnText = Callable[[int, str], None]  # (prompt index, new text)
 
 
@@ -77,19 +82,29 @@ class GenerateResult:
         return out
 
 
-def _check_options(options: GenerateOptions, depths: int) -> int:
-    """The number of draft depths to use (0: plain decoding); UserError for bad options."""
+def check_option_values(options: GenerateOptions) -> None:
+    """`UserError` naming the flag of a value out of bounds: checked before a model loads."""
     if options.max_new_tokens < 1:
         raise UserError(problems=[Problem("must be at least 1", key="--max-new-tokens")])
-    if options.temperature < 0:
-        raise UserError(problems=[Problem("must be >= 0 (0 = greedy)", key="--temperature")])
+    temperature = options.temperature
+    if not math.isfinite(temperature) or temperature < 0 or 0 < temperature < MIN_TEMPERATURE:
+        raise UserError(problems=[Problem(
+            f"{temperature} is not 0 (greedy) or a temperature of at least {MIN_TEMPERATURE} "
+            "(dividing logits by less overflows them)", key="--temperature")])
+    if not 0 <= options.seed < 2**64:
+        raise UserError(problems=[Problem("must be in 0 .. 2^64 - 1", key="--seed")])
     if not 0 < options.top_p <= 1:
         raise UserError(problems=[Problem("must be in (0, 1]", key="--top-p")])
     if options.speculative not in ("auto", "on", "off"):
         raise UserError(problems=[Problem("must be auto, on or off", key="--speculative")])
-    wanted = options.draft_depths
-    if wanted is not None and wanted < 1:
+    if options.draft_depths is not None and options.draft_depths < 1:
         raise UserError(problems=[Problem("must be at least 1", key="--draft-depths")])
+
+
+def _check_options(options: GenerateOptions, depths: int) -> int:
+    """The number of draft depths to use (0: plain decoding); UserError for bad options."""
+    check_option_values(options)
+    wanted = options.draft_depths
     if options.speculative == "on" and depths == 0:
         raise UserError(problems=[Problem(
             "the checkpoint has no MTP layers to draft with", key="--speculative on",
@@ -168,21 +183,24 @@ def _sync(device: torch.device) -> None:
 
 def decode_ids(loaded: LoadedModel, prompt_ids: list[torch.Tensor], options: GenerateOptions,
                draft_depths: int, on_tokens: Callable[[int, list[int]], None] | None = None,
-               ) -> tuple[list[list[int]], float, dict[str, Any] | None]:
-    """One decoding of `prompt_ids`: (generated ids per prompt, seconds, speculative stats)."""
+               ) -> tuple[list[list[int]], float, SpeculativeCounts | None]:
+    """One decoding of `prompt_ids`: (generated ids per prompt, seconds, speculative counts)."""
     model = loaded.model
     device = model.output_weight().device
     eod = getattr(loaded.tokenizer, "eod", None)
     settings = SamplingSettings(options.temperature, options.top_p)
     generator = torch.Generator(device=device)
     generator.manual_seed(options.seed)
-    seqs = Sequences(prompt_ids, options.max_new_tokens, max_positions(model), eod, device,
+    limit = max_positions(model)  # no row grows past the context the model attends to
+    new_tokens = min(options.max_new_tokens, limit)
+    check_decode_memory(model, [len(p) for p in prompt_ids], new_tokens, draft_depths)
+    seqs = Sequences(prompt_ids, new_tokens, limit, eod, device,
                      scratch=draft_depths + 1, on_tokens=on_tokens)
     _sync(device)
     start = time.perf_counter()
     stats = None
     if draft_depths:
-        stats = SpeculativeDecoder(model, seqs, settings, draft_depths, generator).run().as_dict()
+        stats = SpeculativeDecoder(model, seqs, settings, draft_depths, generator).run()
     else:
         decode_plain(model, seqs, settings, generator)
     _sync(device)
@@ -193,16 +211,35 @@ def generate(loaded: LoadedModel, prompts: list[str], options: GenerateOptions, 
              where: list[str] | None = None, on_text: OnText | None = None) -> GenerateResult:
     """Decode `prompts` with the loaded model (see the module doc)."""
     depths = _check_options(options, loaded.mtp_depths)
-    prompt_ids = encode_prompts(loaded, prompts, where)
-    stream = _TextStream(loaded, len(prompts), on_text)
-    ids, seconds, stats = decode_ids(loaded, prompt_ids, options, depths, stream)
-    result = GenerateResult(prompts, [decode_text(loaded, x) for x in ids], ids, seconds, stats,
-                            notes=list(loaded.notes))
-    if depths and options.baseline:
-        plain_ids, result.plain_seconds, _ = decode_ids(loaded, prompt_ids, options, 0)
-        if options.temperature == 0:
-            result.identical_to_plain = plain_ids == ids
+    where = where or [f"--prompt {i + 1}" for i in range(len(prompts))]
+    if not prompts:
+        encode_prompts(loaded, prompts, where)  # the refusal of an empty list
+    result = GenerateResult(prompts, [], [], 0.0, notes=list(loaded.notes))
+    batches = []
+    for first in range(0, len(prompts), PROMPT_BATCH):  # memory bounded by one batch
+        batch = slice(first, first + PROMPT_BATCH)
+        prompt_ids = encode_prompts(loaded, prompts[batch], where[batch])
+        stream = _TextStream(loaded, len(prompt_ids), on_text and _shifted(on_text, first))
+        ids, seconds, stats = decode_ids(loaded, prompt_ids, options, depths, stream)
+        result.token_ids += ids
+        result.texts += [decode_text(loaded, x) for x in ids]
+        result.seconds += seconds
+        if stats is not None:
+            batches.append(stats)
+        if depths and options.baseline:
+            plain_ids, plain_seconds, _ = decode_ids(loaded, prompt_ids, options, 0)
+            result.plain_seconds = (result.plain_seconds or 0.0) + plain_seconds
+            if options.temperature == 0:
+                same = plain_ids == ids and result.identical_to_plain is not False
+                result.identical_to_plain = same
+    if batches:
+        result.speculative = functools.reduce(SpeculativeCounts.merge, batches).as_dict()
     return result
+
+
+def _shifted(on_text: OnText, first: int) -> OnText:
+    """`on_text` of a batch starting at prompt `first`: rows numbered across batches."""
+    return lambda row, text: on_text(first + row, text)
 
 
 PROMPT_FILE_LIMIT = 16 * 2**20

@@ -44,6 +44,16 @@ class SpeculativeCounts:
             self.accepted[k - 1] += int((accepted >= k).sum())
             self.accepted_given_previous[k - 1] += int((accepted >= k - 1).sum())
 
+    def merge(self, other: SpeculativeCounts) -> SpeculativeCounts:
+        """The counts of two decodings (batches of one prompt file) as one."""
+        summed = {name: getattr(self, name) + getattr(other, name) for name in (
+            "rounds", "drafts_accepted", "main_forwards", "draft_forwards", "prefill_seconds",
+            "draft_seconds", "verify_seconds")}
+        lists = {name: [a + b for a, b in zip(getattr(self, name), getattr(other, name),
+                                              strict=True)]
+                 for name in ("proposed", "accepted", "accepted_given_previous")}
+        return SpeculativeCounts(self.depths, **summed, **lists)
+
     def as_dict(self) -> dict[str, Any]:
         per_depth = []
         for k in range(self.depths):

@@ -10,14 +10,58 @@ The rolls are done here by indexing, and the layer runs through Megatron-Core's 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from mtp_cli.errors import Problem, UserError
 from mtp_cli.generate.kv_cache import KVCache
 from mtp_cli.gpt import GPTModel
 
 
 def max_positions(model: GPTModel) -> int:
     return int(model.config.max_position_embeddings or model.config.seq_length)
+
+
+def decode_bytes(model: GPTModel, prompt_lengths: list[int], new_tokens: int,
+                 draft_depths: int) -> int:
+    """An upper bound of what a decoding allocates up front: every stream's KV cache (keys and
+    values of every head at the widest head size, each of `capacity` slots) and the token
+    table, for `len(prompt_lengths)` rows."""
+    config = model.config
+    width = max(int(config.kv_channels or 0), int(getattr(config, "qk_head_dim", 0) or 0)
+                + int(getattr(config, "qk_pos_emb_head_dim", 0) or 0),
+                int(getattr(config, "v_head_dim", 0) or 0), 1)
+    itemsize = model.output_weight().element_size()
+    layers = int(config.num_layers) + (model.mtp.num_depths if model.mtp is not None else 0)
+    capacity = max(prompt_lengths, default=0) + new_tokens + draft_depths + 2
+    per_slot = 2 * int(config.num_attention_heads) * width * itemsize * layers + 8
+    return len(prompt_lengths) * capacity * per_slot
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on `device` now (a GPU's free memory; the host's available memory)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf: no bound known
+        return 2**62
+
+
+def check_decode_memory(model: GPTModel, prompt_lengths: list[int], new_tokens: int,
+                        draft_depths: int) -> None:
+    """`UserError` naming --max-new-tokens when the caches would not fit in the memory free on
+    the model's device: refused before anything is allocated (a model may declare 2^40
+    positions; its caches are sized by the tokens asked for)."""
+    device = model.output_weight().device
+    needed = decode_bytes(model, prompt_lengths, new_tokens, draft_depths)
+    free = available_memory(device)
+    if needed > free:
+        raise UserError(problems=[Problem(
+            f"{new_tokens:,} new tokens for {len(prompt_lengths)} prompts need about "
+            f"{needed / 1e9:.3g} GB of KV cache, more than the {free / 1e9:.3g} GB free on "
+            f"{device.type}", key="--max-new-tokens", hint="ask for fewer tokens")])
 
 
 def main_forward(model: GPTModel, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:

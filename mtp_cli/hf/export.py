@@ -28,6 +28,7 @@ each tensor is the checkpoint's.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from mtp_cli.hf.training_record import RECORD, training_record
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MAX_SIZE = 2**60  # bytes: an exabyte, past any device or file
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -63,6 +65,9 @@ def parse_size(text: str) -> int:
     except (ValueError, KeyError):
         raise UserError(problems=[Problem(f"{text!r} is not a size like 5GB, 500MB or 2GiB",
                                           key="--shard-size")]) from None
+    if not math.isfinite(value) or value > MAX_SIZE:  # nan, inf, 1e400GB
+        raise UserError(problems=[Problem(f"{text!r} is not a finite size of at most 2^60 "
+                                          "bytes", key="--shard-size")])
     if value < 1:
         raise UserError(problems=[Problem("must be at least 1 byte", key="--shard-size")])
     return int(value)
@@ -147,15 +152,18 @@ def shard_name(index: int, count: int) -> str:
 
 
 def _write_shard(shard: Shard, read: Callable[[list[str]], dict[str, torch.Tensor]],
-                 ctx: LayoutContext, dtype_of: Callable[[str], torch.dtype], path: Path
-                 ) -> list[str]:
+                 ctx: LayoutContext, dtype_of: Callable[[str], torch.dtype], path: Path,
+                 where: Path | str = "the checkpoint") -> list[str]:
     """One DCP read, conversion tensor by tensor (each source released after its last use),
     one safetensors file; returns the HF names written."""
     from safetensors.torch import save_file
 
+    from mtp_cli.inspect.finite import refuse_nonfinite
+
     names = list(dict.fromkeys(item.megatron for item in shard.tensors))
     last_use = {item.megatron: i for i, item in enumerate(shard.tensors)}
     sources = read(names)
+    refuse_nonfinite(sources, where)  # a NaN weight is never published
     out: dict[str, torch.Tensor] = {}
     written: set[int] = set()  # storages in `out`: safetensors refuses tensors sharing memory
     for i, item in enumerate(shard.tensors):
@@ -228,7 +236,8 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
     with staged as temp:
         for index, shard in enumerate(shards):
             name = shard_name(index, len(shards))
-            for hf_name in _write_shard(shard, checkpoint.read, ctx, dtype_of, temp / name):
+            for hf_name in _write_shard(shard, checkpoint.read, ctx, dtype_of, temp / name,
+                                        checkpoint.path):
                 weight_map[hf_name] = name
             release_freed_memory()
             if echo is not None:
@@ -236,7 +245,7 @@ def export_checkpoint(path: Path, out: Path, *, spec_path: Path | None = None,
         if plan.beside:
             (temp / BESIDE).mkdir()
             _write_shard(Shard(plan.beside), checkpoint.read, ctx, dtype_of,
-                         temp / BESIDE / "model.safetensors")
+                         temp / BESIDE / "model.safetensors", checkpoint.path)
         total = sum(s.nbytes for s in shards)
         _write_json(temp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         _write_metadata(temp, HFTarget(hf.model_type, plan.config), tokenizer)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mtp_cli.checkpoint.files import is_regular_file, read_json_object
+from mtp_cli.checkpoint.torch_archive import check_torch_archive
 from mtp_cli.errors import Problem, UserError
 
 CONFIG = "config.json"
@@ -115,6 +116,10 @@ class HFDirectory:
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` state dict, after `check_torch_archive` (records hold their storages, no
+    stride-0 view presents more elements than it has): `torch.load(mmap=True)` itself would
+    read a short record on into its neighbours' bytes."""
+    check_torch_archive(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # pickle refused by weights_only, truncated zip, ...
@@ -199,6 +204,7 @@ def open_hf_directory(root: Path, model_types: Collection[str]) -> HFDirectory:
         raise file_error(root, "is not a directory (a Hugging Face model directory with "
                                "config.json and safetensors files)")
     config = read_json(root / CONFIG)
+    check_config_types(root / CONFIG, config)
     model_type = config.get("model_type")
     if model_type not in model_types:
         shown = config.get("architectures") or model_type
@@ -218,6 +224,36 @@ def open_hf_directory(root: Path, model_types: Collection[str]) -> HFDirectory:
                                f"or {BIN_INDEX})")
     refuse_quantized(root, config, tensors)
     return HFDirectory(root, config, tensors, kind)
+
+
+# config.json keys that size something: an integer of at least 1 when present (0 would divide
+# by zero, a float or a string would reach arithmetic that expects a count)
+POSITIVE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+                 "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group",
+                 "topk_group", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim",
+                 "qk_nope_head_dim")
+
+
+def check_config_types(path: Path, config: dict[str, Any]) -> None:
+    """`model_type` a string, `architectures` a list of strings, every size key a positive
+    integer: `UserError` naming the file and key (never a TypeError deep in a translation)."""
+    def refuse(key: str, what: str) -> UserError:
+        shown = repr(config[key])
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return UserError(problems=[Problem(f"is {shown}, not {what}", file=str(path), key=key)])
+
+    if not isinstance(config.get("model_type"), str):
+        raise refuse("model_type", "a model type name") if "model_type" in config else \
+            file_error(path, "has no 'model_type'")
+    architectures = config.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list) and all(
+            isinstance(a, str) for a in architectures)):
+        raise refuse("architectures", "a list of class names")
+    for key in POSITIVE_KEYS:
+        value = config.get(key)
+        if value is not None and not (type(value) is int and value >= 1):
+            raise refuse(key, "a positive integer")
 
 
 def refuse_quantized(root: Path, config: dict[str, Any], tensors: dict[str, TensorEntry]

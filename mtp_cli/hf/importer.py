@@ -123,9 +123,23 @@ def _check_copies(hf: HFDirectory, plan: ImportPlan) -> None:
 def _producer(hf: HFDirectory, item: FileTensor, ctx: LayoutContext
               ) -> Callable[[], torch.Tensor]:
     def produce() -> torch.Tensor:
+        from mtp_cli.inspect.finite import refuse_nonfinite
+
         parts = hf.read(list(item.hf))
+        refuse_nonfinite(parts, hf.tensors[item.hf[0]].file)
         return to_megatron_tensor(item.layout, [parts[n] for n in item.hf], ctx).contiguous()
     return produce
+
+
+def _check_floating(hf: HFDirectory, item: FileTensor) -> None:
+    """Every weight of the model is floating point: an integer or bool tensor in its place
+    would be cast silently, and decode as NUL bytes."""
+    for name in item.hf:
+        entry = hf.tensors[name]
+        if not entry.dtype.is_floating_point:
+            raise UserError(problems=[Problem(
+                f"tensor {name} is {str(entry.dtype).removeprefix('torch.')}, not a floating-"
+                "point weight", file=str(entry.file))])
 
 
 def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, spec: RunSpec, scaled: bool
@@ -149,6 +163,7 @@ def _tensor_sources(plans: list[tuple[HFDirectory, LayoutContext, ImportPlan]], 
     sources: Sources = {}
     for hf, ctx, plan in plans:
         for item in plan.imported:
+            _check_floating(hf, item)
             dtype = hf.tensors[item.hf[0]].dtype
             sources[item.megatron] = (shapes[item.megatron], dtype, _producer(hf, item, ctx))
     counts: dict[torch.dtype, int] = {}

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from mtp_cli import __version__
@@ -32,6 +33,7 @@ from mtp_cli.checkpoint.checksums import directory_checksums
 from mtp_cli.checkpoint.meta import CheckpointMeta, created_now, write_meta
 from mtp_cli.checkpoint.run_dir import RunDir, checkpoint_name
 from mtp_cli.config.schema import RunSpec
+from mtp_cli.errors import UserError
 from mtp_cli.hf.memory import release_freed_memory
 from mtp_cli.plan.run_plan import mtp_depths
 
@@ -137,8 +139,15 @@ def write_step0_checkpoint(run_dir: Path, spec: RunSpec,
     state = {"model": placeholders, **training_state(spec)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no_dist: "assuming the intent is ... single process"
-        dcp.save(state, storage_writer=BoundedFileWriter(directory, file_bytes),
-                 planner=LazySavePlanner(producers, trim_every=file_bytes), no_dist=True)
+        try:
+            dcp.save(state, storage_writer=BoundedFileWriter(directory, file_bytes),
+                     planner=LazySavePlanner(producers, trim_every=file_bytes), no_dist=True)
+        except CheckpointException as error:  # a producer refused its tensor (a NaN weight)
+            causes = [f[0] if isinstance(f, tuple) else f for f in error.failures.values()]
+            refusal = next((c for c in causes if isinstance(c, UserError)), None)
+            if refusal is None:
+                raise
+            raise refusal from None
     meta = step0_meta(spec, extra_meta)
     if spec.checkpoint.checksums:  # as `mtp train` records them, verified on resume
         meta = dataclasses.replace(meta, checksums=directory_checksums(directory))

@@ -18,6 +18,7 @@ import torch
 
 from mtp_cli import checkpoint as checkpoint_io
 from mtp_cli.checkpoint import META_JSON, METADATA_FILE, CheckpointMeta
+from mtp_cli.checkpoint.checksums import verify_checksums
 from mtp_cli.checkpoint.layout import checkpoints_of, meta_path
 from mtp_cli.checkpoint.run_dir import has_checkpoints, resolve_checkpoints
 from mtp_cli.errors import UserError
@@ -69,7 +70,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
     if path.is_file():
         return _open_torch_file(path)
     target, notes = resolve_checkpoint_dir(path)
-    checkpoint = _open_dcp(target)
+    # a run directory's checkpoint was validated, digests included, when it was resolved
+    checkpoint = _open_dcp(target, verified=target != path)
     checkpoint.notes[:0] = notes
     return checkpoint
 
@@ -107,10 +109,16 @@ def _read_meta_json(directory: Path) -> CheckpointMeta | None:
     return checkpoint_io.read_meta(directory)
 
 
-def _open_dcp(directory: Path) -> Checkpoint:
+def _open_dcp(directory: Path, *, verified: bool = False) -> Checkpoint:
+    """The DCP checkpoint `directory`; unless `verified` (resolved from its run directory, which
+    checks them), the SHA-256 digests its meta.json records are compared first: every reader
+    (inspect-ckpt, export, generate, eval) refuses a file changed after it was written."""
     metadata = checkpoint_io.read_metadata(directory)
     checkpoint_io.check_shards(directory, metadata)
     meta = _read_meta_json(directory)
+    if meta is not None and meta.checksums is not None and not verified:
+        shards = sorted({str(info.relative_path) for info in metadata.storage_data.values()})
+        verify_checksums(directory, meta.checksums, [METADATA_FILE, *shards])
     entries = checkpoint_io.tensor_entries(metadata)
     prefix = _model_prefix(list(entries))
     tensors: dict[str, TensorInfo] = {}

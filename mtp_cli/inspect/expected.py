@@ -33,10 +33,11 @@ def spec_from_meta(meta: CheckpointMeta, path: Path) -> RunSpec | None:
         ]) from None
 
 
-def checkpoint_spec(checkpoint: Checkpoint, spec_path: Path | None) -> RunSpec:
+def checkpoint_spec(checkpoint: Checkpoint, spec_path: Path | None,
+                    hint: str | None = "pass --spec SPEC.yaml") -> RunSpec:
     """The spec to read `checkpoint` with (`mtp export`, `generate`, `eval`): the file
     `spec_path` when given, else the one its `meta.json` stores; `UserError` when it stores
-    none."""
+    none, with `hint` (None for a command that has no `--spec`)."""
     from mtp_cli.config.loader import load_spec
 
     if spec_path is not None:
@@ -46,7 +47,7 @@ def checkpoint_spec(checkpoint: Checkpoint, spec_path: Path | None) -> RunSpec:
     if stored is None:
         raise UserError(problems=[Problem("stores no spec (no meta.json with one)",
                                           file=str(checkpoint.path),
-                                          hint="pass --spec SPEC.yaml")])
+                                          hint=hint)])
     return stored
 
 

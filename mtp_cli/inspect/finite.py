@@ -8,11 +8,13 @@ memory stays at the largest tensor whatever the checkpoint's size. Losses come f
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mtp_cli.checkpoint import CheckpointMeta
+from mtp_cli.errors import Problem, UserError
 from mtp_cli.inspect.checkpoint import Checkpoint
 from mtp_cli.inspect.checks import Check, name_list
 
@@ -53,3 +55,15 @@ def check_finite(checkpoint: Checkpoint) -> Check:
     if losses:
         problems.append(f"non-finite losses in meta.json: {', '.join(losses)}")
     return Check("finite", False, "; ".join(problems), tensors=bad, details=details)
+
+
+def refuse_nonfinite(tensors: dict[str, torch.Tensor], where: Path | str) -> None:
+    """`UserError` naming the tensors of `tensors` holding NaN or inf (file `where`): export,
+    generate, eval and import refuse such weights rather than pass them on silently
+    (`mtp inspect-ckpt --strict` lists every one)."""
+    bad = [name for name, tensor in tensors.items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise UserError(problems=[Problem(
+            f"non-finite weights (NaN or inf) in {name_list(bad)}; refusing to use them",
+            file=str(where), hint="mtp inspect-ckpt --strict lists every one")])

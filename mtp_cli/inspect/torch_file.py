@@ -27,6 +27,7 @@ from mtp_cli.checkpoint.safe_pickle import (
     Unreadable,
     read_checked_pickle,
 )
+from mtp_cli.checkpoint.torch_archive import check_member, check_torch_archive, refuse_legacy_format
 from mtp_cli.errors import UserError
 
 # Entries of a training checkpoint that hold the model's state dict, in the order we look.
@@ -76,59 +77,22 @@ def _read_archive(path: Path) -> Any:
         return TorchArchiveUnpickler(read_checked_pickle(data_pkl), read_storage).load()
 
 
-def _check_member(path: Path, info: zipfile.ZipInfo, file_size: int) -> None:
-    """A member is stored uncompressed (as torch.save writes it) and lies inside the file, so
-    that reading it never takes more than the file holds (no zip bomb, no declared giant)."""
-    if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size or \
-            info.header_offset + info.file_size > file_size:
-        raise UserError(f"{path}: archive member {info.filename} declares {info.file_size:,} "
-                        "bytes that the file does not hold as stored data; refusing to read it")
-
-
-def _check_archive(path: Path) -> None:
-    """Every member of a zip-format torch.save file passes `_check_member`."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable torch.save file ({_first_line(error)})"
-                        ) from None
-    size = path.stat().st_size
-    for info in members:
-        _check_member(path, info, size)
-
-
 def _read_member(path: Path, archive: zipfile.ZipFile, name: str) -> bytes:
     """A member's bytes, after `_check_member`."""
     try:
         info = archive.getinfo(name)
     except KeyError:
         raise UserError(f"{path}: {name} is missing from the archive") from None
-    _check_member(path, info, path.stat().st_size)
+    check_member(path, info, path.stat().st_size)
     return archive.read(info)
-
-
-# The first bytes of torch's pre-1.6 (non-zip) format: a protocol-2 pickle of its magic number.
-LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
-
-
-def _refuse_legacy_format(path: Path) -> None:
-    """torch's legacy loader allocates every storage at the size the file declares before
-    reading it; such files are refused rather than trusted."""
-    with open(path, "rb") as handle:
-        head = handle.read(len(LEGACY_MAGIC))
-    if head == LEGACY_MAGIC:
-        raise UserError(f"{path}: saved in torch's pre-1.6 legacy format, which is not read "
-                        "(its storages would be allocated at sizes the file declares); "
-                        "re-save it with a current torch.save")
 
 
 def _load_object(path: Path) -> tuple[Any, bool]:
     """(object, used the safe fallback). Raises UserError for files that are not torch.save."""
     if zipfile.is_zipfile(path):
-        _check_archive(path)
+        check_torch_archive(path)  # records hold their storages, no stride-0 giants
     else:
-        _refuse_legacy_format(path)
+        refuse_legacy_format(path)
     try:
         return _load_weights_only(path), False
     except pickle.UnpicklingError as error:

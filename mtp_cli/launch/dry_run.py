@@ -205,8 +205,15 @@ class DryRunResult:
                 "device": self.device, "seconds": round(self.seconds, 1)}
 
 
+MAX_WORLD_SIZE = 2**20  # ranks; far past any job, well inside a process group's int32
+
+
 def check_dry_run(spec: RunSpec, rank: int, world_size: int) -> ParallelDims:
     """The layout and the rank, before anything is built; a `UserError` when they do not fit."""
+    if not 1 <= world_size <= MAX_WORLD_SIZE:  # process groups hold ranks in 32 bits
+        raise UserError(problems=[Problem(
+            f"{world_size} ranks: a dry run rehearses a job of 1 to {MAX_WORLD_SIZE:,} ranks",
+            key="--world-size")])
     if not 0 <= rank < world_size:
         raise UserError(problems=[Problem(
             f"rank {rank} is outside the world of {world_size} ranks (0..{world_size - 1})",

@@ -35,6 +35,7 @@ gathered). Figures are bytes; `MemoryPlan.as_dict()` is `mtp build --memory --js
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,7 @@ from mtp_cli.plan.stages import Stage, StagePlan
 ADAM_MOMENTS = 2
 CHUNK_LOGITS = 2**25  # models/chunked_ce.py: one chunk's fp32 logits
 CHUNKED_AUTO_MIN_LOGITS = 2**24
+MAX_SIZE = 2**60  # bytes: an exabyte, past any device or file
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -70,6 +72,9 @@ def parse_memory(text: str, key: str = "--device-memory") -> int:
     except (ValueError, KeyError):
         raise UserError(problems=[Problem(f"{text!r} is not a size like 80GiB or 141GB",
                                           key=key)]) from None
+    if not math.isfinite(value) or value > MAX_SIZE:  # nan, inf, 1e400GB
+        raise UserError(problems=[Problem(f"{text!r} is not a finite size of at most 2^60 "
+                                          "bytes", key=key)])
     if value < 1:
         raise UserError(problems=[Problem("must be at least 1 byte", key=key)])
     return int(value)
