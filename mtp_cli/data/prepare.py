@@ -10,7 +10,8 @@ results consumed in order.
 
 Tokens are those of the in-process pipeline (`tokenizer.py`): `bytes` maps byte i to id i with
 end-of-document 256; a `tokenizer.json` encodes without special tokens, with the EOD id of
-`HFTokenizer`. `append_eod` appends that id after every document (Megatron's `--append-eod`).
+`HFTokenizer`. `append_eod` appends that id after every non-empty document (Megatron's
+`--append-eod`; an empty document stays empty: the in-process pipeline drops it).
 The `.bin` dtype is Megatron's choice for the vocabulary: uint16 below 65,500 ids, else int32.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -106,6 +108,13 @@ def _start_worker(tokenizer: str, key: str, append_eod: bool, dtype: torch.dtype
                    dtype=dtype)
 
 
+def _start_pool_worker(*init: object) -> None:
+    """A pool worker ignores Ctrl-C: the parent hears it (the whole foreground group does),
+    removes its temporary files and terminates the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _start_worker(*init)  # type: ignore[arg-type]
+
+
 def _document_text(record: Record, key: str, as_bytes: bool) -> str | bytes:
     """The record's text (bytes for a text file read by the byte tokenizer); a ValueError
     says why the record is bad."""
@@ -158,10 +167,12 @@ def encode_chunk(records: list[Record]) -> tuple[list[tuple[bytes, int]], list[P
     if as_bytes:
         raws = [t if isinstance(t, bytes) else t.encode("utf-8") for t in texts]
         tail = token_bytes(eod, dtype)
-        encoded = [(_byte_tokens(raw, dtype) + tail, len(raw) + len(eod)) for raw in raws]
+        encoded = [(_byte_tokens(raw, dtype) + tail, len(raw) + len(eod)) if raw else (b"", 0)
+                   for raw in raws]
     else:
         ids = tokenizer.encode_ids(texts)  # type: ignore[attr-defined]
-        encoded = [(token_bytes(doc + eod, dtype), len(doc) + len(eod)) for doc in ids]
+        encoded = [(token_bytes(doc + eod, dtype), len(doc) + len(eod)) if doc else (b"", 0)
+                   for doc in ids]
     return encoded, problems, sum(r.nbytes for r in records)
 
 
@@ -189,7 +200,7 @@ def _results(chunks: Iterator[list[Record]], workers: int, init: tuple
         yield from map(encode_chunk, chunks)
         return
     context = multiprocessing.get_context(START_METHOD)
-    with context.Pool(workers, initializer=_start_worker, initargs=init) as pool:
+    with context.Pool(workers, initializer=_start_pool_worker, initargs=init) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(encode_chunk, (chunk,)))
