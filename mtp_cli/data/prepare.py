@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import signal
 import time
 from collections import deque
@@ -110,8 +111,10 @@ def _start_worker(tokenizer: str, key: str, append_eod: bool, dtype: torch.dtype
 
 def _start_pool_worker(*init: object) -> None:
     """A pool worker ignores Ctrl-C: the parent hears it (the whole foreground group does),
-    removes its temporary files and terminates the pool."""
+    removes its temporary files and terminates the pool. Its tokenizer encodes on one thread:
+    the workers are the parallelism (a thread pool in each would oversubscribe the cores)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _start_worker(*init)  # type: ignore[arg-type]
 
 
