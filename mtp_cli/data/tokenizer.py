@@ -79,6 +79,10 @@ class HFTokenizer:
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         return torch.tensor(ids, dtype=torch.int64)
 
+    def encode_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, as lists (`mtp data prepare` writes them without torch)."""
+        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         return self._tokenizer.decode([v for v in values if v != self.eod])
