@@ -17,9 +17,9 @@ from mtp_cli import build_model
 from mtp_cli.mtp import MTPLossLoggingHelper
 from mtp_cli.parallel.context_parallel import apply_context_parallel
 from mtp_cli.parallel.tp_grads import sync_sequence_parallel_grads
-from tests import test_context_parallel as cp_case
+from tests import cp_cases as cp_case
+from tests.cp_cases import zigzag_shard
 from tests.dist_utils import run_distributed
-from tests.test_roll_tensor import zigzag_shard
 from tests.tp_cases import assert_close, full_grads, make_batch, make_spec, reference_and_parallel
 
 pytestmark = pytest.mark.distributed
