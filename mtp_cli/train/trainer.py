@@ -218,14 +218,18 @@ class Trainer:
 
     # --- validation and checkpoints ------------------------------------------------------------
     def _validate(self) -> None:
+        """`train.eval_steps` global batches of the validation split; the line says how many
+        tokens that is, since `mtp eval` scores its own `--tokens` (16,384 by default)."""
         result = self.engine.evaluate(self._loader(self.val_set, shuffle=False),
                                       self.spec.train.eval_steps * self.num_microbatches)
         if self.writer is not None:
+            scored = self.spec.train.eval_steps * self.tokens_per_step
             self.writer.write({"step": self.state.step, "tokens": self.state.tokens,
-                               "split": "val", **result})
+                               "split": "val", "val_tokens": scored, **result})
             self.writer.scalars(self.state.step, result)
             text = " | ".join(f"{k[4:]} {v:.4f}" for k, v in result.items())
-            self.progress.note(f"validation at step {self.state.step}: {text}")
+            self.progress.note(f"validation at step {self.state.step} ({scored:,} held-out "
+                               f"tokens): {text}")
 
     def _save(self, output: StepOutput) -> None:
         losses = {"lm_loss": output.lm_loss}
