@@ -202,6 +202,29 @@ class ParallelConfig(StrictModel):
     fsdp: bool = Field(default=False, description="FSDP2 (fully_shard) instead of DDP.")
 
 
+class SyntheticConfig(StrictModel):
+    """A generated task instead of a corpus (mtp_cli/data/synthetic.py): no download, the same
+    documents for a seed on every machine, a held-out split generated apart."""
+
+    task: Literal["induction", "addition", "sorting"] = Field(
+        description="induction: random letters whose second half copies spans of the first; "
+        "addition: 'a+b=c' lines; sorting: 'letters=sorted letters' lines.",
+    )
+    documents: PositiveInt = Field(default=20000, description="Training documents.")
+    val_documents: PositiveInt = Field(default=1000, description="Held-out documents.")
+    length: PositiveInt | None = Field(
+        default=None, description="Tokens per document (default model.seq_length - 1: one "
+        "document and its end-of-document token per window).",
+    )
+    seed: NonNegativeInt = Field(default=1234, description="Generator seed (not train.seed).")
+    alphabet: Annotated[int, Field(ge=2, le=52)] = Field(
+        default=26, description="Letters drawn from (induction, sorting): a-z then A-Z.",
+    )
+    digits: Annotated[int, Field(ge=1, le=9)] = Field(
+        default=4, description="Most digits of each addend (addition).",
+    )
+
+
 class DataConfig(StrictModel):
     """Training data. No path: the Python standard library's sources, byte-tokenized."""
 
@@ -223,6 +246,10 @@ class DataConfig(StrictModel):
     )
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
         default=0.05, description="Share of documents held out for validation."
+    )
+    synthetic: SyntheticConfig | None = Field(
+        default=None, description="A generated task (induction, addition, sorting) instead of "
+        "a corpus; byte tokens, its own held-out split (val_fraction unused).",
     )
 
 

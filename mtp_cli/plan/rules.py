@@ -243,6 +243,10 @@ def _data_rules(spec: RunSpec) -> Rule | None:
         return "data.packed", (f"data.packed needs train.micro_batch_size 1 (THD packing puts "
                                f"the documents of a micro-batch in one sequence), got "
                                f"{spec.train.micro_batch_size}")
+    if data.synthetic is not None:
+        found = _synthetic_rule(spec)
+        if found is not None:
+            return found
     pad = data.pad_documents_to
     if pad is not None and pad % (2 * context):
         return "data.pad_documents_to", (f"data.pad_documents_to ({pad}) must be a multiple of "
@@ -250,6 +254,23 @@ def _data_rules(spec: RunSpec) -> Rule | None:
     if pad is not None and data.packed and spec.model.seq_length % pad:
         return "data.pad_documents_to", (f"model.seq_length ({spec.model.seq_length}) must "
                                          f"divide by {pad} to pad packed documents")
+    return None
+
+
+def _synthetic_rule(spec: RunSpec) -> Rule | None:
+    """A generated task is its own corpus, in bytes, with its own held-out split."""
+    data, seq = spec.data, spec.model.seq_length
+    synthetic = data.synthetic
+    assert synthetic is not None
+    if data.path is not None:
+        return "data.synthetic", "data.synthetic replaces data.path: set one of them"
+    if data.tokenizer is not None:
+        return "data.synthetic", "data.synthetic writes bytes: leave data.tokenizer unset"
+    length = synthetic.length if synthetic.length is not None else max(1, seq - 1)
+    if synthetic.val_documents * (length + 1) < seq + 1:
+        return "data.synthetic.val_documents", (
+            f"{synthetic.val_documents} held-out documents of {length} tokens (+ end of "
+            f"document) are shorter than one window (model.seq_length + 1 = {seq + 1})")
     return None
 
 
