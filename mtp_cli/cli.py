@@ -180,10 +180,12 @@ def report(
                       "directory for several runs).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the tables as JSON.")] = False,
 ) -> None:
-    """Per-depth loss and acceptance tables and plots for one or more runs."""
+    """Per-depth loss and acceptance tables and plots for one or more runs (or a sweep)."""
     from mtp_cli.report import build_report
     from mtp_cli.views.report_view import render_report
 
+    if len(run_dirs) == 1 and (run_dirs[0] / "sweep_plan.json").is_file():
+        return _sweep_report(run_dirs[0], as_json)
     result = build_report(run_dirs, out)
     for warning in result.warnings:
         print_warning(warning)
@@ -191,6 +193,51 @@ def report(
         print_json(result.as_dict())
     else:
         render_report(console, result)
+
+
+def _sweep_report(out: Path, as_json: bool) -> None:
+    from mtp_cli.sweep import write_report
+    from mtp_cli.views.sweep_view import render_sweep
+
+    summary = write_report(out)
+    if as_json:
+        print_json({k: v for k, v in summary.items() if k != "curves"})
+    else:
+        render_sweep(console, summary)
+
+
+@app.command()
+@user_errors_exit_2
+def sweep(
+    spec: SpecArg,
+    vary: Annotated[list[str], typer.Option("--vary", help="KEY=V1,V2,... (repeat: a grid).")],
+    seeds: Annotated[int, typer.Option("--seeds", help="Runs per cell (train.seed + 0..N-1).")
+                     ] = 3,
+    budget: Annotated[str, typer.Option("--budget", help="The headline comparison: tokens "
+                                        "(equal training tokens) or seconds (equal time).")
+                      ] = "tokens",
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes per run.")] = 1,
+    out: Annotated[Path | None, typer.Option("--out", help="Sweep directory (default "
+                                             "runs/sweep-<spec stem>).")] = None,
+    common: Annotated[list[str] | None, typer.Option(
+        "--set", help="KEY=VALUE for every run.", show_default=False)] = None,
+    eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Held-out tokens mtp eval "
+                                             "scores per run.")] = 16384,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Train a grid of cells x seeds, evaluate each run alike, compare with statistics;
+    rerun to continue an unfinished sweep. Writes DIR/sweep.json and DIR/sweep.png."""
+    from mtp_cli.sweep import make_grid, run_sweep
+    from mtp_cli.views.sweep_view import render_sweep
+
+    grid = make_grid(spec, vary, seeds, common or [])
+    directory = out if out is not None else Path("runs") / f"sweep-{Path(spec).stem}"
+    summary = run_sweep(grid, directory, nproc=nproc, budget=budget, eval_tokens=eval_tokens,
+                        say=lambda text: console.print(text, highlight=False, markup=False))
+    if as_json:
+        print_json({k: v for k, v in summary.items() if k != "curves"})
+    else:
+        render_sweep(console, summary)
 
 
 @app.command()
