@@ -244,6 +244,7 @@ class GPTModel(nn.Module):
         return MTPLossSettings(
             num_depths=self.stage.mtp_depths_in_loss,
             loss_scaling_factor=self.loss_settings.mtp_loss_scaling_factor,
+            depth_weights=self.loss_settings.mtp_depth_weights,
             calculate_per_token_loss=self.loss_settings.calculate_per_token_loss,
             cp_group=groups.cp_group, reduce_group=groups.pp_group,
             avg_group=groups.dp_cp_group, comm=groups.comm,

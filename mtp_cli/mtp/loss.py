@@ -8,6 +8,10 @@ the objective of a micro-batch is
     L_main + (λ/D) Σ_k sum(L_k) / max(N_k, 1)              (per-micro-batch mode)
     L_main + (λ/D) Σ_k sum(L_k) * N0 / max(N_k, 1)         (per-token mode; L_main a sum)
 
+With `mtp.depth_weights` each depth's term is multiplied by its w_k (a depth past the weights
+in force gets 0: its loss is still computed and logged, but trains nothing); unset, every
+w_k is 1 and the arithmetic is Megatron's, untouched.
+
 Under context parallel the sums and counts are all-reduced over the CP group before dividing,
 so the losses do not depend on how a sequence is sharded (a deliberate departure from the
 reference, which divides by rank-local counts). Those sums, and the rolls' boundary exchange, go
@@ -44,6 +48,7 @@ class LossSettings:
     """
 
     mtp_loss_scaling_factor: float = 0.1
+    mtp_depth_weights: tuple[float, ...] | None = None  # w_k in force (None: all 1)
     calculate_per_token_loss: bool = False
     chunked: Literal["auto"] | bool = "auto"
     chunked_grads_in_forward: bool | None = None
@@ -60,6 +65,7 @@ class MTPLossSettings:
     reduce_group: Group = None  # pipeline group, for the tracker
     avg_group: Group = None  # data x context parallel group
     comm: ModelComm | None = None  # reduces over cp_group (None: `comm_for(cp_group)`)
+    depth_weights: tuple[float, ...] | None = None  # w_k; depths past it get 0 (None: all 1)
 
 
 def _cp_sum(value: torch.Tensor, cp_group: Group, comm: ModelComm | None) -> torch.Tensor:
@@ -81,6 +87,10 @@ def labels_from_input_ids(input_ids: torch.Tensor, loss_mask: torch.Tensor | Non
         loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
     loss_mask, _ = roll_tensor(loss_mask, -1, -1, cp_group, packed_seq_params, comm=comm)
     return labels, loss_mask
+
+
+def _weight(weights: tuple[float, ...], depth: int) -> float:
+    return weights[depth] if depth < len(weights) else 0.0
 
 
 def process_mtp_loss(
@@ -119,9 +129,11 @@ def process_mtp_loss(
                 reduce_group=settings.reduce_group, avg_group=settings.avg_group,
             )
             MTPLossLoggingHelper.save_acceptance_to_tracker(correct, mtp_mask.sum(), depth, depths)
+        depth_scale = scale if settings.depth_weights is None else \
+            scale * _weight(settings.depth_weights, depth)
         if settings.calculate_per_token_loss:
-            normalized = scale * per_token * (num_tokens_main / num_tokens)
+            normalized = depth_scale * per_token * (num_tokens_main / num_tokens)
         else:
-            normalized = scale * per_token / num_tokens
+            normalized = depth_scale * per_token / num_tokens
         main_hidden = MTPLossAutoScaler.apply(main_hidden, normalized)
     return main_hidden

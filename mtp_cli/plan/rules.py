@@ -274,9 +274,26 @@ def _synthetic_rule(spec: RunSpec) -> Rule | None:
     return None
 
 
+def _depth_weights_rule(mtp: Any) -> Rule | None:
+    """Every weight list names at most D depths (a list for depths that do not exist is a
+    mistake, not a no-op)."""
+    if mtp.depth_weights is None:
+        return None
+    lists = [getattr(s, "weights", None) for s in mtp.depth_weights]
+    lists = [list(mtp.depth_weights)] if lists and lists[0] is None else lists
+    for weights in lists:
+        if len(weights) > mtp.num_layers:
+            return "mtp.depth_weights", (f"{len(weights)} weights for mtp.num_layers = "
+                                         f"{mtp.num_layers} depths")
+    return None
+
+
 def _mtp_rules(spec: RunSpec) -> Rule | None:
     if spec.mtp.use_repeated_layer and spec.mtp.num_layers == 0:
         return "mtp.use_repeated_layer", "use_repeated_layer needs mtp.num_layers >= 1"
+    found = _depth_weights_rule(spec.mtp)
+    if found is not None:
+        return found
     problem = freeze_problem(spec.train.freeze, tied=spec.model.share_embeddings_and_output_weights,
                              mtp_layers=spec.mtp.num_layers)
     return ("train.freeze", problem) if problem is not None else None

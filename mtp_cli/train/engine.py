@@ -88,6 +88,11 @@ def set_mtp_loss_scaling_factor(engine: Engine, value: float) -> None:
     engine.loss_settings.mtp_loss_scaling_factor = float(value)
 
 
+def set_mtp_depth_weights(engine: Engine, weights: tuple[float, ...] | None) -> None:
+    """`mtp.depth_weights` in force for the coming steps (None: every depth 1)."""
+    engine.loss_settings.mtp_depth_weights = weights
+
+
 def attach_run(chunk: GPTModel, loss_settings: LossSettings, mtp_state: MTPRunState) -> None:
     """Give a model chunk the run's loss settings and MTP state (shared by all chunks)."""
     chunk.loss_settings = loss_settings

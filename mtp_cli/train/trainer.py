@@ -21,7 +21,11 @@ from mtp_cli.parallel.mesh import DistEnv, build_mesh
 from mtp_cli.plan.dims import ParallelDims
 from mtp_cli.plan.run_plan import RunPlan
 from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
-from mtp_cli.train.engine import build_engine, set_mtp_loss_scaling_factor
+from mtp_cli.train.engine import (
+    build_engine,
+    set_mtp_depth_weights,
+    set_mtp_loss_scaling_factor,
+)
 from mtp_cli.train.faults import NO_FAULTS, FaultPoints
 from mtp_cli.train.flop_rate import FlopRate
 from mtp_cli.train.metrics import IntervalMetrics, MetricsWriter, peak_memory_mb
@@ -158,6 +162,8 @@ class Trainer:
         started = time.perf_counter()
         self.mtp_loss_scale = self.spec.mtp.loss_scale_at(self.state.tokens)
         set_mtp_loss_scaling_factor(self.engine, self.mtp_loss_scale)
+        set_mtp_depth_weights(self.engine, self.spec.mtp.depth_weights_at(
+            self.state.step / self.spec.train.steps))
         self.lr = self.optimizer.param_groups[0]["lr"]
         batches = [self.loader.next_batch() for _ in range(self.num_microbatches)]
         step = self.state.step + 1
