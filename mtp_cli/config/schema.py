@@ -145,6 +145,11 @@ class MTPConfig(StrictModel):
         default=False,
         description="Train the MTP heads without gradients into the main model.",
     )
+    separate_grad_norm: bool = Field(
+        default=False,
+        description="Megatron-LM #4116: the MTP parameters get their own gradient norm, "
+        "clipped to train.grad_clip apart from the rest; both norms logged.",
+    )
 
     @model_validator(mode="after")
     def _check_schedule(self) -> MTPConfig:

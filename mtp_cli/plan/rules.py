@@ -294,6 +294,9 @@ def _mtp_rules(spec: RunSpec) -> Rule | None:
     found = _depth_weights_rule(spec.mtp)
     if found is not None:
         return found
+    if spec.mtp.separate_grad_norm and spec.model.num_moe_experts is not None:
+        return "mtp.separate_grad_norm", ("a separate MTP gradient norm is not implemented "
+                                          "for MoE models (routed experts are normed apart)")
     problem = freeze_problem(spec.train.freeze, tied=spec.model.share_embeddings_and_output_weights,
                              mtp_layers=spec.mtp.num_layers)
     return ("train.freeze", problem) if problem is not None else None

@@ -213,6 +213,7 @@ class Trainer:
                                   **totals.averages(self.depths, self.mtp_metrics)}
         record.update({
             "lr": self.lr, "grad_norm": output.grad_norm,
+            **({} if output.mtp_grad_norm is None else {"mtp_grad_norm": output.mtp_grad_norm}),
             "tokens_per_s": self.tokens_per_step * totals.steps / totals.seconds,
             **self.flop_rate.metrics(totals.steps, totals.seconds),
             "peak_memory_mb": peak_memory_mb(self.env.device),
