@@ -145,6 +145,11 @@ class MTPConfig(StrictModel):
         default=False,
         description="Train the MTP heads without gradients into the main model.",
     )
+    hsm: bool = Field(
+        default=False,
+        description="Megatron-LM's mtp_hsm (PR #6566): in training, each token at depth k >= 2 "
+        "takes its input uniformly from the main state and depths 1..k-1 (needs D >= 2).",
+    )
     separate_grad_norm: bool = Field(
         default=False,
         description="Megatron-LM #4116: the MTP parameters get their own gradient norm, "

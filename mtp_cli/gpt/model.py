@@ -90,7 +90,7 @@ class GPTModel(nn.Module):
             MultiTokenPredictionBlock(
                 config, mtp_block_spec, num_depths=stage.mtp_layers,
                 layer_offset=stage.mtp_layer_offset, use_repeated_layer=mtp.use_repeated_layer,
-                detach_heads=self.detach_heads, groups=self._groups,
+                detach_heads=self.detach_heads, groups=self._groups, hsm=mtp.hsm,
             )
             if mtp_block_spec is not None and stage.mtp_layers > 0 else None
         )

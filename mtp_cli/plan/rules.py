@@ -288,12 +288,28 @@ def _depth_weights_rule(mtp: Any) -> Rule | None:
     return None
 
 
+def _hsm_rule(spec: RunSpec) -> Rule | None:
+    """Hidden-state mixing needs two depths to mix, and every depth's state on one rank's
+    whole sequence (Megatron's per-owner mask slicing is not implemented here)."""
+    par = spec.parallel
+    if spec.mtp.num_layers < 2:
+        return "mtp.hsm", f"mtp.hsm needs mtp.num_layers >= 2 (got {spec.mtp.num_layers})"
+    if par.context > 1 or par.sequence_parallel or par.pipeline > 1:
+        return "mtp.hsm", ("mtp.hsm is implemented without context, sequence or pipeline "
+                           "parallel (data and tensor parallel only)")
+    return None
+
+
 def _mtp_rules(spec: RunSpec) -> Rule | None:
     if spec.mtp.use_repeated_layer and spec.mtp.num_layers == 0:
         return "mtp.use_repeated_layer", "use_repeated_layer needs mtp.num_layers >= 1"
     found = _depth_weights_rule(spec.mtp)
     if found is not None:
         return found
+    if spec.mtp.hsm:
+        found = _hsm_rule(spec)
+        if found is not None:
+            return found
     if spec.mtp.separate_grad_norm and spec.model.num_moe_experts is not None:
         return "mtp.separate_grad_norm", ("a separate MTP gradient norm is not implemented "
                                           "for MoE models (routed experts are normed apart)")

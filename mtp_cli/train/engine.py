@@ -93,6 +93,12 @@ def set_mtp_depth_weights(engine: Engine, weights: tuple[float, ...] | None) -> 
     engine.loss_settings.mtp_depth_weights = weights
 
 
+def set_hsm_step(engine: Engine, seed: int, dp_rank: int, step: int) -> None:
+    """Key the coming step's hidden-state mixing draws (mtp.hsm) by seed, rank and step."""
+    engine.mtp_state.hsm_key = (seed, dp_rank, step)
+    engine.mtp_state.hsm_draws = 0
+
+
 def attach_run(chunk: GPTModel, loss_settings: LossSettings, mtp_state: MTPRunState) -> None:
     """Give a model chunk the run's loss settings and MTP state (shared by all chunks)."""
     chunk.loss_settings = loss_settings

@@ -23,6 +23,7 @@ from mtp_cli.plan.run_plan import RunPlan
 from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
 from mtp_cli.train.engine import (
     build_engine,
+    set_hsm_step,
     set_mtp_depth_weights,
     set_mtp_loss_scaling_factor,
 )
@@ -164,6 +165,7 @@ class Trainer:
         set_mtp_loss_scaling_factor(self.engine, self.mtp_loss_scale)
         set_mtp_depth_weights(self.engine, self.spec.mtp.depth_weights_at(
             self.state.step / self.spec.train.steps))
+        set_hsm_step(self.engine, self.spec.train.seed, self.mesh.dp_rank, self.state.step + 1)
         self.lr = self.optimizer.param_groups[0]["lr"]
         batches = [self.loader.next_batch() for _ in range(self.num_microbatches)]
         step = self.state.step + 1
