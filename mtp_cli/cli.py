@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from mtp_cli.commands import data, decode, hf, model, runs, train
+from mtp_cli.commands import data, decode, hf, model, runs, sweep, train
 
 app = typer.Typer(
     name="mtp",
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.command()(model.build)
 app.command("inspect-ckpt")(runs.inspect_ckpt)
 app.command()(runs.report)
+app.command()(sweep.sweep)
 app.command()(train.train)
 app.command()(hf.export)
 app.command("import")(hf.import_)

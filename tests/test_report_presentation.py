@@ -64,3 +64,35 @@ def test_png_files_get_the_usual_mode(tmp_path):
     assert [p.name for p in pngs] == ["report_acceptance_vs_steps.png",
                                       "report_loss_vs_steps.png", "report_loss_vs_tokens.png"]
     assert {stat.S_IMODE(p.stat().st_mode) for p in pngs} == {0o644}
+
+
+def _short_run(run, steps: int):
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(
+        f'{{"step": {s}, "tokens": {s * 10}, "lm_loss": {3 - s / 100}}}\n'
+        for s in range(1, steps + 1)))
+    return read_metrics(run)
+
+
+def test_a_short_run_beside_a_long_one_is_smoothed_the_same_way(tmp_path):
+    """Two identical runs, one cut at step 20, must draw identically over steps 1..20: both
+    smoothed with the long run's window (300 points -> 12), never one raw, one averaged."""
+    long, short = _short_run(tmp_path / "long", 300), _short_run(tmp_path / "short", 20)
+    figure = loss_figure([long, short], ["long", "short"], "step")
+    lines = figure.axes[0].get_lines()
+    smoothed = [line for line in lines if line.get_label().endswith("(smoothed)")]
+    assert [line.get_label() for line in smoothed] == ["long (smoothed)", "short (smoothed)"]
+    long_y, short_y = smoothed[0].get_ydata(), smoothed[1].get_ydata()
+    assert list(short_y) == list(long_y[:20])
+    values = [3 - s / 100 for s in range(1, 13)]
+    assert abs(long_y[11] - sum(values) / 12) < 1e-12  # a 12-point window, by hand
+
+
+def test_step_axes_tick_at_integers(tmp_path):
+    a, b = _short_run(tmp_path / "a", 3), _short_run(tmp_path / "b", 3)
+    figure = loss_figure([a, b], ["a", "b"], "step")
+    figure.canvas.draw()
+    delta = figure.axes[-1]
+    assert delta.get_title().startswith("lm loss minus a")
+    ticks = [t for t in delta.get_xticks() if delta.get_xlim()[0] <= t <= delta.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)

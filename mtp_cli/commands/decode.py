@@ -61,7 +61,9 @@ def generate(
 def eval_(
     checkpoint: CheckpointArg,
     split: Annotated[str, typer.Option("--split", help="val (held out) or train.")] = "val",
-    tokens: Annotated[int, typer.Option("--tokens", help="Tokens of the split to score.")
+    tokens: Annotated[int, typer.Option(
+        "--tokens", help="Tokens of the split to score (training's validation scores "
+        "train.eval_steps x global_batch_size x seq_length: 4,096 for specs/tiny.yaml).")
                       ] = 16384,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:

@@ -57,10 +57,13 @@ def report(
                       "directory for several runs).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the tables as JSON.")] = False,
 ) -> None:
-    """Per-depth loss and acceptance tables and plots for one or more runs."""
+    """Per-depth loss and acceptance tables and plots for one or more runs (or a sweep)."""
+    from mtp_cli.commands.sweep import sweep_report
     from mtp_cli.report import build_report
     from mtp_cli.views.report_view import render_report
 
+    if len(run_dirs) == 1 and (run_dirs[0] / "sweep_plan.json").is_file():
+        return sweep_report(run_dirs[0], as_json)
     result = build_report(run_dirs, out)
     for warning in result.warnings:
         print_warning(warning)

@@ -113,6 +113,17 @@ class LossWeightStep(StrictModel):
     value: Annotated[float, Field(ge=0)] = Field(description="λ while this piece applies.")
 
 
+class DepthWeightStep(StrictModel):
+    """One piece of a per-depth weight schedule, by fraction of `train.steps` done."""
+
+    until_fraction: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None, description="Applies while steps done / train.steps < this; omit last."
+    )
+    weights: list[Annotated[float, Field(ge=0)]] = Field(
+        description="w_1..w_k of depths 1..k; depths past the list get 0 (off)."
+    )
+
+
 class MTPConfig(StrictModel):
     """Multi-token prediction: D sequential depths after the main decoder."""
 
@@ -120,6 +131,12 @@ class MTPConfig(StrictModel):
     loss_scaling_factor: Annotated[float, Field(ge=0)] | list[LossWeightStep] = Field(
         default=0.1,
         description="λ: a number, or steps [{until_tokens: 10e12, value: 0.3}, {value: 0.1}].",
+    )
+    depth_weights: list[Annotated[float, Field(ge=0)]] | list[DepthWeightStep] | None = Field(
+        default=None,
+        description="Per-depth loss weights w_k (objective L + λ/D Σ w_k L_k; default all 1): "
+        "a list, or steps by fraction of training [{until_fraction: 0.33, weights: [1, 0.5, "
+        "0.25]}, {until_fraction: 0.67, weights: [1, 0.5]}, {weights: [1]}].",
     )
     use_repeated_layer: bool = Field(
         default=False, description="Build one MTP layer and apply it at every depth."
@@ -140,6 +157,16 @@ class MTPConfig(StrictModel):
     distill_temperature: Annotated[float, Field(gt=0)] = Field(
         default=1.0, description="Softmax temperature T of mtp.distill (no T^2 factor)."
     )
+    hsm: bool = Field(
+        default=False,
+        description="Megatron-LM's mtp_hsm (PR #6566): in training, each token at depth k >= 2 "
+        "takes its input uniformly from the main state and depths 1..k-1 (needs D >= 2).",
+    )
+    separate_grad_norm: bool = Field(
+        default=False,
+        description="Megatron-LM #4116: the MTP parameters get their own gradient norm, "
+        "clipped to train.grad_clip apart from the rest; both norms logged.",
+    )
 
     @model_validator(mode="after")
     def _check_schedule(self) -> MTPConfig:
@@ -159,6 +186,33 @@ class MTPConfig(StrictModel):
             if any(a >= b for a, b in itertools.pairwise(bounds)):
                 raise rule_error("loss_scaling_factor", "until_tokens must increase")
         return self
+
+    @model_validator(mode="after")
+    def _check_depth_weights(self) -> MTPConfig:
+        steps = self.depth_weights
+        if not isinstance(steps, list) or not steps or not isinstance(steps[0], DepthWeightStep):
+            return self
+        if steps[-1].until_fraction is not None:
+            raise rule_error("depth_weights", "the last step must have no until_fraction bound")
+        bounds = [s.until_fraction for s in steps[:-1]]
+        if any(b is None for b in bounds):
+            raise rule_error("depth_weights", "every step but the last needs until_fraction")
+        if any(a >= b for a, b in itertools.pairwise(bounds)):  # type: ignore[operator]
+            raise rule_error("depth_weights", "until_fraction must increase")
+        return self
+
+    def depth_weights_at(self, fraction_done: float) -> tuple[float, ...] | None:
+        """The per-depth weights in force after `fraction_done` of training (None: all 1)."""
+        steps = self.depth_weights
+        if steps is None:
+            return None
+        if not steps or not isinstance(steps[0], DepthWeightStep):
+            return tuple(float(w) for w in steps)  # type: ignore[arg-type]
+        for step in steps:
+            assert isinstance(step, DepthWeightStep)
+            if step.until_fraction is None or fraction_done < step.until_fraction:
+                return tuple(float(w) for w in step.weights)
+        return None  # unreachable: the last step has no bound
 
     def loss_scale_at(self, tokens_seen: float) -> float:
         """λ in force after `tokens_seen` training tokens."""
@@ -214,6 +268,29 @@ class ParallelConfig(StrictModel):
     fsdp: bool = Field(default=False, description="FSDP2 (fully_shard) instead of DDP.")
 
 
+class SyntheticConfig(StrictModel):
+    """A generated task instead of a corpus (mtp_cli/data/synthetic.py): no download, the same
+    documents for a seed on every machine, a held-out split generated apart."""
+
+    task: Literal["induction", "addition", "sorting"] = Field(
+        description="induction: random letters whose second half copies spans of the first; "
+        "addition: 'a+b=c' lines; sorting: 'letters=sorted letters' lines.",
+    )
+    documents: PositiveInt = Field(default=20000, description="Training documents.")
+    val_documents: PositiveInt = Field(default=1000, description="Held-out documents.")
+    length: PositiveInt | None = Field(
+        default=None, description="Tokens per document (default model.seq_length - 1: one "
+        "document and its end-of-document token per window).",
+    )
+    seed: NonNegativeInt = Field(default=1234, description="Generator seed (not train.seed).")
+    alphabet: Annotated[int, Field(ge=2, le=52)] = Field(
+        default=26, description="Letters drawn from (induction, sorting): a-z then A-Z.",
+    )
+    digits: Annotated[int, Field(ge=1, le=9)] = Field(
+        default=4, description="Most digits of each addend (addition).",
+    )
+
+
 class DataConfig(StrictModel):
     """Training data. No path: the Python standard library's sources, byte-tokenized."""
 
@@ -235,6 +312,10 @@ class DataConfig(StrictModel):
     )
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
         default=0.05, description="Share of documents held out for validation."
+    )
+    synthetic: SyntheticConfig | None = Field(
+        default=None, description="A generated task (induction, addition, sorting) instead of "
+        "a corpus; byte tokens, its own held-out split (val_fraction unused).",
     )
 
 

@@ -7,6 +7,7 @@ document: document i goes to validation when `floor((i+1) f) > floor(i f)` for
 for f = 0.05). When that leaves either side shorter than one window (a single large text file,
 say), the split falls back to tokens: validation is the last `max(ceil(f n), seq_length + 1)`
 tokens of the stream. `val_fraction: 0` gives an empty validation set (length 0).
+`data.synthetic` replaces all of this by generated splits (synthetic.py).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from mtp_cli.config.schema import RunSpec
 from mtp_cli.data.corpus import Warn, ignore_warning, path_documents, stdlib_documents
 from mtp_cli.data.documents import Document
 from mtp_cli.data.indexed import indexed_prefix, read_indexed_dataset
+from mtp_cli.data.synthetic import synthetic_stream
 from mtp_cli.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from mtp_cli.data.windows import TokenStream, TokenWindows
 from mtp_cli.errors import Problem, UserError
 
 _DEFAULT_SPLIT_CACHE: dict[tuple[str, float, int], tuple[TokenStream, TokenStream]] = {}
+_SYNTHETIC_CACHE: dict[tuple[str, int], tuple[TokenStream, TokenStream]] = {}
 
 
 def _data_error(message: str) -> UserError:
@@ -133,6 +136,8 @@ def _build_datasets(spec: RunSpec, warn: Warn | None = None
                     ) -> tuple[TokenWindows, TokenWindows]:
     data, model = spec.data, spec.model
     tokenizer = load_tokenizer(data.tokenizer, model.vocab_size)
+    if data.synthetic is not None:
+        return _synthetic_datasets(spec, tokenizer.eod)
     where = _resolved(data.path) if data.path is not None else \
         "the default corpus (standard library)"
     key = (tokenizer.name, data.val_fraction, model.seq_length)
@@ -147,3 +152,15 @@ def _build_datasets(spec: RunSpec, warn: Warn | None = None
     if data.path is None:
         _DEFAULT_SPLIT_CACHE[key] = (train, val)
     return TokenWindows(train, model.seq_length), TokenWindows(val, model.seq_length)
+
+
+def _synthetic_datasets(spec: RunSpec, eod: int) -> tuple[TokenWindows, TokenWindows]:
+    """`data.synthetic`'s generated splits (cached per process, like the default corpus)."""
+    config, seq = spec.data.synthetic, spec.model.seq_length
+    assert config is not None
+    key = (config.model_dump_json(), seq)
+    if key not in _SYNTHETIC_CACHE:
+        _SYNTHETIC_CACHE[key] = (synthetic_stream(config, seq, "train", eod),
+                                 synthetic_stream(config, seq, "val", eod))
+    train, val = _SYNTHETIC_CACHE[key]
+    return TokenWindows(train, seq), TokenWindows(val, seq)

@@ -98,7 +98,7 @@ class _Sums:
             self.greedy[k - 1] += int((drafts == greedy[:, k:]).sum())
             matches.append(logits[k].argmax(-1) == shifted(greedy, k))
         rows = s - self.depths  # rows where every depth has a target
-        if rows > 0:
+        if rows > 0 and self.depths:  # (a model without MTP has no drafts to count)
             counts = prefix_counts(matches)[:, :rows]
             self.prefix_rows += counts.numel()
             self.prefix_total += int(counts.sum())

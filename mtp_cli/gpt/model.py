@@ -91,7 +91,7 @@ class GPTModel(nn.Module):
             MultiTokenPredictionBlock(
                 config, mtp_block_spec, num_depths=stage.mtp_layers,
                 layer_offset=stage.mtp_layer_offset, use_repeated_layer=mtp.use_repeated_layer,
-                detach_heads=self.detach_heads, groups=self._groups,
+                detach_heads=self.detach_heads, groups=self._groups, hsm=mtp.hsm,
             )
             if mtp_block_spec is not None and stage.mtp_layers > 0 else None
         )
@@ -248,6 +248,7 @@ class GPTModel(nn.Module):
         return MTPLossSettings(
             num_depths=self.stage.mtp_depths_in_loss,
             loss_scaling_factor=self.loss_settings.mtp_loss_scaling_factor,
+            depth_weights=self.loss_settings.mtp_depth_weights,
             calculate_per_token_loss=self.loss_settings.calculate_per_token_loss,
             cp_group=groups.cp_group, reduce_group=groups.pp_group,
             avg_group=groups.dp_cp_group, comm=groups.comm,

@@ -36,6 +36,10 @@ def data_summary(spec: RunSpec, train_documents: int, train_tokens: int,
     path = spec.data.path
     source = str(Path(path).resolve()) if path is not None else \
         "the default corpus (the Python standard library's sources, byte-tokenized)"
+    if spec.data.synthetic is not None:
+        from mtp_cli.data.synthetic import describe
+
+        source = describe(spec.data.synthetic)
     return DataSummary(source, train_documents, train_tokens, val_tokens)
 
 

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from mtp_cli.config.schema import ModelConfig
+from mtp_cli.mtp.hsm import _mix_hidden_state_history, draw_indices, roll_older
 from mtp_cli.mtp.layer import MultiTokenPredictionBlockSubmodules, module_sharded_state_dict
+from mtp_cli.mtp.run_state import current_run_state
 from mtp_cli.nn.comm import ParallelGroups
 from mtp_cli.nn.module_spec import ModuleSpec, build_module
 from mtp_cli.nn.packed import PackedSeqParams
@@ -54,7 +56,8 @@ class MultiTokenPredictionBlock(nn.Module):
     def __init__(self, config: ModelConfig,
                  spec: MultiTokenPredictionBlockSubmodules | ModuleSpec, *,
                  num_depths: int, layer_offset: int = 0, use_repeated_layer: bool = False,
-                 detach_heads: bool = False, groups: ParallelGroups | None = None) -> None:
+                 detach_heads: bool = False, groups: ParallelGroups | None = None,
+                 hsm: bool = False) -> None:
         super().__init__()
         self.config = config
         self.submodules = _get_mtp_block_submodules(config, spec)
@@ -62,6 +65,7 @@ class MultiTokenPredictionBlock(nn.Module):
         self.layer_offset = layer_offset
         self.use_repeated_layer = use_repeated_layer
         self.detach_heads = detach_heads
+        self.hsm = hsm  # Megatron's mtp_hsm (hsm.py): training only, D >= 2
         self.groups = groups if groups is not None else ParallelGroups()
         self._build_layers(self.groups)
 
@@ -124,9 +128,18 @@ class MultiTokenPredictionBlock(nn.Module):
         """`h0 [s, b, h]` -> `cat([h0, h1, ..., hD]) [(1+D)*s, b, h]`."""
         outputs = [hidden_states]
         hidden = hidden_states.detach() if self.detach_heads else hidden_states
+        mixing = self.hsm and self.training and self.num_depths >= 2
+        history = [hidden]
         for depth in range(self.num_depths):
+            layer_input = hidden
+            if mixing and len(history) > 1:  # depth >= 2: candidates aligned on one target
+                history = [*roll_older(history, packed_seq_params), history[-1]]
+                generator = current_run_state().hsm_generator(hidden.device)
+                indices = draw_indices(len(history), hidden, generator)
+                layer_input = _mix_hidden_state_history(torch.stack(history[:-1]),
+                                                        history[-1], indices)
             hidden, input_ids, position_ids, padding_mask = self.layer_for_depth(depth)(
-                input_ids=input_ids, position_ids=position_ids, hidden_states=hidden,
+                input_ids=input_ids, position_ids=position_ids, hidden_states=layer_input,
                 attention_mask=attention_mask, padding_mask=padding_mask, context=context,
                 context_mask=context_mask, rotary_pos_emb=rotary_pos_emb,
                 rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
@@ -135,4 +148,6 @@ class MultiTokenPredictionBlock(nn.Module):
                 embedding=embedding, **(extra_block_kwargs or {}),
             )
             outputs.append(hidden)
+            if mixing:
+                history.append(hidden)
         return torch.cat(outputs, dim=0)

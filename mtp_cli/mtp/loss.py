@@ -11,6 +11,10 @@ the objective of a micro-batch is
 With `mtp.distill` (`mtp_cli.mtp.distill`) the per-token loss is
 `L_k = mask_k * (CE + w * KL_k)`, KL_k from the main model's logits rolled like the labels.
 
+With `mtp.depth_weights` each depth's term is multiplied by its w_k (a depth past the weights
+in force gets 0: its loss is still computed and logged, but trains nothing); unset, every
+w_k is 1 and the arithmetic is Megatron's, untouched.
+
 Under context parallel the sums and counts are all-reduced over the CP group before dividing,
 so the losses do not depend on how a sequence is sharded (a deliberate departure from the
 reference, which divides by rank-local counts). Those sums, and the rolls' boundary exchange, go
@@ -51,6 +55,7 @@ class LossSettings:
     """
 
     mtp_loss_scaling_factor: float = 0.1
+    mtp_depth_weights: tuple[float, ...] | None = None  # w_k in force (None: all 1)
     calculate_per_token_loss: bool = False
     chunked: Literal["auto"] | bool = "auto"
     chunked_grads_in_forward: bool | None = None
@@ -70,6 +75,7 @@ class MTPLossSettings:
     reduce_group: Group = None  # pipeline group, for the tracker
     avg_group: Group = None  # data x context parallel group
     comm: ModelComm | None = None  # reduces over cp_group (None: `comm_for(cp_group)`)
+    depth_weights: tuple[float, ...] | None = None  # w_k; depths past it get 0 (None: all 1)
 
 
 def _cp_sum(value: torch.Tensor, cp_group: Group, comm: ModelComm | None) -> torch.Tensor:
@@ -91,6 +97,10 @@ def labels_from_input_ids(input_ids: torch.Tensor, loss_mask: torch.Tensor | Non
         loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
     loss_mask, _ = roll_tensor(loss_mask, -1, -1, cp_group, packed_seq_params, comm=comm)
     return labels, loss_mask
+
+
+def _weight(weights: tuple[float, ...], depth: int) -> float:
+    return weights[depth] if depth < len(weights) else 0.0
 
 
 def process_mtp_loss(
@@ -143,9 +153,11 @@ def process_mtp_loss(
                 kl_sum = _cp_sum(kl.detach().sum(), cp_group, comm)
                 MTPLossLoggingHelper.save_distill_to_tracker(kl_sum / num_tokens, depth, depths)
             per_token = per_token + distill.weight * kl
+        depth_scale = scale if settings.depth_weights is None else \
+            scale * _weight(settings.depth_weights, depth)
         if settings.calculate_per_token_loss:
-            normalized = scale * per_token * (num_tokens_main / num_tokens)
+            normalized = depth_scale * per_token * (num_tokens_main / num_tokens)
         else:
-            normalized = scale * per_token / num_tokens
+            normalized = depth_scale * per_token / num_tokens
         main_hidden = MTPLossAutoScaler.apply(main_hidden, normalized)
     return main_hidden

@@ -40,6 +40,20 @@ class MTPRunState:
     tracker: dict[str, Any] = field(default_factory=dict)
     cumulative: dict[str, torch.Tensor] = field(default_factory=dict)
     loss_scale: torch.Tensor | float = 1.0
+    # mtp.hsm: the key of this step's mixing draws (train.seed, data-parallel rank, step) and
+    # the draws made in it so far; None outside training steps (then a fixed key 0)
+    hsm_key: tuple[int, int, int] | None = None
+    hsm_draws: int = 0
+
+    def hsm_generator(self, device: torch.device) -> torch.Generator:
+        """The next mixing draw's generator: seeded from (key, draw number), so the mask of a
+        step's n-th draw is a function of the seed, the data-parallel rank and the step alone:
+        the same on every tensor rank, and again after a resume, with nothing stored."""
+        seed, rank, step = self.hsm_key or (0, 0, 0)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(hash_key(seed, rank, step, self.hsm_draws))
+        self.hsm_draws += 1
+        return generator
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[MTPRunState]:
@@ -58,6 +72,15 @@ class MTPRunState:
         """Forget the tracker and the cumulative counts (a new run)."""
         self.tracker = {}
         self.cumulative = {}
+
+
+def hash_key(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64 over each part): stable across processes."""
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return (state ^ (state >> 29)) & 0x7FFFFFFFFFFFFFFF
 
 
 PROCESS_RUN_STATE = MTPRunState()

@@ -243,6 +243,10 @@ def _data_rules(spec: RunSpec) -> Rule | None:
         return "data.packed", (f"data.packed needs train.micro_batch_size 1 (THD packing puts "
                                f"the documents of a micro-batch in one sequence), got "
                                f"{spec.train.micro_batch_size}")
+    if data.synthetic is not None:
+        found = _synthetic_rule(spec)
+        if found is not None:
+            return found
     pad = data.pad_documents_to
     if pad is not None and pad % (2 * context):
         return "data.pad_documents_to", (f"data.pad_documents_to ({pad}) must be a multiple of "
@@ -250,6 +254,49 @@ def _data_rules(spec: RunSpec) -> Rule | None:
     if pad is not None and data.packed and spec.model.seq_length % pad:
         return "data.pad_documents_to", (f"model.seq_length ({spec.model.seq_length}) must "
                                          f"divide by {pad} to pad packed documents")
+    return None
+
+
+def _synthetic_rule(spec: RunSpec) -> Rule | None:
+    """A generated task is its own corpus, in bytes, with its own held-out split."""
+    data, seq = spec.data, spec.model.seq_length
+    synthetic = data.synthetic
+    assert synthetic is not None
+    if data.path is not None:
+        return "data.synthetic", "data.synthetic replaces data.path: set one of them"
+    if data.tokenizer is not None:
+        return "data.synthetic", "data.synthetic writes bytes: leave data.tokenizer unset"
+    length = synthetic.length if synthetic.length is not None else max(1, seq - 1)
+    if synthetic.val_documents * (length + 1) < seq + 1:
+        return "data.synthetic.val_documents", (
+            f"{synthetic.val_documents} held-out documents of {length} tokens (+ end of "
+            f"document) are shorter than one window (model.seq_length + 1 = {seq + 1})")
+    return None
+
+
+def _depth_weights_rule(mtp: Any) -> Rule | None:
+    """Every weight list names at most D depths (a list for depths that do not exist is a
+    mistake, not a no-op)."""
+    if mtp.depth_weights is None:
+        return None
+    lists = [getattr(s, "weights", None) for s in mtp.depth_weights]
+    lists = [list(mtp.depth_weights)] if lists and lists[0] is None else lists
+    for weights in lists:
+        if len(weights) > mtp.num_layers:
+            return "mtp.depth_weights", (f"{len(weights)} weights for mtp.num_layers = "
+                                         f"{mtp.num_layers} depths")
+    return None
+
+
+def _hsm_rule(spec: RunSpec) -> Rule | None:
+    """Hidden-state mixing needs two depths to mix, and every depth's state on one rank's
+    whole sequence (Megatron's per-owner mask slicing is not implemented here)."""
+    par = spec.parallel
+    if spec.mtp.num_layers < 2:
+        return "mtp.hsm", f"mtp.hsm needs mtp.num_layers >= 2 (got {spec.mtp.num_layers})"
+    if par.context > 1 or par.sequence_parallel or par.pipeline > 1:
+        return "mtp.hsm", ("mtp.hsm is implemented without context, sequence or pipeline "
+                           "parallel (data and tensor parallel only)")
     return None
 
 
@@ -262,6 +309,16 @@ def _mtp_rules(spec: RunSpec) -> Rule | None:
         return ("train.loss.chunked", "chunked losses never hold the main head's logits that "
                 "mtp.distill reads; set it to false or auto (auto chunks nothing while "
                 "distilling)")
+    found = _depth_weights_rule(spec.mtp)
+    if found is not None:
+        return found
+    if spec.mtp.hsm:
+        found = _hsm_rule(spec)
+        if found is not None:
+            return found
+    if spec.mtp.separate_grad_norm and spec.model.num_moe_experts is not None:
+        return "mtp.separate_grad_norm", ("a separate MTP gradient norm is not implemented "
+                                          "for MoE models (routed experts are normed apart)")
     problem = freeze_problem(spec.train.freeze, tied=spec.model.share_embeddings_and_output_weights,
                              mtp_layers=spec.mtp.num_layers)
     return ("train.freeze", problem) if problem is not None else None

@@ -2,7 +2,9 @@
 
 Matplotlib's object API with the Agg canvas: no pyplot, no global backend switch, no display.
 Each run keeps one colour in every panel. Long, noisy series are drawn faint with a moving
-average on top, labelled "(smoothed)" (the caption gives the window). With several runs, an
+average on top, labelled "(smoothed)" (the caption gives the window); the choice is made once
+per figure from its longest series, so every run in a figure is smoothed the same way (a 20-step
+run beside a 300-step one is not drawn raw against a moving average). Step axes tick at integers. With several runs, an
 extra panel shows each run's lm loss minus the first run's at the same steps: the direct answer
 to "does MTP (D=1) lower the main loss of D=0?". Axes carry their units: losses are
 cross-entropies in nats per token, acceptance rates percentages. Files are written atomically
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from mtp_cli.report.metrics import RunMetrics
 
@@ -41,8 +43,7 @@ def _window(count: int) -> int:
     return max(2, count // 25)
 
 
-def _moving_average(values: list[float]) -> list[float]:
-    window = _window(len(values))
+def _moving_average(values: list[float], window: int) -> list[float]:
     out, total = [], 0.0
     for i, value in enumerate(values):
         total += value
@@ -72,14 +73,26 @@ class _Smoothed:
 SMOOTHED = _Smoothed()
 
 
-def _draw(axes, xs: list, ys: list, color: str, label: str, *, style: str = "-") -> None:
+def figure_window(lengths: list[int]) -> int | None:
+    """The moving-average window for every series of one figure (None: all drawn raw), from
+    the longest: one rule for all runs, so identical runs look identical."""
+    longest = max(lengths, default=0)
+    return _window(longest) if longest > SMOOTH_ABOVE else None
+
+
+def _series_window(runs: list[RunMetrics], keys: list[str]) -> int | None:
+    return figure_window([len(run.series(key)[0]) for run in runs for key in keys])
+
+
+def _draw(axes, xs: list, ys: list, color: str, label: str, *, style: str = "-",
+          window: int | None = None) -> None:
     if not xs:
         return
-    if len(xs) > SMOOTH_ABOVE:
+    if window is not None:
         axes.plot(xs, ys, style, color=color, alpha=0.25, linewidth=0.8)
-        axes.plot(xs, _moving_average(ys), style, color=color, linewidth=1.6,
+        axes.plot(xs, _moving_average(ys, window), style, color=color, linewidth=1.6,
                   label=f"{label} (smoothed)")
-        SMOOTHED.add(axes.figure, _window(len(ys)))
+        SMOOTHED.add(axes.figure, window)
     else:
         axes.plot(xs, ys, style, color=color, linewidth=1.4, marker=".", markersize=4,
                   label=label)
@@ -98,6 +111,10 @@ def _colors(count: int) -> list[str]:
     return [f"C{i % 10}" for i in range(count)]
 
 
+def _integer_steps(axes) -> None:
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _difference(base: RunMetrics, run: RunMetrics) -> tuple[list, list]:
     """run's lm loss minus base's at the steps both logged."""
     base_xs, base_ys = base.series("lm_loss")
@@ -113,9 +130,10 @@ def loss_figure(runs: list[RunMetrics], labels: list[str], x: str) -> Figure:
     compare = len(runs) > 1 and x == "step"
     figure, axes = _grid(len(keys) + (1 if compare else 0))
     x_label = "step" if x == "step" else "tokens seen"
+    window = _series_window(runs, keys)
     for ax, key in zip(axes, keys, strict=False):
         for run, label, color in zip(runs, labels, _colors(len(runs)), strict=True):
-            _draw(ax, *run.series(key, x), color, label)
+            _draw(ax, *run.series(key, x), color, label, window=window)
             vx, vy = run.series(f"val_{key}", x, split="val")
             if vx:
                 ax.plot(vx, vy, "o--", color=color, markersize=5, linewidth=1,
@@ -126,14 +144,18 @@ def loss_figure(runs: list[RunMetrics], labels: list[str], x: str) -> Figure:
         ax.set_ylabel(LOSS_UNIT)
         if x == "tokens":
             ax.xaxis.set_major_formatter(EngFormatter())
+        else:
+            _integer_steps(ax)
     if compare:
         ax = axes[len(keys)]
         ax.axhline(0.0, color="0.5", linewidth=0.8)
         for run, label, color in zip(runs[1:], labels[1:], _colors(len(runs))[1:], strict=True):
-            _draw(ax, *_difference(runs[0], run), color, f"{label} − {labels[0]}")
+            _draw(ax, *_difference(runs[0], run), color, f"{label} − {labels[0]}",
+                  window=window)
         ax.set_title(f"lm loss minus {labels[0]} (below 0 = lower)")
         ax.set_xlabel("step")
         ax.set_ylabel("Δ lm loss (nats/token)")
+        _integer_steps(ax)
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -148,13 +170,16 @@ def acceptance_figure(runs: list[RunMetrics], labels: list[str]) -> Figure | Non
     if depths == 0:
         return None
     figure, axes = _grid(depths)
+    window = _series_window(runs, [f"mtp_{k}_{kind}acceptance_rate" for k in range(1, depths + 1)
+                                   for kind in ("", "cumulative_")])
     for k, ax in enumerate(axes, start=1):
         for run, label, color in zip(runs, labels, _colors(len(runs)), strict=True):
-            _draw(ax, *run.series(f"mtp_{k}_acceptance_rate"), color, label)
+            _draw(ax, *run.series(f"mtp_{k}_acceptance_rate"), color, label, window=window)
             _draw(ax, *run.series(f"mtp_{k}_cumulative_acceptance_rate"), color,
-                  f"{label} cumulative", style="--")
+                  f"{label} cumulative", style="--", window=window)
         ax.set_title(f"mtp_{k} acceptance rate")
         ax.set_xlabel("step")
+        _integer_steps(ax)
         ax.set_ylabel(ACCEPTANCE_UNIT)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -172,11 +197,13 @@ def moe_figure(runs: list[RunMetrics], labels: list[str]) -> Figure | None:
     if not keys:
         return None
     figure, axes = _grid(len(keys))
+    window = _series_window(runs, keys)
     for key, ax in zip(keys, axes, strict=True):
         for run, label, color in zip(runs, labels, _colors(len(runs)), strict=True):
-            _draw(ax, *run.series(key), color, label)
+            _draw(ax, *run.series(key), color, label, window=window)
         ax.set_title(key.replace("_", " "))
         ax.set_xlabel("step")
+        _integer_steps(ax)
         ax.set_ylabel("max / mean tokens per expert" if key == "load_imbalance"
                       else "loss / coefficient")
         if ax.get_legend_handles_labels()[0]:

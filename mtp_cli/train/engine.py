@@ -88,6 +88,17 @@ def set_mtp_loss_scaling_factor(engine: Engine, value: float) -> None:
     engine.loss_settings.mtp_loss_scaling_factor = float(value)
 
 
+def set_mtp_depth_weights(engine: Engine, weights: tuple[float, ...] | None) -> None:
+    """`mtp.depth_weights` in force for the coming steps (None: every depth 1)."""
+    engine.loss_settings.mtp_depth_weights = weights
+
+
+def set_hsm_step(engine: Engine, seed: int, dp_rank: int, step: int) -> None:
+    """Key the coming step's hidden-state mixing draws (mtp.hsm) by seed, rank and step."""
+    engine.mtp_state.hsm_key = (seed, dp_rank, step)
+    engine.mtp_state.hsm_draws = 0
+
+
 def attach_run(chunk: GPTModel, loss_settings: LossSettings, mtp_state: MTPRunState) -> None:
     """Give a model chunk the run's loss settings and MTP state (shared by all chunks)."""
     chunk.loss_settings = loss_settings

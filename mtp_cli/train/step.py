@@ -69,6 +69,8 @@ class StepSettings:
     # expert parallel: the experts' gradient reduction and the global norm
     # (mtp_cli.parallel.expert_parallel.ExpertGradients); None without it
     expert_grads: Any = None
+    # Megatron-LM #4116: the MTP parameters get their own gradient norm, clipped alone
+    mtp_separate_grad_norm: bool = False
 
     @classmethod
     def for_run(cls, spec: RunSpec, dims: ParallelDims, mesh: ParallelMesh,
@@ -78,7 +80,8 @@ class StepSettings:
                    per_token_loss=spec.train.calculate_per_token_loss,
                    grad_clip=spec.train.grad_clip, bf16=spec.train.bf16, device=device,
                    dp_cp_size=dims.dp_cp,
-                   dp_cp_group=mesh.dp_cp_group if dims.dp_cp > 1 else None)
+                   dp_cp_group=mesh.dp_cp_group if dims.dp_cp > 1 else None,
+                   mtp_separate_grad_norm=spec.mtp.separate_grad_norm)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -90,6 +93,7 @@ class StepOutput:
     loss_tokens: int  # loss tokens in the global batch
     grad_norm: float
     applied: bool = True  # False: non-finite loss or gradient norm, the update was dropped
+    mtp_grad_norm: float | None = None  # mtp.separate_grad_norm: the MTP parameters' own
 
 
 @dataclass
@@ -141,6 +145,39 @@ def clip_gradients(chunks: Sequence[nn.Module], max_norm: float, layout: StepLay
         if grads:
             torch._foreach_mul_(grads, coefficient.to(grads[0].device))
     return float(norm)
+
+
+def is_mtp_parameter(name: str) -> bool:
+    """Megatron's grad_norm_group 'mtp': the MTP block's own parameters (not the shared
+    embedding or output head)."""
+    return name.startswith("mtp.")
+
+
+def clip_gradients_separately(chunks: Sequence[nn.Module], max_norm: float,
+                              layout: StepLayout, device: torch.device) -> tuple[float, float]:
+    """`mtp.separate_grad_norm` (Megatron-LM #4116): the norm of the MTP parameters' gradients
+    and that of every other parameter, counted as `clip_gradients` counts them, each group
+    clipped to `max_norm` on its own. Returns (the others' norm, the MTP norm) before
+    clipping. (No routed experts: the rules refuse MoE with it.)"""
+    shards = [layout.dp_cp_group] if layout.grad_sync == "fsdp" and \
+        layout.dp_cp_group is not None else []
+    squares = torch.zeros(2, dtype=torch.float32, device=device)
+    for chunk in chunks:
+        for index, in_group in enumerate((lambda n: not is_mtp_parameter(n), is_mtp_parameter)):
+            squares[index] += grad_square_sum(
+                chunk, layout.tp_group, sum_groups=shards,
+                skip=lambda name, c=chunk, g=in_group: layout.skip(c, name) or not g(name))
+    if layout.pp_group is not None:
+        dist.all_reduce(squares, group=layout.pp_group)
+    norms = squares.sqrt()
+    if max_norm > 0:
+        for index, in_group in enumerate((lambda n: not is_mtp_parameter(n), is_mtp_parameter)):
+            grads = [held(p.grad) for chunk in chunks for n, p in chunk.named_parameters()
+                     if p.grad is not None and in_group(n)]
+            if grads:
+                coefficient = (max_norm / (norms[index] + 1e-6)).clamp(max=1.0)
+                torch._foreach_mul_(grads, coefficient.to(grads[0].device))
+    return float(norms[0]), float(norms[1])
 
 
 class StepRunner:
@@ -263,17 +300,23 @@ class StepRunner:
         self._reduce_gradients(float(totals[1]))
         if before_norm is not None:
             before_norm(self.chunks)
-        grad_norm = clip_gradients(self.chunks, self.settings.grad_clip, self.layout,
-                                   self.settings.device)
+        mtp_grad_norm = None
+        if self.settings.mtp_separate_grad_norm:
+            grad_norm, mtp_grad_norm = clip_gradients_separately(
+                self.chunks, self.settings.grad_clip, self.layout, self.settings.device)
+        else:
+            grad_norm = clip_gradients(self.chunks, self.settings.grad_clip, self.layout,
+                                       self.settings.device)
         lm_loss = float(totals[0] / totals[1].clamp(min=1))
-        applied = update_is_finite(lm_loss, grad_norm)
+        applied = update_is_finite(lm_loss, grad_norm) and (
+            mtp_grad_norm is None or update_is_finite(lm_loss, mtp_grad_norm))
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if applied:  # a skipped step's token counts do not move the expert biases either
             update_expert_bias(self.chunks, reduce_counts=self._sum_over_replicas)
         return StepOutput(lm_loss=lm_loss, loss_tokens=int(totals[1]), grad_norm=grad_norm,
-                          applied=applied)
+                          applied=applied, mtp_grad_norm=mtp_grad_norm)
 
     def _sum_over_replicas(self, values: torch.Tensor) -> torch.Tensor:
         """Token counts over the tensor x data x context ranks, as Megatron-Core sums them for

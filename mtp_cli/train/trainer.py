@@ -21,7 +21,12 @@ from mtp_cli.parallel.mesh import DistEnv, build_mesh
 from mtp_cli.plan.dims import ParallelDims
 from mtp_cli.plan.run_plan import RunPlan
 from mtp_cli.train.checkpoint import Checkpointer, Stateful, TrainState
-from mtp_cli.train.engine import build_engine, set_mtp_loss_scaling_factor
+from mtp_cli.train.engine import (
+    build_engine,
+    set_hsm_step,
+    set_mtp_depth_weights,
+    set_mtp_loss_scaling_factor,
+)
 from mtp_cli.train.faults import NO_FAULTS, FaultPoints
 from mtp_cli.train.flop_rate import FlopRate
 from mtp_cli.train.metrics import IntervalMetrics, MetricsWriter, peak_memory_mb
@@ -158,6 +163,9 @@ class Trainer:
         started = time.perf_counter()
         self.mtp_loss_scale = self.spec.mtp.loss_scale_at(self.state.tokens)
         set_mtp_loss_scaling_factor(self.engine, self.mtp_loss_scale)
+        set_mtp_depth_weights(self.engine, self.spec.mtp.depth_weights_at(
+            self.state.step / self.spec.train.steps))
+        set_hsm_step(self.engine, self.spec.train.seed, self.mesh.dp_rank, self.state.step + 1)
         self.lr = self.optimizer.param_groups[0]["lr"]
         batches = [self.loader.next_batch() for _ in range(self.num_microbatches)]
         step = self.state.step + 1
@@ -207,6 +215,7 @@ class Trainer:
                                   **totals.averages(self.depths, self.mtp_metrics)}
         record.update({
             "lr": self.lr, "grad_norm": output.grad_norm,
+            **({} if output.mtp_grad_norm is None else {"mtp_grad_norm": output.mtp_grad_norm}),
             "tokens_per_s": self.tokens_per_step * totals.steps / totals.seconds,
             **self.flop_rate.metrics(totals.steps, totals.seconds),
             "peak_memory_mb": peak_memory_mb(self.env.device),
@@ -218,14 +227,18 @@ class Trainer:
 
     # --- validation and checkpoints ------------------------------------------------------------
     def _validate(self) -> None:
+        """`train.eval_steps` global batches of the validation split; the line says how many
+        tokens that is, since `mtp eval` scores its own `--tokens` (16,384 by default)."""
         result = self.engine.evaluate(self._loader(self.val_set, shuffle=False),
                                       self.spec.train.eval_steps * self.num_microbatches)
         if self.writer is not None:
+            scored = self.spec.train.eval_steps * self.tokens_per_step
             self.writer.write({"step": self.state.step, "tokens": self.state.tokens,
-                               "split": "val", **result})
+                               "split": "val", "val_tokens": scored, **result})
             self.writer.scalars(self.state.step, result)
             text = " | ".join(f"{k[4:]} {v:.4f}" for k, v in result.items())
-            self.progress.note(f"validation at step {self.state.step}: {text}")
+            self.progress.note(f"validation at step {self.state.step} ({scored:,} held-out "
+                               f"tokens): {text}")
 
     def _save(self, output: StepOutput) -> None:
         losses = {"lm_loss": output.lm_loss}
