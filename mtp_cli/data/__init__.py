@@ -13,7 +13,8 @@ from mtp_cli.data.context_parallel import (
     zigzag_index,
 )
 from mtp_cli.data.datasets import build_datasets, load_token_stream, split_stream
-from mtp_cli.data.indexed import read_indexed_dataset, write_indexed_dataset
+from mtp_cli.data.indexed import read_indexed_dataset
+from mtp_cli.data.indexed_writer import write_indexed_dataset
 from mtp_cli.data.loader import MicroBatchLoader
 from mtp_cli.data.tokenizer import BYTE_EOD, ByteTokenizer, HFTokenizer, load_tokenizer
 from mtp_cli.data.windows import TokenStream, TokenWindows

@@ -21,7 +21,14 @@ import torch
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.data.corpus import Warn, ignore_warning, path_documents, stdlib_documents
 from mtp_cli.data.documents import Document
-from mtp_cli.data.indexed import indexed_prefix, read_indexed_dataset
+from mtp_cli.data.index_cache import cache_dir_for, cache_key, cached
+from mtp_cli.data.indexed import (
+    indexed_files,
+    indexed_prefix,
+    open_indexed_dataset,
+    read_indexed_dataset,
+)
+from mtp_cli.data.mapped import MappedStream
 from mtp_cli.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from mtp_cli.data.windows import TokenStream, TokenWindows
 from mtp_cli.errors import Problem, UserError
@@ -72,7 +79,10 @@ def load_token_stream(path: str | None, tokenizer: ByteTokenizer | HFTokenizer, 
 def _check_ids(stream: TokenStream, vocab_size: int, where: str) -> None:
     if not len(stream):
         return
-    low, high = int(stream.tokens.min()), int(stream.tokens.max())
+    _check_id_range(int(stream.tokens.min()), int(stream.tokens.max()), vocab_size, where)
+
+
+def _check_id_range(low: int, high: int, vocab_size: int, where: str) -> None:
     if low < 0 or high >= vocab_size:
         raise UserError(problems=[Problem(
             f"{where}: token ids range over [{low}, {high}], outside model.vocab_size "
@@ -85,14 +95,18 @@ def validation_documents(num_documents: int, fraction: float) -> torch.Tensor:
     return torch.floor((index + 1) * fraction) > torch.floor(index * fraction)
 
 
-def split_stream(stream: TokenStream, fraction: float, seq_length: int, where: str
-                 ) -> tuple[TokenStream, TokenStream]:
+Stream = TokenStream | MappedStream
+
+
+def split_stream(stream: Stream, fraction: float, seq_length: int, where: str
+                 ) -> tuple[Stream, Stream]:
     """(train, validation) streams; see the module docstring for the rule."""
     window, total = seq_length + 1, len(stream)
     if total < window:
         raise _data_error(f"{where}: the corpus ({total} tokens) is shorter than one window "
                           f"(model.seq_length + 1 = {window} tokens)")
-    empty = TokenStream(stream.tokens[:0], torch.zeros(1, dtype=torch.int64), stream.eod)
+    empty = TokenStream(torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+                        stream.eod)
     if fraction == 0:
         return stream, empty
     held_out = validation_documents(stream.num_documents, fraction)
@@ -139,6 +153,12 @@ def _build_datasets(spec: RunSpec, warn: Warn | None = None
     if data.path is None and key in _DEFAULT_SPLIT_CACHE:
         train, val = _DEFAULT_SPLIT_CACHE[key]
         return TokenWindows(train, model.seq_length), TokenWindows(val, model.seq_length)
+    if data.path is not None and indexed_prefix(data.path) is not None:
+        mapped = _indexed_split(data.path, tokenizer.eod, data.val_fraction, model.seq_length,
+                                model.vocab_size, where)
+        if mapped is not None:
+            return TokenWindows(mapped[0], model.seq_length), TokenWindows(mapped[1],
+                                                                           model.seq_length)
     stream = load_token_stream(data.path, tokenizer, warn=warn)
     if not len(stream):
         raise _data_error(f"{where}: empty corpus (no document has any text)")
@@ -147,3 +167,37 @@ def _build_datasets(spec: RunSpec, warn: Warn | None = None
     if data.path is None:
         _DEFAULT_SPLIT_CACHE[key] = (train, val)
     return TokenWindows(train, model.seq_length), TokenWindows(val, model.seq_length)
+
+
+def _indexed_split(path: str, eod: int, fraction: float, seq_length: int, vocab_size: int,
+                   where: str) -> tuple[MappedStream, MappedStream] | None:
+    """(train, validation) streams over the memory-mapped `.bin`, their document tables and the
+    id range from the index cache (built once: `index_cache`); None for a dataset whose
+    documents are not stored back to back (read into memory instead)."""
+    documents = open_indexed_dataset(path)  # the .idx is checked against the .bin first
+    if documents is None:
+        return None
+
+    def build() -> dict[str, torch.Tensor]:
+        stream = MappedStream.from_indexed(documents, eod)
+        if not len(stream):
+            raise _data_error(f"{where}: empty corpus (no document has any text)")
+        low, high = stream.id_range()
+        _check_id_range(low, high, vocab_size, where)
+        train, val = split_stream(stream, fraction, seq_length, where)
+        entry = {"id_range": torch.tensor([low, high])}
+        for name, part in (("train", train), ("val", val)):
+            table = part.table() if isinstance(part, MappedStream) else {
+                "start": torch.zeros(0, dtype=torch.int64),
+                "length": torch.zeros(0, dtype=torch.int64),
+                "eod_after": torch.zeros(0, dtype=torch.bool)}
+            entry.update({f"{name}.{k}": v for k, v in table.items()})
+        return entry
+
+    files = list(indexed_files(path))
+    key = cache_key(files, kind="split", eod=eod, val_fraction=fraction, seq_length=seq_length)
+    entry, _ = cached(cache_dir_for(files[1]), key, build)
+    _check_id_range(int(entry["id_range"][0]), int(entry["id_range"][1]), vocab_size, where)
+    train, val = (MappedStream(documents.tokens, entry[f"{n}.start"], entry[f"{n}.length"],
+                               entry[f"{n}.eod_after"], eod) for n in ("train", "val"))
+    return train, val
