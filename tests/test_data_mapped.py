@@ -23,7 +23,7 @@ def random_documents(count: int, seed: int) -> list[list[int]]:
     for i in range(count):
         length = int(torch.randint(0, 41, (1,), generator=generator))
         document = torch.randint(0, EOD, (length,), generator=generator).tolist()
-        documents.append(document + [EOD] if i % 5 == 0 else document)
+        documents.append([*document, EOD] if i % 5 == 0 else document)
     return documents
 
 
