@@ -11,6 +11,7 @@ import torch
 from mtp_cli.data import build_datasets, read_indexed_dataset, write_indexed_dataset
 from mtp_cli.data.datasets import split_stream
 from mtp_cli.data.index_cache import CACHE_DIR_NAME
+from mtp_cli.data.indexed import IndexedDocuments
 from mtp_cli.data.mapped import MappedStream
 from mtp_cli.data.windows import TokenStream, TokenWindows
 from tests.data_helpers import EOD, make_spec
@@ -85,8 +86,8 @@ def test_index_cache_is_reused_then_rebuilt_when_a_file_changes(tmp_path, monkey
     first, _ = build_datasets(spec)
     assert len(cache_entries(tmp_path)) == 1
     builds = []
-    original = MappedStream.id_range
-    monkeypatch.setattr(MappedStream, "id_range",
+    original = IndexedDocuments.scan
+    monkeypatch.setattr(IndexedDocuments, "scan",
                         lambda self: builds.append(1) or original(self))
     again, _ = build_datasets(spec)
     assert builds == [] and all_windows(again) == all_windows(first)

@@ -179,10 +179,9 @@ def _indexed_split(path: str, eod: int, fraction: float, seq_length: int, vocab_
         return None
 
     def build() -> dict[str, torch.Tensor]:
-        stream = MappedStream.from_indexed(documents, eod)
+        stream, (low, high) = MappedStream.from_indexed(documents, eod)
         if not len(stream):
             raise _data_error(f"{where}: empty corpus (no document has any text)")
-        low, high = stream.id_range()
         _check_id_range(low, high, vocab_size, where)
         train, val = split_stream(stream, fraction, seq_length, where)
         entry = {"id_range": torch.tensor([low, high])}

@@ -155,6 +155,34 @@ class IndexedDocuments:
     tokens: torch.Tensor  # [tokens in .bin], the stored dtype, memory-mapped
     starts: torch.Tensor  # [documents] int64: where each document starts in `tokens`
     lengths: torch.Tensor  # [documents] int64
+    bin_path: Path
+
+    def scan(self, chunk: int = 1 << 23) -> tuple[int, int, torch.Tensor]:
+        """(smallest id, largest id, [documents] int64 last token of each non-empty document,
+        -1 for empty ones) over the span the documents cover.
+
+        Read with plain reads in bounded chunks, not through the map: pages touched through a
+        map count in this process's RSS until reclaimed, read() pages only in the page cache.
+        """
+        dtype = self.tokens.dtype
+        itemsize = self.tokens.element_size()
+        ends = self.starts + self.lengths  # exclusive, in tokens
+        last = torch.full_like(self.starts, -1)
+        nonempty = self.lengths > 0
+        if not bool(nonempty.any()):
+            return 0, 0, last
+        first, stop = int(self.starts[nonempty].min()), int(ends[nonempty].max())
+        low, high = None, None
+        with open(self.bin_path, "rb") as handle:
+            for begin in range(first, stop, chunk):
+                handle.seek(begin * itemsize)
+                raw = bytearray(handle.read(min(chunk, stop - begin) * itemsize))
+                piece = torch.frombuffer(raw, dtype=dtype).to(torch.int64)
+                low = int(piece.min()) if low is None else min(low, int(piece.min()))
+                high = int(piece.max()) if high is None else max(high, int(piece.max()))
+                inside = nonempty & (ends > begin) & (ends <= begin + len(piece))
+                last[inside] = piece[ends[inside] - 1 - begin]
+        return int(low or 0), int(high or 0), last
 
 
 def open_indexed_dataset(path: str | Path) -> IndexedDocuments | None:
@@ -174,7 +202,7 @@ def open_indexed_dataset(path: str | Path) -> IndexedDocuments | None:
     per_sequence = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     doc_starts = torch.cat([starts, torch.zeros(1, dtype=torch.int64)])[first]
     return IndexedDocuments(map_tokens(bin_path, dtype), doc_starts,
-                            per_sequence[last] - per_sequence[first])
+                            per_sequence[last] - per_sequence[first], bin_path)
 
 
 def read_indexed_dataset(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

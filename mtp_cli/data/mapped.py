@@ -36,16 +36,15 @@ class MappedStream:
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
 
     @classmethod
-    def from_indexed(cls, documents: IndexedDocuments, eod: int) -> MappedStream:
-        """Empty documents dropped; EOD after each that does not already end with it."""
+    def from_indexed(cls, documents: IndexedDocuments, eod: int
+                     ) -> tuple[MappedStream, tuple[int, int]]:
+        """The stream (empty documents dropped; EOD after each that does not already end with
+        it) and its id range, EOD included: one bounded pass over the file."""
+        low, high, last = documents.scan()
         keep = documents.lengths > 0
-        start, length = documents.starts[keep], documents.lengths[keep]
-        tokens = documents.tokens
-        if tokens.dtype == torch.uint16:  # no gather for uint16: the same bits as int16
-            last = tokens.view(torch.int16)[start + length - 1].to(torch.int64) & 0xFFFF
-        else:
-            last = tokens[start + length - 1].to(torch.int64)
-        return cls(tokens, start, length, last != eod, eod)
+        stream = cls(documents.tokens, documents.starts[keep], documents.lengths[keep],
+                     last[keep] != eod, eod)
+        return stream, (min(low, eod), max(high, eod))
 
     def table(self) -> dict[str, torch.Tensor]:
         """The document table (what the index cache stores; the tokens are the file's)."""
@@ -103,18 +102,3 @@ class MappedStream:
                 pieces.append(torch.tensor([self.eod], dtype=torch.int64))
                 position += 1
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
-
-    def id_range(self, chunk: int = 1 << 24) -> tuple[int, int]:
-        """(smallest, largest) token id of the stream, EOD included, read in bounded chunks of
-        the mapped file (the span its documents cover)."""
-        low = high = self.eod
-        if not self.num_documents:
-            return low, high
-        first = int(self.start.min())
-        last = int((self.start + self.length).max())
-        for begin in range(first, last, chunk):
-            piece = self.tokens[begin:min(begin + chunk, last)]
-            if piece.dtype == torch.uint16:  # min/max are not implemented for uint16
-                piece = piece.to(torch.int32)
-            low, high = min(low, int(piece.min())), max(high, int(piece.max()))
-        return low, high
