@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from mtp_cli.config.schema import RunSpec
+from mtp_cli.data.blend import BlendedWindows, BlendPart, blending_indices, normalized
 from mtp_cli.data.corpus import Warn, ignore_warning, path_documents, stdlib_documents
 from mtp_cli.data.documents import Document
 from mtp_cli.data.index_cache import cache_dir_for, cache_key, cached
@@ -98,6 +99,10 @@ def validation_documents(num_documents: int, fraction: float) -> torch.Tensor:
 Stream = TokenStream | MappedStream
 
 
+def _empty_stream(eod: int) -> TokenStream:
+    return TokenStream(torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), eod)
+
+
 def split_stream(stream: Stream, fraction: float, seq_length: int, where: str
                  ) -> tuple[Stream, Stream]:
     """(train, validation) streams; see the module docstring for the rule."""
@@ -105,8 +110,7 @@ def split_stream(stream: Stream, fraction: float, seq_length: int, where: str
     if total < window:
         raise _data_error(f"{where}: the corpus ({total} tokens) is shorter than one window "
                           f"(model.seq_length + 1 = {window} tokens)")
-    empty = TokenStream(torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
-                        stream.eod)
+    empty = _empty_stream(stream.eod)
     if fraction == 0:
         return stream, empty
     held_out = validation_documents(stream.num_documents, fraction)
@@ -135,36 +139,63 @@ def _single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def build_datasets(spec: RunSpec, *, warn: Warn | None = None
-                   ) -> tuple[TokenWindows, TokenWindows]:
-    """(train, validation) windows of `spec.data`; UserError for any unusable corpus. `warn`
+Windows = TokenWindows | BlendedWindows
+
+
+def build_datasets(spec: RunSpec, *, warn: Warn | None = None) -> tuple[Windows, Windows]:
+    """(train, validation) windows of `spec.data` (a blend's: `blend.py`); UserError for any unusable corpus. `warn`
     hears about skipped or binary files (the launcher prints them; workers stay quiet)."""
     with _single_threaded():
         return _build_datasets(spec, warn)
 
 
-def _build_datasets(spec: RunSpec, warn: Warn | None = None
-                    ) -> tuple[TokenWindows, TokenWindows]:
+def _build_datasets(spec: RunSpec, warn: Warn | None = None) -> tuple[Windows, Windows]:
+    data = spec.data
+    tokenizer = load_tokenizer(data.tokenizer, spec.model.vocab_size)
+    if data.blend is None:
+        return _path_datasets(data.path, spec, tokenizer, warn)
+    train_parts, val_parts = [], []
+    for entry in data.blend:
+        train, val = _path_datasets(entry.path, spec, tokenizer, warn)
+        train_parts.append(BlendPart(_resolved(entry.path), entry.weight, train))
+        val_parts.append(BlendPart(_resolved(entry.path), entry.weight, val))
+    val_parts = [part for part in val_parts if len(part.windows)]  # val_fraction 0, or tiny
+    size = spec.train.steps * spec.train.global_batch_size  # what training reads
+    weights = [part.weight for part in train_parts]
+    directory = cache_dir_for(Path(data.blend[0].path))
+    key = cache_key([], kind="blend", weights=normalized(weights), size=size)
+    entry, _ = cached(directory, key, lambda: dict(zip(
+        ("dataset_index", "sample_index"), blending_indices(weights, size), strict=True)))
+    seed = spec.train.seed
+    train = BlendedWindows(train_parts, size, seed=seed, shuffle=True,
+                           indices=(entry["dataset_index"], entry["sample_index"]))
+    if not val_parts:
+        return train, TokenWindows(_empty_stream(tokenizer.eod), spec.model.seq_length)
+    val_size = sum(len(part.windows) for part in val_parts)
+    return train, BlendedWindows(val_parts, val_size, seed=seed, shuffle=False)
+
+
+def _path_datasets(path: str | None, spec: RunSpec, tokenizer: ByteTokenizer | HFTokenizer,
+                   warn: Warn | None) -> tuple[TokenWindows, TokenWindows]:
+    """(train, validation) windows of one corpus (`data.path`, or one dataset of a blend)."""
     data, model = spec.data, spec.model
-    tokenizer = load_tokenizer(data.tokenizer, model.vocab_size)
-    where = _resolved(data.path) if data.path is not None else \
-        "the default corpus (standard library)"
+    where = _resolved(path) if path is not None else "the default corpus (standard library)"
     key = (tokenizer.name, data.val_fraction, model.seq_length)
-    if data.path is None and key in _DEFAULT_SPLIT_CACHE:
+    if path is None and key in _DEFAULT_SPLIT_CACHE:
         train, val = _DEFAULT_SPLIT_CACHE[key]
         return TokenWindows(train, model.seq_length), TokenWindows(val, model.seq_length)
-    if data.path is not None and indexed_prefix(data.path) is not None:
-        mapped = _indexed_split(data.path, tokenizer.eod, data.val_fraction, model.seq_length,
+    if path is not None and indexed_prefix(path) is not None:
+        mapped = _indexed_split(path, tokenizer.eod, data.val_fraction, model.seq_length,
                                 model.vocab_size, where)
         if mapped is not None:
             return TokenWindows(mapped[0], model.seq_length), TokenWindows(mapped[1],
                                                                            model.seq_length)
-    stream = load_token_stream(data.path, tokenizer, warn=warn)
+    stream = load_token_stream(path, tokenizer, warn=warn)
     if not len(stream):
         raise _data_error(f"{where}: empty corpus (no document has any text)")
     _check_ids(stream, model.vocab_size, where)
     train, val = split_stream(stream, data.val_fraction, model.seq_length, where)
-    if data.path is None:
+    if path is None:
         _DEFAULT_SPLIT_CACHE[key] = (train, val)
     return TokenWindows(train, model.seq_length), TokenWindows(val, model.seq_length)
 

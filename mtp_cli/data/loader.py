@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from mtp_cli.data.batch import Batch, packed_batch, plain_batch
+from mtp_cli.data.blend import BlendedWindows
 from mtp_cli.data.context_parallel import shard_for_context_parallel
 from mtp_cli.data.windows import TokenWindows
 from mtp_cli.errors import UserError
@@ -28,7 +29,7 @@ from mtp_cli.errors import UserError
 class MicroBatchLoader:
     """Deterministic, resumable stream of micro-batches for one data-parallel rank."""
 
-    def __init__(self, dataset: TokenWindows, *, micro_batch_size: int, dp_rank: int,
+    def __init__(self, dataset: TokenWindows | BlendedWindows, *, micro_batch_size: int, dp_rank: int,
                  dp_size: int, seed: int, packed: bool = False, cp_rank: int = 0,
                  cp_size: int = 1, global_batch_size: int | None = None, shuffle: bool = True,
                  pad_to_multiple: int | None = None) -> None:
@@ -64,9 +65,11 @@ class MicroBatchLoader:
             if len(self._orders) > 2:
                 self._orders.pop(min(self._orders))
             n = len(self.dataset)
+            # a blend is in its training order already (data/blend.py)
+            shuffle = self.shuffle and not getattr(self.dataset, "shuffles_itself", False)
             self._orders[epoch] = (
                 torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
-                if self.shuffle else torch.arange(n))
+                if shuffle else torch.arange(n))
         return self._orders[epoch]
 
     def global_sample(self, micro_batch: int, offset: int) -> int:

@@ -113,6 +113,10 @@ class TokenWindows:
     def num_tokens(self) -> int:
         return len(self.stream)
 
+    @property
+    def num_documents(self) -> int:
+        return self.stream.num_documents
+
     def __getitem__(self, index: int) -> torch.Tensor:
         """Window `index`: `[seq_length + 1]` int64 tokens."""
         if not 0 <= index < len(self):
