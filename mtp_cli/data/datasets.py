@@ -12,6 +12,7 @@ tokens of the stream. `val_fraction: 0` gives an empty validation set (length 0)
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -198,6 +199,28 @@ def _path_datasets(path: str | None, spec: RunSpec, tokenizer: ByteTokenizer | H
     if path is None:
         _DEFAULT_SPLIT_CACHE[key] = (train, val)
     return TokenWindows(train, model.seq_length), TokenWindows(val, model.seq_length)
+
+
+def data_fingerprint(spec: RunSpec) -> int:
+    """A 52-bit hash of what the data stream depends on: the data paths (or the blend) and
+    their files' sizes and modification times, the split and the tokenizer. Stored with the
+    loader's position so that a resume on changed data is named, not silently misplaced."""
+    data = spec.data
+    sources = [(data.path, 1.0)] if data.blend is None else [
+        (entry.path, entry.weight) for entry in data.blend]
+    files: list[Path] = []
+    for path, _ in sources:
+        if path is None:
+            continue
+        if indexed_prefix(path) is not None:
+            files += list(indexed_files(path))
+        elif Path(path).is_dir():
+            files += sorted(Path(d, f) for d, _, names in os.walk(path) for f in names)
+        elif Path(path).exists():
+            files.append(Path(path))
+    key = cache_key(files, kind="fingerprint", sources=sources, split=data.val_fraction,
+                    tokenizer=data.tokenizer)
+    return int(key[:13], 16)
 
 
 def _indexed_split(path: str, eod: int, fraction: float, seq_length: int, vocab_size: int,

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from mtp_cli.checkpoint.run_dir import RunDir, truncate_metrics
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.data import MicroBatchLoader, build_datasets
+from mtp_cli.data.datasets import data_fingerprint
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.parallel.mesh import DistEnv, build_mesh
 from mtp_cli.plan.dims import ParallelDims
@@ -93,6 +94,8 @@ class Trainer:
             cp_rank=self.mesh.cp_rank, cp_size=self.dims.cp,
             global_batch_size=train.global_batch_size, shuffle=shuffle,
             pad_to_multiple=self.spec.data.pad_documents_to,
+            data_fingerprint=data_fingerprint(self.spec) if shuffle else 0,
+            allow_data_change=self.spec.data.allow_data_change,
         )
 
     # --- the whole run -------------------------------------------------------------------------
