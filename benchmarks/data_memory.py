@@ -69,7 +69,7 @@ def train_start(tree: Path, prefix: Path, run_dir: Path) -> tuple[float, float]:
     command = [sys.executable, "-c", code, sys.executable, "-m", "mtp_cli", "train", str(spec),
                "--run-dir", str(run_dir), "--overwrite"]
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env, cwd=tree)
     wall, peak = (float(x) for x in out.stdout.split()[-2:])
     return peak, wall
 
@@ -81,8 +81,8 @@ def data_start(tree: Path, spec: Path) -> float:
             "start = time.perf_counter(); build_datasets(spec); "
             "print(time.perf_counter() - start)")
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", code, str(spec)], check=True,
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", code, str(spec)], check=True,  # cwd: sys.path[0]
+                         capture_output=True, text=True, env=env, cwd=tree)
     return float(out.stdout.split()[-1])
 
 
