@@ -69,9 +69,11 @@ class MicroBatchLoader:
             n = len(self.dataset)
             # a blend is in its training order already (data/blend.py)
             shuffle = self.shuffle and not getattr(self.dataset, "shuffles_itself", False)
+            # int32 halves the one index that grows with the corpus (the same permutation)
+            dtype = torch.int32 if n < 2**31 else torch.int64
             self._orders[epoch] = (
-                torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
-                if shuffle else torch.arange(n))
+                torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch),
+                               dtype=dtype) if shuffle else torch.arange(n, dtype=dtype))
         return self._orders[epoch]
 
     def global_sample(self, micro_batch: int, offset: int) -> int:
