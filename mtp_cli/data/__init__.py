@@ -1,7 +1,9 @@
 """Training data: corpora, tokenizers, windows, micro-batches and their context-parallel shards.
 
-Data flows: documents (`corpus`, `indexed`) -> token stream with EOD separators (`windows`) ->
-train/validation windows (`datasets.build_datasets`) -> micro-batches for one data-parallel rank
+Data flows: documents (`corpus`, or a memory-mapped `indexed` dataset) -> token stream with EOD
+separators (`windows.TokenStream` in memory, `mapped.MappedStream` over the map) ->
+train/validation windows (`datasets.build_datasets`, their tables in the `index_cache`; a
+weighted `blend` of several) -> micro-batches for one data-parallel rank
 (`loader.MicroBatchLoader`: plain or packed, `batch`) -> this rank's context-parallel shard
 (`context_parallel`).
 """

@@ -1,6 +1,8 @@
 """`build_datasets(spec)`: the training and validation windows of a run.
 
-The corpus is read and tokenized once per call; the default corpus's split is cached in memory
+A Megatron indexed dataset is memory-mapped (`mapped.py`), its split cached on disk
+(`index_cache.py`); `data.blend` combines several corpora (`blend.py`). Any other corpus is read
+and tokenized once per call; the default corpus's split is cached in memory
 per process, so training and validation, or a second call, never read it twice. It is split by
 document: document i goes to validation when `floor((i+1) f) > floor(i f)` for
 `f = data.val_fraction`, which spreads validation documents evenly over the corpus (every 20th
