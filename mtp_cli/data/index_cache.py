@@ -93,10 +93,13 @@ def cached(directory: Path, key: str, build: Callable[[], Entry]) -> tuple[Entry
     except OSError:
         return build(), True
     path = directory / f"{key}.pt"
-    with _locked(directory / f"{key}.lock"):
-        entry = _load(path)
-        if entry is not None:
-            return entry, False
-        entry = build()
-        _save(path, entry)
-        return entry, True
+    try:
+        with _locked(directory / f"{key}.lock"):
+            entry = _load(path)
+            if entry is not None:
+                return entry, False
+            entry = build()
+            _save(path, entry)
+            return entry, True
+    except PermissionError:  # a cache directory someone else owns: build, keep nothing
+        return build(), True
