@@ -42,6 +42,8 @@ def uninterrupted(tmp_path_factory, corpora):
     result = train(run_dir, corpora[0], nproc=2)
     assert result.returncode == 0, result.stderr
     assert "blend: 30.00% of the samples (weight 0.3000)" in result.stdout
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert [round(v["fraction"], 4) for v in first["data_blend"].values()] == [0.3, 0.7]
     return run_dir
 
 

@@ -90,6 +90,13 @@ class BlendedWindows:
         counts = torch.bincount(chosen, minlength=len(self.parts)).tolist()
         return [c / max(len(chosen), 1) for c in counts]
 
+    def record(self, samples: int) -> dict[str, dict[str, float]]:
+        """`{source: {"weight", "fraction"}}` over the first `samples`: what metrics.jsonl's
+        first line of a run says about the blend."""
+        total = sum(p.weight for p in self.parts)
+        return {p.source: {"weight": p.weight / total, "fraction": share}
+                for p, share in zip(self.parts, self.fractions(samples), strict=True)}
+
     def _window(self, part: int, sample: int) -> int:
         length = len(self.parts[part].windows)
         epoch, position = divmod(sample, length)

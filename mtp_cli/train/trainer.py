@@ -56,6 +56,10 @@ class Trainer:
         self.mesh = build_mesh(self.dims, env.device.type)
         self.train_set, self.val_set = build_datasets(spec)
         self.loader = self._loader(self.train_set, shuffle=True)
+        # a blend's weights and shares, on the run's first metrics line (a dict: `mtp report`
+        # reads numbers only)
+        self.data_note = self.train_set.record(spec.train.steps * spec.train.global_batch_size
+                                               ) if spec.data.blend is not None else None
         self.num_microbatches = self.dims.num_microbatches(spec)
         self.settings = StepSettings.for_run(spec, self.dims, self.mesh, env.device)
         self.engine = build_engine(spec, self.mesh, self.settings, allow_imports=allow_imports,
@@ -216,7 +220,8 @@ class Trainer:
             "mtp_loss_scale": self.mtp_loss_scale, "skipped_steps": totals.skipped,
             "time": round(time.time(), 3),
         })
-        self.writer.write(record)
+        self.writer.write({**record, "data_blend": self.data_note} if self.data_note else record)
+        self.data_note = None
         self.progress.update(self.state.step, record)
 
     # --- validation and checkpoints ------------------------------------------------------------
