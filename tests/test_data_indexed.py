@@ -50,7 +50,7 @@ def test_build_datasets_reads_the_prefix_or_either_file_and_adds_eod_once(tmp_pa
     write_indexed_dataset(tmp_path / "ds", DOCS)
     train, _ = build_datasets(make_spec(path=str(tmp_path / name), seq_length=4))
     # The document already ending with EOD gets no second one.
-    assert train.stream.tokens.tolist() == [5, 6, 7, EOD, 300, 1, EOD, 9, 9, 9, 9, EOD, 42, EOD]
+    assert train.stream.read(0, len(train.stream)).tolist() == [5, 6, 7, EOD, 300, 1, EOD, 9, 9, 9, 9, EOD, 42, EOD]
 
 
 def test_bad_index_header_version_and_truncation_are_user_errors(tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, model_validator
 
 from mtp_cli.config.attention_fields import AttentionFields
 from mtp_cli.config.base import NonNegativeInt, PositiveInt, StrictModel, rule_error
@@ -291,12 +291,46 @@ class SyntheticConfig(StrictModel):
     )
 
 
+class BlendEntry(StrictModel):
+    """One dataset of `data.blend`."""
+
+    path: str = Field(description="Anything `data.path` accepts (a .bin/.idx prefix, ...).")
+    weight: Annotated[float, Field(gt=0)] = Field(
+        description="Relative weight (the weights are normalised to sum to 1).")
+
+
+def _megatron_blend(value: Any) -> Any:
+    """Megatron's `"0.3 A 0.7 B"` string as `[{path: A, weight: 0.3}, ...]`."""
+    if not isinstance(value, str):
+        return value
+    words = value.split()
+    if not words or len(words) % 2:
+        raise ValueError(f"expected 'WEIGHT PATH WEIGHT PATH ...', got {value!r}")
+    entries = []
+    for weight, path in zip(words[::2], words[1::2], strict=True):
+        try:
+            entries.append({"path": path, "weight": float(weight)})
+        except ValueError:
+            raise ValueError(f"{weight!r} is not a weight (expected 'WEIGHT PATH ...')") from None
+    return entries
+
+
 class DataConfig(StrictModel):
     """Training data. No path: the Python standard library's sources, byte-tokenized."""
 
     path: str | None = Field(
         default=None,
         description="Text file, directory, JSONL ('text' field) or Megatron .bin/.idx prefix.",
+    )
+    blend: Annotated[list[BlendEntry] | None, BeforeValidator(_megatron_blend)] = Field(
+        default=None, min_length=1,
+        description="Weighted datasets instead of `path`: [{path, weight}, ...] or Megatron's "
+        "'0.3 A 0.7 B'. Samples follow Megatron's largest-shortfall rule.",
+    )
+    allow_data_change: bool = Field(
+        default=False,
+        description="Resume even though the data files or the blend changed since the "
+        "checkpoint: the data stream restarts from its first sample.",
     )
     packed: bool = Field(
         default=False, description="Document boundaries reach attention and the MTP rolls."

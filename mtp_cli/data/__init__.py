@@ -1,7 +1,9 @@
 """Training data: corpora, tokenizers, windows, micro-batches and their context-parallel shards.
 
-Data flows: documents (`corpus`, `indexed`) -> token stream with EOD separators (`windows`) ->
-train/validation windows (`datasets.build_datasets`) -> micro-batches for one data-parallel rank
+Data flows: documents (`corpus`, or a memory-mapped `indexed` dataset) -> token stream with EOD
+separators (`windows.TokenStream` in memory, `mapped.MappedStream` over the map) ->
+train/validation windows (`datasets.build_datasets`, their tables in the `index_cache`; a
+weighted `blend` of several) -> micro-batches for one data-parallel rank
 (`loader.MicroBatchLoader`: plain or packed, `batch`) -> this rank's context-parallel shard
 (`context_parallel`).
 """
@@ -13,7 +15,8 @@ from mtp_cli.data.context_parallel import (
     zigzag_index,
 )
 from mtp_cli.data.datasets import build_datasets, load_token_stream, split_stream
-from mtp_cli.data.indexed import read_indexed_dataset, write_indexed_dataset
+from mtp_cli.data.indexed import read_indexed_dataset
+from mtp_cli.data.indexed_writer import write_indexed_dataset
 from mtp_cli.data.loader import MicroBatchLoader
 from mtp_cli.data.tokenizer import BYTE_EOD, ByteTokenizer, HFTokenizer, load_tokenizer
 from mtp_cli.data.windows import TokenStream, TokenWindows

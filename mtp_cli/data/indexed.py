@@ -15,14 +15,17 @@ index file is, all little-endian:
     (i8[S] sequence modes: multimodal datasets only; ignored here)
 
 A document is the concatenation of its sequences (one sequence per document unless the corpus
-was preprocessed with sentence splitting). Read without numpy, into memory (the data pipeline
-concatenates whole documents anyway).
+was preprocessed with sentence splitting). The `.idx` is read and checked whole (it is small:
+20 bytes a document); the `.bin` is memory-mapped, never read: tokens stay in their stored dtype
+in the page cache, shared by every rank of a machine, and a sample widens only its own window
+(`mapped.MappedStream`). Without numpy: `mmap` and `torch.frombuffer` are enough.
 """
 
 from __future__ import annotations
 
-import os
+import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -116,8 +119,8 @@ def _check_against_bin(idx_path: Path, bin_path: Path, size: int, itemsize: int,
                                    f"{bin_path.name} holds ({size:,}): they overlap")
 
 
-def read_indexed_dataset(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(tokens, document_lengths)`: every document's tokens back to back (int64), and lengths."""
+def indexed_files(path: str | Path) -> tuple[Path, Path]:
+    """`(prefix.idx, prefix.bin)` of the dataset `path` names; both must be regular files."""
     prefix = indexed_prefix(path) or Path(path)
     idx_path, bin_path = prefix.with_name(prefix.name + ".idx"), prefix.with_name(
         prefix.name + ".bin")
@@ -125,11 +128,91 @@ def read_indexed_dataset(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         if not needed.is_file():
             raise UserError(problems=[Problem("missing (an indexed dataset needs .bin and .idx)",
                                               file=str(needed))])
+    return idx_path, bin_path
+
+
+def map_tokens(bin_path: Path, dtype: torch.dtype) -> torch.Tensor:
+    """Every token of `bin_path` as a 1-D tensor over a private read-only-in-practice memory
+    map (copy-on-write, so the tensor is writable for torch yet never writes the file); pages
+    are read when a window touches them and stay shared in the page cache."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    try:
+        with open(bin_path, "rb") as handle:
+            size = handle.seek(0, 2)
+            if size < itemsize:
+                return torch.empty(0, dtype=dtype)
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError as exc:
+        raise UserError(problems=[Problem(f"cannot map: {exc.strerror or exc}",
+                                          file=str(bin_path))]) from exc
+    return torch.frombuffer(mapped, dtype=dtype, count=size // itemsize)
+
+
+@dataclass
+class IndexedDocuments:
+    """An indexed dataset's documents as ranges of its memory-mapped tokens."""
+
+    tokens: torch.Tensor  # [tokens in .bin], the stored dtype, memory-mapped
+    starts: torch.Tensor  # [documents] int64: where each document starts in `tokens`
+    lengths: torch.Tensor  # [documents] int64
+    bin_path: Path
+
+    def scan(self, chunk: int = 1 << 23) -> tuple[int, int, torch.Tensor]:
+        """(smallest id, largest id, [documents] int64 last token of each non-empty document,
+        -1 for empty ones) over the span the documents cover.
+
+        Read with plain reads in bounded chunks, not through the map: pages touched through a
+        map count in this process's RSS until reclaimed, read() pages only in the page cache.
+        """
+        dtype = self.tokens.dtype
+        itemsize = self.tokens.element_size()
+        ends = self.starts + self.lengths  # exclusive, in tokens
+        last = torch.full_like(self.starts, -1)
+        nonempty = self.lengths > 0
+        if not bool(nonempty.any()):
+            return 0, 0, last
+        first, stop = int(self.starts[nonempty].min()), int(ends[nonempty].max())
+        low, high = None, None
+        with open(self.bin_path, "rb") as handle:
+            for begin in range(first, stop, chunk):
+                handle.seek(begin * itemsize)
+                raw = bytearray(handle.read(min(chunk, stop - begin) * itemsize))
+                piece = torch.frombuffer(raw, dtype=dtype).to(torch.int64)
+                low = int(piece.min()) if low is None else min(low, int(piece.min()))
+                high = int(piece.max()) if high is None else max(high, int(piece.max()))
+                inside = nonempty & (ends > begin) & (ends <= begin + len(piece))
+                last[inside] = piece[ends[inside] - 1 - begin]
+        return int(low or 0), int(high or 0), last
+
+
+def open_indexed_dataset(path: str | Path) -> IndexedDocuments | None:
+    """The dataset's documents over a memory map of its `.bin`, the index checked against the
+    file first; None when a document's sequences are not stored back to back (hand-made
+    files; `read_indexed_dataset` gathers those into memory)."""
+    idx_path, bin_path = indexed_files(path)
     dtype, lengths, pointers, documents = _read_index(idx_path)
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    data = bytearray(read_file_bytes(bin_path))
-    _check_against_bin(idx_path, bin_path, len(data), itemsize, lengths, pointers)
-    everything = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    _check_against_bin(idx_path, bin_path, bin_path.stat().st_size, itemsize, lengths, pointers)
+    starts = pointers // itemsize
+    first, last = documents[:-1], documents[1:]
+    inside = torch.ones(len(starts), dtype=torch.bool)  # sequence i continues sequence i - 1
+    inside[documents[documents < len(starts)]] = False
+    if bool((starts[1:] != starts[:-1] + lengths[:-1])[inside[1:]].any()):
+        return None
+    per_sequence = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    doc_starts = torch.cat([starts, torch.zeros(1, dtype=torch.int64)])[first]
+    return IndexedDocuments(map_tokens(bin_path, dtype), doc_starts,
+                            per_sequence[last] - per_sequence[first], bin_path)
+
+
+def read_indexed_dataset(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(tokens, document_lengths)`: every document's tokens back to back (int64), and lengths,
+    in memory (tests and hand-made files; training maps the file: `open_indexed_dataset`)."""
+    idx_path, bin_path = indexed_files(path)
+    dtype, lengths, pointers, documents = _read_index(idx_path)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    _check_against_bin(idx_path, bin_path, bin_path.stat().st_size, itemsize, lengths, pointers)
+    everything = map_tokens(bin_path, dtype)
     if dtype == torch.uint16:  # few ops support uint16; int32 holds every value
         everything = everything.to(torch.int32)
     starts = pointers // itemsize
@@ -140,27 +223,3 @@ def read_indexed_dataset(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     per_sequence = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     document_lengths = per_sequence[documents[1:]] - per_sequence[documents[:-1]]
     return tokens.to(torch.int64), document_lengths
-
-
-def write_indexed_dataset(prefix: str | Path, documents: list[list[int]] | list[torch.Tensor],
-                          dtype: torch.dtype = torch.int32) -> None:
-    """Write documents (one sequence each) as `prefix.bin` + `prefix.idx`, as Megatron does."""
-    code = next(c for c, d in DTYPE_CODES.items() if d == dtype)
-    prefix = Path(prefix)
-    tensors = [torch.as_tensor(doc, dtype=torch.int64).to(dtype) for doc in documents]
-    lengths = [len(t) for t in tensors]
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    pointers = torch.tensor([0, *lengths[:-1]], dtype=torch.int64).cumsum(0) * itemsize
-    char = _STRUCT_CHARS[dtype]
-    data = b"".join(struct.pack(f"<{len(t)}{char}", *t.tolist()) for t in tensors)
-    index = b"".join([
-        _HEADER.pack(INDEX_MAGIC, INDEX_VERSION, code, len(lengths), len(lengths) + 1),
-        struct.pack(f"<{len(lengths)}i", *lengths),
-        struct.pack(f"<{len(lengths)}q", *pointers.tolist()[:len(lengths)]),
-        struct.pack(f"<{len(lengths) + 1}q", *range(len(lengths) + 1)),
-    ])
-    for suffix, payload in ((".bin", data), (".idx", index)):
-        target = prefix.with_name(prefix.name + suffix)
-        temporary = target.with_name(target.name + ".tmp")
-        temporary.write_bytes(payload)
-        os.replace(temporary, target)

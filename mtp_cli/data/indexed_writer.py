@@ -146,3 +146,17 @@ class IndexedDatasetWriter:
             handle.close()
         for path in (self._bin_tmp, self._idx_tmp, self._lengths_tmp):
             path.unlink(missing_ok=True)
+
+
+def write_indexed_dataset(prefix: str | Path, documents: Sequence[Sequence[int] | torch.Tensor],
+                          dtype: torch.dtype = torch.int32) -> None:
+    """Write `documents` (one sequence each) as `prefix.bin` + `prefix.idx`, as Megatron does
+    (small corpora for tests and examples; `mtp data prepare` streams through the writer)."""
+    writer = IndexedDatasetWriter(prefix, dtype)
+    try:
+        for tokens in documents:
+            writer.add_document(tokens)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.finalize()

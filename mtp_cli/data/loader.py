@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from mtp_cli.data.batch import Batch, packed_batch, plain_batch
+from mtp_cli.data.blend import BlendedWindows
 from mtp_cli.data.context_parallel import shard_for_context_parallel
 from mtp_cli.data.windows import TokenWindows
 from mtp_cli.errors import UserError
@@ -28,10 +29,11 @@ from mtp_cli.errors import UserError
 class MicroBatchLoader:
     """Deterministic, resumable stream of micro-batches for one data-parallel rank."""
 
-    def __init__(self, dataset: TokenWindows, *, micro_batch_size: int, dp_rank: int,
+    def __init__(self, dataset: TokenWindows | BlendedWindows, *, micro_batch_size: int, dp_rank: int,
                  dp_size: int, seed: int, packed: bool = False, cp_rank: int = 0,
                  cp_size: int = 1, global_batch_size: int | None = None, shuffle: bool = True,
-                 pad_to_multiple: int | None = None) -> None:
+                 pad_to_multiple: int | None = None, data_fingerprint: int = 0,
+                 allow_data_change: bool = False) -> None:
         if len(dataset) == 0:
             raise UserError("the dataset has no window of model.seq_length + 1 tokens")
         if packed and micro_batch_size != 1:
@@ -52,6 +54,7 @@ class MicroBatchLoader:
         self.global_batch_size = gbs
         self.seed, self.shuffle, self.packed = seed, shuffle, packed
         self.cp_rank, self.cp_size, self.pad_to_multiple = cp_rank, cp_size, pad_to_multiple
+        self.data_fingerprint, self.allow_data_change = data_fingerprint, allow_data_change
         self.micro_batches = 0  # drawn by this rank so far
         self._orders: dict[int, torch.Tensor] = {}
 
@@ -64,9 +67,13 @@ class MicroBatchLoader:
             if len(self._orders) > 2:
                 self._orders.pop(min(self._orders))
             n = len(self.dataset)
+            # a blend is in its training order already (data/blend.py)
+            shuffle = self.shuffle and not getattr(self.dataset, "shuffles_itself", False)
+            # int32 halves the one index that grows with the corpus (the same permutation)
+            dtype = torch.int32 if n < 2**31 else torch.int64
             self._orders[epoch] = (
-                torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
-                if self.shuffle else torch.arange(n))
+                torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch),
+                               dtype=dtype) if shuffle else torch.arange(n, dtype=dtype))
         return self._orders[epoch]
 
     def global_sample(self, micro_batch: int, offset: int) -> int:
@@ -113,12 +120,26 @@ class MicroBatchLoader:
     def state_dict(self) -> dict[str, int]:
         """Plain ints: the position (micro-batches drawn, and the epoch/sample it points at)."""
         epoch, position = divmod(self.global_sample(self.micro_batches, 0), len(self.dataset))
-        return {"micro_batches": self.micro_batches, "epoch": epoch, "position": position,
-                "micro_batch_size": self.micro_batch_size, "dp_size": self.dp_size,
-                "global_batch_size": self.global_batch_size}
+        state = {"micro_batches": self.micro_batches, "epoch": epoch, "position": position,
+                 "micro_batch_size": self.micro_batch_size, "dp_size": self.dp_size,
+                 "global_batch_size": self.global_batch_size}
+        if self.data_fingerprint:  # what the position is a position in (datasets.py)
+            state["data_fingerprint"] = self.data_fingerprint
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume where `state` left off (see the module docstring for layout changes)."""
+        """Resume where `state` left off (see the module docstring for layout changes); on
+        changed data, refuse, or restart the stream when `allow_data_change`."""
+        stored = int(state.get("data_fingerprint", 0))
+        if stored and self.data_fingerprint and stored != self.data_fingerprint:
+            if self.allow_data_change:
+                self.micro_batches = 0
+                return
+            raise UserError(
+                "the data changed since the checkpoint was written (the files of data.path or "
+                "data.blend: their size or modification time, or the blend, the split, the "
+                "tokenizer): its data position means nothing now; set data.allow_data_change: "
+                "true to restart the data stream, or --overwrite to start afresh")
         drawn = int(state["micro_batches"])
         layout = (int(state["micro_batch_size"]), int(state["dp_size"]),
                   int(state["global_batch_size"]))

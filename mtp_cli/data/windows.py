@@ -8,8 +8,12 @@ overlap by one token, as in Megatron's GPTDataset): its inputs are `w[:-1]`, its
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # mapped.py imports indexed.py, which imports this module
+    from mtp_cli.data.mapped import MappedStream
 
 
 def storage_dtype(largest: int) -> torch.dtype:
@@ -83,6 +87,10 @@ class TokenStream:
         return TokenStream(tokens, torch.cat([torch.zeros(1, dtype=torch.int64),
                                               lengths[documents].cumsum(0)]), self.eod)
 
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Positions `[start, stop)` as int64."""
+        return self.tokens[start:stop].to(torch.int64)
+
     def slice(self, start: int, stop: int) -> TokenStream:
         """Tokens `[start, stop)` as a stream (documents cut at the edges stay cut)."""
         inner = self.offsets[(self.offsets > start) & (self.offsets < stop)] - start
@@ -93,7 +101,7 @@ class TokenStream:
 class TokenWindows:
     """Samples of `seq_length + 1` tokens over a token stream (a map-style dataset)."""
 
-    def __init__(self, stream: TokenStream, seq_length: int) -> None:
+    def __init__(self, stream: TokenStream | MappedStream, seq_length: int) -> None:
         self.stream = stream
         self.seq_length = seq_length
         self.eod = stream.eod
@@ -105,12 +113,16 @@ class TokenWindows:
     def num_tokens(self) -> int:
         return len(self.stream)
 
+    @property
+    def num_documents(self) -> int:
+        return self.stream.num_documents
+
     def __getitem__(self, index: int) -> torch.Tensor:
         """Window `index`: `[seq_length + 1]` int64 tokens."""
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} out of range for {len(self)} windows")
         start = index * self.seq_length
-        return self.stream.tokens[start:start + self.seq_length + 1].to(torch.int64)
+        return self.stream.read(start, start + self.seq_length + 1)
 
     def windows(self, indices: list[int]) -> torch.Tensor:
         """`[len(indices), seq_length + 1]` int64."""

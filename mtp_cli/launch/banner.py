@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mtp_cli.checkpoint.layout import checkpoint_name, is_published
 from mtp_cli.checkpoint.run_dir import RunDir
@@ -29,10 +29,24 @@ class DataSummary:
     documents: int
     train_tokens: int
     val_tokens: int
+    # a blend's datasets: (path, weight, share of the run's samples it contributes)
+    blend: tuple[tuple[str, float, float], ...] = ()
+
+
+def blend_fractions(spec: RunSpec, train_set: Any) -> tuple[tuple[str, float, float], ...]:
+    """Each blended dataset's weight and the share of the run's samples it gives (none for a
+    single corpus): what the blend promises, shown before step 1."""
+    if spec.data.blend is None:
+        return ()
+    total = sum(entry.weight for entry in spec.data.blend)
+    samples = spec.train.steps * spec.train.global_batch_size
+    return tuple((part.source, entry.weight / total, share) for part, entry, share in zip(
+        train_set.parts, spec.data.blend, train_set.fractions(samples), strict=True))
 
 
 def data_summary(spec: RunSpec, train_documents: int, train_tokens: int,
-                 val_tokens: int) -> DataSummary:
+                 val_tokens: int, blend: tuple[tuple[str, float, float], ...] = ()
+                 ) -> DataSummary:
     path = spec.data.path
     source = str(Path(path).resolve()) if path is not None else \
         "the default corpus (the Python standard library's sources, byte-tokenized)"
@@ -40,7 +54,9 @@ def data_summary(spec: RunSpec, train_documents: int, train_tokens: int,
         from mtp_cli.data.synthetic import describe
 
         source = describe(spec.data.synthetic)
-    return DataSummary(source, train_documents, train_tokens, val_tokens)
+    if spec.data.blend is not None:
+        source = f"a blend of {len(spec.data.blend)} datasets"
+    return DataSummary(source, train_documents, train_tokens, val_tokens, blend)
 
 
 def meta_model(spec: RunSpec, *, allow_imports: bool) -> Module:
@@ -63,7 +79,7 @@ def meta_model(spec: RunSpec, *, allow_imports: bool) -> Module:
 def start_banner(plan: RunPlan, run_dir: RunDir, *, parameters: int,
                  nproc: int, nnodes: int, resume_step: int | None, data: DataSummary,
                  resume_checkpoint: str | None = None) -> str:
-    """Three lines: the model and the world, the run directory and the start (the checkpoint
+    """Three lines (and one per blended dataset): the model and the world, the run directory and the start (the checkpoint
     resumed from: `resume_checkpoint`, default the step's name), the data."""
     spec, dims, depths = plan.spec, plan.dims, plan.depths
     assert dims is not None, "the launcher's plan knows its world size"
@@ -83,6 +99,8 @@ def start_banner(plan: RunPlan, run_dir: RunDir, *, parameters: int,
         f"data: {data.source}: {data.documents:,} training documents, {data.train_tokens:,} "
         f"training tokens ({data.val_tokens:,} held out); {spec.train.global_batch_size} x "
         f"{spec.model.seq_length} = {per_step:,} tokens per step",
+        *(f"  blend: {share:6.2%} of the samples (weight {weight:.4f}) from {source}"
+          for source, weight, share in data.blend),
     ])
 
 

@@ -26,6 +26,7 @@ from mtp_cli.config.schema import RunSpec
 from mtp_cli.errors import Problem, UserError
 from mtp_cli.launch.banner import (
     DataSummary,
+    blend_fractions,
     data_summary,
     meta_model,
     overwrite_summary,
@@ -147,8 +148,8 @@ def plan_launch(spec: RunSpec, options: LaunchOptions, *,
     shapes = model_shapes(model)
     del model
     train_set, val_set = build_datasets(spec, warn=warn)
-    data = data_summary(spec, train_set.stream.num_documents, train_set.num_tokens,
-                        val_set.num_tokens)
+    data = data_summary(spec, train_set.num_documents, train_set.num_tokens,
+                        val_set.num_tokens, blend_fractions(spec, train_set))
     if spec.train.eval_interval and len(val_set) == 0:
         raise UserError(problems=[Problem(
             "the validation split is empty", key="data.val_fraction",

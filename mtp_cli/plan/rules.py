@@ -239,6 +239,9 @@ def _sequence_rules(spec: RunSpec) -> Rule | None:
 
 def _data_rules(spec: RunSpec) -> Rule | None:
     data, context = spec.data, spec.parallel.context
+    if data.blend is not None and data.path is not None:
+        return "data.blend", ("give data.path or data.blend, not both (a blend names its "
+                              "datasets' paths itself)")
     if data.packed and spec.train.micro_batch_size != 1:
         return "data.packed", (f"data.packed needs train.micro_batch_size 1 (THD packing puts "
                                f"the documents of a micro-batch in one sequence), got "

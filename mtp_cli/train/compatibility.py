@@ -5,7 +5,8 @@ one there). Then, never falling back: the model must be the same - the `model` s
 depth, the `modules` tree, and above all the parameter names and shapes, compared between the
 checkpoint's `.metadata` and the new model built on the meta device (so a norm replaced by
 `IdentityOp` is named) - and so must the global batch (the data position is counted in global
-batches). A changed learning-rate schedule is allowed and said in one line.
+batches), and so must the data (its sources: `data_change`), unless `data.allow_data_change`
+restarts the data stream. A changed learning-rate schedule is allowed and said in one line.
 """
 
 from __future__ import annotations
@@ -137,6 +138,29 @@ def check_same_batch(spec: RunSpec, checkpoint: ValidCheckpoint) -> None:
             key="train.global_batch_size", hint="keep the batch size, or --overwrite")])
 
 
+DATA_KEYS = ("path", "blend", "val_fraction", "tokenizer")
+
+
+def data_change(spec: RunSpec, checkpoint: ValidCheckpoint) -> str | None:
+    """`UserError` when the data sources differ from the checkpoint's spec (its data position
+    is a position in those); with `data.allow_data_change`, the line that says the stream
+    restarts. (Changed files under the same paths are caught by the loader's fingerprint.)"""
+    stored = checkpoint.meta.spec.get("data") if checkpoint.meta.spec else None
+    stored = stored if isinstance(stored, dict) else {}
+    current = spec.data.model_dump(mode="json")
+    changed = [f"data.{key} {stored.get(key)!r} -> {current.get(key)!r}"
+               for key in DATA_KEYS if stored.get(key) != current.get(key)]
+    if not changed:
+        return None
+    if spec.data.allow_data_change:
+        return (f"the data changed since {checkpoint.path.name} ({'; '.join(changed)}): "
+                f"data.allow_data_change: the data stream restarts from its first sample")
+    raise UserError(problems=[Problem(
+        f"the checkpoint {checkpoint.path.name} was trained on other data ({'; '.join(changed)})"
+        f": its data position means nothing on this data", key="data",
+        hint="set data.allow_data_change: true to restart the data stream, or --overwrite")])
+
+
 def schedule_change(stored_train: Any, train: TrainConfig, step: int) -> str | None:
     """One line when the learning-rate schedule differs from the checkpoint's, with the rate
     the next step gets under each; None when it is the same."""
@@ -170,6 +194,9 @@ def plan_resume(spec: RunSpec, run_dir: RunDir, *, allow_imports: bool = False,
             file=str(meta_path(checkpoint.path)), hint="--overwrite starts afresh")])
     check_same_model(spec, checkpoint, allow_imports=allow_imports, shapes=shapes)
     check_same_batch(spec, checkpoint)
+    note = data_change(spec, checkpoint)
+    if note is not None:
+        plan.warnings.append(note)
     plan.schedule_note = schedule_change(checkpoint.meta.spec.get("train"), spec.train,
                                          checkpoint.step)
     return plan

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from mtp_cli.checkpoint.run_dir import RunDir, truncate_metrics
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.data import MicroBatchLoader, build_datasets
+from mtp_cli.data.datasets import data_fingerprint
 from mtp_cli.mtp.logging_helper import MTPLossLoggingHelper
 from mtp_cli.parallel.mesh import DistEnv, build_mesh
 from mtp_cli.plan.dims import ParallelDims
@@ -60,6 +61,10 @@ class Trainer:
         self.mesh = build_mesh(self.dims, env.device.type)
         self.train_set, self.val_set = build_datasets(spec)
         self.loader = self._loader(self.train_set, shuffle=True)
+        # a blend's weights and shares, on the run's first metrics line (a dict: `mtp report`
+        # reads numbers only)
+        self.data_note = self.train_set.record(spec.train.steps * spec.train.global_batch_size
+                                               ) if spec.data.blend is not None else None
         self.num_microbatches = self.dims.num_microbatches(spec)
         self.settings = StepSettings.for_run(spec, self.dims, self.mesh, env.device)
         self.engine = build_engine(spec, self.mesh, self.settings, allow_imports=allow_imports,
@@ -98,6 +103,8 @@ class Trainer:
             cp_rank=self.mesh.cp_rank, cp_size=self.dims.cp,
             global_batch_size=train.global_batch_size, shuffle=shuffle,
             pad_to_multiple=self.spec.data.pad_documents_to,
+            data_fingerprint=data_fingerprint(self.spec) if shuffle else 0,
+            allow_data_change=self.spec.data.allow_data_change,
         )
 
     # --- the whole run -------------------------------------------------------------------------
@@ -222,7 +229,8 @@ class Trainer:
             "mtp_loss_scale": self.mtp_loss_scale, "skipped_steps": totals.skipped,
             "time": round(time.time(), 3),
         })
-        self.writer.write(record)
+        self.writer.write({**record, "data_blend": self.data_note} if self.data_note else record)
+        self.data_note = None
         self.progress.update(self.state.step, record)
 
     # --- validation and checkpoints ------------------------------------------------------------
