@@ -251,6 +251,9 @@ def train(
 ) -> None:
     """Train SPEC over --nproc processes per node (torch.distributed.run): data, tensor,
     pipeline and context parallel as `parallel` says."""
+    from mtp_cli.launch.threads import prefer_passive_openmp
+
+    prefer_passive_openmp()  # before torch is imported: the forked workers inherit it
     from mtp_cli.config.loader import load_spec
     from mtp_cli.launch.launcher import LaunchOptions, default_run_dir, launch
 
@@ -394,6 +397,10 @@ def generate(
         "--speculative", help="auto (with MTP layers), on (require them) or off.")] = "auto",
     draft_depths: Annotated[int | None, typer.Option(
         "--draft-depths", help="MTP depths that draft (default: all).", show_default=False)] = None,
+    speedup_repeats: Annotated[int, typer.Option(
+        "--speedup-repeats", min=1,
+        help="Timed (plain, speculative) pairs; the speed-up is the median of their ratios.")
+    ] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print results and statistics as JSON.")
                        ] = False,
 ) -> None:
@@ -406,7 +413,7 @@ def generate(
     texts, where = collect_prompts(prompt or [], prompt_file)
     options = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, seed=seed, speculative=speculative,  # type: ignore[arg-type]
-                              draft_depths=draft_depths)
+                              draft_depths=draft_depths, speedup_repeats=speedup_repeats)
     loaded = load_for_generation(checkpoint)
     for note in loaded.notes:
         error_console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
