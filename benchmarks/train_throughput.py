@@ -16,26 +16,39 @@ Attention is counted in full (Megatron's convention), not halved for the causal 
 Loss variants (`--loss full chunked`) map to `train.loss.chunked`; the chunked head computes
 its gradients in the forward pass, so it does the same FLOPs as the full one (its memory is
 measured by `benchmarks/mtp_memory.py`).
+
+Before / after in one run: `--compare-to PATH` (a checkout of the code before, e.g.
+`git worktree add /tmp/wt-old fd99f79`) runs this script on that checkout and on this one in
+turn, `--rounds` times each in fresh processes (before, after, before, ...), and prints each
+case's median step time after / before (<= 1 = at least as fast).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mtp_cli
+# this checkout's mtp_cli, or the one MTP_BENCH_CODE names (--compare-to sets it)
+sys.path.insert(0, os.environ.get("MTP_BENCH_CODE", str(Path(__file__).resolve().parents[1])))
 
 from mtp_cli import build_model, load_spec
 from mtp_cli.config.schema import RunSpec
 from mtp_cli.data import MicroBatchLoader, build_datasets
 from mtp_cli.train.optim import build_optimizer
 from mtp_cli.train.step import StepSettings, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_ENV = "MTP_BENCH_CODE"
 
 # Per spec: overrides that keep a CPU run to seconds per step (batch, sequence).
 SPEC_OVERRIDES = {
@@ -143,6 +156,29 @@ def report(results: list[Result]) -> None:
               f"{result.flops_per_token / base.flops_per_token:>12.3f}")
 
 
+def compare(args: argparse.Namespace, argv: list[str]) -> None:
+    """Run this script on `--compare-to` and on this checkout in turn; print after / before."""
+    forwarded = [a for a in argv if not a.startswith("--compare-to")
+                 and a != str(args.compare_to)]
+    runs: dict[str, list[list[dict]]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(args.rounds):
+            for label, code in (("before", args.compare_to.resolve()), ("after", ROOT)):
+                out = Path(tmp) / f"{label}{index}.json"
+                env = {**os.environ, CODE_ENV: str(code), "PYTHONPATH": str(code)}
+                subprocess.run([sys.executable, str(Path(__file__).resolve()), *forwarded,
+                                "--json", str(out)], env=env, check=True)
+                runs[label].append(json.loads(out.read_text()))
+    print(f"\nbefore = {args.compare_to}, after = {ROOT}; median step seconds over "
+          f"{args.rounds} rounds")
+    print(f"{'spec':<22}{'loss':<8}{'D':>3}{'before s':>10}{'after s':>10}{'after/before':>14}")
+    for i, row in enumerate(runs["after"][0]):
+        before = statistics.median(r[i]["step_seconds"] for r in runs["before"])
+        after = statistics.median(r[i]["step_seconds"] for r in runs["after"])
+        print(f"{row['spec']:<22}{row['loss']:<8}{row['depths']:>3}{before:>10.3f}"
+              f"{after:>10.3f}{after / before:>14.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--specs", nargs="+", default=list(SPEC_OVERRIDES))
@@ -153,13 +189,23 @@ def main() -> None:
     parser.add_argument("--large-steps", type=int, default=3, help="timed steps, other specs")
     parser.add_argument("--bf16", action="store_true", help="keep the spec's train.bf16")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--compare-to", type=Path,
+                        help="a checkout of the code before: time both, print after / before")
+    parser.add_argument("--rounds", type=int, default=2, help="with --compare-to: runs each")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.compare_to is not None:
+        compare(args, sys.argv[1:])
+        return
+    print(f"code {os.environ.get(CODE_ENV, ROOT)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; "
           f"bf16 {'as in the spec' if args.bf16 else 'off'}; median of timed steps")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = [r for spec in args.specs for loss in args.loss for r in measure(spec, loss, args)]
     report(results)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results]) + "\n")
 
 
 if __name__ == "__main__":

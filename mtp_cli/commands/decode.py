@@ -32,6 +32,10 @@ def generate(
         "--speculative", help="auto (with MTP layers), on (require them) or off.")] = "auto",
     draft_depths: Annotated[int | None, typer.Option(
         "--draft-depths", help="MTP depths that draft (default: all).", show_default=False)] = None,
+    speedup_repeats: Annotated[int, typer.Option(
+        "--speedup-repeats", min=1,
+        help="Timed (plain, speculative) pairs; the speed-up is the median of their ratios.")
+    ] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print results and statistics as JSON.")
                        ] = False,
 ) -> None:
@@ -44,7 +48,7 @@ def generate(
     texts, where = collect_prompts(prompt or [], prompt_file)
     options = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, seed=seed, speculative=speculative,  # type: ignore[arg-type]
-                              draft_depths=draft_depths)
+                              draft_depths=draft_depths, speedup_repeats=speedup_repeats)
     check_option_values(options)  # before the model loads
     loaded = load_for_generation(checkpoint)
     for note in loaded.notes:

@@ -76,6 +76,9 @@ def train(
 ) -> None:
     """Train SPEC over --nproc processes per node (torch.distributed.run): data, tensor,
     pipeline and context parallel as `parallel` says."""
+    from mtp_cli.launch.threads import prefer_passive_openmp
+
+    prefer_passive_openmp()  # before torch is imported: the forked workers inherit it
     from mtp_cli.config.loader import load_spec
     from mtp_cli.launch.launcher import LaunchOptions, default_run_dir, launch
 

@@ -10,6 +10,8 @@ round drafts K tokens).
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,3 +78,34 @@ class SpeculativeCounts:
             "draft_step_seconds": self.draft_seconds / draft_steps,
             "verify_step_seconds": self.verify_seconds / max(self.main_forwards - 1, 1),
         }
+
+
+@dataclass
+class SpeedupTiming:
+    """Seconds of each timed plain and speculative decoding, in the order they ran, and each
+    repetition's ratio plain / speculative."""
+
+    plain: list[float]
+    speculative: list[float]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [p / s if s > 0 else float("inf") for p, s in zip(self.plain, self.speculative,
+                                                                 strict=True)]
+
+    @property
+    def speedup(self) -> float:
+        """The median of the repetitions' ratios: one slow moment on a loaded machine moves
+        one ratio, not the figure."""
+        return statistics.median(self.ratios)
+
+
+def interleaved_speedup(plain: Callable[[], float], speculative: Callable[[], float],
+                        repeats: int) -> SpeedupTiming:
+    """Time `repeats` pairs, plain then speculative in each (each callable decodes once and
+    returns its seconds): both modes see the same drift of the machine's speed."""
+    timing = SpeedupTiming([], [])
+    for _ in range(repeats):
+        timing.plain.append(plain())
+        timing.speculative.append(speculative())
+    return timing

@@ -36,6 +36,7 @@ from mtp_cli.launch.checks import check_backend, check_rendezvous, check_run_dir
 from mtp_cli.launch.distributed import LAUNCHER_PID_ENV
 from mtp_cli.launch.interrupt import quiet_elastic_shutdown, stopped_message
 from mtp_cli.launch.start import START_METHODS, resolve_start_method, run_elastic
+from mtp_cli.launch.threads import prefer_passive_openmp
 from mtp_cli.plan.dims import ParallelDims
 from mtp_cli.plan.run_plan import RunPlan
 from mtp_cli.train.compatibility import ResumePlan, plan_resume
@@ -249,6 +250,7 @@ def launch(spec: RunSpec, options: LaunchOptions, *, echo: Callable[[str], None]
         # and a restarted group then reads the dead group's gloo/nccl addresses from it
         # (pytorch/pytorch#135712): give every attempt its own store instead.
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        prefer_passive_openmp()  # for exec'd workers when `launch` is called from Python
         if "OMP_NUM_THREADS" not in os.environ and options.nproc > 1:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
                 os.cpu_count() or 1)

@@ -39,8 +39,10 @@ def summary_line(result: GenerateResult) -> str:
         parts.append(f"speculative K={spec['draft_depths']}: mean accepted length "
                      f"{spec['mean_accepted_length']:.2f}; acceptance {rates}")
     if "plain" in data:
+        repeats = data.get("speedup_repeats")
         parts.append(f"plain {data['plain']['tokens_per_s'] or 0:.1f} tok/s, speed-up "
-                     f"{data['speedup'] or 0:.2f}x")
+                     f"{data['speedup'] or 0:.2f}x"
+                     + (f" (median of {repeats} interleaved pairs)" if repeats else ""))
         if data["identical_to_plain"] is not None:
             parts.append("identical to plain" if data["identical_to_plain"]
                          else "DIFFERS from plain decoding")
