@@ -12,7 +12,12 @@ import torch.nn.functional as F
 
 from mtp_cli import build_model, load_spec
 from mtp_cli.models import attention
-from mtp_cli.models.attention import DotProductAttention, document_spans, packed_document_mask
+from mtp_cli.models.attention import (
+    DotProductAttention,
+    document_spans,
+    grouped_kv,
+    packed_document_mask,
+)
 from mtp_cli.nn.packed import PackedSeqParams
 
 TOL = 1e-6
@@ -68,8 +73,9 @@ def test_document_spans_follow_the_padded_boundaries():
     assert document_spans(5, PackedSeqParams.from_lengths([5])) == [(0, 5)]
 
 
-def test_grouped_queries_are_not_copied(monkeypatch):
-    """GQA reaches SDPA with its groups (enable_gqa), never through repeat_interleave."""
+def test_grouped_queries_are_not_copied_without_gradients(monkeypatch):
+    """GQA decoding reaches SDPA with its groups (enable_gqa), never through repeat_interleave
+    (a CPU training step repeats them: torch's CPU backward of grouped SDPA is the slow one)."""
     def no_copies(*args, **kwargs):
         raise AssertionError("K/V copied per head")
 
@@ -78,7 +84,8 @@ def test_grouped_queries_are_not_copied(monkeypatch):
     torch.nn.Module.__init__(core)
     core.dropout, core.softmax_scale = 0.0, None
     query, key, value = _core_inputs(24, 8, 2)
-    out = core(query, key, value)
+    with torch.no_grad():
+        out = core(query, key, value)
     monkeypatch.undo()
     q, k, v = (x.detach().permute(1, 2, 0, 3) for x in (query, key, value))
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, dim=1),
@@ -122,3 +129,14 @@ def test_packed_model_equals_the_dense_mask_model(monkeypatch, overrides):
     assert len(grads) == len(ref_grads)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref_grad, atol=TOL, rtol=0)
+
+
+def test_grouped_kv_copies_only_for_a_cpu_step_with_gradients():
+    q, k, v = (x.permute(1, 2, 0, 3) for x in _core_inputs(8, 8, 2))
+    k_out, v_out, enable_gqa = grouped_kv(q, k, v)
+    assert not enable_gqa and k_out.shape[1] == v_out.shape[1] == 8
+    assert torch.equal(k_out[:, 4:8], k[:, 1:2].expand(-1, 4, -1, -1))  # head i reads i // 4
+    with torch.no_grad():
+        k_out, _, enable_gqa = grouped_kv(q, k, v)
+    assert enable_gqa and k_out is k
+    assert grouped_kv(q, q, q)[2] is False  # one group per head: nothing to group

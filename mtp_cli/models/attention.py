@@ -59,15 +59,17 @@ class DotProductAttention(nn.Module):
         """`[s, b, heads, d]` query, `[s, b, groups, d]` key/value -> `[s, b, heads * d_v]`.
 
         Grouped queries go to SDPA as they are (`enable_gqa`: head i reads group
-        i // (heads / groups)), never copied per head. Packed documents run one causal call per
-        document (`packed_causal_attention`), so no `[s, s]` mask exists; an explicit
-        `attention_mask` (the KV cache's) takes the masked call.
+        i // (heads / groups)) except where copies are measurably faster (`grouped_kv`).
+        Packed documents run one causal call per document (`packed_causal_attention`), so no
+        `[s, s]` mask exists; an explicit `attention_mask` (the KV cache's) takes the masked
+        call.
         """
-        seq_len, batch, heads, _ = query.shape
+        seq_len, batch = query.shape[:2]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, n, s, d]
+        k, v, enable_gqa = grouped_kv(q, k, v)
         dropout = self.dropout if self.training else 0.0
         sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout,
-                                 scale=self.softmax_scale, enable_gqa=k.shape[1] != heads)
+                                 scale=self.softmax_scale, enable_gqa=enable_gqa)
         if attention_mask is not None:  # Megatron's polarity: True = masked; SDPA: True = attend
             if packed_seq_params is not None:
                 attention_mask = attention_mask | packed_document_mask(
@@ -78,6 +80,23 @@ class DotProductAttention(nn.Module):
         else:
             out = sdpa(q, k, v, is_causal=True)
         return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)
+
+
+def grouped_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(key, value, enable_gqa) for SDPA on `[b, n, s, d]`: the groups as they are (GPU kernels
+    and CPU inference read each group once), or, for a CPU step that needs gradients, repeated
+    per head. torch 2.13's CPU backward of grouped SDPA is the slow one: 7x the copies' time at
+    s = 4096 with 8 heads of one group (`benchmarks/attention_kernels.py`), while its forward
+    matches them; so only there do the copies stay (the same numbers either way)."""
+    heads, groups = q.shape[1], k.shape[1]
+    if groups == heads:
+        return k, v, False
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if q.device.type == "cpu" and needs_grad:
+        return (k.repeat_interleave(heads // groups, dim=1),
+                v.repeat_interleave(heads // groups, dim=1), False)
+    return k, v, True
 
 
 def document_spans(seq_len: int, packed_seq_params: PackedSeqParams) -> list[tuple[int, int]]:
