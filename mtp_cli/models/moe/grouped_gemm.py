@@ -18,8 +18,6 @@ bf16 under autocast (one kernel per projection instead of 2 x 64 launches), wher
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,7 +40,9 @@ def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
     return _ContiguousGrad.apply(x)
 
 
-@functools.cache
+_PROBED: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
 def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether one tiny aligned `_grouped_mm` (forward and backward) runs on `device`/`dtype`:
     its support depends on the build and, on CUDA, on the architecture."""
@@ -68,7 +68,13 @@ def grouped_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool
         return False
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _probe(device, dtype)
+    if torch.compiler.is_compiling():
+        # traced code cannot run the probe; `train.compile` probes before compiling. And the
+        # operator's fake (shape) function takes bf16 only in torch 2.13: fp32 keeps the loop.
+        return dtype == torch.bfloat16 and _PROBED.get((device, dtype), False)
+    if (device, dtype) not in _PROBED:
+        _PROBED[device, dtype] = _probe(device, dtype)
+    return _PROBED[device, dtype]
 
 
 def aligned(dtype: torch.dtype, *sizes: int) -> bool:
