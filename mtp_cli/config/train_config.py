@@ -86,6 +86,11 @@ class TrainConfig(StrictModel):
         description="Activation recomputation: full = every decoder and MTP layer, "
         "selective = the attention core; losses and gradients unchanged.",
     )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile each decoder and MTP transformer layer on its own "
+        "(torchtitan's per-block compile); off by default (slower on CPU, see README).",
+    )
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> TrainConfig:

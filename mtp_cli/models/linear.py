@@ -18,6 +18,7 @@ from mtp_cli.nn.module_spec import register_module
 
 class _Linear(nn.Module):
     scaled_init = False
+    plain_linear = True  # forward is exactly F.linear(x, weight, bias): experts may group it
 
     def __init__(self, input_size: int, output_size: int, *, config: ModelConfig,
                  bias: bool = True) -> None:

@@ -32,9 +32,15 @@ RECOMPUTE_MODES: tuple[str, ...] = ("none", "full", "selective")
 
 
 def _recomputed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The class's forward, checkpointed while training with autograd on."""
-    forward = type(self).forward.__get__(self)
+    """The class's forward (compiled when `train.compile` set `compiled_forward`, a function of
+    the module), checkpointed while training with autograd on."""
+    compiled = self.__dict__.get("compiled_forward")
+    forward = (functools.partial(compiled, self) if compiled is not None
+               else type(self).forward.__get__(self))
     if self.training and torch.is_grad_enabled():
+        if torch.compiler.is_compiling():  # an attention core inside a compiled layer: dynamo
+            # takes no custom context_fn, and the core records no MoE metrics to mute
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False,
                           context_fn=functools.partial(recompute_contexts, self), **kwargs)
     return forward(*args, **kwargs)

@@ -154,6 +154,8 @@ class ExpertShardedLinear(_ShardedLinear):
     No bias: a row shard's bias would be added once per rank before the reduction (runs with
     `model.add_bias_linear` and expert tensor parallel are refused before launch)."""
 
+    plain_linear = True  # forward is F.linear(x, weight): the experts' grouped GEMM may run it
+
     def __init__(self, source: nn.Module, rule: ShardRule, *, group: dist.ProcessGroup) -> None:
         if getattr(source, "bias", None) is not None:
             raise ValueError("expert tensor parallel splits bias-free expert linears only")

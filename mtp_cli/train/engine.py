@@ -33,6 +33,7 @@ from mtp_cli.config.schema import RunSpec
 from mtp_cli.gpt import GPTModel
 from mtp_cli.mtp.loss import LossSettings
 from mtp_cli.mtp.run_state import MTPRunState
+from mtp_cli.parallel.compile import apply_compile
 from mtp_cli.parallel.context_parallel import apply_context_parallel
 from mtp_cli.parallel.data_parallel import apply_data_parallel, shard_fully
 from mtp_cli.parallel.expert_parallel import (
@@ -176,6 +177,7 @@ class TrainingEngine:
             sequence_parallel=self.spec.parallel.sequence_parallel)
         attach_run(chunk, self.loss_settings, self.mtp_state)
         apply_activation_checkpointing(chunk, self.spec.train.recompute)
+        apply_compile(chunk, self.spec.train.compile)  # per layer, after recompute, before DP
         if self.spec.parallel.fsdp:  # after TP and recompute, as torchtitan orders them
             if self.expert_mesh is not None:  # routed experts over their own replicas first
                 shard_experts(chunk, self.expert_mesh)

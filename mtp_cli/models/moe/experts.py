@@ -5,6 +5,13 @@ Stored layout (Megatron-Core's SequentialMLP names): `experts.local_experts.{e}.
 per expert, `e` the global index. A rank of an expert-parallel group builds only its experts but
 names them globally, so checkpoints reshard by name to any expert-parallel size and an expert
 missing from a checkpoint is named by its index.
+
+The computation is one grouped GEMM per projection over all the experts (`grouped_gemm.py`:
+`torch._grouped_mm` on the experts' weights stacked at call time, the stored tensors untouched)
+where it runs for the device, dtype and sizes, and the experts' linears are plain
+(`plain_linear`: `x @ W^T + b`; Transformer Engine's are not); otherwise the per-expert loop.
+Both give the same numbers (tests/test_grouped_experts.py); the default (`grouped_gemm = None`:
+grouped where available) is chosen by `benchmarks/expert_gemm.py`, figures in grouped_gemm.py.
 """
 
 from __future__ import annotations
@@ -14,10 +21,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtp_cli.config.schema import ModelConfig
 from mtp_cli.models.mlp import MLP, MLPSubmodules
+from mtp_cli.models.moe.grouped_gemm import (
+    aligned,
+    contiguous_grad,
+    group_offsets,
+    grouped_linear,
+    grouped_mm_available,
+)
 from mtp_cli.nn.module_spec import register_module
 
 
@@ -29,7 +44,11 @@ class ExpertsSubmodules:
 
 @register_module(submodules=ExpertsSubmodules)
 class SequentialMLP(nn.Module):
-    """The experts `expert_indices` of one MoE layer, computed one after another."""
+    """The experts `expert_indices` of one MoE layer: one grouped GEMM per projection, or one
+    expert after another (see the module). `grouped_gemm`: None picks by availability, False
+    forces the loop, True the grouped path (an error where it cannot run)."""
+
+    grouped_gemm: bool | None = None
 
     def __init__(self, config: ModelConfig, submodules: ExpertsSubmodules,
                  expert_indices: Sequence[int] | None = None) -> None:
@@ -48,10 +67,74 @@ class SequentialMLP(nn.Module):
 
     def forward(self, tokens: torch.Tensor, tokens_per_expert: list[int],
                 probs: torch.Tensor) -> torch.Tensor:
-        """`tokens [N, h]` grouped by expert (`tokens_per_expert` rows each, in index order).
+        """`tokens [N, h]` grouped by expert (`tokens_per_expert` rows each, in index order),
+        `probs [N]` their routing weights -> `[N, h]` the weighted expert outputs."""
+        if self.grouped_gemm is not False and self._grouped_runs(tokens):
+            return self._grouped_forward(tokens, tokens_per_expert, probs)
+        if self.grouped_gemm:
+            raise RuntimeError("grouped_gemm=True but torch._grouped_mm cannot run here")
+        return self._loop_forward(tokens, tokens_per_expert, probs)
 
-        Without autograd (decoding: a token or a few reach only top-k experts) an expert with no
-        tokens is skipped; with it every expert runs, so each takes part in backward."""
+    def _compute_dtype(self, tokens: torch.Tensor) -> torch.dtype:
+        kind = tokens.device.type
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+        return tokens.dtype
+
+    def _grouped_runs(self, tokens: torch.Tensor) -> bool:
+        """Plain linears, a supported device and dtype, and 16-byte aligned rows."""
+        linears = [linear for expert in self.local_experts.values()
+                   for linear in (expert.linear_fc1, expert.linear_fc2)]
+        if not linears or not all(getattr(type(linear), "plain_linear", False)
+                                  and "forward" not in linear.__dict__ for linear in linears):
+            return False
+        dtype = self._compute_dtype(tokens)
+        fc1 = linears[0].weight
+        if any(linear.weight.dtype != fc1.dtype for linear in linears):
+            return False
+        return (aligned(dtype, *fc1.shape, linears[1].weight.shape[1])
+                and grouped_mm_available(tokens.device, dtype))
+
+    def _grouped_forward(self, tokens: torch.Tensor, tokens_per_expert: list[int],
+                         probs: torch.Tensor) -> torch.Tensor:
+        """MLP.forward of every expert at once, operation for operation (`models/mlp.py`)."""
+        experts = list(self.local_experts.values())
+        fc1 = [expert.linear_fc1 for expert in experts]
+        fc2 = [expert.linear_fc2 for expert in experts]
+        dtype = self._compute_dtype(tokens)
+        offs = group_offsets(tokens_per_expert, tokens.device)
+        rows = None
+        if fc1[0].bias is not None or fc2[0].bias is not None:
+            counts = torch.tensor(tokens_per_expert, device=tokens.device)
+            rows = torch.repeat_interleave(torch.arange(len(experts), device=tokens.device),
+                                           counts, output_size=tokens.shape[0])
+
+        def linear(x: torch.Tensor, layers: list[nn.Module]) -> torch.Tensor:
+            weights = [layer.weight.to(dtype) for layer in layers]
+            biases = (None if layers[0].bias is None
+                      else [layer.bias.to(dtype) for layer in layers])
+            with torch.autocast(tokens.device.type, enabled=False):
+                out = grouped_linear(x.to(dtype).contiguous(), weights, offs, biases, rows)
+            return contiguous_grad(out)
+
+        intermediate = linear(tokens, fc1)
+        if experts[0].gated:
+            gate, up = intermediate.chunk(2, dim=-1)
+            intermediate = F.silu(gate) * up
+        else:
+            intermediate = F.gelu(intermediate)
+        scale = probs.unsqueeze(-1)
+        output = linear((intermediate * scale).to(intermediate.dtype), fc2)
+        if fc2[0].bias is None:
+            return output
+        bias = torch.stack([layer.bias for layer in fc2])[rows]
+        return output + ((scale - 1) * bias).to(output.dtype)
+
+    def _loop_forward(self, tokens: torch.Tensor, tokens_per_expert: list[int],
+                      probs: torch.Tensor) -> torch.Tensor:
+        """One expert after another. Without autograd (decoding: a token or a few reach only
+        top-k experts) an expert with no tokens is skipped; with it every expert runs, so each
+        takes part in backward."""
         skip_idle = not torch.is_grad_enabled()
         outputs = [
             expert(chunk, per_token_scale=weights)
