@@ -64,7 +64,12 @@ def test_quoted_outputs_parse_as_blocks() -> None:
 @pytest.mark.parametrize(("line", "args", "quoted"), BLOCKS,
                          ids=[f"README.md:{line}" for line, _, _ in BLOCKS])
 def test_readme_quotes_what_the_command_prints(line: int, args: list[str],
-                                               quoted: list[str]) -> None:
+                                               quoted: list[str], monkeypatch) -> None:
+    from mtp_cli.commands import common
+
+    # the console's width is fixed when it is created (at import, in whichever test came
+    # first): README quotes tables as a 200-column terminal shows them
+    monkeypatch.setattr(common.console, "width", 200)
     result = CliRunner().invoke(app, args, prog_name="mtp", env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     printed = _fold(result.output)
