@@ -104,7 +104,8 @@ def probe(run_dir: Path) -> dict[str, Any]:
     return {"prompts": count, "new_tokens": tokens, "plain_seconds": min(plain),
             "speculative_seconds": min(spec) if spec else None,
             "speedup": min(plain) / min(spec) if spec else None,
-            "speculative": stats, "identical_to_plain": identical}
+            "speculative": stats.as_dict() if stats is not None else None,
+            "identical_to_plain": identical}
 
 
 def _finish_run(run_dir: Path, steps: int, eval_tokens: int, say: Say) -> None:
