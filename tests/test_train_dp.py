@@ -85,8 +85,8 @@ def test_metrics_lines_carry_the_contract_fields(dp1):
     assert all(x["mtp_loss_scale"] == 0.3 and x["skipped_steps"] == 0 for x in train)
     assert train[0]["lr"] == pytest.approx(3e-3 / 2)  # first of two warmup steps
     assert [x["step"] for x in val] == [5, 10]
-    assert all(sorted(x) == sorted(["step", "tokens", "split", "val_lm_loss", "val_mtp_1_loss",
-                                    "val_mtp_2_loss"]) for x in val)
+    assert all(sorted(x) == sorted(["step", "tokens", "split", "val_tokens", "val_lm_loss",
+                                    "val_mtp_1_loss", "val_mtp_2_loss"]) for x in val)
     assert train[-1]["lm_loss"] < train[0]["lm_loss"] - 0.5
     assert 0 <= train[-1]["mtp_1_cumulative_acceptance_rate"] <= 100
 

@@ -186,6 +186,8 @@ class Checkpointer:
         if not _has(stored, data_key):
             state["data.rank0"] = state.pop(data_key)
             data_key = "data.rank0"
+        for key in [k for k in state[data_key] if not _has(stored, f"{data_key}.{k}")]:
+            del state[data_key][key]  # the data fingerprint: none in older checkpoints, imports
         _drop_unstored(state, stored, path)
         load_state(state, path)
         try:

@@ -125,8 +125,8 @@ class SequentialMLP(nn.Module):
             intermediate = F.gelu(intermediate)
         scale = probs.unsqueeze(-1)
         output = linear((intermediate * scale).to(intermediate.dtype), fc2)
-        if fc2[0].bias is None:
-            return output
+        if fc2[0].bias is None:  # a fresh tensor, not contiguous_grad's view: FSDP2 hooks the
+            return output.clone()  # module's output, and an in-place op on a view drops the hook
         bias = torch.stack([layer.bias for layer in fc2])[rows]
         return output + ((scale - 1) * bias).to(output.dtype)
 
